@@ -1,0 +1,64 @@
+"""The typed errors every layer raises.
+
+Every failure a user or a remote peer can cause ends in one of these, with a message in plain
+words that says what happened and, where there is one, what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class MoshpitError(Exception):
+    """Base class of every error moshpit-trio raises on purpose."""
+
+
+class ConfigError(MoshpitError, ValueError):
+    """A bad argument or setting given by the local user (not by the network)."""
+
+
+class IdentityError(MoshpitError):
+    """A key file or PeerID that cannot be read, parsed or written."""
+
+
+class InvalidPeerID(IdentityError, ValueError):
+    """Text or bytes that are not a valid PeerID."""
+
+
+class ProtocolError(MoshpitError):
+    """The remote side broke the wire protocol; the connection is closed.
+
+    ``reason`` is a short machine-friendly tag (``"bad-signature"``, ``"seq"``, ...) used in logs
+    and tests; the message says the same in words.
+    """
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+class Unreachable(MoshpitError):
+    """A peer could not be reached (refused, reset, closed, or the handshake failed)."""
+
+
+class ConnectionLost(Unreachable):
+    """An established connection ended while a call or stream was using it."""
+
+
+class DeadlineExceeded(MoshpitError, TimeoutError):
+    """A call, stream or handshake did not finish before its deadline."""
+
+
+class Rejected(MoshpitError):
+    """The remote peer understood the request and refused it; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+class UnknownHandler(Rejected):
+    """The remote peer has no handler registered under the called name."""
+
+
+class RemoteError(MoshpitError):
+    """The remote handler failed with an unexpected error (its message is passed on)."""
