@@ -40,6 +40,11 @@ class Unreachable(MoshpitError):
     """A peer could not be reached (refused, reset, closed, or the handshake failed)."""
 
 
+class HandshakeFailed(Unreachable):
+    """A dial reached something, but not the expected peer over our protocol (wrong PeerID,
+    refused, not speaking ``moshpit/1``, or the handshake broke)."""
+
+
 class ConnectionLost(Unreachable):
     """An established connection ended while a call or stream was using it."""
 

@@ -1,0 +1,7 @@
+"""``python -m moshpit_trio`` is the ``moshpit`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,187 @@
+"""The ``moshpit`` command.
+
+    moshpit keygen [--out FILE] [--force]        new identity; prints its PeerID
+    moshpit id FILE                              the PeerID of an existing key file
+    moshpit echo-server [--key FILE] [--listen HOST:PORT]
+    moshpit echo ADDRESS TEXT [--key FILE]
+    moshpit echo-demo                            two peers, two processes, one signed echo
+
+A key file's passphrase, if any, comes from the environment variable named by
+``--passphrase-env`` (never from the command line, where ``ps`` would show it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+import trio
+
+from . import __version__
+from .errors import MoshpitError
+from .identity import Identity
+from .log import configure_logging
+
+__all__ = ["main"]
+
+ECHO = "echo"
+
+
+def _passphrase(args: argparse.Namespace) -> bytes | None:
+    var = getattr(args, "passphrase_env", None)
+    if not var:
+        return None
+    value = os.environ.get(var)
+    if value is None:
+        raise MoshpitError(f"--passphrase-env names {var}, but it is not set")
+    return value.encode()
+
+
+def _identity(args: argparse.Namespace) -> Identity:
+    if args.key:
+        return Identity.load(args.key, _passphrase(args))
+    return Identity.generate()
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    identity = Identity.generate()
+    identity.save(args.out, _passphrase(args), overwrite=args.force)
+    print(identity.peer_id)
+    print(f"key written to {args.out} (mode 0600)", file=sys.stderr)
+    return 0
+
+
+def cmd_id(args: argparse.Namespace) -> int:
+    print(Identity.load(args.key, _passphrase(args)).peer_id)
+    return 0
+
+
+async def _echo_server(identity: Identity, listen: str) -> None:
+    from .wire.connection import Request
+    from .wire.transport import open_transport
+
+    async def echo(request: Request) -> bytes:
+        return bytes(request.payload)
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with open_transport(identity, listen=listen) as transport:
+            transport.register(ECHO, echo)
+            # One line on stdout, flushed: scripts (and echo-demo) read the address from it.
+            print(transport.address, flush=True)
+            async for _ in signals:
+                break
+
+
+def cmd_echo_server(args: argparse.Namespace) -> int:
+    trio.run(_echo_server, _identity(args), args.listen)
+    return 0
+
+
+async def _echo(identity: Identity, address: str, text: str, timeout: float) -> tuple[str, float]:
+    from .wire.transport import open_transport
+
+    async with open_transport(identity, listen=None) as transport:
+        await transport.connect(address, timeout=timeout)
+        start = trio.current_time()
+        reply = await transport.call(address, ECHO, text.encode(), timeout=timeout)
+        return reply.decode("utf-8", "replace"), trio.current_time() - start
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    reply, seconds = trio.run(_echo, _identity(args), args.address, args.text, args.timeout)
+    print(reply)
+    print(f"round trip {seconds * 1000:.2f} ms (signed, authenticated)", file=sys.stderr)
+    return 0
+
+
+def cmd_echo_demo(args: argparse.Namespace) -> int:
+    """Start an echo server in a second process, call it, stop it."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moshpit_trio", "echo-server", "--listen", "127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        address = server.stdout.readline().strip()
+        if not address:
+            raise MoshpitError("the echo server did not start (no address printed)")
+        client = _identity(args)
+        print(f"server peer: {address}")
+        print(f"client peer: {client.peer_id}")
+        started = time.monotonic()
+        reply, seconds = trio.run(_echo, client, address, args.text, args.timeout)
+        print(f"sent {args.text!r}, got back {reply!r}")
+        print(
+            f"round trip {seconds * 1000:.2f} ms; whole exchange incl. handshake "
+            f"{(time.monotonic() - started) * 1000:.1f} ms"
+        )
+        return 0 if reply == args.text else 1
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moshpit", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"moshpit-trio {__version__}")
+    parser.add_argument("--log-format", choices=["console", "json"], default="console")
+    parser.add_argument("--log-level", default="warning")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def keyed(p: argparse.ArgumentParser, required: bool = False) -> None:
+        p.add_argument("--key", required=required, help="PKCS8 PEM key file (default: a new one)")
+        p.add_argument(
+            "--passphrase-env", metavar="VAR", help="env variable holding the passphrase"
+        )
+
+    p = sub.add_parser("keygen", help="create an identity and print its PeerID")
+    p.add_argument("--out", default="moshpit-key.pem", help="key file (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="replace an existing file")
+    p.add_argument("--passphrase-env", metavar="VAR", help="encrypt with the passphrase in VAR")
+    p.set_defaults(func=cmd_keygen)
+
+    p = sub.add_parser("id", help="print the PeerID of a key file")
+    p.add_argument("key")
+    p.add_argument("--passphrase-env", metavar="VAR")
+    p.set_defaults(func=cmd_id)
+
+    p = sub.add_parser("echo-server", help="serve the echo call; prints the address")
+    keyed(p)
+    p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (default: %(default)s)")
+    p.set_defaults(func=cmd_echo_server)
+
+    p = sub.add_parser("echo", help="call the echo of a peer")
+    keyed(p)
+    p.add_argument("address", help="ws://HOST:PORT/PEER_ID")
+    p.add_argument("text")
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.set_defaults(func=cmd_echo)
+
+    p = sub.add_parser("echo-demo", help="two peers in two processes exchange a signed echo")
+    keyed(p)
+    p.add_argument("--text", default="hello from moshpit-trio")
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.set_defaults(func=cmd_echo_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_format, args.log_level)
+    try:
+        return int(args.func(args))
+    except MoshpitError as exc:
+        print(f"moshpit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,744 @@
+"""One authenticated websocket to one peer: calls, streams, and the tasks that move them.
+
+A ``Connection`` owns three kinds of task, all inside the nursery of ``run()``:
+
+- the *reader*: takes one websocket message at a time, opens it (every check in
+  ``envelope.EnvelopeOpener``) and dispatches it by kind (``_DISPATCH`` below). It never waits on
+  application code: a reply wakes a waiting caller, a chunk lands in a stream's bounded buffer, a
+  request starts a handler task.
+- the *writer*: the only task that writes to the websocket. Envelopes are sealed (numbered) by
+  the task that sends them and queued without a checkpoint in between, so sequence numbers hit
+  the wire in order, and a caller cancelled half-way can never leave a gap or half a frame.
+- one *handler* task per incoming call or stream, under the caller's deadline and cancelled by
+  the caller's CANCEL.
+
+When the websocket ends (or the peer breaks the protocol) the nursery is cancelled: waiting
+callers get ``ConnectionLost``, handlers are cancelled, and ``run()`` returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Final
+
+import msgspec
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from ..errors import (
+    ConfigError,
+    ConnectionLost,
+    DeadlineExceeded,
+    MoshpitError,
+    ProtocolError,
+    Rejected,
+    RemoteError,
+    UnknownHandler,
+)
+from ..identity import Identity, PeerID
+from .envelope import DEFAULT_LIMITS, Envelope, EnvelopeLimits, EnvelopeOpener, EnvelopeSealer, Kind
+from .handshake import HandshakeResult
+
+__all__ = [
+    "Connection",
+    "ConnectionLimits",
+    "Handler",
+    "HandlerRegistry",
+    "Request",
+    "SendStream",
+    "StreamHandler",
+    "StreamRequest",
+]
+
+_MAX_DEADLINE_MS: Final = 24 * 3600 * 1000
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """Per-connection limits. Every one protects a peer from a careless or hostile remote."""
+
+    envelope: EnvelopeLimits = DEFAULT_LIMITS
+    #: incoming calls (and streams) running at once; more are answered "busy"
+    max_incoming_calls: int = 64
+    #: incoming streams running at once; more are answered "busy"
+    max_incoming_streams: int = 16
+    #: bytes a stream receiver lets the sender have in flight (its buffer never holds more)
+    stream_window: int = 16 * 1024 * 1024
+    #: sealed envelopes queued for the writer; a sender waits (under its deadline) beyond this
+    max_queued: int = 8
+    #: chunk size ``SendStream.send`` cuts data into
+    stream_chunk: int = 4 * 1024 * 1024
+    #: how long a graceful close waits for the GOODBYE to leave
+    close_timeout: float = 2.0
+
+    def __post_init__(self) -> None:
+        data_cap = self.envelope.max_payload[Kind.STREAM_DATA]
+        if not 0 < self.stream_chunk <= data_cap:
+            raise ConfigError(f"stream_chunk must be in 1..{data_cap} (the STREAM_DATA cap)")
+        if self.stream_window < self.stream_chunk:
+            raise ConfigError("stream_window must hold at least one stream_chunk")
+        for name in ("max_incoming_calls", "max_incoming_streams", "max_queued"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Request:
+    """What a handler gets for a call: who called, what, and until when."""
+
+    peer: PeerID
+    name: str
+    payload: memoryview
+    #: trio time by which the caller stops waiting; the handler is cancelled then
+    deadline: float
+    connection: Connection
+
+
+class StreamRequest:
+    """What a stream handler gets: the stream's header, then its chunks as they arrive.
+
+    ``async for chunk in request`` yields memoryviews in order and ends at the sender's
+    ``finish()``. Reading a chunk frees its room in the window, which lets the sender go on.
+    """
+
+    def __init__(
+        self, connection: Connection, call_id: int, name: str, header: memoryview, deadline: float
+    ) -> None:
+        self.connection = connection
+        self.peer = connection.remote_peer_id
+        self.call_id = call_id
+        self.name = name
+        self.header = header
+        self.deadline = deadline
+        self._chunks: deque[memoryview] = deque()
+        self._arrived = trio.Event()
+        self._ended = False
+        # Credit accounting, in bytes: what the sender may still send without breaking the rules,
+        # and what the handler consumed since the last grant.
+        self._granted = 0
+        self._consumed = 0
+
+    def _deliver(self, chunk: memoryview) -> None:
+        if self._ended:
+            raise ProtocolError("stream", f"chunk after the end of stream {self.call_id}")
+        if len(chunk) > self._granted:
+            raise ProtocolError(
+                "credit", f"stream {self.call_id}: {len(chunk)} bytes sent, {self._granted} granted"
+            )
+        self._granted -= len(chunk)
+        self._chunks.append(chunk)
+        self._arrived.set()
+
+    def _end(self) -> None:
+        if self._ended:
+            raise ProtocolError("stream", f"stream {self.call_id} ended twice")
+        self._ended = True
+        self._arrived.set()
+
+    def __aiter__(self) -> AsyncIterator[memoryview]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[memoryview]:
+        while True:
+            if self._chunks:
+                chunk = self._chunks.popleft()
+                await self._consumed_bytes(len(chunk))
+                yield chunk
+            elif self._ended:
+                return
+            else:
+                self._arrived = trio.Event()
+                await self._arrived.wait()
+
+    async def read_all(self, limit: int) -> bytes:
+        """All remaining chunks joined; ``Rejected`` when they pass ``limit`` bytes."""
+        parts: list[memoryview] = []
+        total = 0
+        async for chunk in self:
+            total += len(chunk)
+            if total > limit:
+                raise Rejected(f"stream larger than {limit} bytes")
+            parts.append(chunk)
+        return b"".join(parts)
+
+    async def _consumed_bytes(self, n: int) -> None:
+        self._consumed += n
+        window = self.connection.limits.stream_window
+        # Grant in batches of half a window: one CREDIT per few chunks, and the sender never
+        # waits on a full round trip while the receiver keeps up.
+        if self._consumed * 2 >= window:
+            grant, self._consumed = self._consumed, 0
+            await self.connection._grant(self, grant)
+        else:
+            await trio.lowlevel.checkpoint()
+
+
+Handler = Callable[[Request], Awaitable[bytes]]
+StreamHandler = Callable[[StreamRequest], Awaitable[bytes]]
+
+
+class HandlerRegistry:
+    """Handlers by name; one registry is shared by every connection of a transport."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, Handler] = {}
+        self.streams: dict[str, StreamHandler] = {}
+
+    def register(self, name: str, handler: Handler) -> None:
+        self._check_name(name)
+        self.calls[name] = handler
+
+    def register_stream(self, name: str, handler: StreamHandler) -> None:
+        self._check_name(name)
+        self.streams[name] = handler
+
+    def unregister(self, name: str) -> None:
+        self.calls.pop(name, None)
+        self.streams.pop(name, None)
+
+    def _check_name(self, name: str) -> None:
+        if not isinstance(name, str) or not name or len(name.encode()) > DEFAULT_LIMITS.max_name:
+            raise ConfigError(f"a handler name is 1-{DEFAULT_LIMITS.max_name} bytes of text")
+        if name in self.calls or name in self.streams:
+            raise ConfigError(f"a handler named {name!r} is already registered")
+
+
+class _ErrorBody(msgspec.Struct):
+    code: str
+    message: str
+
+
+_error_encoder = msgspec.msgpack.Encoder()
+_error_decoder = msgspec.msgpack.Decoder(_ErrorBody)
+
+
+def _error_from_wire(payload: memoryview, peer: PeerID, name: str) -> MoshpitError:
+    try:
+        body = _error_decoder.decode(payload)
+    except msgspec.DecodeError:
+        return RemoteError(f"{peer.short} answered {name!r} with an unreadable error")
+    message = body.message[:1000]
+    if body.code == "unknown-handler":
+        return UnknownHandler(message)
+    if body.code in ("rejected", "busy"):
+        return Rejected(message)
+    return RemoteError(f"{peer.short} failed on {name!r}: {message}")
+
+
+class _Waiter:
+    """Where the reader puts the answer to one of our calls or streams."""
+
+    __slots__ = ("credit", "credit_changed", "done", "envelope", "error", "name")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.done = trio.Event()
+        self.envelope: Envelope | None = None
+        self.error: BaseException | None = None
+        # streams only: bytes the receiver lets us send, and a wake-up for senders
+        self.credit = 0
+        self.credit_changed = trio.Event()
+
+    def finish(self, envelope: Envelope | None, error: BaseException | None) -> None:
+        if not self.done.is_set():
+            self.envelope, self.error = envelope, error
+            self.done.set()
+            self.credit_changed.set()
+
+
+class Connection:
+    """An authenticated connection to ``remote_peer_id``; see the module docstring."""
+
+    def __init__(
+        self,
+        ws: WebSocketConnection,
+        handshake: HandshakeResult,
+        identity: Identity,
+        *,
+        initiator: bool,
+        registry: HandlerRegistry,
+        limits: ConnectionLimits,
+        log: Any,
+    ) -> None:
+        self.remote_peer_id = handshake.remote_peer_id
+        self.session = handshake.session
+        self.initiator = initiator
+        self.registry = registry
+        self.limits = limits
+        self.log = log.bind(remote=self.remote_peer_id.short, session=handshake.session[:4].hex())
+        self._ws = ws
+        self._sealer = EnvelopeSealer(identity, handshake.session, handshake.remote_peer_id)
+        self._opener = EnvelopeOpener(
+            handshake.remote_public_key,
+            handshake.session,
+            handshake.remote_peer_id,
+            identity.peer_id,
+            limits.envelope,
+        )
+        # (sealed message, whether it holds a queue slot); unbounded because the slots bound it
+        self._outbox_send, self._outbox = trio.open_memory_channel[tuple[bytes, bool]](math.inf)
+        self._writer_done = trio.Event()
+        self._closing = False
+        self._close_code = 1000
+        self._queue_slots = trio.Semaphore(limits.max_queued)
+        self._next_call_id = 1
+        self._waiters: dict[int, _Waiter] = {}
+        self._incoming: dict[int, tuple[trio.CancelScope, StreamRequest | None]] = {}
+        self._incoming_streams = 0
+        self._max_remote_call_id = 0
+        self._closed = False
+        self._close_reason = ""
+        self._nursery: trio.Nursery | None = None
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        #: the violation that closed this connection, if one did
+        self.protocol_error: ProtocolError | None = None
+
+    # -- lifetime ----------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def close_reason(self) -> str:
+        return self._close_reason
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve the connection until it ends; the caller's nursery owns this."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._writer)
+                nursery.start_soon(self._reader)
+                task_status.started()
+        finally:
+            self._mark_closed(self._close_reason or "closed")
+            # A frozen peer never answers the websocket close handshake; don't wait for it.
+            with trio.CancelScope(
+                shield=True, deadline=trio.current_time() + self.limits.close_timeout
+            ):
+                await self._ws.aclose(code=self._close_code, reason=self._close_reason[:100])
+
+    async def aclose(self, reason: str = "closing") -> None:
+        """Say GOODBYE (briefly, best effort) and end the connection."""
+        if self._closed or self._closing:
+            return
+        self._queue_control(Kind.GOODBYE, 0, reason.encode()[:1000])
+        # Closing the outbox lets the writer send what is queued, GOODBYE last, and stop.
+        self._closing = True
+        self._outbox_send.close()
+        with trio.move_on_after(self.limits.close_timeout):
+            await self._writer_done.wait()
+        self._shutdown(reason)
+
+    def _shutdown(self, reason: str, code: int = 1000) -> None:
+        if not self._closed:
+            self._close_code = code
+        self._mark_closed(reason)
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    def _mark_closed(self, reason: str) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._close_reason = reason
+        lost = ConnectionLost(f"connection to {self.remote_peer_id.short} ended: {reason}")
+        for waiter in self._waiters.values():
+            waiter.finish(None, lost)
+        for scope, _ in self._incoming.values():
+            scope.cancel()
+
+    # -- the writer --------------------------------------------------------------------------
+
+    async def _writer(self) -> None:
+        try:
+            async for message, counted in self._outbox:
+                await self._ws.send_message(message)
+                self.bytes_sent += len(message)
+                if counted:
+                    self._queue_slots.release()
+        except ConnectionClosed:
+            self._shutdown("websocket closed while sending")
+        finally:
+            self._writer_done.set()
+
+    async def _send(
+        self,
+        kind: Kind,
+        call_id: int,
+        payload: bytes | memoryview = b"",
+        *,
+        deadline_ms: int = 0,
+        name: str = "",
+    ) -> None:
+        """Seal and queue one envelope, waiting (cancellably) for room in the queue."""
+        self._check_open()
+        await self._queue_slots.acquire()
+        if self._closed or self._closing:
+            self._queue_slots.release()
+            self._check_open()
+        # From here to send_nowait there is no checkpoint: a seq number once taken is queued.
+        try:
+            message = self._sealer.seal(kind, call_id, payload, deadline_ms=deadline_ms, name=name)
+        except BaseException:
+            self._queue_slots.release()
+            raise
+        self._outbox_send.send_nowait((message, True))
+
+    def _queue_control(self, kind: Kind, call_id: int, payload: bytes = b"") -> None:
+        """Queue a small control envelope (CANCEL, CREDIT, ERROR, GOODBYE) without waiting for
+        room: they are small, and must go out even from a task that is being cancelled."""
+        if self._closed or self._closing:
+            return
+        message = self._sealer.seal(kind, call_id, payload)
+        self._outbox_send.send_nowait((message, False))
+
+    def _check_open(self) -> None:
+        if self._closed or self._closing:
+            raise ConnectionLost(
+                f"connection to {self.remote_peer_id.short} ended: {self._close_reason}"
+            )
+
+    # -- the reader --------------------------------------------------------------------------
+
+    async def _reader(self) -> None:
+        try:
+            while True:
+                try:
+                    message = await self._ws.get_message()
+                except ConnectionClosed as exc:
+                    if exc.reason is not None and exc.reason.code == 1009:
+                        self.log.warning("message over the size limit; closed", detail=exc.reason)
+                    self._shutdown(f"websocket closed ({exc.reason})")
+                    return
+                if not isinstance(message, bytes):
+                    raise ProtocolError("malformed", "text message on a binary protocol")
+                self.bytes_received += len(message)
+                envelope = self._opener.open(message)
+                _DISPATCH[envelope.kind](self, envelope)
+                await trio.lowlevel.checkpoint()
+        except ProtocolError as exc:
+            self.log.warning("protocol violation; closing", reason=exc.reason, detail=exc.detail)
+            self.protocol_error = exc
+            self._shutdown(f"protocol error from the remote peer: {exc}", code=1002)
+
+    # Each _on_* handles one kind. None of them awaits: the reader must never wait on
+    # application code. Anything that needs waiting starts a task in the connection's nursery.
+
+    def _on_request(self, env: Envelope) -> None:
+        self._accept_call(env, stream=False)
+
+    def _on_stream_open(self, env: Envelope) -> None:
+        self._accept_call(env, stream=True)
+
+    def _accept_call(self, env: Envelope, *, stream: bool) -> None:
+        if env.call_id <= self._max_remote_call_id:
+            raise ProtocolError("call-id", f"call id {env.call_id} reused")
+        self._max_remote_call_id = env.call_id
+        if not 0 < env.deadline_ms <= _MAX_DEADLINE_MS:
+            raise ProtocolError("malformed", f"deadline_ms {env.deadline_ms} out of range")
+        deadline = trio.current_time() + env.deadline_ms / 1000
+        assert self._nursery is not None
+        if len(self._incoming) >= self.limits.max_incoming_calls or (
+            stream and self._incoming_streams >= self.limits.max_incoming_streams
+        ):
+            self._queue_error(env.call_id, "busy", "too many calls in flight; try again later")
+            return
+        if stream:
+            stream_handler = self.registry.streams.get(env.name)
+            if stream_handler is None:
+                self._queue_unknown(env)
+                return
+            request = StreamRequest(self, env.call_id, env.name, env.payload, deadline)
+            scope = trio.CancelScope(deadline=deadline)
+            self._incoming[env.call_id] = (scope, request)
+            self._incoming_streams += 1
+            # The first grant opens the window; it also tells the sender the stream is accepted.
+            request._granted = self.limits.stream_window
+            self._queue_control(
+                Kind.STREAM_CREDIT, env.call_id, self.limits.stream_window.to_bytes(8, "big")
+            )
+            self._nursery.start_soon(self._serve_call, env, scope, stream_handler, request)
+        else:
+            handler = self.registry.calls.get(env.name)
+            if handler is None:
+                self._queue_unknown(env)
+                return
+            scope = trio.CancelScope(deadline=deadline)
+            self._incoming[env.call_id] = (scope, None)
+            call = Request(self.remote_peer_id, env.name, env.payload, deadline, self)
+            self._nursery.start_soon(self._serve_call, env, scope, handler, call)
+
+    def _queue_unknown(self, env: Envelope) -> None:
+        self.log.info("call to an unknown handler", name=env.name)
+        self._queue_error(env.call_id, "unknown-handler", f"no handler named {env.name!r}")
+
+    def _queue_error(self, call_id: int, code: str, message: str) -> None:
+        body = _error_encoder.encode(_ErrorBody(code=code, message=message[:4000]))
+        self._queue_control(Kind.ERROR, call_id, body)
+
+    async def _serve_call(
+        self,
+        env: Envelope,
+        scope: trio.CancelScope,
+        handler: Callable[[Any], Awaitable[bytes]],
+        request: Request | StreamRequest,
+    ) -> None:
+        try:
+            with scope:
+                try:
+                    result = await handler(request)
+                    if not isinstance(result, bytes | bytearray | memoryview):
+                        raise TypeError(f"handler returned {type(result).__name__}, not bytes")
+                except Rejected as exc:
+                    code = "unknown-handler" if isinstance(exc, UnknownHandler) else "rejected"
+                    self._queue_error(env.call_id, code, str(exc))
+                except (ProtocolError, ConnectionLost):
+                    raise
+                except Exception as exc:
+                    self.log.warning(
+                        "handler failed", name=env.name, error=f"{type(exc).__name__}: {exc}"
+                    )
+                    self._queue_error(env.call_id, "remote-error", f"{type(exc).__name__}: {exc}")
+                else:
+                    await self._send(Kind.RESPONSE, env.call_id, result)
+            if scope.cancelled_caught:
+                self.log.debug("call cancelled (deadline or caller gave up)", name=env.name)
+        except ConnectionLost:
+            pass
+        finally:
+            self._incoming.pop(env.call_id, None)
+            if isinstance(request, StreamRequest):
+                self._incoming_streams -= 1
+
+    def _on_stream_data(self, env: Envelope) -> None:
+        entry = self._incoming.get(env.call_id)
+        if entry is None or entry[1] is None:
+            self._check_stale(env)
+            return
+        entry[1]._deliver(env.payload)
+
+    def _on_stream_end(self, env: Envelope) -> None:
+        entry = self._incoming.get(env.call_id)
+        if entry is None or entry[1] is None:
+            self._check_stale(env)
+            return
+        entry[1]._end()
+
+    def _on_cancel(self, env: Envelope) -> None:
+        entry = self._incoming.get(env.call_id)
+        if entry is None:
+            self._check_stale(env)
+            return
+        entry[0].cancel()
+
+    def _check_stale(self, env: Envelope) -> None:
+        # A message for a call that already finished here is normal (it crossed our reply on
+        # the wire); one for a call that never started is a protocol violation.
+        if env.call_id > self._max_remote_call_id or env.call_id == 0:
+            raise ProtocolError("call-id", f"{env.kind.name} for unknown call {env.call_id}")
+
+    def _on_reply(self, env: Envelope) -> None:
+        waiter = self._waiters.get(env.call_id)
+        if waiter is None:
+            if not 0 < env.call_id < self._next_call_id:
+                raise ProtocolError("call-id", f"{env.kind.name} for a call we never made")
+            return  # the caller already gave up
+        error = (
+            _error_from_wire(env.payload, self.remote_peer_id, waiter.name)
+            if env.kind is Kind.ERROR
+            else None
+        )
+        waiter.finish(env, error)
+
+    def _on_credit(self, env: Envelope) -> None:
+        waiter = self._waiters.get(env.call_id)
+        if waiter is None:
+            if not 0 < env.call_id < self._next_call_id:
+                raise ProtocolError("call-id", "STREAM_CREDIT for a stream we never opened")
+            return
+        grant = int.from_bytes(env.payload, "big")
+        if grant == 0 or waiter.credit + grant > 1 << 40:
+            raise ProtocolError("credit", f"implausible grant of {grant} bytes")
+        waiter.credit += grant
+        waiter.credit_changed.set()
+
+    def _on_goodbye(self, env: Envelope) -> None:
+        reason = bytes(env.payload).decode("utf-8", "replace")
+        self.log.debug("remote said goodbye", reason=reason)
+        self._shutdown(f"remote closed: {reason}")
+
+    # -- calls and streams we make -----------------------------------------------------------
+
+    def _new_waiter(self, name: str) -> tuple[int, _Waiter]:
+        call_id = self._next_call_id
+        self._next_call_id += 1
+        waiter = _Waiter(name)
+        self._waiters[call_id] = waiter
+        return call_id, waiter
+
+    async def call(self, name: str, payload: bytes | memoryview = b"", *, timeout: float) -> bytes:
+        """Call ``name`` on the remote peer; its handler runs under our deadline.
+
+        Raises ``DeadlineExceeded``, ``UnknownHandler``, ``Rejected``, ``RemoteError`` or
+        ``ConnectionLost``.
+        """
+        deadline = _deadline_from(timeout)
+        call_id, waiter = self._new_waiter(name)
+        try:
+            with trio.move_on_at(deadline):
+                await self._send(
+                    Kind.REQUEST, call_id, payload, deadline_ms=_ms_left(deadline), name=name
+                )
+                await waiter.done.wait()
+            if not waiter.done.is_set():
+                self._queue_control(Kind.CANCEL, call_id)
+                raise DeadlineExceeded(
+                    f"{self.remote_peer_id.short} did not answer {name!r} within {timeout:g} s"
+                )
+        except trio.Cancelled:
+            if not waiter.done.is_set():
+                self._queue_control(Kind.CANCEL, call_id)
+            raise
+        finally:
+            del self._waiters[call_id]
+        if waiter.error is not None:
+            raise waiter.error
+        assert waiter.envelope is not None
+        return bytes(waiter.envelope.payload)
+
+    def open_stream(
+        self, name: str, header: bytes | memoryview = b"", *, timeout: float
+    ) -> SendStream:
+        """A stream to the remote handler ``name``; use as ``async with``:
+
+        ``async with conn.open_stream("upload", timeout=30) as s: await s.send(data);
+        result = await s.finish()``. Leaving the block without ``finish()`` cancels the stream.
+        """
+        return SendStream(self, name, header, _deadline_from(timeout), timeout)
+
+    async def _grant(self, request: StreamRequest, grant: int) -> None:
+        request._granted += grant
+        self._queue_control(Kind.STREAM_CREDIT, request.call_id, grant.to_bytes(8, "big"))
+        await trio.lowlevel.checkpoint()
+
+
+class SendStream:
+    """The sending end of a stream. ``send`` waits for credit, so a slow receiver slows us."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        name: str,
+        header: bytes | memoryview,
+        deadline: float,
+        timeout: float,
+    ) -> None:
+        self._conn = conn
+        self.name = name
+        self._header = header
+        self.deadline = deadline
+        self._timeout = timeout
+        self._call_id = 0
+        self._waiter: _Waiter | None = None
+        self._finished = False
+
+    async def __aenter__(self) -> SendStream:
+        self._call_id, self._waiter = self._conn._new_waiter(self.name)
+        await self._guarded(
+            self._conn._send(
+                Kind.STREAM_OPEN,
+                self._call_id,
+                self._header,
+                deadline_ms=_ms_left(self.deadline),
+                name=self.name,
+            )
+        )
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._waiter is None:
+            return
+        if not self._waiter.done.is_set():
+            self._conn._queue_control(Kind.CANCEL, self._call_id)
+        self._conn._waiters.pop(self._call_id, None)
+
+    async def _guarded(self, op: Awaitable[None]) -> None:
+        try:
+            with trio.fail_at(self.deadline):
+                await op
+        except trio.TooSlowError:
+            raise DeadlineExceeded(
+                f"stream {self.name!r} to {self._conn.remote_peer_id.short} "
+                f"did not finish within {self._timeout:g} s"
+            ) from None
+
+    def _raise_if_done(self) -> None:
+        waiter = self._waiter
+        assert waiter is not None, "use the stream as `async with conn.open_stream(...)`"
+        if waiter.done.is_set():
+            if waiter.error is not None:
+                raise waiter.error
+            raise Rejected(f"the receiver of stream {self.name!r} finished before the end")
+        if self._finished:
+            raise ConfigError("send() after finish()")
+
+    async def send(self, data: bytes | bytearray | memoryview) -> None:
+        """Send ``data``, cut into chunks; returns when all of it is queued for the wire."""
+        view = memoryview(data).cast("B")
+        chunk = self._conn.limits.stream_chunk
+        for start in range(0, len(view), chunk):
+            await self._guarded(self._send_chunk(view[start : start + chunk]))
+
+    async def _send_chunk(self, piece: memoryview) -> None:
+        waiter = self._waiter
+        assert waiter is not None
+        while True:
+            self._raise_if_done()
+            if waiter.credit >= len(piece):
+                break
+            waiter.credit_changed = trio.Event()
+            await waiter.credit_changed.wait()
+        waiter.credit -= len(piece)
+        await self._conn._send(Kind.STREAM_DATA, self._call_id, piece)
+
+    async def finish(self) -> bytes:
+        """Tell the receiver that was all, and return its handler's answer."""
+        waiter = self._waiter
+        self._raise_if_done()
+        assert waiter is not None
+        self._finished = True
+        await self._guarded(self._conn._send(Kind.STREAM_END, self._call_id))
+        await self._guarded(waiter.done.wait())
+        if waiter.error is not None:
+            raise waiter.error
+        assert waiter.envelope is not None
+        return bytes(waiter.envelope.payload)
+
+
+def _deadline_from(timeout: float) -> float:
+    if not isinstance(timeout, int | float) or not 0 < timeout <= _MAX_DEADLINE_MS / 1000:
+        raise ConfigError(f"timeout must be a number of seconds in (0, 86400], got {timeout!r}")
+    return trio.current_time() + timeout
+
+
+def _ms_left(deadline: float) -> int:
+    return max(1, math.ceil((deadline - trio.current_time()) * 1000))
+
+
+_DISPATCH: Final[dict[Kind, Callable[[Connection, Envelope], None]]] = {
+    Kind.REQUEST: Connection._on_request,
+    Kind.STREAM_OPEN: Connection._on_stream_open,
+    Kind.STREAM_DATA: Connection._on_stream_data,
+    Kind.STREAM_END: Connection._on_stream_end,
+    Kind.CANCEL: Connection._on_cancel,
+    Kind.RESPONSE: Connection._on_reply,
+    Kind.ERROR: Connection._on_reply,
+    Kind.STREAM_CREDIT: Connection._on_credit,
+    Kind.GOODBYE: Connection._on_goodbye,
+}

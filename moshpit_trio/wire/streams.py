@@ -1,0 +1,80 @@
+"""Where bytes come from: the byte-stream networks the transport runs over.
+
+The transport speaks websocket + our handshake + envelopes over any ``trio.abc.Stream``. A
+``StreamNetwork`` says how to dial a (host, port) and how to listen on one. ``TcpNetwork`` is the
+real thing; ``moshpit_trio.testing.MemoryNetwork`` gives each simulated host a network with the
+same two calls, so tests run the very same protocol code over memory, under a virtual clock.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import trio
+
+__all__ = ["StreamHandler", "StreamNetwork", "TcpNetwork"]
+
+StreamHandler = Callable[[trio.abc.Stream], Awaitable[None]]
+
+# Large kernel buffers: tensors move in multi-megabyte messages, and the default socket buffers
+# make the loopback benchmark stall on window updates.
+_SOCKET_BUFFER = 4 * 1024 * 1024
+
+
+class StreamNetwork(Protocol):
+    async def connect(self, host: str, port: int) -> trio.abc.Stream:
+        """Open a byte stream to (host, port); raise ``OSError`` when nothing answers there."""
+        ...
+
+    async def serve(
+        self,
+        host: str,
+        port: int,
+        handler: StreamHandler,
+        *,
+        task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen on (host, port) (port 0 picks one), report ``(host, port)`` through
+        ``task_status.started`` and run ``handler(stream)`` in a task of its own for every
+        accepted stream until cancelled. The handler owns the stream and closes it."""
+        ...
+
+
+def _tune(sock: Any) -> None:
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, _SOCKET_BUFFER)
+        except OSError:  # pragma: no cover - best effort
+            pass
+
+
+class TcpNetwork:
+    """Real TCP sockets (TCP_NODELAY on, large buffers)."""
+
+    async def connect(self, host: str, port: int) -> trio.abc.Stream:
+        stream = await trio.open_tcp_stream(host, port)
+        _tune(stream.socket)
+        return stream
+
+    async def serve(
+        self,
+        host: str,
+        port: int,
+        handler: StreamHandler,
+        *,
+        task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        for listener in listeners:
+            _tune(listener.socket)
+        sockname = listeners[0].socket.getsockname()
+
+        async def tuned(stream: trio.SocketStream) -> None:
+            _tune(stream.socket)
+            await handler(stream)
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, tuned, listeners)
+            task_status.started((host, int(sockname[1])))

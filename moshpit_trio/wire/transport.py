@@ -1,0 +1,420 @@
+"""The transport: listener, dialer, handshakes, and a pool of connections keyed by PeerID.
+
+``open_transport`` is an async context manager that owns one nursery. Inside it:
+
+- the listener (unless client mode) accepts byte streams, upgrades them to websockets, runs the
+  responder side of the handshake under ``handshake_timeout`` and starts a ``Connection``;
+- each dial does the same from the initiator side, in a task of that nursery, so the
+  connection outlives the call that opened it;
+- every connection, whichever side opened it, enters the pool under the remote PeerID, so a
+  peer that can only dial out still receives calls over the connection it opened.
+
+Two peers that dial each other at once end up with two connections; both sides prefer the one
+opened by the smaller PeerID, so they agree on which one new calls use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    HandshakeError,
+    WebSocketConnection,
+    wrap_client_stream,
+    wrap_server_stream,
+)
+
+from ..errors import (
+    ConfigError,
+    DeadlineExceeded,
+    HandshakeFailed,
+    ProtocolError,
+    Unreachable,
+)
+from ..identity import Identity, PeerID
+from ..log import get_logger
+from . import speedups
+from .address import InvalidAddress, PeerAddress, parse_listen
+from .connection import (
+    Connection,
+    ConnectionLimits,
+    Handler,
+    HandlerRegistry,
+    SendStream,
+    StreamHandler,
+)
+from .handshake import HandshakeInitiator, HandshakeRejected, HandshakeResponder, HandshakeResult
+from .streams import StreamNetwork, TcpNetwork
+
+__all__ = ["SUBPROTOCOL", "Transport", "TransportLimits", "open_transport"]
+
+SUBPROTOCOL = "moshpit/1"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TransportLimits:
+    connection: ConnectionLimits = dataclasses.field(default_factory=ConnectionLimits)
+    #: connections open at once, handshaking ones included; more are closed on arrival
+    max_connections: int = 256
+    #: connections to one peer (two when both dialed at once); more are refused
+    max_connections_per_peer: int = 2
+    #: the websocket upgrade plus our handshake must finish within this, both ways
+    handshake_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.max_connections < 1 or self.max_connections_per_peer < 1:
+            raise ConfigError("connection limits must be at least 1")
+        if not self.handshake_timeout > 0:
+            raise ConfigError("handshake_timeout must be positive")
+
+
+Target = str | PeerAddress | PeerID
+
+
+class Transport:
+    """A peer's end of the wire: register handlers, call and stream to other peers.
+
+    Made by ``open_transport``; see there.
+    """
+
+    def __init__(
+        self,
+        identity: Identity,
+        network: StreamNetwork,
+        limits: TransportLimits,
+        nursery: trio.Nursery,
+    ) -> None:
+        self.identity = identity
+        self.peer_id = identity.peer_id
+        self.limits = limits
+        self.registry = HandlerRegistry()
+        #: where others reach us; None in client mode (we only dial out)
+        self.address: PeerAddress | None = None
+        self.log = get_logger(peer=self.peer_id.short)
+        self._network = network
+        self._nursery = nursery
+        self._conns: dict[PeerID, list[Connection]] = {}
+        self._dialing: dict[PeerID, trio.Event] = {}
+        self._addresses: dict[PeerID, PeerAddress] = {}
+        self._open_streams = 0  # connections being set up or running, both directions
+        self._closing = False
+
+    # -- handlers ----------------------------------------------------------------------------
+
+    def register(self, name: str, handler: Handler) -> None:
+        """Serve calls to ``name``: ``async def handler(request: Request) -> bytes``."""
+        self.registry.register(name, handler)
+
+    def register_stream(self, name: str, handler: StreamHandler) -> None:
+        """Serve streams to ``name``: ``async def handler(request: StreamRequest) -> bytes``."""
+        self.registry.register_stream(name, handler)
+
+    # -- the pool ----------------------------------------------------------------------------
+
+    def connections(self) -> list[Connection]:
+        return [c for conns in self._conns.values() for c in conns if not c.closed]
+
+    def connection_to(self, peer: PeerID) -> Connection | None:
+        """The live connection new calls to ``peer`` use, if there is one."""
+        live = [c for c in self._conns.get(peer, ()) if not c.closed]
+        if not live:
+            return None
+        return min(live, key=lambda c: self._initiator_of(c).to_bytes())
+
+    def _initiator_of(self, conn: Connection) -> PeerID:
+        return self.peer_id if conn.initiator else conn.remote_peer_id
+
+    def _add(self, conn: Connection) -> None:
+        self._conns.setdefault(conn.remote_peer_id, []).append(conn)
+
+    def _remove(self, conn: Connection) -> None:
+        conns = self._conns.get(conn.remote_peer_id, [])
+        if conn in conns:
+            conns.remove(conn)
+        if not conns:
+            self._conns.pop(conn.remote_peer_id, None)
+
+    # -- calls -------------------------------------------------------------------------------
+
+    async def call(
+        self, target: Target, name: str, payload: bytes | memoryview = b"", *, timeout: float
+    ) -> bytes:
+        """Call handler ``name`` on ``target`` (an address, or the PeerID of a connected or
+        known peer) and return its answer; dials first when there is no connection.
+
+        Raises ``Unreachable`` (and ``HandshakeFailed``), ``DeadlineExceeded``,
+        ``UnknownHandler``, ``Rejected``, ``RemoteError``, ``ConnectionLost``.
+        """
+        deadline = _deadline(timeout)
+        conn = await self.connect(target, timeout=timeout)
+        return await conn.call(name, payload, timeout=_left(deadline, timeout, name))
+
+    @asynccontextmanager
+    async def open_stream(
+        self, target: Target, name: str, header: bytes | memoryview = b"", *, timeout: float
+    ) -> AsyncIterator[SendStream]:
+        """A flow-controlled stream to handler ``name`` on ``target``:
+
+        ``async with t.open_stream(addr, "upload", timeout=30) as s: await s.send(data);
+        answer = await s.finish()``
+        """
+        deadline = _deadline(timeout)
+        conn = await self.connect(target, timeout=timeout)
+        async with conn.open_stream(name, header, timeout=_left(deadline, timeout, name)) as s:
+            yield s
+
+    async def connect(self, target: Target, *, timeout: float | None = None) -> Connection:
+        """The pooled connection to ``target``, dialing it if needed."""
+        if self._closing:
+            raise Unreachable("the transport is closing")
+        address = self._resolve(target)
+        peer = address.peer_id if isinstance(address, PeerAddress) else address
+        if peer == self.peer_id:
+            raise ConfigError("a peer cannot connect to itself")
+        limit = min(timeout, self.limits.handshake_timeout) if timeout else None
+        limit = limit or self.limits.handshake_timeout
+        try:
+            with trio.fail_after(limit):
+                while True:
+                    conn = self.connection_to(peer)
+                    if conn is not None:
+                        return conn
+                    if peer in self._dialing:
+                        # Someone is already dialing this peer: share the result, don't race.
+                        await self._dialing[peer].wait()
+                        continue
+                    if not isinstance(address, PeerAddress):
+                        raise Unreachable(
+                            f"no connection to {peer.short} and no address known for it"
+                        )
+                    return await self._dial(address)
+        except trio.TooSlowError:
+            raise DeadlineExceeded(f"could not connect to {address} within {limit:g} s") from None
+
+    def _resolve(self, target: Target) -> PeerAddress | PeerID:
+        if isinstance(target, PeerAddress):
+            return target
+        if isinstance(target, PeerID):
+            return self._addresses.get(target, target)
+        if isinstance(target, str):
+            return PeerAddress.parse(target)
+        raise InvalidAddress(f"a target is an address or a PeerID, got {type(target).__name__}")
+
+    async def _dial(self, address: PeerAddress) -> Connection:
+        done = self._dialing[address.peer_id] = trio.Event()
+        try:
+            conn: Connection = await self._nursery.start(self._dial_and_serve, address)
+            self._addresses[address.peer_id] = address
+            return conn
+        finally:
+            del self._dialing[address.peer_id]
+            done.set()
+
+    async def _dial_and_serve(
+        self, address: PeerAddress, *, task_status: trio.TaskStatus[Connection]
+    ) -> None:
+        log = self.log.bind(remote=address.peer_id.short)
+        try:
+            stream = await self._network.connect(address.host, address.port)
+        except OSError as exc:
+            raise Unreachable(f"cannot reach {address}: {exc.strerror or exc}") from None
+        self._open_streams += 1
+        try:
+            async with trio.open_nursery() as ws_nursery:
+                try:
+                    ws = await wrap_client_stream(
+                        ws_nursery,
+                        stream,  # type: ignore[arg-type]  # any trio Stream works
+                        address.hostport,
+                        f"/{address.peer_id}",
+                        subprotocols=[SUBPROTOCOL],
+                        **self._ws_options(),
+                    )
+                    if ws.subprotocol != SUBPROTOCOL:
+                        raise HandshakeFailed(f"{address} does not speak {SUBPROTOCOL}")
+                    result = await self._initiate(ws, address)
+                except ConnectionRejected as exc:
+                    body = (exc.body or b"").decode("utf-8", "replace")[:200]
+                    raise HandshakeFailed(
+                        f"{address} refused the connection (HTTP {exc.status_code}): {body}"
+                    ) from None
+                except (HandshakeError, ConnectionClosed) as exc:
+                    raise HandshakeFailed(
+                        f"{address}: websocket handshake failed ({exc})"
+                    ) from None
+                except ProtocolError as exc:
+                    log.warning("handshake failed", reason=exc.reason, detail=exc.detail)
+                    raise HandshakeFailed(f"{address}: {exc}") from None
+                conn = self._new_connection(ws, result, initiator=True)
+                self._add(conn)
+                try:
+                    task_status.started(conn)
+                    await conn.run()
+                finally:
+                    self._remove(conn)
+                    ws_nursery.cancel_scope.cancel()
+        finally:
+            self._open_streams -= 1
+            await trio.aclose_forcefully(stream)
+
+    async def _initiate(self, ws: WebSocketConnection, address: PeerAddress) -> HandshakeResult:
+        initiator = HandshakeInitiator(self.identity, address.peer_id)
+        await ws.send_message(initiator.hello())
+        finish = initiator.receive_response(await _binary(ws))
+        await ws.send_message(finish)
+        assert initiator.result is not None
+        return initiator.result
+
+    # -- accepting ---------------------------------------------------------------------------
+
+    async def _accept(self, stream: trio.abc.Stream) -> None:
+        if self._open_streams >= self.limits.max_connections or self._closing:
+            self.log.warning("connection refused: at the limit", limit=self.limits.max_connections)
+            await trio.aclose_forcefully(stream)
+            return
+        self._open_streams += 1
+        try:
+            async with trio.open_nursery() as ws_nursery:
+                with trio.move_on_after(self.limits.handshake_timeout) as scope:
+                    accepted = await self._respond(ws_nursery, stream)
+                if scope.cancelled_caught:
+                    self.log.info("handshake timed out; dropped the connection")
+                if accepted is not None and not scope.cancelled_caught:
+                    await self._serve_accepted(*accepted)
+                ws_nursery.cancel_scope.cancel()
+        except (ConnectionClosed, HandshakeError, trio.BrokenResourceError) as exc:
+            self.log.info("incoming connection failed during handshake", error=str(exc))
+        except ProtocolError as exc:
+            self.log.warning("incoming handshake broke the protocol", reason=exc.reason)
+        finally:
+            self._open_streams -= 1
+            await trio.aclose_forcefully(stream)
+
+    async def _respond(
+        self, ws_nursery: trio.Nursery, stream: trio.abc.Stream
+    ) -> tuple[WebSocketConnection, HandshakeResult] | None:
+        request = await wrap_server_stream(ws_nursery, stream, **self._ws_options())
+        if request.path != f"/{self.peer_id}":
+            await request.reject(404, body=f"no peer {request.path[1:80]} here".encode())
+            return None
+        if SUBPROTOCOL not in request.proposed_subprotocols:
+            await request.reject(400, body=f"speak {SUBPROTOCOL}".encode())
+            return None
+        ws = await request.accept(subprotocol=SUBPROTOCOL)
+        responder = HandshakeResponder(self.identity)
+        try:
+            reply = responder.receive_hello(await _binary(ws))
+        except HandshakeRejected as exc:
+            await ws.send_message(exc.reply)
+            raise
+        await ws.send_message(reply)
+        return ws, responder.receive_finish(await _binary(ws))
+
+    async def _serve_accepted(self, ws: WebSocketConnection, result: HandshakeResult) -> None:
+        live = [c for c in self._conns.get(result.remote_peer_id, ()) if not c.closed]
+        conn = self._new_connection(ws, result, initiator=False)
+        if len(live) >= self.limits.max_connections_per_peer:
+            self.log.warning("too many connections from one peer", remote=conn.remote_peer_id.short)
+            await conn.aclose("too many connections from your peer")
+            return
+        self._add(conn)
+        try:
+            await conn.run()
+        finally:
+            self._remove(conn)
+
+    # -- shared ------------------------------------------------------------------------------
+
+    def _new_connection(
+        self, ws: WebSocketConnection, result: HandshakeResult, *, initiator: bool
+    ) -> Connection:
+        return Connection(
+            ws,
+            result,
+            self.identity,
+            initiator=initiator,
+            registry=self.registry,
+            limits=self.limits.connection,
+            log=self.log,
+        )
+
+    def _ws_options(self) -> dict[str, Any]:
+        return {
+            "max_message_size": self.limits.connection.envelope.max_message,
+            "receive_buffer_size": speedups.RECEIVE_BUFFER_SIZE,
+            "message_queue_size": 1,
+        }
+
+    async def _close_all(self) -> None:
+        self._closing = True
+        async with trio.open_nursery() as nursery:
+            for conn in self.connections():
+                nursery.start_soon(conn.aclose, "peer shutting down")
+
+
+async def _binary(ws: WebSocketConnection) -> bytes:
+    message = await ws.get_message()
+    if not isinstance(message, bytes):
+        raise ProtocolError("malformed", "text message during the handshake")
+    return message
+
+
+def _deadline(timeout: float) -> float:
+    if not isinstance(timeout, int | float) or not timeout > 0:
+        raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    return trio.current_time() + timeout
+
+
+def _left(deadline: float, timeout: float, name: str) -> float:
+    left = deadline - trio.current_time()
+    if left <= 0:
+        raise DeadlineExceeded(f"{name!r}: {timeout:g} s passed while connecting")
+    return left
+
+
+@asynccontextmanager
+async def open_transport(
+    identity: Identity,
+    *,
+    listen: str | None = "127.0.0.1:0",
+    announce_host: str | None = None,
+    network: StreamNetwork | None = None,
+    limits: TransportLimits | None = None,
+) -> AsyncIterator[Transport]:
+    """Run a peer's transport for the duration of the block.
+
+    ``listen="HOST:PORT"`` (port 0 picks one) serves incoming connections; ``listen=None`` is
+    client mode: the peer only dials out, and receives calls over the connections it opened.
+    ``announce_host`` is the host others should dial (default: the listen host, or 127.0.0.1
+    when listening on every interface). ``network`` defaults to real TCP.
+
+    >>> async def main():                                                  # doctest: +SKIP
+    ...     async with open_transport(Identity.generate()) as t:
+    ...         t.register("echo", lambda req: ...)
+    ...         print(t.address)
+    """
+    if not isinstance(identity, Identity):
+        raise ConfigError(f"identity must be an Identity, got {type(identity).__name__}")
+    speedups.install()
+    net: StreamNetwork = network if network is not None else TcpNetwork()
+    async with trio.open_nursery() as nursery:
+        transport = Transport(identity, net, limits or TransportLimits(), nursery)
+        if listen is not None:
+            host, port = parse_listen(listen)
+            _, bound_port = await nursery.start(net.serve, host, port, transport._accept)
+            public = announce_host or ("127.0.0.1" if host in ("0.0.0.0", "::", "") else host)
+            transport.address = PeerAddress(public, bound_port, identity.peer_id)
+            transport.log.info("listening", address=str(transport.address))
+        try:
+            yield transport
+        finally:
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(transport.limits.connection.close_timeout + 1):
+                    await transport._close_all()
+            nursery.cancel_scope.cancel()
