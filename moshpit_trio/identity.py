@@ -174,7 +174,11 @@ class Identity:
         return cls(key)
 
     def save(
-        self, path: str | os.PathLike[str], passphrase: bytes | None = None, *, overwrite: bool = False
+        self,
+        path: str | os.PathLike[str],
+        passphrase: bytes | None = None,
+        *,
+        overwrite: bool = False,
     ) -> None:
         """Write the key as PKCS8 PEM with mode 0600; refuses to replace a file unless told to."""
         p = Path(path)
