@@ -219,61 +219,63 @@ class Transport:
     async def _dial_and_serve(
         self, address: PeerAddress, *, task_status: trio.TaskStatus[Connection]
     ) -> None:
-        log = self.log.bind(remote=address.peer_id.short)
         try:
             stream = await self._network.connect(address.host, address.port)
         except OSError as exc:
             raise Unreachable(f"cannot reach {address}: {exc.strerror or exc}") from None
         self._open_streams += 1
+        started = False
         try:
             async with trio.open_nursery() as ws_nursery:
-                try:
-                    ws = await wrap_client_stream(
-                        ws_nursery,
-                        stream,  # type: ignore[arg-type]  # any trio Stream works
-                        address.hostport,
-                        f"/{address.peer_id}",
-                        subprotocols=[SUBPROTOCOL],
-                        **self._ws_options(),
-                    )
-                    if ws.subprotocol != SUBPROTOCOL:
-                        raise HandshakeFailed(f"{address} does not speak {SUBPROTOCOL}")
-                    result = await self._initiate(ws, address)
-                except ConnectionRejected as exc:
-                    body = (exc.body or b"").decode("utf-8", "replace")[:200]
-                    raise HandshakeFailed(
-                        f"{address} refused the connection (HTTP {exc.status_code}): {body}"
-                    ) from None
-                except (HandshakeError, ConnectionClosed) as exc:
-                    raise HandshakeFailed(
-                        f"{address}: websocket handshake failed ({exc})"
-                    ) from None
-                except ProtocolError as exc:
-                    log.warning("handshake failed", reason=exc.reason, detail=exc.detail)
-                    raise HandshakeFailed(f"{address}: {exc}") from None
+                ws, result = await self._initiate(ws_nursery, stream, address)
                 conn = self._new_connection(ws, result, initiator=True)
                 self._add(conn)
                 try:
                     task_status.started(conn)
+                    started = True
                     await conn.run()
                 finally:
                     self._remove(conn)
                     ws_nursery.cancel_scope.cancel()
+        except (*_HANDSHAKE_ERRORS, BaseExceptionGroup) as exc:
+            failure = _expected_failure(exc)
+            if failure is None:
+                raise
+            if started:
+                # The connection was up; its end is not the dialer's business any more.
+                self.log.info("connection ended", remote=address.peer_id.short, error=failure)
+                return
+            self.log.info("dial failed", remote=address.peer_id.short, error=failure)
+            raise HandshakeFailed(f"{address}: {failure}") from None
         finally:
             self._open_streams -= 1
             await trio.aclose_forcefully(stream)
 
-    async def _initiate(self, ws: WebSocketConnection, address: PeerAddress) -> HandshakeResult:
+    async def _initiate(
+        self, ws_nursery: trio.Nursery, stream: trio.abc.Stream, address: PeerAddress
+    ) -> tuple[WebSocketConnection, HandshakeResult]:
+        ws = await wrap_client_stream(
+            ws_nursery,
+            stream,  # type: ignore[arg-type]  # any trio Stream works
+            address.hostport,
+            f"/{address.peer_id}",
+            subprotocols=[SUBPROTOCOL],
+            **self._ws_options(),
+        )
+        if ws.subprotocol != SUBPROTOCOL:
+            raise ProtocolError("subprotocol", f"the peer does not speak {SUBPROTOCOL}")
         initiator = HandshakeInitiator(self.identity, address.peer_id)
         await ws.send_message(initiator.hello())
         finish = initiator.receive_response(await _binary(ws))
         await ws.send_message(finish)
         assert initiator.result is not None
-        return initiator.result
+        return ws, initiator.result
 
     # -- accepting ---------------------------------------------------------------------------
 
     async def _accept(self, stream: trio.abc.Stream) -> None:
+        """Serve one incoming stream. Never raises (but Cancelled): whatever a remote does to
+        one connection, the listener and every other connection go on."""
         if self._open_streams >= self.limits.max_connections or self._closing:
             self.log.warning("connection refused: at the limit", limit=self.limits.max_connections)
             await trio.aclose_forcefully(stream)
@@ -285,13 +287,19 @@ class Transport:
                     accepted = await self._respond(ws_nursery, stream)
                 if scope.cancelled_caught:
                     self.log.info("handshake timed out; dropped the connection")
-                if accepted is not None and not scope.cancelled_caught:
+                elif accepted is not None:
                     await self._serve_accepted(*accepted)
                 ws_nursery.cancel_scope.cancel()
-        except (ConnectionClosed, HandshakeError, trio.BrokenResourceError) as exc:
-            self.log.info("incoming connection failed during handshake", error=str(exc))
-        except ProtocolError as exc:
-            self.log.warning("incoming handshake broke the protocol", reason=exc.reason)
+        except (*_HANDSHAKE_ERRORS, BaseExceptionGroup) as exc:
+            failure = _expected_failure(exc)
+            if failure is None:
+                if _has_cancelled(exc):
+                    raise
+                self.log.exception("bug while serving an incoming connection")
+            else:
+                self.log.info("incoming connection failed", error=failure)
+        except Exception:
+            self.log.exception("bug while serving an incoming connection")
         finally:
             self._open_streams -= 1
             await trio.aclose_forcefully(stream)
@@ -356,6 +364,43 @@ class Transport:
         async with trio.open_nursery() as nursery:
             for conn in self.connections():
                 nursery.start_soon(conn.aclose, "peer shutting down")
+
+
+# What a remote peer (or the network) can make a dial or an accept fail with.
+_HANDSHAKE_ERRORS = (
+    HandshakeError,
+    ConnectionClosed,
+    ProtocolError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+)
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
+
+
+def _has_cancelled(exc: BaseException) -> bool:
+    return any(isinstance(leaf, trio.Cancelled) for leaf in _leaves(exc))
+
+
+def _expected_failure(exc: BaseException) -> str | None:
+    """Plain words for a handshake failure caused from outside; None when ``exc`` holds
+    anything else (a cancellation, which must propagate, or a bug, which must be seen)."""
+    leaves = _leaves(exc)
+    if not leaves or not all(isinstance(leaf, _HANDSHAKE_ERRORS) for leaf in leaves):
+        return None
+    leaf = leaves[0]
+    if isinstance(leaf, ConnectionRejected):
+        body = (leaf.body or b"").decode("utf-8", "replace")[:200]
+        return f"refused the connection (HTTP {leaf.status_code}): {body}"
+    if isinstance(leaf, ProtocolError):
+        return f"handshake failed: {leaf}"
+    if isinstance(leaf, ConnectionClosed):
+        return f"closed during the handshake ({leaf.reason})"
+    return f"handshake failed: {type(leaf).__name__}: {leaf}"
 
 
 async def _binary(ws: WebSocketConnection) -> bytes:
