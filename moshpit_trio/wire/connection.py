@@ -281,6 +281,7 @@ class Connection:
         # (sealed message, whether it holds a queue slot); unbounded because the slots bound it
         self._outbox_send, self._outbox = trio.open_memory_channel[tuple[bytes, bool]](math.inf)
         self._writer_done = trio.Event()
+        self._finished = trio.Event()
         self._closing = False
         self._close_code = 1000
         self._queue_slots = trio.Semaphore(limits.max_queued)
@@ -322,6 +323,7 @@ class Connection:
                 shield=True, deadline=trio.current_time() + self.limits.close_timeout
             ):
                 await self._ws.aclose(code=self._close_code, reason=self._close_reason[:100])
+            self._finished.set()
 
     async def aclose(self, reason: str = "closing") -> None:
         """Say GOODBYE (briefly, best effort) and end the connection."""
@@ -334,6 +336,10 @@ class Connection:
         with trio.move_on_after(self.limits.close_timeout):
             await self._writer_done.wait()
         self._shutdown(reason)
+        # Wait for run() to finish the websocket close while the websocket's own reader task
+        # still runs: it is the one that sees the remote's answer to our close frame.
+        with trio.move_on_after(self.limits.close_timeout):
+            await self._finished.wait()
 
     def _shutdown(self, reason: str, code: int = 1000) -> None:
         if not self._closed:
