@@ -66,7 +66,14 @@ class PeerID:
             raw = base64.b32decode(t[len(_TEXT_PREFIX) :].upper() + "====")
         except ValueError as exc:  # binascii.Error is a ValueError
             raise InvalidPeerID(f"not a PeerID: {text[:80]!r} ({exc})") from None
-        return cls(raw)
+        pid = cls(raw)
+        # 52 base32 characters hold 260 bits for 256: the last character's 4 low bits must be
+        # zero, or 16 different texts would name the same peer.
+        if str(pid) != t.lower():
+            raise InvalidPeerID(
+                f"not a PeerID: {text[:80]!r} (its last character is not the canonical one)"
+            )
+        return pid
 
     def to_bytes(self) -> bytes:
         return self._bytes
