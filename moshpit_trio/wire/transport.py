@@ -55,6 +55,7 @@ from .streams import StreamNetwork, TcpNetwork
 __all__ = ["SUBPROTOCOL", "Transport", "TransportLimits", "open_transport"]
 
 SUBPROTOCOL = "moshpit/1"
+_REFUSAL_TIMEOUT = 1.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -278,7 +279,7 @@ class Transport:
         one connection, the listener and every other connection go on."""
         if self._open_streams >= self.limits.max_connections or self._closing:
             self.log.warning("connection refused: at the limit", limit=self.limits.max_connections)
-            await trio.aclose_forcefully(stream)
+            await self._refuse(stream, 503, b"too many connections; try again later")
             return
         self._open_streams += 1
         try:
@@ -296,12 +297,29 @@ class Transport:
                 if _has_cancelled(exc):
                     raise
                 self.log.exception("bug while serving an incoming connection")
+            elif any(isinstance(leaf, ProtocolError) for leaf in _leaves(exc)):
+                self.log.warning("incoming handshake broke the protocol", error=failure)
             else:
                 self.log.info("incoming connection failed", error=failure)
         except Exception:
             self.log.exception("bug while serving an incoming connection")
         finally:
             self._open_streams -= 1
+            await trio.aclose_forcefully(stream)
+
+    async def _refuse(self, stream: trio.abc.Stream, status: int, body: bytes) -> None:
+        """Answer the websocket upgrade with an HTTP error, so the dialer learns why at once
+        (a bare close would leave it waiting for its deadline); give it one second at most."""
+        try:
+            with trio.move_on_after(_REFUSAL_TIMEOUT):
+                async with trio.open_nursery() as ws_nursery:
+                    request = await wrap_server_stream(ws_nursery, stream)
+                    await request.reject(status, body=body)
+                    ws_nursery.cancel_scope.cancel()
+        except (*_HANDSHAKE_ERRORS, BaseExceptionGroup) as exc:
+            if _expected_failure(exc) is None:
+                raise
+        finally:
             await trio.aclose_forcefully(stream)
 
     async def _respond(

@@ -1,0 +1,430 @@
+"""Bad input and faults on the wire, on the in-memory network under a virtual clock.
+
+Every scenario checks three things: the error is typed and says what happened, it is logged,
+and nothing else of the peer is disturbed (an honest peer's calls go on over its own connection).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_stream
+
+from moshpit_trio.errors import ConnectionLost, DeadlineExceeded, HandshakeFailed
+from moshpit_trio.identity import Identity
+from moshpit_trio.testing import MemoryNetwork
+from moshpit_trio.wire.address import PeerAddress
+from moshpit_trio.wire.connection import ConnectionLimits, Request, StreamRequest
+from moshpit_trio.wire.envelope import DEFAULT_LIMITS, EnvelopeSealer, Kind
+from moshpit_trio.wire.handshake import HandshakeInitiator
+from moshpit_trio.wire.transport import SUBPROTOCOL, Transport, TransportLimits, open_transport
+
+SMALL = TransportLimits(
+    connection=ConnectionLimits(stream_chunk=64 * 1024, stream_window=256 * 1024),
+    handshake_timeout=10.0,
+)
+
+
+async def echo(request: Request) -> bytes:
+    return bytes(request.payload)
+
+
+@asynccontextmanager
+async def peer(
+    net: MemoryNetwork, name: str, identity: Identity, **kwargs: Any
+) -> AsyncIterator[Transport]:
+    async with open_transport(
+        identity, listen=f"{name}:0", network=net.host(name), **{"limits": SMALL, **kwargs}
+    ) as transport:
+        transport.register("echo", echo)
+        yield transport
+
+
+class RawClient:
+    """A peer that does the handshake honestly and then sends whatever the test crafts."""
+
+    def __init__(self, ws: WebSocketConnection, identity: Identity, session: bytes) -> None:
+        self.ws = ws
+        self.identity = identity
+        self.session = session
+
+    def sealer(self, recipient: Any, session: bytes | None = None) -> EnvelopeSealer:
+        return EnvelopeSealer(self.identity, session or self.session, recipient)
+
+
+@asynccontextmanager
+async def raw_client(
+    net: MemoryNetwork, name: str, identity: Identity, target: PeerAddress
+) -> AsyncIterator[RawClient]:
+    stream = await net.host(name).connect(target.host, target.port)
+    async with trio.open_nursery() as nursery:
+        ws = await wrap_client_stream(
+            nursery,
+            stream,  # type: ignore[arg-type]
+            target.hostport,
+            f"/{target.peer_id}",
+            subprotocols=[SUBPROTOCOL],
+            max_message_size=64 * 1024 * 1024,
+        )
+        initiator = HandshakeInitiator(identity, target.peer_id)
+        await ws.send_message(initiator.hello())
+        response = await ws.get_message()
+        assert isinstance(response, bytes)
+        await ws.send_message(initiator.receive_response(response))
+        assert initiator.result is not None
+        yield RawClient(ws, identity, initiator.result.session)
+        nursery.cancel_scope.cancel()
+
+
+def _flip(message: bytes, index: int) -> bytes:
+    b = bytearray(message)
+    b[index] ^= 0x01
+    return bytes(b)
+
+
+def _header_len(message: bytes) -> int:
+    return int.from_bytes(message[:2], "big")
+
+
+def _request(raw: RawClient, server: Transport, call_id: int = 1, payload: bytes = b"hi") -> bytes:
+    return raw.sealer(server.peer_id).seal(
+        Kind.REQUEST, call_id, payload, deadline_ms=5000, name="echo"
+    )
+
+
+Craft = Callable[[RawClient, Transport, Identity], list[bytes | str]]
+
+# (scenario, what the raw peer sends, the reason the server must log)
+VIOLATIONS: list[tuple[str, Craft, str]] = [
+    ("tampered payload", lambda r, s, o: [_flip(_request(r, s), -1)], "hash"),
+    (
+        "tampered header",
+        # flip a bit in the name "echo" (the header ends with it, payload_len and the 34-byte
+        # hash): still valid msgpack, no longer what was signed
+        lambda r, s, o: [_flip(m, 2 + _header_len(m) - 37) for m in [_request(r, s)]],
+        "signature",
+    ),
+    (
+        "tampered signature",
+        lambda r, s, o: [_flip(m, 2 + _header_len(m) + 3) for m in [_request(r, s)]],
+        "signature",
+    ),
+    ("replayed envelope", lambda r, s, o: [m := _request(r, s), m], "seq"),
+    (
+        "reordered envelopes",
+        lambda r, s, o: (lambda sl: [sl.seal(Kind.CANCEL, 7), sl.seal(Kind.CANCEL, 8)][::-1])(
+            r.sealer(s.peer_id)
+        ),
+        "seq",
+    ),
+    (
+        "envelope for another recipient",
+        lambda r, s, o: [
+            r.sealer(o.peer_id).seal(Kind.REQUEST, 1, b"x", deadline_ms=100, name="echo")
+        ],
+        "recipient",
+    ),
+    (
+        "envelope from another session",
+        lambda r, s, o: [
+            r.sealer(s.peer_id, bytes(32)).seal(Kind.REQUEST, 1, b"", deadline_ms=9, name="echo")
+        ],
+        "session",
+    ),
+    ("garbage bytes", lambda r, s, o: [b"\x00\x40" + b"\xff" * 200], "malformed"),
+    ("huge header length", lambda r, s, o: [b"\xff" * 100], "too-large"),
+    (
+        "malformed msgpack",
+        lambda r, s, o: [b"\x00\x05\xc1\xc1\xc1\xc1\xc1" + bytes(64)],
+        "malformed",
+    ),
+    ("text message", lambda r, s, o: ["hello"], "malformed"),
+    (
+        "data for a stream never opened",
+        lambda r, s, o: [r.sealer(s.peer_id).seal(Kind.STREAM_DATA, 99, b"zz")],
+        "call-id",
+    ),
+    (
+        "call id reused",
+        lambda r, s, o: (
+            lambda sl: [
+                sl.seal(Kind.REQUEST, 5, b"", deadline_ms=100, name="echo"),
+                sl.seal(Kind.REQUEST, 5, b"", deadline_ms=100, name="echo"),
+            ]
+        )(r.sealer(s.peer_id)),
+        "call-id",
+    ),
+    (
+        "request without a deadline",
+        lambda r, s, o: [r.sealer(s.peer_id).seal(Kind.REQUEST, 1, b"", name="echo")],
+        "malformed",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("craft", "reason"), [v[1:] for v in VIOLATIONS], ids=[v[0] for v in VIOLATIONS]
+)
+async def test_protocol_violation_closes_only_that_connection(
+    autojump_clock: Any,
+    identities: list[Identity],
+    logs: list[dict[str, Any]],
+    craft: Craft,
+    reason: str,
+) -> None:
+    net = MemoryNetwork(seed=1, latency=0.01)
+    async with peer(net, "s", identities[0]) as server, peer(net, "h", identities[1]) as honest:
+        assert server.address is not None
+        assert await honest.call(server.address, "echo", b"before", timeout=5) == b"before"
+        async with raw_client(net, "m", identities[2], server.address) as raw:
+            for message in craft(raw, server, identities[3]):
+                await raw.ws.send_message(message)
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    await raw.ws.get_message()
+            assert closed.value.reason.code == 1002
+        violations = [e for e in logs if e["event"] == "protocol violation; closing"]
+        assert [v["reason"] for v in violations] == [reason]
+        assert await honest.call(server.address, "echo", b"after", timeout=5) == b"after"
+        assert [c.remote_peer_id for c in server.connections()] == [honest.peer_id]
+
+
+async def test_oversized_message_is_refused_before_it_is_buffered(
+    autojump_clock: Any, identities: list[Identity], logs: list[dict[str, Any]]
+) -> None:
+    net = MemoryNetwork(seed=1, buffer_size=256 * 1024)
+    async with peer(net, "s", identities[0]) as server, peer(net, "h", identities[1]) as honest:
+        assert server.address is not None
+        await honest.call(server.address, "echo", b"", timeout=5)
+        async with raw_client(net, "m", identities[2], server.address) as raw:
+            too_big = DEFAULT_LIMITS.max_message + 1
+            # The server reads and counts this one as it arrives and closes the connection as
+            # soon as the count passes the limit: the sender cannot push the whole message.
+            with pytest.raises(ConnectionClosed) as closed, trio.fail_after(5):
+                await raw.ws.send_message(bytes(too_big))
+                while True:
+                    await raw.ws.get_message()
+            assert closed.value.reason.code == 1009
+        assert any(e["event"] == "message over the size limit; closed" for e in logs)
+        assert await honest.call(server.address, "echo", b"ok", timeout=5) == b"ok"
+
+
+async def test_handshake_that_never_finishes_is_dropped_at_the_timeout(
+    autojump_clock: Any, identities: list[Identity], logs: list[dict[str, Any]]
+) -> None:
+    net = MemoryNetwork(seed=1)
+    async with peer(net, "s", identities[0]) as server:
+        assert server.address is not None
+        stream = await net.host("m").connect("s", server.address.port)
+        await stream.send_all(b"GET /")  # ...and never another byte
+        start = trio.current_time()
+        with pytest.raises(trio.BrokenResourceError):
+            while await stream.receive_some():
+                pass
+            raise trio.BrokenResourceError  # a clean EOF counts as dropped too
+        assert trio.current_time() - start == pytest.approx(SMALL.handshake_timeout)
+        assert any(e["event"] == "handshake timed out; dropped the connection" for e in logs)
+
+
+async def test_connection_flood_beyond_the_limit(
+    autojump_clock: Any, identities: list[Identity], logs: list[dict[str, Any]]
+) -> None:
+    net = MemoryNetwork(seed=1)
+    limits = TransportLimits(max_connections=4, handshake_timeout=10.0)
+    async with peer(net, "s", identities[0], limits=limits) as server:
+        assert server.address is not None
+        port = server.address.port
+        squatters = [await net.host(f"x{i}").connect("s", port) for i in range(4)]
+        async with peer(net, "h", identities[1]) as honest:
+            start = trio.current_time()
+            with pytest.raises(HandshakeFailed, match="HTTP 503"):
+                await honest.connect(server.address, timeout=5)
+            assert trio.current_time() == start  # told at once, not at its deadline
+            assert any(e["event"] == "connection refused: at the limit" for e in logs)
+            # once the squatters' handshakes time out, there is room again
+            await trio.sleep(SMALL.handshake_timeout)
+            assert await honest.call(server.address, "echo", b"in", timeout=5) == b"in"
+        for s in squatters:
+            await s.aclose()
+
+
+async def test_caller_deadline_cancels_the_remote_handler(
+    autojump_clock: Any, identities: list[Identity], logs: list[dict[str, Any]]
+) -> None:
+    net = MemoryNetwork(seed=1)
+    cancelled_at: list[float] = []
+
+    async def slow(request: Request) -> bytes:
+        try:
+            await trio.sleep(100)
+        finally:
+            cancelled_at.append(trio.current_time())
+        return b"too late"
+
+    async with peer(net, "s", identities[0]) as server, peer(net, "c", identities[1]) as client:
+        server.register("slow", slow)
+        assert server.address is not None
+        await client.connect(server.address)
+        start = trio.current_time()
+        with pytest.raises(DeadlineExceeded, match="did not answer 'slow' within 3 s"):
+            await client.call(server.address, "slow", b"", timeout=3)
+        assert trio.current_time() - start == pytest.approx(3.0)
+        await trio.sleep(0.001)
+        assert cancelled_at == [pytest.approx(start + 3.0)]
+        assert await client.call(server.address, "echo", b"next", timeout=3) == b"next"
+
+
+async def test_receiver_that_stops_reading_blocks_the_sender(
+    autojump_clock: Any, identities: list[Identity]
+) -> None:
+    net = MemoryNetwork(seed=1, bandwidth=100e6)
+    window = SMALL.connection.stream_window
+    chunk = SMALL.connection.stream_chunk
+    requests: list[StreamRequest] = []
+
+    async def lazy(request: StreamRequest) -> bytes:
+        requests.append(request)
+        async for _ in request:
+            break  # read one chunk, then stop reading
+        await trio.sleep_forever()
+        return b""
+
+    async with peer(net, "s", identities[0]) as server, peer(net, "c", identities[1]) as client:
+        server.register_stream("lazy", lazy)
+        assert server.address is not None
+        sent = 0
+        with pytest.raises(DeadlineExceeded):
+            async with client.open_stream(server.address, "lazy", timeout=20) as stream:
+                for _ in range(1000):  # 64 MiB if nothing stopped it
+                    await stream.send(bytes(chunk))
+                    sent += chunk
+        # The sender got exactly one window, plus nothing: the chunk read freed less than the
+        # half window after which credit is granted again. The receiver held at most a window.
+        assert sent == window
+        (request,) = requests
+        assert sum(len(c) for c in request._chunks) == window - chunk
+
+
+async def test_peer_killed_mid_stream(autojump_clock: Any, identities: list[Identity]) -> None:
+    net = MemoryNetwork(seed=1, bandwidth=10e6)
+    got = 0
+
+    async def sink(request: StreamRequest) -> bytes:
+        nonlocal got
+        async for c in request:
+            got += len(c)
+        return b"done"
+
+    async with peer(net, "c", identities[1]) as client:
+        async with trio.open_nursery() as nursery:
+
+            async def run_server(*, task_status: trio.TaskStatus[PeerAddress]) -> None:
+                async with peer(net, "s", identities[0]) as server:
+                    server.register_stream("sink", sink)
+                    assert server.address is not None
+                    task_status.started(server.address)
+                    await trio.sleep_forever()
+
+            address = await nursery.start(run_server)
+            start = trio.current_time()
+
+            async def kill_soon() -> None:
+                await trio.sleep(1.0)
+                net.kill("s")
+
+            nursery.start_soon(kill_soon)
+            with pytest.raises(ConnectionLost):
+                async with client.open_stream(address, "sink", timeout=60) as stream:
+                    await stream.send(bytes(100 * 1024 * 1024))  # 10 s at 10 MB/s
+                    await stream.finish()
+            # the loss is noticed when it happens, not at the 60 s deadline
+            assert trio.current_time() - start == pytest.approx(1.0, abs=0.05)
+            assert 0 < got < 100 * 1024 * 1024
+            assert client.connections() == []
+            nursery.cancel_scope.cancel()
+
+
+async def test_frozen_peer_costs_a_caller_its_deadline_and_nothing_more(
+    autojump_clock: Any, identities: list[Identity]
+) -> None:
+    net = MemoryNetwork(seed=1, latency=0.005)
+    async with (
+        peer(net, "s", identities[0]) as frozen,
+        peer(net, "t", identities[2]) as alive,
+        peer(net, "c", identities[1]) as client,
+    ):
+        assert frozen.address is not None and alive.address is not None
+        await client.call(frozen.address, "echo", b"", timeout=5)
+        await client.connect(alive.address)
+        net.freeze("s")
+        start = trio.current_time()
+        async with trio.open_nursery() as nursery:
+
+            async def call_frozen() -> None:
+                assert frozen.address is not None
+                with pytest.raises(DeadlineExceeded):
+                    await client.call(frozen.address, "echo", b"", timeout=2)
+                assert trio.current_time() - start == pytest.approx(2.0)
+
+            nursery.start_soon(call_frozen)
+            # meanwhile, calls to another peer go on at network speed
+            for _ in range(10):
+                assert await client.call(alive.address, "echo", b"x", timeout=2) == b"x"
+            assert trio.current_time() - start == pytest.approx(10 * 0.01)
+        # dialing a frozen peer fails by the deadline too
+        net.freeze("s")
+        async with peer(net, "d", identities[3]) as other:
+            start = trio.current_time()
+            with pytest.raises(DeadlineExceeded):
+                await other.call(frozen.address, "echo", b"", timeout=1.5)
+            assert trio.current_time() - start == pytest.approx(1.5)
+        net.thaw("s")
+
+
+async def test_replayed_handshake_is_refused(
+    autojump_clock: Any, identities: list[Identity], logs: list[dict[str, Any]]
+) -> None:
+    net = MemoryNetwork(seed=1)
+    async with peer(net, "s", identities[0]) as server:
+        assert server.address is not None
+        address = server.address
+        # Record an honest initiator's HELLO and FINISH...
+        initiator = HandshakeInitiator(identities[1], address.peer_id)
+        recorded_hello = initiator.hello()
+        stream = await net.host("m").connect("s", address.port)
+        async with trio.open_nursery() as nursery:
+            ws = await wrap_client_stream(
+                nursery,
+                stream,
+                address.hostport,
+                f"/{address.peer_id}",  # type: ignore[arg-type]
+                subprotocols=[SUBPROTOCOL],
+            )
+            await ws.send_message(recorded_hello)
+            response = await ws.get_message()
+            assert isinstance(response, bytes)
+            recorded_finish = initiator.receive_response(response)
+            await ws.send_message(recorded_finish)
+            nursery.cancel_scope.cancel()
+        # ...and replay both on a new connection: the responder's fresh nonce defeats it.
+        stream = await net.host("m").connect("s", address.port)
+        async with trio.open_nursery() as nursery:
+            ws = await wrap_client_stream(
+                nursery,
+                stream,
+                address.hostport,
+                f"/{address.peer_id}",  # type: ignore[arg-type]
+                subprotocols=[SUBPROTOCOL],
+            )
+            await ws.send_message(recorded_hello)
+            await ws.get_message()
+            await ws.send_message(recorded_finish)
+            with pytest.raises(ConnectionClosed):
+                await ws.get_message()
+            nursery.cancel_scope.cancel()
+        failures = [e for e in logs if e["event"] == "incoming handshake broke the protocol"]
+        assert failures and "signature" in failures[-1]["error"]
