@@ -244,8 +244,8 @@ class EnvelopeSealer:
             )
         signature = self._identity.sign(ENVELOPE_DOMAIN + header)
         self._seq = seq
-        # One copy of the payload: b"".join measured fastest for 4 MiB (a bytearray build is
-        # several times slower because it copies twice).
+        # One copy of the payload. Measured for 4 MiB: b"".join ~0.15 ms; filling a bytearray
+        # and converting it to bytes, several ms.
         return b"".join((len(header).to_bytes(2, "big"), header, signature, payload))
 
 
@@ -271,7 +271,7 @@ class EnvelopeOpener:
         if PeerID.from_public_key(bytes(remote_public_key)) != sender:
             raise ConfigError(f"the public key given does not belong to sender {sender}")
         try:
-            # Built once: constructing the key object costs about as much as a verify.
+            # Built once per connection, not per envelope as identity.verify_signature would.
             self._key = Ed25519PublicKey.from_public_bytes(bytes(remote_public_key))
         except ValueError as exc:
             raise ConfigError(f"not an Ed25519 public key: {exc}") from None

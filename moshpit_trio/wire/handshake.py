@@ -42,6 +42,7 @@ __all__ = [
     "HandshakeResponder",
     "HandshakeResult",
     "MessageType",
+    "State",
 ]
 
 PROTOCOL = "moshpit/1"
