@@ -1,4 +1,4 @@
-"""The transport over real loopback TCP sockets (127.0.0.1 only, every socket closed by the test)."""
+"""The transport over real loopback TCP (127.0.0.1 only; every socket closed by the test)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from moshpit_trio.errors import (
     HandshakeFailed,
     Rejected,
     RemoteError,
-    Unreachable,
     UnknownHandler,
+    Unreachable,
 )
 from moshpit_trio.identity import Identity
 from moshpit_trio.wire.address import InvalidAddress, PeerAddress

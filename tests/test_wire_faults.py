@@ -319,33 +319,32 @@ async def test_peer_killed_mid_stream(autojump_clock: Any, identities: list[Iden
             got += len(c)
         return b"done"
 
-    async with peer(net, "c", identities[1]) as client:
-        async with trio.open_nursery() as nursery:
+    async with peer(net, "c", identities[1]) as client, trio.open_nursery() as nursery:
 
-            async def run_server(*, task_status: trio.TaskStatus[PeerAddress]) -> None:
-                async with peer(net, "s", identities[0]) as server:
-                    server.register_stream("sink", sink)
-                    assert server.address is not None
-                    task_status.started(server.address)
-                    await trio.sleep_forever()
+        async def run_server(*, task_status: trio.TaskStatus[PeerAddress]) -> None:
+            async with peer(net, "s", identities[0]) as server:
+                server.register_stream("sink", sink)
+                assert server.address is not None
+                task_status.started(server.address)
+                await trio.sleep_forever()
 
-            address = await nursery.start(run_server)
-            start = trio.current_time()
+        address = await nursery.start(run_server)
+        start = trio.current_time()
 
-            async def kill_soon() -> None:
-                await trio.sleep(1.0)
-                net.kill("s")
+        async def kill_soon() -> None:
+            await trio.sleep(1.0)
+            net.kill("s")
 
-            nursery.start_soon(kill_soon)
-            with pytest.raises(ConnectionLost):
-                async with client.open_stream(address, "sink", timeout=60) as stream:
-                    await stream.send(bytes(100 * 1024 * 1024))  # 10 s at 10 MB/s
-                    await stream.finish()
-            # the loss is noticed when it happens, not at the 60 s deadline
-            assert trio.current_time() - start == pytest.approx(1.0, abs=0.05)
-            assert 0 < got < 100 * 1024 * 1024
-            assert client.connections() == []
-            nursery.cancel_scope.cancel()
+        nursery.start_soon(kill_soon)
+        with pytest.raises(ConnectionLost):
+            async with client.open_stream(address, "sink", timeout=60) as stream:
+                await stream.send(bytes(100 * 1024 * 1024))  # 10 s at 10 MB/s
+                await stream.finish()
+        # the loss is noticed when it happens, not at the 60 s deadline
+        assert trio.current_time() - start == pytest.approx(1.0, abs=0.05)
+        assert 0 < got < 100 * 1024 * 1024
+        assert client.connections() == []
+        nursery.cancel_scope.cancel()
 
 
 async def test_frozen_peer_costs_a_caller_its_deadline_and_nothing_more(
