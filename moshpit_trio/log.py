@@ -52,4 +52,8 @@ def configure_logging(
 
 def get_logger(**bound: Any) -> Any:
     """A structlog logger with ``bound`` key/values on every line (e.g. ``peer=pid.short``)."""
+    if not structlog.is_configured():
+        # Unconfigured structlog prints every level to stdout; a library should not. Warnings
+        # and errors go to stderr until the program configures logging itself.
+        configure_logging("console", "warning")
     return structlog.get_logger("moshpit").bind(**bound)
