@@ -169,3 +169,17 @@ async def test_closing_the_transport_ends_the_calls_of_its_peers(
             await b.call(target, "hang", b"", timeout=30)
     # a's transport is closed by now, and it cancelled the handler on its way out
     assert cancelled.is_set()
+
+
+async def test_listening_on_a_taken_port_is_a_clear_error(identities: list[Identity]) -> None:
+    async with open_transport(identities[0]) as a:
+        assert a.address is not None
+        with pytest.raises(ConfigError, match="cannot listen on 127.0.0.1"):
+            async with open_transport(identities[1], listen=f"127.0.0.1:{a.address.port}"):
+                pass
+
+
+async def test_errors_leave_the_block_unwrapped(identities: list[Identity]) -> None:
+    with pytest.raises(Unreachable):  # not an ExceptionGroup around it
+        async with open_transport(identities[0], listen=None) as a:
+            await a.call(identities[1].peer_id, "echo", b"", timeout=1)

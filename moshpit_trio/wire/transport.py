@@ -466,18 +466,30 @@ async def open_transport(
         raise ConfigError(f"identity must be an Identity, got {type(identity).__name__}")
     speedups.install()
     net: StreamNetwork = network if network is not None else TcpNetwork()
+    bind = parse_listen(listen) if listen is not None else None
+    # Errors of the block (and of setting up) are re-raised as they are, not wrapped in the
+    # nursery's ExceptionGroup: `except Unreachable` around the block should just work.
+    failure: Exception | None = None
     async with trio.open_nursery() as nursery:
         transport = Transport(identity, net, limits or TransportLimits(), nursery)
-        if listen is not None:
-            host, port = parse_listen(listen)
-            _, bound_port = await nursery.start(net.serve, host, port, transport._accept)
-            public = announce_host or ("127.0.0.1" if host in ("0.0.0.0", "::", "") else host)
-            transport.address = PeerAddress(public, bound_port, identity.peer_id)
-            transport.log.info("listening", address=str(transport.address))
         try:
-            yield transport
-        finally:
-            with trio.CancelScope(shield=True):
-                with trio.move_on_after(transport.limits.connection.close_timeout + 1):
-                    await transport._close_all()
-            nursery.cancel_scope.cancel()
+            if bind is not None:
+                host, port = bind
+                try:
+                    _, bound_port = await nursery.start(net.serve, host, port, transport._accept)
+                except OSError as exc:
+                    raise ConfigError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+                public = announce_host or ("127.0.0.1" if host in ("0.0.0.0", "::", "") else host)
+                transport.address = PeerAddress(public, bound_port, identity.peer_id)
+                transport.log.info("listening", address=str(transport.address))
+            try:
+                yield transport
+            finally:
+                with trio.CancelScope(shield=True):
+                    with trio.move_on_after(transport.limits.connection.close_timeout + 1):
+                        await transport._close_all()
+        except Exception as exc:
+            failure = exc
+        nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
