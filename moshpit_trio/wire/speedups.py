@@ -1,0 +1,407 @@
+"""Make trio-websocket + wsproto move multi-megabyte messages at memory speed.
+
+Out of the box a 4 MiB binary message over trio-websocket costs far more CPU than the bytes are
+worth; ``benchmarks/wire_throughput.py`` measures it and the numbers are in its docstring. Where
+the time goes, and what this module does about each (without forking either library):
+
+* **Masking.** Every client-to-server frame is XOR-masked (RFC 6455 section 5.3). wsproto masks in
+  pure Python with eight strided slice/translate passes plus a defensive copy: about 7 ms per
+  4 MiB, which alone caps the client-to-server direction near 550 MB/s and the receiving server
+  likewise. :func:`install` replaces ``wsproto.frame_protocol.XorMaskerSimple`` (a module
+  attribute, looked up by name each time wsproto needs a masker) with :class:`FastXorMasker`,
+  which XORs eight bytes at a time with numpy *in place*: about 0.1 ms per 4 MiB. Output is
+  byte-identical, including the key rotation that continues a mask across the partial frames the
+  decoder produces (``tests/test_speedups.py`` checks this against the original, with hypothesis).
+* **Allocator.** Each message is copied a few times inside wsproto and trio-websocket, and every
+  copy is a fresh multi-megabyte allocation. glibc serves those with ``mmap`` and gives them back
+  with ``munmap`` (or trims the heap top), so every copy of every message page-faults its pages in
+  again, zero-filled by the kernel. :func:`install` raises ``M_MMAP_THRESHOLD`` and
+  ``M_TRIM_THRESHOLD`` through ``mallopt`` so such blocks come from, and go back to, the heap.
+  No-op where the C library is not glibc.
+* **Receive buffer.** trio-websocket reads the socket 4 KiB at a time by default
+  (``RECEIVE_BYTES``), and wsproto turns every read into a partial-frame event that is copied,
+  unmasked, wrapped and queued, and at the end joined: thousands of Python-level round trips per
+  message. Pass :data:`RECEIVE_BUFFER_SIZE` as ``receive_buffer_size`` to trio-websocket's
+  ``wrap_client_stream`` / ``wrap_server_stream`` / ``open_websocket`` / ``serve_websocket``.
+* **Chunk size.** :data:`RECOMMENDED_CHUNK` is the payload size per message that measured best:
+  big enough that per-message costs (signing, hashing setup, event dispatch, a credit round trip)
+  vanish, small enough that the copies stay cache- and heap-friendly and a stream's window stays
+  a few messages deep.
+
+Everything here is process-global and idempotent; call :func:`install` once at start-up, before
+connections are opened (masker objects already created keep the class they were created with).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+import sys
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Final
+
+import numpy as np
+
+__all__ = [
+    "RECEIVE_BUFFER_SIZE",
+    "RECOMMENDED_CHUNK",
+    "FastXorMasker",
+    "SpeedupReport",
+    "install",
+    "installed",
+    "tune_malloc",
+    "uninstall",
+    "xor_mask",
+]
+
+#: ``receive_buffer_size`` to give trio-websocket: how much one ``receive_some`` may return.
+#: Matches the kernel socket buffers ``TcpNetwork`` asks for, so one read can drain them.
+RECEIVE_BUFFER_SIZE: Final = 4 * 1024 * 1024
+
+#: Payload bytes per stream message that measured best (see ``benchmarks/wire_throughput.py``).
+RECOMMENDED_CHUNK: Final = 4 * 1024 * 1024
+
+#: The mallopt thresholds :func:`tune_malloc` sets. glibc caps ``M_MMAP_THRESHOLD`` at
+#: 32 MiB on 64-bit (``4 * 1024 * 1024 * sizeof(long)``); anything larger makes mallopt fail.
+MMAP_THRESHOLD: Final = 32 * 1024 * 1024
+TRIM_THRESHOLD: Final = 256 * 1024 * 1024
+
+# wsproto versions whose frame_protocol we have read (1.2 differs: its masker returns bytes and its
+# decoder hands payloads on without converting them, so there the patches are skipped). In 1.3:
+# * XorMaskerSimple(masking_key) is constructed per masked frame (FrameDecoder.parse_header,
+#   FrameProtocol._serialize_frame); process(bytearray) -> bytearray is called once per (partial)
+#   frame on a bytearray the caller has just created and owns alone, and whose result it may
+#   extend (``+=``) before converting it with ``bytes(...)``.
+# * Buffer() is constructed once per FrameDecoder; the decoder calls feed, consume_exactly,
+#   consume_at_most, commit, rollback and len() and nothing else (no other module touches it).
+# * FrameProtocol._serialize_frame(opcode, payload, fin) returns the frame, which
+#   Connection.send appends to ``b""`` and WSConnection.send appends to ``b""`` again.
+_WSPROTO_TESTED: Final = ((1, 3),)
+
+# glibc's mallopt parameter numbers (malloc.h).
+_M_TRIM_THRESHOLD: Final = -1
+_M_MMAP_THRESHOLD: Final = -3
+
+_HEADER16: Final = struct.Struct("!BBH")
+_HEADER64: Final = struct.Struct("!BBQ")
+
+#: :class:`FrameBuffer` holds back frames up to this size until they are complete.
+WHOLE_FRAME_LIMIT: Final = 16 * 1024 * 1024
+
+# Below this many bytes numpy's per-call overhead costs more than Python's big-int XOR.
+_SMALL: Final = 512
+
+
+def xor_mask(data: bytearray, key: bytes) -> None:
+    """XOR ``data`` in place with the 4-byte ``key`` repeated (key byte ``i % 4`` at offset i)."""
+    n = len(data)
+    if n == 0:
+        return
+    if n < _SMALL:
+        reps = (n + 3) // 4
+        masked = int.from_bytes(data, "little") ^ int.from_bytes((key * reps)[:n], "little")
+        data[:] = masked.to_bytes(n, "little")
+        return
+    key8 = np.frombuffer(key * 2, dtype=np.uint64)
+    view = np.frombuffer(data, dtype=np.uint8)
+    body = n - n % 8
+    words = view[:body].view(np.uint64)
+    np.bitwise_xor(words, key8, out=words)
+    if body != n:
+        tail = view[body:]
+        np.bitwise_xor(tail, np.frombuffer(key * 2, dtype=np.uint8)[: n - body], out=tail)
+    # The arrays export the bytearray's buffer; drop them now so the caller may resize it.
+    del words, view
+
+
+def masked_copy(payload: bytes | bytearray | memoryview, key: bytes) -> list[Any]:
+    """``payload`` XOR the repeated ``key``, as buffers to concatenate (one pass, no copy back).
+
+    Returns ``[body, tail]`` where ``body`` is a numpy array of the first ``len - len % 8`` bytes
+    and ``tail`` the last few bytes; ``b"".join(header_parts + masked_copy(...))`` then writes the
+    whole frame with a single copy.
+    """
+    n = len(payload)
+    body = n - n % 8
+    key8 = key * 2
+    src = np.frombuffer(payload, dtype=np.uint8)
+    out: list[Any] = [np.bitwise_xor(src[:body].view(np.uint64), np.frombuffer(key8, np.uint64))]
+    if body != n:
+        out.append(np.bitwise_xor(src[body:], np.frombuffer(key8, np.uint8)[: n - body]))
+    return out
+
+
+class FastXorMasker:
+    """Drop-in for ``wsproto.frame_protocol.XorMaskerSimple``, vectorised.
+
+    Same constructor and ``process``; the result is byte-for-byte what the original returns, and
+    the key is rotated by ``len(data) % 4`` after each call exactly as the original does, so a
+    frame masked or unmasked in several pieces comes out the same as in one.
+
+    One deliberate difference: given a ``bytearray``, ``process`` masks it *in place* and returns
+    that same object instead of a masked copy. Both wsproto call sites pass a bytearray they have
+    just created and never look at again, so this only saves a copy; any other input (bytes,
+    memoryview) is copied first, as before.
+    """
+
+    __slots__ = ("_masking_key",)
+
+    def __init__(self, masking_key: bytes | bytearray) -> None:
+        if len(masking_key) != 4:
+            raise ValueError(f"a websocket masking key is 4 bytes, got {len(masking_key)}")
+        self._masking_key = bytes(masking_key)
+
+    def process(self, data: bytes | bytearray | memoryview) -> bytearray:
+        buf = data if type(data) is bytearray else bytearray(data)
+        n = len(buf)
+        if n:
+            key = self._masking_key
+            xor_mask(buf, key)
+            rotation = n % 4
+            if rotation:
+                self._masking_key = key[rotation:] + key[:rotation]
+        return buf
+
+
+class FrameBuffer:
+    """Drop-in for ``wsproto.frame_protocol.Buffer`` that hands over whole frames.
+
+    wsproto's buffer copies every received chunk into one growing ``bytearray`` (``feed``) and
+    slices copies out of it; its decoder turns whatever part of a frame has arrived into an
+    event, so a 4 MiB message read in pieces becomes many partial-frame events, each copied,
+    wrapped, queued, and finally joined by trio-websocket: four copies of every byte plus
+    Python work per piece. This buffer
+
+    * keeps the received ``bytes`` objects as they are (``feed`` copies nothing), and
+    * answers ``consume_at_most(n)`` for ``0 < n <= WHOLE_FRAME_LIMIT`` with nothing until all
+      ``n`` bytes are there, so the decoder waits and then emits the frame in one event: one
+      copy out of the buffer, no join.
+
+    For larger requests it returns what is there, like the original, so a peer announcing a
+    huge frame still runs into trio-websocket's ``max_message_size`` as the bytes arrive; what
+    this buffer holds back is bounded by ``WHOLE_FRAME_LIMIT`` (plus one read).
+    """
+
+    __slots__ = ("_chunks", "_offset", "_size", "bytes_used")
+
+    def __init__(self, initial_bytes: bytes | None = None) -> None:
+        self._chunks: deque[bytes] = deque()
+        self._offset = 0  # committed bytes already dropped from the front of _chunks[0]
+        self._size = 0  # bytes held, from _offset on (consumed-but-uncommitted included)
+        self.bytes_used = 0  # consumed but not yet committed
+        if initial_bytes:
+            self.feed(initial_bytes)
+
+    def feed(self, new_bytes: bytes | bytearray | memoryview) -> None:
+        if not new_bytes:
+            return
+        # Keep immutable bytes as they are; anything mutable is snapshotted, as the original's
+        # ``+=`` did.
+        chunk = new_bytes if type(new_bytes) is bytes else bytes(new_bytes)
+        self._chunks.append(chunk)
+        self._size += len(chunk)
+
+    def _gather(self, start: int, nbytes: int) -> bytearray:
+        """A copy of ``nbytes`` held bytes from position ``start`` (relative to the front)."""
+        pos = self._offset + start
+        pieces: list[memoryview] = []
+        for chunk in self._chunks:
+            if pos >= len(chunk):
+                pos -= len(chunk)
+                continue
+            take = min(len(chunk) - pos, nbytes)
+            pieces.append(memoryview(chunk)[pos : pos + take])
+            nbytes -= take
+            pos = 0
+            if not nbytes:
+                break
+        if len(pieces) == 1:
+            return bytearray(pieces[0])
+        return bytearray().join(pieces)
+
+    def consume_at_most(self, nbytes: int) -> bytearray:
+        available = self._size - self.bytes_used
+        if nbytes > available:
+            if nbytes <= WHOLE_FRAME_LIMIT:
+                return bytearray()  # wait for the rest of the frame
+            nbytes = available
+        if nbytes <= 0:
+            return bytearray()
+        data = self._gather(self.bytes_used, nbytes)
+        self.bytes_used += nbytes
+        return data
+
+    def consume_exactly(self, nbytes: int) -> bytearray | None:
+        if self._size - self.bytes_used < nbytes:
+            return None
+        if nbytes <= 0:
+            return bytearray()
+        data = self._gather(self.bytes_used, nbytes)
+        self.bytes_used += nbytes
+        return data
+
+    def commit(self) -> None:
+        drop = self.bytes_used
+        self._size -= drop
+        self.bytes_used = 0
+        drop += self._offset
+        chunks = self._chunks
+        while chunks and drop >= len(chunks[0]):
+            drop -= len(chunks.popleft())
+        self._offset = drop
+
+    def rollback(self) -> None:
+        self.bytes_used = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+
+def _serialize_frame(
+    self: Any, opcode: Any, payload: bytes | bytearray | memoryview = b"", fin: bool = True
+) -> bytes:
+    """Replacement for ``wsproto.frame_protocol.FrameProtocol._serialize_frame``.
+
+    Writes the same RFC 6455 frame (same header encoding, same ``os.urandom(4)`` masking key for
+    clients) as one ``bytes`` built with a single copy of the payload, where the original makes
+    five (``bytearray`` conversions, concatenations) and then ``Connection.send`` a sixth to turn
+    its ``bytearray`` into ``bytes``; ``b"" + some_bytes`` returns ``some_bytes`` itself, so
+    returning exact ``bytes`` lets wsproto and trio-websocket pass it to ``send_all`` untouched.
+    Connections with extensions (permessage-deflate) take the original path unchanged.
+    """
+    if self.extensions:
+        return bytes(_state["original_serialize"](self, opcode, payload, fin))
+    if not isinstance(payload, (bytes, bytearray)):
+        payload = bytes(payload)
+    n = len(payload)
+    first = (0x80 if fin else 0) | int(opcode)
+    mask_bit = 0x80 if self.client else 0
+    if n <= 125:
+        header = bytes((first, mask_bit | n))
+    elif opcode.iscontrol():
+        raise ValueError("payload too long for control frame")
+    elif n <= 0xFFFF:
+        header = _HEADER16.pack(first, mask_bit | 126, n)
+    else:
+        header = _HEADER64.pack(first, mask_bit | 127, n)
+    if not self.client:
+        return header + payload
+    key = os.urandom(4)
+    if n < _SMALL:
+        masked = bytearray(payload)
+        xor_mask(masked, key)
+        return header + key + masked
+    return b"".join([header, key, *masked_copy(payload, key)])
+
+
+@dataclass(frozen=True)
+class SpeedupReport:
+    """What :func:`install` managed to do in this process."""
+
+    masker: bool
+    frames: bool
+    buffer: bool
+    malloc: bool
+    wsproto_version: str
+
+
+# name -> original attribute value, for every patch currently applied.
+_applied: dict[str, Any] = {}
+_state: dict[str, Any] = {}
+
+
+def _wsproto_version() -> tuple[str, tuple[int, ...]]:
+    import wsproto
+
+    text = str(getattr(wsproto, "__version__", "0"))
+    parts: list[int] = []
+    for piece in text.split("."):
+        if not piece.isdigit():
+            break
+        parts.append(int(piece))
+    return text, tuple(parts)
+
+
+def _patches() -> dict[str, tuple[Any, str, Any]]:
+    """The monkeypatches: name -> (owner, attribute, replacement)."""
+    import wsproto.frame_protocol as frame_protocol
+
+    return {
+        "masker": (frame_protocol, "XorMaskerSimple", FastXorMasker),
+        "frames": (frame_protocol.FrameProtocol, "_serialize_frame", _serialize_frame),
+        "buffer": (frame_protocol, "Buffer", FrameBuffer),
+    }
+
+
+def tune_malloc(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESHOLD) -> bool:
+    """Keep multi-megabyte blocks on glibc's heap; return whether both settings took.
+
+    ``False`` (and nothing changed) off Linux/glibc. Idempotent; the settings are process-wide and
+    also reach every other C extension's large allocations, which is what we want for tensors too.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)  # the symbols already loaded into this process: libc's
+        mallopt = libc.mallopt
+        libc.gnu_get_libc_version  # noqa: B018 - raises AttributeError off glibc (musl)
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    # mallopt returns 1 on success, 0 on error.
+    ok_mmap: bool = mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1
+    ok_trim: bool = mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1
+    return ok_mmap and ok_trim
+
+
+def install(
+    *, masker: bool = True, frames: bool = True, buffer: bool = True, malloc: bool = True
+) -> SpeedupReport:
+    """Apply the speedups (idempotent; safe to call from every entry point).
+
+    ``masker``: wsproto's ``XorMaskerSimple`` becomes :class:`FastXorMasker`. ``frames``:
+    ``FrameProtocol._serialize_frame`` becomes the single-copy :func:`_serialize_frame`. Both
+    only on wsproto versions whose ``frame_protocol`` this was written against; on others they
+    are skipped and the report says so. ``malloc``: :func:`tune_malloc`.
+    Set ``MOSHPIT_NO_SPEEDUPS=1`` in the environment to make this a no-op (to compare, or to rule
+    it out when debugging).
+    """
+    version_text, version = _wsproto_version()
+    if os.environ.get("MOSHPIT_NO_SPEEDUPS"):
+        return SpeedupReport(False, False, False, False, version_text)
+    wanted = {"masker": masker, "frames": frames, "buffer": buffer}
+    if version[:2] in _WSPROTO_TESTED:
+        for name, (owner, attribute, replacement) in _patches().items():
+            if wanted[name] and name not in _applied:
+                _applied[name] = owner.__dict__[attribute]
+                if name == "frames":
+                    _state["original_serialize"] = _applied[name]
+                setattr(owner, attribute, replacement)
+    if malloc and not _state.get("malloc"):
+        _state["malloc"] = tune_malloc()
+    return SpeedupReport(
+        masker="masker" in _applied,
+        frames="frames" in _applied,
+        buffer="buffer" in _applied,
+        malloc=bool(_state.get("malloc")),
+        wsproto_version=version_text,
+    )
+
+
+def installed() -> bool:
+    """Whether every wsproto patch is in place."""
+    return all(
+        getattr(owner, attribute) is replacement
+        for owner, attribute, replacement in _patches().values()
+    )
+
+
+def uninstall() -> None:
+    """Put wsproto's originals back (for benchmarks and tests; malloc settings stay)."""
+    patches = _patches()
+    for name in list(_applied):
+        owner, attribute, _ = patches[name]
+        setattr(owner, attribute, _applied.pop(name))
