@@ -14,7 +14,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_stream
 
-from moshpit_trio.errors import ConnectionLost, DeadlineExceeded, HandshakeFailed
+from moshpit_trio.errors import ConnectionLost, DeadlineExceeded, HandshakeFailed, Rejected
 from moshpit_trio.identity import Identity
 from moshpit_trio.testing import MemoryNetwork
 from moshpit_trio.wire.address import PeerAddress
@@ -427,3 +427,57 @@ async def test_replayed_handshake_is_refused(
             nursery.cancel_scope.cancel()
         failures = [e for e in logs if e["event"] == "incoming handshake broke the protocol"]
         assert failures and "signature" in failures[-1]["error"]
+
+
+async def test_calls_beyond_the_limit_are_answered_busy(
+    autojump_clock: Any, identities: list[Identity]
+) -> None:
+    net = MemoryNetwork(seed=1)
+    limits = TransportLimits(connection=ConnectionLimits(max_incoming_calls=2))
+    release = trio.Event()
+
+    async def wait(request: Request) -> bytes:
+        await release.wait()
+        return b"done"
+
+    async with (
+        peer(net, "s", identities[0], limits=limits) as server,
+        peer(net, "c", identities[1]) as client,
+    ):
+        server.register("wait", wait)
+        assert server.address is not None
+        target = server.address
+        results: list[bytes] = []
+        async with trio.open_nursery() as nursery:
+            for _ in range(2):
+                nursery.start_soon(
+                    lambda: _append(results, client.call(target, "wait", b"", timeout=5))
+                )
+            await trio.sleep(1)
+            with pytest.raises(Rejected, match="too many calls"):
+                await client.call(target, "wait", b"", timeout=5)
+            release.set()
+        assert results == [b"done", b"done"]
+        assert await client.call(target, "echo", b"free again", timeout=5) == b"free again"
+
+
+async def _append(results: list[bytes], call: Any) -> None:
+    results.append(await call)
+
+
+async def test_third_connection_from_one_peer_is_refused(
+    autojump_clock: Any, identities: list[Identity], logs: list[dict[str, Any]]
+) -> None:
+    net = MemoryNetwork(seed=1)
+    async with peer(net, "s", identities[0]) as server:
+        assert server.address is not None
+        async with (
+            raw_client(net, "m", identities[2], server.address),
+            raw_client(net, "m", identities[2], server.address),
+            raw_client(net, "m", identities[2], server.address) as third,
+        ):
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    await third.ws.get_message()
+            assert len(server.connections()) == 2
+        assert any(e["event"] == "too many connections from one peer" for e in logs)
