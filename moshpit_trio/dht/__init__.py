@@ -1,0 +1,1 @@
+"""Kademlia DHT: routing table, iterative lookups, records, and the node that serves them."""
