@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import random
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from collections.abc import Container, Iterator
 
 from ..identity import PeerID
@@ -114,12 +114,13 @@ class RoutingTable:
         self._local = int(local_id)
         self.k = k
         self.replacements = replacements
-        # Per bucket: peer -> entry, least recently seen first.
-        self._buckets: list[OrderedDict[PeerID, _Entry]] = [OrderedDict() for _ in range(ID_BITS)]
-        # Per bucket: peer -> (contact, last_seen), least recent first (so most recent last).
-        self._replacements: list[OrderedDict[PeerID, tuple[Contact, float]]] = [
-            OrderedDict() for _ in range(ID_BITS)
-        ]
+        # Per bucket index: peer -> entry, least recently seen first. Buckets are made on first
+        # use: a table fills a dozen of its 256, and simulations hold hundreds of tables.
+        self._buckets: defaultdict[int, OrderedDict[PeerID, _Entry]] = defaultdict(OrderedDict)
+        # Per bucket index: peer -> (contact, last_seen), least recent first (most recent last).
+        self._replacements: defaultdict[int, OrderedDict[PeerID, tuple[Contact, float]]] = (
+            defaultdict(OrderedDict)
+        )
         self._entries: dict[PeerID, _Entry] = {}
         # When each bucket's range was last explored by a lookup; None: never.
         self._touched: list[float | None] = [None] * ID_BITS
@@ -246,11 +247,13 @@ class RoutingTable:
 
     def bucket(self, index: int) -> list[Contact]:
         """The contacts of one bucket, least recently seen first."""
-        return [e.contact for e in self._buckets[_check_index(index)].values()]
+        bucket = self._buckets.get(_check_index(index))
+        return [e.contact for e in bucket.values()] if bucket else []
 
     def replacement_cache(self, index: int) -> list[Contact]:
         """The newcomers waiting for room in one bucket, most recent first."""
-        return [c for c, _ in reversed(self._replacements[_check_index(index)].values())]
+        cache = self._replacements.get(_check_index(index))
+        return [c for c, _ in reversed(cache.values())] if cache else []
 
     def closest(
         self,
@@ -303,7 +306,7 @@ class RoutingTable:
         lookups per interval, to find nobody. The periodic self-lookup keeps that area covered.
         A bucket never refreshed is stale; an empty table has nothing to refresh from.
         """
-        nearest = next((i for i in range(ID_BITS) if self._buckets[i]), None)
+        nearest = min((i for i, bucket in self._buckets.items() if bucket), default=None)
         if nearest is None:
             return []
         return [
@@ -327,12 +330,12 @@ class RoutingTable:
         return peer_id in self._entries
 
     def __iter__(self) -> Iterator[Contact]:
-        for bucket in self._buckets:
-            for entry in bucket.values():
+        for index in sorted(self._buckets):
+            for entry in self._buckets[index].values():
                 yield entry.contact
 
     def __repr__(self) -> str:
-        full = sum(1 for b in self._buckets if len(b) >= self.k)
+        full = sum(1 for b in self._buckets.values() if len(b) >= self.k)
         return f"<RoutingTable {self.local_id.short} contacts={len(self)} full_buckets={full}>"
 
 
