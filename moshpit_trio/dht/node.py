@@ -1,0 +1,675 @@
+"""The Kademlia node: four RPCs over the transport, iterative lookups, and upkeep.
+
+Everything that can be pure lives elsewhere (``routing``, ``lookup``, ``records``); this module
+only moves messages and keeps time. A ``DHTNode`` runs inside its peer's nursery:
+
+- handlers for ``dht.ping``, ``dht.find_node``, ``dht.find_value`` and ``dht.store`` on the
+  transport; every request names the caller's listen address (empty in client mode), and an
+  address whose PeerID is the authenticated caller's enters the routing table;
+- lookups drive a ``Lookup`` state machine: up to α queries in flight, and a query that has not
+  answered within ``slow_after`` stops counting against α (it may still answer until
+  ``rpc_timeout``), so frozen peers cost a lookup a short delay each, not a full timeout;
+- unresponsive peers are backed off (doubling, capped), globally, and skipped by lookups;
+- background tasks refresh stale buckets, republish this node's own records, and drop expired
+  ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import random
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+import trio
+
+from ..errors import ConfigError, MoshpitError, ProtocolError, Rejected, Unreachable
+from ..identity import PeerID
+from ..log import get_logger
+from ..wire.address import InvalidAddress, PeerAddress
+from ..wire.connection import Request
+from ..wire.transport import Transport
+from .lookup import Lookup
+from .records import (
+    NamespacePolicy,
+    Namespaces,
+    Record,
+    RecordRejected,
+    RecordStore,
+    decode_records,
+    encode_records,
+    key_id,
+    make_record,
+    merge,
+    validate,
+)
+from .routing import Contact, RoutingTable
+
+__all__ = [
+    "BootstrapFailed",
+    "DHTNode",
+    "DHTSettings",
+    "DHTValue",
+    "LookupFailed",
+    "LookupStats",
+    "default_namespaces",
+]
+
+
+class BootstrapFailed(Unreachable):
+    """None of the bootstrap peers answered."""
+
+
+class LookupFailed(Unreachable):
+    """A lookup found no live peer to ask (its whole neighbourhood is dead or unknown)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DHTSettings:
+    k: int = 20
+    alpha: int = 3
+    #: how many of the closest peers a record is stored on
+    replicas: int = 5
+    #: a query with no answer by then has failed
+    rpc_timeout: float = 2.0
+    #: a query with no answer by then stops holding one of the α slots
+    slow_after: float = 0.25
+    #: a whole lookup (and so a get or a store) ends by then
+    lookup_timeout: float = 10.0
+    #: buckets without a lookup for this long are refreshed
+    refresh_interval: float = 600.0
+    #: owners store their live records again this often
+    republish_interval: float = 300.0
+    #: the first back-off after a failure; doubles with every further failure
+    backoff_base: float = 1.0
+    backoff_max: float = 60.0
+    #: records accepted per STORE / returned per FIND_VALUE
+    max_records_per_message: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("k", "alpha", "replicas", "max_records_per_message"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"DHTSettings.{name} must be at least 1")
+        if not 0 < self.slow_after <= self.rpc_timeout <= self.lookup_timeout:
+            raise ConfigError("need 0 < slow_after <= rpc_timeout <= lookup_timeout")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DHTValue:
+    value: bytes
+    #: unix time
+    expiration: float
+
+
+@dataclasses.dataclass(slots=True)
+class LookupStats:
+    """What the last lookup cost; benchmarks read it."""
+
+    queried: int = 0
+    hops: int = 0
+    failed: int = 0
+
+
+def default_namespaces() -> Namespaces:
+    """The namespaces every peer of a swarm must agree on. Unknown ones use DEFAULT_POLICY."""
+    return Namespaces(
+        [
+            # matchmaking announcements and training progress: owned, short-lived
+            NamespacePolicy(b"mp.avg", max_ttl=300.0, owned=True),
+            NamespacePolicy(b"mp.progress", max_ttl=3600.0, owned=True),
+        ]
+    )
+
+
+# -- messages ------------------------------------------------------------------------------
+# Every request names the sender's listen address ("" in client mode). Contacts travel as
+# addresses (ws://HOST:PORT/PEER_ID): the PeerID is in them, and dialing one checks it.
+
+
+class _Ping(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    sender: str
+
+
+class _FindNode(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    sender: str
+    target: bytes
+
+
+class _FindValue(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    sender: str
+    key: bytes
+
+
+class _Store(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    sender: str
+    records: bytes
+
+
+class _Contacts(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    contacts: list[str]
+
+
+class _Values(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    records: bytes
+    contacts: list[str]
+
+
+class _Stored(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    stored: list[bool]
+
+
+_encoder = msgspec.msgpack.Encoder()
+_MAX_ADDRESS_LIST = 64
+
+
+class DHTNode:
+    """A peer's Kademlia node; made and run by ``open_peer`` (``peer.dht``)."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        settings: DHTSettings | None = None,
+        namespaces: Namespaces | None = None,
+        client_mode: bool = False,
+        seed: int | None = None,
+    ) -> None:
+        self.transport = transport
+        self.id = transport.peer_id
+        self.settings = settings or DHTSettings()
+        self.namespaces = namespaces or default_namespaces()
+        self.client_mode = client_mode or transport.address is None
+        self.table = RoutingTable(self.id, k=self.settings.k)
+        self.store_ = RecordStore(self.namespaces)
+        self.last_lookup = LookupStats()
+        self.log = get_logger(peer=self.id.short)
+        self._rng = random.Random(seed if seed is not None else int(self.id) & 0xFFFFFFFF)
+        self._own: dict[tuple[bytes, bytes], Record] = {}
+        self._backoff: dict[PeerID, tuple[float, float]] = {}  # peer -> (until, last delay)
+        self._pinging: set[PeerID] = set()
+        self._nursery: trio.Nursery | None = None
+        # Wall-clock time that follows trio's clock: records carry unix expirations, and under a
+        # virtual clock in tests they must age with virtual time.
+        self._epoch_offset = time.time() - trio.current_time()
+        self._decoders: dict[type[Any], msgspec.msgpack.Decoder[Any]] = {
+            t: msgspec.msgpack.Decoder(t) for t in (_Ping, _FindNode, _FindValue, _Store)
+        }
+        self._answer_decoders: dict[type[Any], msgspec.msgpack.Decoder[Any]] = {
+            t: msgspec.msgpack.Decoder(t) for t in (_Contacts, _Values, _Stored)
+        }
+
+    def now(self) -> float:
+        """Unix time, advancing with trio's clock."""
+        return self._epoch_offset + trio.current_time()
+
+    @property
+    def _sender(self) -> str:
+        address = self.transport.address
+        return "" if self.client_mode or address is None else str(address)
+
+    # -- running -----------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve the DHT until cancelled (the peer's nursery owns this)."""
+        t = self.transport
+        t.register("dht.ping", self._on_ping)
+        t.register("dht.find_node", self._on_find_node)
+        t.register("dht.find_value", self._on_find_value)
+        t.register("dht.store", self._on_store)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._refresh_loop)
+                nursery.start_soon(self._republish_loop)
+                nursery.start_soon(self._expire_loop)
+                task_status.started()
+        finally:
+            for name in ("dht.ping", "dht.find_node", "dht.find_value", "dht.store"):
+                t.registry.unregister(name)
+
+    async def bootstrap(self, addresses: Sequence[str | PeerAddress]) -> int:
+        """Ping every bootstrap address, then look ourselves up to fill the table.
+
+        Returns how many bootstrap peers answered; ``BootstrapFailed`` names each address and
+        why it failed when none did.
+        """
+        parsed: list[PeerAddress] = []
+        for a in addresses:
+            try:
+                parsed.append(a if isinstance(a, PeerAddress) else PeerAddress.parse(a))
+            except InvalidAddress as exc:
+                raise ConfigError(f"bad bootstrap address: {exc}") from None
+        parsed = [a for a in parsed if a.peer_id != self.id]
+        if not parsed:
+            return 0
+        errors: dict[str, str] = {}
+
+        async def ping(address: PeerAddress) -> None:
+            try:
+                await self._call(Contact(address.peer_id, address), "dht.ping", _Ping(self._sender))
+            except MoshpitError as exc:
+                errors[str(address)] = f"{type(exc).__name__}: {exc}"
+
+        async with trio.open_nursery() as nursery:
+            for address in parsed:
+                nursery.start_soon(ping, address)
+        answered = len(parsed) - len(errors)
+        if not answered:
+            listing = "; ".join(f"{a} ({why})" for a, why in errors.items())
+            raise BootstrapFailed(f"no bootstrap peer answered: {listing}")
+        await self.find_closest(self.id.to_bytes())
+        return answered
+
+    # -- public calls ------------------------------------------------------------------------
+
+    async def store(
+        self,
+        key: str | bytes,
+        value: bytes,
+        ttl: float,
+        *,
+        subkey: str | bytes | PeerID | None = None,
+    ) -> int:
+        """Store ``value`` under ``key`` (and ``subkey``) for ``ttl`` seconds on the
+        ``replicas`` closest peers; returns how many accepted it (this node included).
+
+        In an owned namespace (``mp.avg/...``) the record is signed by this peer and its subkey
+        is this peer's PeerID. An empty ``value`` withdraws an earlier entry.
+        """
+        record = self._make(key, value, ttl, subkey)
+        self._own[(record.id, record.subkey)] = record
+        return await self._store_records([record])
+
+    async def withdraw(
+        self, key: str | bytes, *, subkey: str | bytes | PeerID | None = None
+    ) -> int:
+        """Replace this peer's entry under ``key`` with a tombstone that outlives it."""
+        policy = self.namespaces.policy_for(_key_bytes(key))
+        ttl = min(policy.max_ttl, 3600.0)
+        return await self.store(key, b"", ttl, subkey=subkey)
+
+    async def get(self, key: str | bytes) -> DHTValue | dict[bytes, DHTValue] | None:
+        """The value under ``key``; or, for a key with subkeys, the dict of its live subkeys
+        with their values and expirations; ``None`` when nothing live is stored."""
+        records = await self.get_records(key)
+        live = {sk: r for sk, r in records.items() if r.value}
+        if not live:
+            return None
+        if set(live) == {b""}:
+            r = live[b""]
+            return DHTValue(r.value, r.expiration)
+        return {sk: DHTValue(r.value, r.expiration) for sk, r in live.items()}
+
+    async def get_records(self, key: str | bytes) -> dict[bytes, Record]:
+        """All live records under ``key`` by subkey (withdrawals included), merged from the
+        closest peers' answers and this node's own store."""
+        kid = key_id(_key_bytes(key))
+        found: list[Record] = list(self.store_.get(kid, self.now()))
+        await self._lookup(kid, want_values=True, found=found)
+        return merge(found)
+
+    async def find_peer(self, peer_id: PeerID) -> PeerAddress | None:
+        """The address of ``peer_id``, if a lookup finds it."""
+        known = self.table.get(peer_id)
+        if known is not None:
+            return known.address
+        for contact in await self.find_closest(peer_id.to_bytes()):
+            if contact.peer_id == peer_id:
+                return contact.address
+        return None
+
+    async def find_closest(self, target: bytes) -> list[Contact]:
+        """The k closest live peers to ``target`` (a 32-byte id)."""
+        return await self._lookup(target, want_values=False, found=None)
+
+    # -- lookups -----------------------------------------------------------------------------
+
+    async def _lookup(
+        self, target: bytes, *, want_values: bool, found: list[Record] | None
+    ) -> list[Contact]:
+        s = self.settings
+        now = trio.current_time()
+        skip = {p for p, (until, _) in self._backoff.items() if until > now}
+        seeds = self.table.closest(target, s.k, exclude=skip)
+        lookup = Lookup(self.id, target, seeds, k=s.k, alpha=s.alpha, skip=skip)
+        depth = {c.peer_id: 1 for c in seeds}
+        started: dict[PeerID, float] = {}
+        stats = LookupStats()
+        send, receive = trio.open_memory_channel[tuple[Contact, Any]](math.inf)
+        if not seeds:
+            self.last_lookup = stats
+            return []
+        with trio.move_on_after(s.lookup_timeout) as scope:
+            async with trio.open_nursery() as nursery:
+                while not lookup.finished:
+                    for contact in lookup.next_queries():
+                        started[contact.peer_id] = trio.current_time()
+                        nursery.start_soon(self._query, contact, target, want_values, send)
+                    slow_at = min(
+                        (started[p] + s.slow_after for p in lookup.in_flight() if p in started),
+                        default=math.inf,
+                    )
+                    with trio.move_on_at(slow_at):
+                        contact, answer = await receive.receive()
+                        self._apply(lookup, contact, answer, depth, stats, target, found)
+                        continue
+                    # Nothing answered in time: whoever is overdue stops holding a slot.
+                    for p in lookup.in_flight():
+                        if p in started and started.pop(p) + s.slow_after <= trio.current_time():
+                            lookup.on_slow(p)
+                nursery.cancel_scope.cancel()  # stragglers: their answers no longer matter
+        closest = lookup.closest()
+        stats.queried = lookup.queried
+        stats.hops = max((depth.get(c.peer_id, 1) for c in closest), default=0)
+        self.last_lookup = stats
+        if scope.cancelled_caught:
+            self.log.info("lookup ran out of time", target=target[:4].hex(), queried=stats.queried)
+        if not closest and lookup.queried:
+            raise LookupFailed(
+                f"none of the {lookup.queried} peers asked about {target[:6].hex()}… answered"
+            )
+        if closest:
+            self.table.mark_refreshed(_bucket_of(self.id, target), trio.current_time())
+        return closest
+
+    def _apply(
+        self,
+        lookup: Lookup,
+        contact: Contact,
+        answer: Any,
+        depth: dict[PeerID, int],
+        stats: LookupStats,
+        target: bytes,
+        found: list[Record] | None,
+    ) -> None:
+        if isinstance(answer, BaseException):
+            stats.failed += 1
+            lookup.on_failure(contact.peer_id)
+            return
+        contacts, records = answer
+        d = depth.get(contact.peer_id, 1)
+        for c in contacts:
+            depth.setdefault(c.peer_id, d + 1)
+        if found is not None:
+            found.extend(records)
+        lookup.on_response(contact.peer_id, contacts)
+
+    async def _query(
+        self,
+        contact: Contact,
+        target: bytes,
+        want_values: bool,
+        send: trio.MemorySendChannel[tuple[Contact, Any]],
+    ) -> None:
+        """One lookup query; reports (contacts, records) or the error on ``send``."""
+        try:
+            if want_values:
+                raw = await self._call(contact, "dht.find_value", _FindValue(self._sender, target))
+                values = self._decode_answer(_Values, raw, contact)
+                records = self._check_records(decode_records(values.records), target, contact)
+                answer: Any = (self._parse_contacts(values.contacts, contact), records)
+            else:
+                raw = await self._call(contact, "dht.find_node", _FindNode(self._sender, target))
+                found = self._decode_answer(_Contacts, raw, contact)
+                answer = (self._parse_contacts(found.contacts, contact), [])
+        except (MoshpitError, RecordRejected) as exc:
+            answer = exc
+        send.send_nowait((contact, answer))
+
+    def _check_records(self, records: list[Record], target: bytes, sender: Contact) -> list[Record]:
+        """Keep the records that belong to ``target`` and pass validation; log forgeries."""
+        if len(records) > self.settings.max_records_per_message:
+            raise RecordRejected("too-large", f"{len(records)} records in one answer")
+        good: list[Record] = []
+        now = self.now()
+        for record in records:
+            try:
+                if record.id != target:
+                    raise RecordRejected("malformed", "a record for another key")
+                validate(record, self.namespaces.policy_for(record.key), now)
+            except RecordRejected as exc:
+                self.log.warning(
+                    "dropped a bad record from a peer",
+                    remote=sender.peer_id.short,
+                    reason=exc.reason,
+                    detail=exc.detail,
+                )
+                continue
+            good.append(record)
+        return good
+
+    def _parse_contacts(self, addresses: list[str], sender: Contact) -> list[Contact]:
+        contacts: list[Contact] = []
+        for text in addresses[: self.settings.k]:
+            try:
+                address = PeerAddress.parse(text)
+            except InvalidAddress:
+                self.log.info("ignored a bad contact", remote=sender.peer_id.short)
+                continue
+            if address.peer_id != self.id:
+                contacts.append(Contact(address.peer_id, address))
+        return contacts
+
+    def _decode_answer(self, kind: type[Any], raw: bytes, sender: Contact) -> Any:
+        try:
+            return self._answer_decoders[kind].decode(raw)
+        except msgspec.DecodeError as exc:
+            self._penalize(sender.peer_id)
+            raise ProtocolError(
+                "malformed", f"bad DHT answer from {sender.peer_id.short}: {exc}"
+            ) from None
+
+    # -- calls to other nodes ----------------------------------------------------------------
+
+    async def _call(self, contact: Contact, name: str, message: msgspec.Struct) -> bytes:
+        """One RPC with the per-RPC deadline; keeps the routing table and back-off current."""
+        try:
+            answer = await self.transport.call(
+                contact.address, name, _encoder.encode(message), timeout=self.settings.rpc_timeout
+            )
+        except MoshpitError:
+            self._penalize(contact.peer_id)
+            raise
+        self._backoff.pop(contact.peer_id, None)
+        self._learn(contact)
+        return answer
+
+    def _penalize(self, peer: PeerID) -> None:
+        s = self.settings
+        _, last = self._backoff.get(peer, (0.0, 0.0))
+        delay = min(s.backoff_max, last * 2 if last else s.backoff_base)
+        self._backoff[peer] = (trio.current_time() + delay, delay)
+        promoted = self.table.failed(peer)
+        if promoted is not None:
+            self.log.debug("evicted an unresponsive contact", evicted=peer.short)
+
+    def _learn(self, contact: Contact) -> None:
+        """``contact`` proved itself over an authenticated connection: into the table."""
+        if contact.peer_id == self.id:
+            return
+        stale = self.table.add(contact, trio.current_time())
+        if stale is not None and stale.peer_id not in self._pinging and self._nursery is not None:
+            # A full bucket: keep the old contact if it still answers (Kademlia's rule that
+            # long-lived peers are the most likely to stay); the newcomer waits in the cache.
+            self._pinging.add(stale.peer_id)
+            self._nursery.start_soon(self._ping_stale, stale)
+
+    async def _ping_stale(self, stale: Contact) -> None:
+        try:
+            await self._call(stale, "dht.ping", _Ping(self._sender))
+            self.table.seen(stale.peer_id, trio.current_time())
+        except MoshpitError:
+            pass  # _call already counted the failure (and evicted it if it could)
+        finally:
+            self._pinging.discard(stale.peer_id)
+
+    async def _store_records(self, records: list[Record]) -> int:
+        target = records[0].id
+        stored = 0
+        if not self.client_mode:
+            stored += sum(self._put_local(r) for r in records[:1])
+        try:
+            closest = await self.find_closest(target)
+        except LookupFailed:
+            closest = []
+        payload = _Store(self._sender, encode_records(records))
+        count = 0
+
+        async def store_on(contact: Contact) -> None:
+            nonlocal count
+            try:
+                raw = await self._call(contact, "dht.store", payload)
+                answer = self._decode_answer(_Stored, raw, contact)
+                if answer.stored and answer.stored[0]:
+                    count += 1
+            except MoshpitError:
+                pass
+
+        async with trio.open_nursery() as nursery:
+            for contact in closest[: self.settings.replicas]:
+                nursery.start_soon(store_on, contact)
+        return stored + count
+
+    def _put_local(self, record: Record) -> bool:
+        try:
+            self.store_.put(record, self.now())
+            return True
+        except RecordRejected:
+            return False
+
+    def _make(
+        self, key: str | bytes, value: bytes, ttl: float, subkey: str | bytes | PeerID | None
+    ) -> Record:
+        kb = _key_bytes(key)
+        if not isinstance(value, bytes | bytearray | memoryview):
+            raise ConfigError(f"a DHT value is bytes, got {type(value).__name__}")
+        if not isinstance(ttl, int | float) or not ttl > 0:
+            raise ConfigError(f"ttl must be a positive number of seconds, got {ttl!r}")
+        policy = self.namespaces.policy_for(kb)
+        if ttl > policy.max_ttl:
+            raise ConfigError(
+                f"ttl {ttl:g} s is over the {policy.max_ttl:g} s allowed in namespace "
+                f"{policy.namespace.decode(errors='replace')!r}"
+            )
+        sk = subkey.to_bytes() if isinstance(subkey, PeerID) else _key_bytes(subkey or b"")
+        expiration = self.now() + ttl
+        try:
+            if policy.owned:
+                if sk and sk != self.id.to_bytes():
+                    raise ConfigError("in an owned namespace the subkey is always your PeerID")
+                record = make_record(kb, bytes(value), expiration, owner=self.transport.identity)
+            else:
+                record = make_record(kb, bytes(value), expiration, subkey=sk)
+            validate(record, policy, self.now())
+        except RecordRejected as exc:
+            raise ConfigError(f"cannot store under {kb[:60]!r}: {exc}") from None
+        return record
+
+    # -- handlers ----------------------------------------------------------------------------
+
+    def _decode(self, kind: type[Any], request: Request) -> Any:
+        try:
+            message = self._decoders[kind].decode(request.payload)
+        except msgspec.DecodeError as exc:
+            raise Rejected(f"malformed DHT request: {exc}") from None
+        self._note_caller(request.peer, message.sender)
+        return message
+
+    def _note_caller(self, peer: PeerID, sender: str) -> None:
+        if not sender:
+            return  # client mode: uses the DHT, never enters anyone's table
+        try:
+            address = PeerAddress.parse(sender)
+        except InvalidAddress:
+            return
+        if address.peer_id == peer:  # the claim is about the authenticated caller itself
+            self._learn(Contact(peer, address))
+
+    def _contacts_for(self, target: bytes, caller: PeerID) -> list[str]:
+        near = self.table.closest(target, self.settings.k, exclude={caller})
+        return [str(c.address) for c in near]
+
+    async def _on_ping(self, request: Request) -> bytes:
+        self._decode(_Ping, request)
+        return b""
+
+    async def _on_find_node(self, request: Request) -> bytes:
+        message = self._decode(_FindNode, request)
+        _check_id(message.target)
+        return _encoder.encode(_Contacts(self._contacts_for(message.target, request.peer)))
+
+    async def _on_find_value(self, request: Request) -> bytes:
+        message = self._decode(_FindValue, request)
+        _check_id(message.key)
+        records = self.store_.get(message.key, self.now())[: self.settings.max_records_per_message]
+        return _encoder.encode(
+            _Values(encode_records(records), self._contacts_for(message.key, request.peer))
+        )
+
+    async def _on_store(self, request: Request) -> bytes:
+        message = self._decode(_Store, request)
+        try:
+            records = decode_records(
+                message.records, max_records=self.settings.max_records_per_message
+            )
+        except RecordRejected as exc:
+            raise Rejected(f"bad records: {exc}") from None
+        now = self.now()
+        results: list[bool] = []
+        for record in records:
+            try:
+                results.append(self.store_.put(record, now) or True)
+            except RecordRejected as exc:
+                self.log.info("refused a record", remote=request.peer.short, reason=exc.reason)
+                results.append(False)
+        return _encoder.encode(_Stored(results))
+
+    # -- upkeep ------------------------------------------------------------------------------
+
+    async def _refresh_loop(self) -> None:
+        s = self.settings
+        while True:
+            await trio.sleep(s.refresh_interval)
+            for index in self.table.stale_buckets(trio.current_time(), s.refresh_interval):
+                target = self.table.random_id_in_bucket(index, self._rng)
+                with contextlib.suppress(MoshpitError):  # a refresh that fails is tried again
+                    await self.find_closest(target)
+                self.table.mark_refreshed(index, trio.current_time())
+
+    async def _republish_loop(self) -> None:
+        while True:
+            await trio.sleep(self.settings.republish_interval)
+            now = self.now()
+            for slot, record in list(self._own.items()):
+                if record.expiration <= now:
+                    del self._own[slot]
+                    continue
+                with contextlib.suppress(MoshpitError):  # the next round tries again
+                    await self._store_records([record])
+
+    async def _expire_loop(self) -> None:
+        while True:
+            await trio.sleep(60.0)
+            self.store_.expire(self.now())
+
+
+def _key_bytes(key: str | bytes | bytearray | memoryview) -> bytes:
+    if isinstance(key, str):
+        return key.encode()
+    if isinstance(key, bytes | bytearray | memoryview):
+        return bytes(key)
+    raise ConfigError(f"a DHT key is str or bytes, got {type(key).__name__}")
+
+
+def _check_id(value: bytes) -> None:
+    if len(value) != 32:
+        raise Rejected(f"a DHT id is 32 bytes, got {len(value)}")
+
+
+def _bucket_of(local: PeerID, target: bytes) -> int:
+    d = int(local) ^ int.from_bytes(target, "big")
+    return max(d.bit_length() - 1, 0)

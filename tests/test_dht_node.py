@@ -1,0 +1,267 @@
+"""The DHT node and open_peer(), on the in-memory network under the virtual clock."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import msgspec
+import pytest
+import trio
+
+from moshpit_trio.dht.node import BootstrapFailed, DHTSettings, DHTValue, LookupFailed
+from moshpit_trio.dht.records import encode_records, make_record
+from moshpit_trio.errors import ConfigError
+from moshpit_trio.identity import Identity
+from moshpit_trio.peer import Peer, open_peer
+from moshpit_trio.testing import MemoryNetwork
+from moshpit_trio.wire.connection import Request
+
+LATENCY = 0.01
+
+
+def ident(i: int) -> Identity:
+    return Identity.from_seed(i.to_bytes(32, "big"))
+
+
+@asynccontextmanager
+async def swarm(
+    net: MemoryNetwork, n: int, *, settings: DHTSettings | None = None, first: int = 0
+) -> AsyncIterator[list[Peer]]:
+    """n peers on hosts h{first}..; the first starts the swarm, the others bootstrap from it."""
+    async with AsyncExitStack() as stack:
+        peers: list[Peer] = []
+        for i in range(first, first + n):
+            boot = [peers[0].address] if peers else []
+            peers.append(
+                await stack.enter_async_context(
+                    open_peer(
+                        ident(i + 1),
+                        listen=f"h{i}:0",
+                        network=net.host(f"h{i}"),
+                        bootstrap=boot,  # type: ignore[arg-type]
+                        dht=settings,
+                    )
+                )
+            )
+        yield peers
+
+
+async def test_store_and_get_across_a_swarm(autojump_clock: Any) -> None:
+    net = MemoryNetwork(seed=1, latency=LATENCY)
+    async with swarm(net, 30) as peers:
+        stored = await peers[3].dht.store("model/version", b"v1", ttl=60)
+        assert stored >= 5
+        got = await peers[29].dht.get("model/version")
+        assert isinstance(got, DHTValue) and got.value == b"v1"
+        assert got.expiration == pytest.approx(peers[3].dht.now() + 60, abs=1)
+        # a newer write wins
+        await peers[7].dht.store("model/version", b"v2", ttl=120)
+        got = await peers[11].dht.get("model/version")
+        assert isinstance(got, DHTValue) and got.value == b"v2"
+        assert await peers[5].dht.get("never/stored") is None
+
+
+async def test_subkeys_and_owned_records(autojump_clock: Any) -> None:
+    net = MemoryNetwork(seed=2, latency=LATENCY)
+    async with swarm(net, 12) as peers:
+        key = "mp.avg/run1/0.1/5"
+        for p in peers[:4]:
+            await p.dht.store(key, str(p.id).encode(), ttl=30)
+        got = await peers[10].dht.get(key)
+        assert isinstance(got, dict)
+        assert {sk: v.value for sk, v in got.items()} == {
+            p.id.to_bytes(): str(p.id).encode() for p in peers[:4]
+        }
+        # withdrawing removes only one's own entry
+        await peers[1].dht.withdraw(key)
+        got = await peers[10].dht.get(key)
+        assert isinstance(got, dict) and peers[1].id.to_bytes() not in got and len(got) == 3
+        # nobody can write under another peer's subkey in an owned namespace
+        with pytest.raises(ConfigError, match="subkey is always your PeerID"):
+            await peers[2].dht.store(key, b"x", ttl=30, subkey=peers[0].id)
+        # ... nor past the namespace's TTL
+        with pytest.raises(ConfigError, match="over the 300 s allowed"):
+            await peers[2].dht.store(key, b"x", ttl=3600)
+
+
+async def test_records_expire(autojump_clock: Any) -> None:
+    net = MemoryNetwork(seed=3, latency=LATENCY)
+    async with swarm(net, 8) as peers:
+        await peers[1].dht.store("short", b"lived", ttl=5)
+        assert await peers[6].dht.get("short") is not None
+        await trio.sleep(6)
+        assert await peers[6].dht.get("short") is None
+
+
+async def test_client_mode_uses_the_dht_without_entering_tables(autojump_clock: Any) -> None:
+    net = MemoryNetwork(seed=4, latency=LATENCY)
+    async with swarm(net, 10) as peers:
+        assert peers[0].address is not None
+        async with open_peer(
+            ident(99), client_mode=True, network=net.host("nat"), bootstrap=[peers[0].address]
+        ) as client:
+            assert client.address is None and client.client_mode
+            await client.dht.store("from/nat", b"hello", ttl=60)
+            got = await peers[8].dht.get("from/nat")
+            assert isinstance(got, DHTValue) and got.value == b"hello"
+            assert all(client.id not in p.dht.table for p in peers)
+            # and it is still reachable over the connection it opened
+            assert await peers[0].transport.call(client.id, "dht.ping", _ping(""), timeout=5) == b""
+
+
+def _ping(sender: str) -> bytes:
+    return msgspec.msgpack.encode([sender])
+
+
+async def test_find_peer(autojump_clock: Any) -> None:
+    net = MemoryNetwork(seed=5, latency=LATENCY)
+    async with swarm(net, 25) as peers:
+        assert await peers[3].dht.find_peer(peers[21].id) == peers[21].address
+        assert await peers[3].dht.find_peer(ident(12345).peer_id) is None
+
+
+async def test_bootstrap_with_every_address_dead(autojump_clock: Any) -> None:
+    net = MemoryNetwork(seed=6, latency=LATENCY)
+    async with swarm(net, 2) as peers:
+        dead = [str(p.address) for p in peers]
+        for i in range(2):
+            net.kill(f"h{i}")
+        start = trio.current_time()
+        with pytest.raises(BootstrapFailed) as failed:
+            async with open_peer(
+                ident(50), listen="new:0", network=net.host("new"), bootstrap=dead
+            ):
+                pass
+        assert all(address in str(failed.value) for address in dead)
+        assert trio.current_time() - start <= DHTSettings().rpc_timeout
+
+
+async def test_bad_bootstrap_argument(autojump_clock: Any) -> None:
+    net = MemoryNetwork(seed=6)
+    with pytest.raises(ConfigError, match="bad bootstrap address"):
+        async with open_peer(ident(1), listen="a:0", network=net.host("a"), bootstrap=["nope"]):
+            pass
+    one_address: Any = "ws://x"
+    with pytest.raises(ConfigError, match="list of addresses"):
+        async with open_peer(ident(1), listen="a:0", network=net.host("a"), bootstrap=one_address):
+            pass
+
+
+async def test_lookup_whose_neighbourhood_is_dead_fails_by_its_deadline(
+    autojump_clock: Any,
+) -> None:
+    net = MemoryNetwork(seed=7, latency=LATENCY)
+    settings = DHTSettings(lookup_timeout=5.0)
+    async with swarm(net, 6, settings=settings) as peers:
+        for i in range(1, 6):
+            net.kill(f"h{i}")
+        start = trio.current_time()
+        with pytest.raises(LookupFailed, match="answered"):
+            await peers[0].dht.find_closest(bytes(32))
+        assert trio.current_time() - start <= settings.lookup_timeout
+
+
+async def test_frozen_nodes_are_routed_around(autojump_clock: Any) -> None:
+    net = MemoryNetwork(seed=8, latency=LATENCY)
+    async with swarm(net, 40) as peers:
+        await peers[1].dht.store("k", b"v", ttl=600)
+        for i in range(2, 40, 3):  # a third of the swarm, alive but silent
+            net.freeze(f"h{i}")
+        start = trio.current_time()
+        got = await peers[0].dht.get("k")
+        elapsed = trio.current_time() - start
+        assert isinstance(got, DHTValue) and got.value == b"v"
+        # frozen peers cost slow_after each, not rpc_timeout each in turn
+        assert elapsed < DHTSettings().rpc_timeout + 1.0
+
+
+async def test_nodes_dying_mid_lookup(autojump_clock: Any) -> None:
+    net = MemoryNetwork(seed=9, latency=LATENCY)
+    async with swarm(net, 40) as peers:
+        await peers[1].dht.store("k", b"v", ttl=600)
+        async with trio.open_nursery() as nursery:
+
+            async def kill_during() -> None:
+                await trio.sleep(LATENCY * 3)
+                for i in range(10, 20):
+                    net.kill(f"h{i}")
+
+            nursery.start_soon(kill_during)
+            got = await peers[0].dht.get("k")
+        assert isinstance(got, DHTValue) and got.value == b"v"
+
+
+async def test_partition_heals(autojump_clock: Any) -> None:
+    net = MemoryNetwork(seed=10, latency=LATENCY)
+    async with swarm(net, 20) as peers:
+        a = [f"h{i}" for i in range(10)]
+        b = [f"h{i}" for i in range(10, 20)]
+        net.partition(a, b)
+        await peers[15].dht.store("during", b"split", ttl=600)
+        net.heal()
+        await trio.sleep(1)
+        await peers[15].dht.store("during", b"split", ttl=600)  # the owner republishes
+        got = await peers[2].dht.get("during")
+        assert isinstance(got, DHTValue) and got.value == b"split"
+
+
+# -- peers that lie ------------------------------------------------------------------------
+
+
+def _lie(peer: Peer, name: str, answer: Any) -> None:
+    """Make ``peer`` answer ``name`` with ``answer(request)`` instead of the truth."""
+
+    async def handler(request: Request) -> bytes:
+        return answer(request)  # type: ignore[no-any-return]
+
+    peer.transport.registry.unregister(name)
+    peer.transport.register(name, handler)
+
+
+@pytest.mark.parametrize(
+    "lie",
+    [
+        "garbage",
+        "forged record",
+        "record for a year",
+        "ten thousand subkeys",
+        "made-up contacts",
+    ],
+)
+async def test_liars_do_not_poison_a_get(
+    autojump_clock: Any, logs: list[dict[str, Any]], lie: str
+) -> None:
+    net = MemoryNetwork(seed=11, latency=LATENCY)
+    async with swarm(net, 30) as peers:
+        key = "mp.avg/run/0/1"
+        await peers[1].dht.store(key, b"honest", ttl=60)
+        now = peers[0].dht.now()
+        stranger = ident(777)
+        if lie == "garbage":
+            answer: Any = lambda r: b"\xc1\xff\x00garbage"  # noqa: E731
+        elif lie == "forged record":
+            # claims to be peers[1]'s entry, signed by someone else
+            forged = make_record(key.encode(), b"evil", now + 60, owner=stranger)
+            forged = msgspec.structs.replace(forged, subkey=peers[1].id.to_bytes())
+            answer = lambda r: msgspec.msgpack.encode([encode_records([forged]), []])  # noqa: E731
+        elif lie == "record for a year":
+            far = make_record(key.encode(), b"forever", now + 365 * 86400, owner=stranger)
+            answer = lambda r: msgspec.msgpack.encode([encode_records([far]), []])  # noqa: E731
+        elif lie == "ten thousand subkeys":
+            many = [
+                make_record(b"other/" + str(i).encode(), b"x", now + 60, subkey=str(i).encode())
+                for i in range(10_000)
+            ]
+            answer = lambda r: msgspec.msgpack.encode([encode_records(many), []])  # noqa: E731
+        else:
+            made_up = [f"ws://nowhere{i}:1/{ident(5000 + i).peer_id}" for i in range(10_000)]
+            answer = lambda r: msgspec.msgpack.encode([encode_records([]), made_up])  # noqa: E731
+        for liar in peers[10:20]:
+            _lie(liar, "dht.find_value", answer)
+        start = trio.current_time()
+        got = await peers[25].dht.get(key)
+        assert isinstance(got, dict)
+        assert {v.value for v in got.values()} == {b"honest"}
+        assert trio.current_time() - start < DHTSettings().lookup_timeout
