@@ -35,7 +35,7 @@ class PeerID:
     True
     """
 
-    __slots__ = ("_bytes", "_hash")
+    __slots__ = ("_bytes", "_hash", "_text")
 
     def __init__(self, raw: bytes) -> None:
         if not isinstance(raw, bytes | bytearray | memoryview):
@@ -45,6 +45,7 @@ class PeerID:
             raise InvalidPeerID(f"a PeerID is 32 bytes, got {len(raw)}")
         self._bytes = raw
         self._hash = hash(raw)
+        self._text: str | None = None  # computed on first use: logs and addresses ask often
 
     @classmethod
     def from_public_key(cls, public_key: bytes) -> PeerID:
@@ -82,7 +83,10 @@ class PeerID:
         return self._bytes
 
     def __str__(self) -> str:
-        return _TEXT_PREFIX + base64.b32encode(self._bytes).decode("ascii").rstrip("=").lower()
+        if self._text is None:
+            encoded = base64.b32encode(self._bytes).decode("ascii").rstrip("=").lower()
+            self._text = _TEXT_PREFIX + encoded
+        return self._text
 
     @property
     def short(self) -> str:

@@ -7,6 +7,7 @@ handshake, that whoever answers owns that PeerID.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 
 from ..errors import InvalidPeerID, MoshpitError
@@ -40,6 +41,14 @@ class PeerAddress:
     def parse(cls, text: str) -> PeerAddress:
         if not isinstance(text, str):
             raise InvalidAddress(f"an address is a str, got {type(text).__name__}")
+        # DHT answers carry the same addresses over and over; parsing (base32 included) is
+        # pure, so remember recent results.
+        return _parse_cached(text)
+
+    @classmethod
+    def _parse(cls, text: str) -> PeerAddress:
+        if not isinstance(text, str):
+            raise InvalidAddress(f"an address is a str, got {type(text).__name__}")
         if len(text) > _MAX_ADDRESS:
             raise InvalidAddress(f"address too long ({len(text)} characters)")
         if text.startswith("wss://"):
@@ -64,6 +73,11 @@ class PeerAddress:
 
     def __str__(self) -> str:
         return f"ws://{self.hostport}/{self.peer_id}"
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_cached(text: str) -> PeerAddress:
+    return PeerAddress._parse(text)
 
 
 def _split_hostport(text: str, hostport: str) -> tuple[str, int]:
