@@ -102,6 +102,12 @@ def test_masker_in_place_for_bytearray_copy_otherwise() -> None:
     out = speedups.FastXorMasker(key).process(src)
     assert isinstance(out, bytearray)
     assert src == b"abcdefgh"
+    big = os.urandom(10_001)
+    masker = speedups.FastXorMasker(key)
+    out = masker.process(big)
+    assert type(out) is bytes  # so the decoder's bytes(payload) is free
+    assert out == ORIGINAL_MASKER(key).process(bytearray(big))
+    assert masker._masking_key == key[1:] + key[:1]
     with pytest.raises(ValueError):
         speedups.FastXorMasker(b"abc")
 
@@ -244,9 +250,11 @@ def test_frame_buffer_matches_original_buffer(
         elif op == "a":
             available = len(theirs) - theirs.bytes_used
             if n <= available:  # the one deliberate difference: no partial answers
-                assert ours.consume_at_most(n) == theirs.consume_at_most(n)
+                got = ours.consume_at_most(n)
+                assert type(got) in (bytes, bytearray)
+                assert got == theirs.consume_at_most(n)
             else:
-                assert ours.consume_at_most(n) == bytearray()
+                assert ours.consume_at_most(n) == b""
         elif op == "c":
             ours.commit()
             theirs.commit()
@@ -255,6 +263,30 @@ def test_frame_buffer_matches_original_buffer(
             theirs.rollback()
         assert len(ours) == len(theirs)
         assert ours.bytes_used == theirs.bytes_used
+
+
+def test_frame_buffer_hands_over_whole_chunks() -> None:
+    chunk = os.urandom(1000)
+    buf = speedups.FrameBuffer(b"hd")
+    buf.feed(chunk)
+    assert buf.consume_exactly(2) == b"hd"
+    buf.commit()
+    assert buf.consume_at_most(1000) is chunk
+
+
+def test_frame_buffer_gives_masked_payloads_mutable() -> None:
+    # what FrameDecoder does for a masked frame, then for an unmasked one
+    buf = speedups.FrameBuffer(b"\x82\x85" + b"KEYS" + b"hello" + b"\x82\x03" + b"bye")
+    assert buf.consume_exactly(2) == b"\x82\x85"
+    assert buf.consume_exactly(4) == b"KEYS"
+    buf.commit()
+    payload = buf.consume_at_most(5)
+    assert type(payload) is bytearray and payload == b"hello"
+    buf.commit()
+    assert buf.consume_exactly(2) == b"\x82\x03"
+    buf.commit()
+    payload = buf.consume_at_most(3)
+    assert type(payload) is bytes and payload == b"bye"
 
 
 def test_frame_buffer_snapshots_mutable_input() -> None:

@@ -140,10 +140,11 @@ class FastXorMasker:
     the key is rotated by ``len(data) % 4`` after each call exactly as the original does, so a
     frame masked or unmasked in several pieces comes out the same as in one.
 
-    One deliberate difference: given a ``bytearray``, ``process`` masks it *in place* and returns
-    that same object instead of a masked copy. Both wsproto call sites pass a bytearray they have
-    just created and never look at again, so this only saves a copy; any other input (bytes,
-    memoryview) is copied first, as before.
+    Deliberate differences in what comes back (never in its bytes): given a ``bytearray``,
+    ``process`` masks it *in place* and returns that same object instead of a masked copy (both
+    wsproto call sites pass a bytearray they have just created and never look at again); given
+    immutable ``bytes`` (what :class:`FrameBuffer` hands the decoder) it returns new ``bytes``,
+    written in one pass, so the decoder's ``bytes(payload)`` that follows copies nothing.
     """
 
     __slots__ = ("_masking_key",)
@@ -153,15 +154,19 @@ class FastXorMasker:
             raise ValueError(f"a websocket masking key is 4 bytes, got {len(masking_key)}")
         self._masking_key = bytes(masking_key)
 
-    def process(self, data: bytes | bytearray | memoryview) -> bytearray:
-        buf = data if type(data) is bytearray else bytearray(data)
-        n = len(buf)
-        if n:
-            key = self._masking_key
-            xor_mask(buf, key)
-            rotation = n % 4
-            if rotation:
-                self._masking_key = key[rotation:] + key[:rotation]
+    def process(self, data: bytes | bytearray | memoryview) -> bytes | bytearray:
+        key = self._masking_key
+        n = len(data)
+        rotation = n % 4
+        if rotation:
+            self._masking_key = key[rotation:] + key[:rotation]
+        if type(data) is bytearray:
+            xor_mask(data, key)
+            return data
+        if n >= _SMALL and type(data) is bytes:
+            return b"".join(masked_copy(data, key))
+        buf = bytearray(data)
+        xor_mask(buf, key)
         return buf
 
 
@@ -174,20 +179,32 @@ class FrameBuffer:
     wrapped, queued, and finally joined by trio-websocket: four copies of every byte plus
     Python work per piece. This buffer
 
-    * keeps the received ``bytes`` objects as they are (``feed`` copies nothing), and
+    * keeps the received ``bytes`` objects as they are (``feed`` copies nothing),
     * answers ``consume_at_most(n)`` for ``0 < n <= WHOLE_FRAME_LIMIT`` with nothing until all
-      ``n`` bytes are there, so the decoder waits and then emits the frame in one event: one
-      copy out of the buffer, no join.
+      ``n`` bytes are there, so the decoder waits and then emits the frame in one event (no
+      partial events, no join), and
+    * hands out an unmasked payload as ``bytes`` (one copy, or none when a received chunk is
+      exactly the payload). The original hands out a ``bytearray`` that the decoder then copies
+      with ``bytes(...)``; for ``bytes`` that call, the decoder's ``payload += b""`` and
+      trio-websocket's one-part join all return the object itself. So a server-to-client
+      payload is copied once on its way from the socket to ``get_message()``.
+    * hands out a masked payload as a ``bytearray``, which :class:`FastXorMasker` unmasks in
+      place (cheaper than unmasking ``bytes`` into a new buffer; then ``bytes(...)`` copies it
+      once more). "Masked" is recognised by the decoder's 4-byte ``consume_exactly`` (the
+      masking key; extended lengths are 2 or 8 bytes) since the last frame header began; were
+      that guess ever wrong, only the speed would change: the decoder and both maskers accept
+      either type.
 
     For larger requests it returns what is there, like the original, so a peer announcing a
     huge frame still runs into trio-websocket's ``max_message_size`` as the bytes arrive; what
     this buffer holds back is bounded by ``WHOLE_FRAME_LIMIT`` (plus one read).
     """
 
-    __slots__ = ("_chunks", "_offset", "_size", "bytes_used")
+    __slots__ = ("_chunks", "_masked", "_offset", "_size", "bytes_used")
 
     def __init__(self, initial_bytes: bytes | None = None) -> None:
         self._chunks: deque[bytes] = deque()
+        self._masked = False  # the current frame's header carried a masking key
         self._offset = 0  # committed bytes already dropped from the front of _chunks[0]
         self._size = 0  # bytes held, from _offset on (consumed-but-uncommitted included)
         self.bytes_used = 0  # consumed but not yet committed
@@ -203,8 +220,10 @@ class FrameBuffer:
         self._chunks.append(chunk)
         self._size += len(chunk)
 
-    def _gather(self, start: int, nbytes: int) -> bytearray:
-        """A copy of ``nbytes`` held bytes from position ``start`` (relative to the front)."""
+    def _gather(self, start: int, nbytes: int, mutable: bool = False) -> bytes | bytearray:
+        """``nbytes`` held bytes from position ``start`` (relative to the front): a copy in a new
+        ``bytearray`` if ``mutable``, else ``bytes`` (a received chunk itself when it is exactly
+        that, else one copy)."""
         pos = self._offset + start
         pieces: list[memoryview] = []
         for chunk in self._chunks:
@@ -217,29 +236,37 @@ class FrameBuffer:
             pos = 0
             if not nbytes:
                 break
+        if mutable:
+            return bytearray(pieces[0]) if len(pieces) == 1 else bytearray().join(pieces)
         if len(pieces) == 1:
-            return bytearray(pieces[0])
-        return bytearray().join(pieces)
+            piece = pieces[0]
+            whole: bytes = piece.obj  # type: ignore[assignment]  # feed() stores only bytes
+            return whole if len(piece) == len(whole) else bytes(piece)
+        return b"".join(pieces)
 
-    def consume_at_most(self, nbytes: int) -> bytearray:
+    def consume_at_most(self, nbytes: int) -> bytes | bytearray:
         available = self._size - self.bytes_used
         if nbytes > available:
             if nbytes <= WHOLE_FRAME_LIMIT:
-                return bytearray()  # wait for the rest of the frame
+                return b""  # wait for the rest of the frame
             nbytes = available
         if nbytes <= 0:
-            return bytearray()
-        data = self._gather(self.bytes_used, nbytes)
+            return b""
+        data = self._gather(self.bytes_used, nbytes, self._masked)
         self.bytes_used += nbytes
         return data
 
-    def consume_exactly(self, nbytes: int) -> bytearray | None:
+    def consume_exactly(self, nbytes: int) -> bytes | bytearray | None:
         if self._size - self.bytes_used < nbytes:
             return None
         if nbytes <= 0:
-            return bytearray()
+            return b""
         data = self._gather(self.bytes_used, nbytes)
         self.bytes_used += nbytes
+        if nbytes == 4:
+            self._masked = True  # a masking key: the payload that follows is masked
+        elif nbytes == 2 and self.bytes_used == 2:
+            self._masked = False  # the first two bytes of a frame header
         return data
 
     def commit(self) -> None:
