@@ -9,10 +9,11 @@ from typing import Any
 import msgspec
 import pytest
 import trio
+import trio.testing
 
 from moshpit_trio.dht.node import BootstrapFailed, DHTSettings, DHTValue, LookupFailed
 from moshpit_trio.dht.records import encode_records, make_record
-from moshpit_trio.errors import ConfigError
+from moshpit_trio.errors import ConfigError, Unreachable
 from moshpit_trio.identity import Identity
 from moshpit_trio.peer import Peer, open_peer
 from moshpit_trio.testing import MemoryNetwork
@@ -265,3 +266,68 @@ async def test_liars_do_not_poison_a_get(
         assert isinstance(got, dict)
         assert {v.value for v in got.values()} == {b"honest"}
         assert trio.current_time() - start < DHTSettings().lookup_timeout
+
+
+async def test_a_peer_that_leaves_shuts_down_cleanly(autojump_clock: Any) -> None:
+    net = MemoryNetwork(seed=12, latency=LATENCY)
+    async with swarm(net, 10) as peers:
+        leaving_address = None
+        async with open_peer(
+            ident(60), listen="x:0", network=net.host("x"), bootstrap=[peers[0].address]
+        ) as leaving:
+            leaving_address = leaving.address
+            await leaving.dht.store("left/behind", b"still here", ttl=600)
+            assert leaving.transport.connections()
+        # every connection it had is closed on both ends, and nothing of it still runs
+        await trio.testing.wait_all_tasks_blocked()
+        assert all(
+            c.remote_peer_id != ident(60).peer_id for p in peers for c in p.transport.connections()
+        )
+        assert net.stats()["x"].bytes_sent > 0
+        # its records outlive it on the replicas, and dialing it now fails at once
+        got = await peers[5].dht.get("left/behind")
+        assert isinstance(got, DHTValue) and got.value == b"still here"
+        start = trio.current_time()
+        with pytest.raises(Unreachable):
+            await peers[5].transport.call(leaving_address, "dht.ping", _ping(""), timeout=5)  # type: ignore[arg-type]
+        assert trio.current_time() - start == pytest.approx(2 * LATENCY)
+
+
+async def test_owners_republish_their_records(autojump_clock: Any) -> None:
+    net = MemoryNetwork(seed=13, latency=LATENCY)
+    settings = DHTSettings(republish_interval=30.0)
+    async with swarm(net, 16, settings=settings) as peers:
+        await peers[0].dht.store("kept/alive", b"by its owner", ttl=3600)
+        # every other peer that may hold a replica dies; fresh peers take their place
+        for i in range(1, 16):
+            net.kill(f"h{i}")
+        async with swarm(net, 8, settings=settings, first=100) as fresh:
+            assert fresh[0].address is not None
+            await peers[0].dht.bootstrap([fresh[0].address])
+            await trio.sleep(31)  # one republish interval
+            holders = [p for p in fresh if p.dht.store_.get(_kid("kept/alive"), p.dht.now())]
+            assert holders, "the owner's republish put the record on the new peers"
+            got = await fresh[5].dht.get("kept/alive")
+            assert isinstance(got, DHTValue) and got.value == b"by its owner"
+
+
+def _kid(key: str) -> bytes:
+    from moshpit_trio.dht.records import key_id
+
+    return key_id(key.encode())
+
+
+async def test_bucket_refresh_learns_about_newcomers(autojump_clock: Any) -> None:
+    net = MemoryNetwork(seed=14, latency=LATENCY)
+    settings = DHTSettings(refresh_interval=60.0)
+    async with (
+        swarm(net, 3, settings=settings) as old,
+        swarm(net, 12, settings=settings, first=50) as new,
+    ):
+        assert new[0].address is not None
+        # one old peer meets one new peer; nobody else introduces the two groups
+        await old[1].dht.bootstrap([new[0].address])
+        known_before = len(old[2].dht.table)
+        await trio.sleep(settings.refresh_interval + 1)
+        assert len(old[2].dht.table) > known_before
+        assert any(p.id in old[2].dht.table for p in new[1:])
