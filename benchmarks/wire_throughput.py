@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import dataclasses
 import json
 import math
 import os
@@ -127,6 +128,8 @@ def _payloads(sizes: list[int]) -> list[bytes]:
 
 def _apply(arm: ArmSpec) -> None:
     os.environ.pop("MOSHPIT_NO_SPEEDUPS", None)
+    if arm.kind == "auth":  # the transport reads it when it wraps each connection
+        speedups.RECEIVE_BUFFER_SIZE = arm.receive_buffer  # type: ignore[misc]
     if arm.masker or arm.frames or arm.buffer or arm.malloc:
         speedups.install(masker=arm.masker, frames=arm.frames, buffer=arm.buffer, malloc=arm.malloc)
 
@@ -700,6 +703,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per direction")
     parser.add_argument("--arms", default=DEFAULT_ARMS, help=f"choose from {', '.join(ARMS)}")
     parser.add_argument("--directions", default="up,down", help="up (dialer->listener), down")
+    parser.add_argument(
+        "--receive-kib",
+        type=int,
+        help=f"receive size for the arms that use RECEIVE_BUFFER_SIZE ({_BIG // 1024} KiB)",
+    )
     parser.add_argument("--calls-seconds", type=float, default=2.0, help="RPC timing (auth arm)")
     parser.add_argument("--timeout", type=float, default=100.0, help="per-arm limit (s)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -724,9 +732,12 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     results: dict[str, dict[str, Any]] = {}
     for name in names:
+        arm = ARMS[name]
+        if args.receive_kib and arm.receive_buffer == _BIG:
+            arm = dataclasses.replace(arm, receive_buffer=args.receive_kib * 1024)
         try:
             results[name] = run_arm(
-                ARMS[name],
+                arm,
                 size=size,
                 chunk=chunk,
                 repeat=args.repeat,

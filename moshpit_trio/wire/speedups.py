@@ -1,35 +1,42 @@
 """Make trio-websocket + wsproto move multi-megabyte messages at memory speed.
 
-Out of the box a 4 MiB binary message over trio-websocket costs far more CPU than the bytes are
-worth; ``benchmarks/wire_throughput.py`` measures it and the numbers are in its docstring. Where
-the time goes, and what this module does about each (without forking either library):
+Out of the box a 4 MiB binary message through wsproto costs 10-30 ms of CPU when a websocket
+client sends it (masked) and 2-10 ms the other way, before the socket is even touched;
+``benchmarks/wire_throughput.py`` measures whole connections between two processes. Where the
+time goes, and what :func:`install` does about each, without forking either library (CPU per
+4 MiB message inside wsproto, stock -> installed, on the project's 2-core VM):
 
-* **Masking.** Every client-to-server frame is XOR-masked (RFC 6455 section 5.3). wsproto masks in
-  pure Python with eight strided slice/translate passes plus a defensive copy: about 7 ms per
-  4 MiB, which alone caps the client-to-server direction near 550 MB/s and the receiving server
-  likewise. :func:`install` replaces ``wsproto.frame_protocol.XorMaskerSimple`` (a module
-  attribute, looked up by name each time wsproto needs a masker) with :class:`FastXorMasker`,
-  which XORs eight bytes at a time with numpy *in place*: about 0.1 ms per 4 MiB. Output is
-  byte-identical, including the key rotation that continues a mask across the partial frames the
-  decoder produces (``tests/test_speedups.py`` checks this against the original, with hypothesis).
-* **Allocator.** Each message is copied a few times inside wsproto and trio-websocket, and every
-  copy is a fresh multi-megabyte allocation. glibc serves those with ``mmap`` and gives them back
-  with ``munmap`` (or trims the heap top), so every copy of every message page-faults its pages in
-  again, zero-filled by the kernel. :func:`install` raises ``M_MMAP_THRESHOLD`` and
-  ``M_TRIM_THRESHOLD`` through ``mallopt`` so such blocks come from, and go back to, the heap.
-  No-op where the C library is not glibc.
-* **Receive buffer.** trio-websocket reads the socket 4 KiB at a time by default
-  (``RECEIVE_BYTES``), and wsproto turns every read into a partial-frame event that is copied,
-  unmasked, wrapped and queued, and at the end joined: thousands of Python-level round trips per
-  message. Pass :data:`RECEIVE_BUFFER_SIZE` as ``receive_buffer_size`` to trio-websocket's
-  ``wrap_client_stream`` / ``wrap_server_stream`` / ``open_websocket`` / ``serve_websocket``.
-* **Chunk size.** :data:`RECOMMENDED_CHUNK` is the payload size per message that measured best:
-  big enough that per-message costs (signing, hashing setup, event dispatch, a credit round trip)
-  vanish, small enough that the copies stay cache- and heap-friendly and a stream's window stays
-  a few messages deep.
+* **Masking** (client-to-server frames, RFC 6455 section 5.3). wsproto masks in pure Python with
+  eight strided slice/translate passes plus copies: about 7 ms per 4 MiB each way.
+  ``wsproto.frame_protocol.XorMaskerSimple`` becomes :class:`FastXorMasker`, which XORs eight
+  bytes at a time with numpy, in place: about 0.1 ms. Byte-identical, including the key rotation
+  that continues a mask across partial frames.
+* **Copies on send.** ``FrameProtocol._serialize_frame`` copies the payload five times
+  (``bytearray`` conversions, concatenations) and ``Connection.send`` once more to get ``bytes``.
+  :func:`_serialize_frame` writes the same frame as one ``bytes`` with one copy (unmasked) or
+  one XOR pass plus one copy (masked); wsproto and trio-websocket pass exact ``bytes`` on to
+  ``send_all`` untouched. Send: masked 11-15 ms -> 0.8 ms, unmasked 1.9 ms -> 0.5 ms.
+* **Copies and events on receive.** ``Buffer`` copies every read into one growing bytearray and
+  slices copies out; the decoder emits every partial frame as an event, which trio-websocket
+  collects and joins. :class:`FrameBuffer` keeps reads as they are, holds a frame (up to
+  ``WHOLE_FRAME_LIMIT``) until it is complete and hands it out in one piece, as ``bytes`` when
+  unmasked so nothing downstream copies it again. Receive, 256 KiB reads: masked 12 ms ->
+  1.1 ms, unmasked 1.8 ms -> 0.6 ms.
+* **Receive size.** trio-websocket reads 4 KiB at a time by default: a thousand reads and, in
+  stock wsproto, a thousand partial-frame events per 4 MiB message (29 ms masked, 10 ms
+  unmasked). Pass :data:`RECEIVE_BUFFER_SIZE` as ``receive_buffer_size``.
+* **Allocator.** Every copy is a fresh multi-megabyte block; glibc serves those with ``mmap`` and
+  returns them with ``munmap`` (or trims the heap top), so every copy page-faults its pages in
+  again, zero-filled by the kernel (on this VM a fresh 4 MiB copy costs 5-10x a reused one, and
+  raw TCP itself ran at 1.1-1.8 GB/s untuned against 2-3.3 GB/s tuned). :func:`tune_malloc` sets
+  ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` with ``mallopt`` so such blocks stay on the heap.
+  No-op off glibc.
 
-Everything here is process-global and idempotent; call :func:`install` once at start-up, before
-connections are opened (masker objects already created keep the class they were created with).
+The three wsproto patches are module/class attributes replaced by :func:`install` only on the
+wsproto versions they were written against (``_WSPROTO_TESTED``) and put back by
+:func:`uninstall`; ``tests/test_speedups.py`` checks each against the original (hypothesis).
+Everything here is process-global and idempotent: call :func:`install` once at start-up, before
+connections are opened. ``MOSHPIT_NO_SPEEDUPS=1`` turns it into a no-op.
 """
 
 from __future__ import annotations
@@ -47,20 +54,26 @@ import numpy as np
 __all__ = [
     "RECEIVE_BUFFER_SIZE",
     "RECOMMENDED_CHUNK",
+    "WHOLE_FRAME_LIMIT",
     "FastXorMasker",
+    "FrameBuffer",
     "SpeedupReport",
     "install",
     "installed",
+    "masked_copy",
     "tune_malloc",
     "uninstall",
     "xor_mask",
 ]
 
 #: ``receive_buffer_size`` to give trio-websocket: how much one ``receive_some`` may return.
-#: Matches the kernel socket buffers ``TcpNetwork`` asks for, so one read can drain them.
+#: Matches the kernel socket buffers ``TcpNetwork`` asks for, so one read can drain them. With
+#: :class:`FrameBuffer` the size matters little above 256 KiB (a frame is one event whatever the
+#: reads); below that the per-read Python work shows (4 KiB reads: 3.4 ms per 4 MiB masked).
 RECEIVE_BUFFER_SIZE: Final = 4 * 1024 * 1024
 
-#: Payload bytes per stream message that measured best (see ``benchmarks/wire_throughput.py``).
+#: Payload bytes per stream message that measured best (see ``benchmarks/wire_throughput.py``):
+#: per-message costs (event dispatch, signing, a credit round trip) fade out by 1-4 MiB.
 RECOMMENDED_CHUNK: Final = 4 * 1024 * 1024
 
 #: The mallopt thresholds :func:`tune_malloc` sets. glibc caps ``M_MMAP_THRESHOLD`` at
