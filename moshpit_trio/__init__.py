@@ -13,10 +13,11 @@ from .errors import (
     ProtocolError,
     Rejected,
     RemoteError,
-    Unreachable,
     UnknownHandler,
+    Unreachable,
 )
 from .identity import Identity, PeerID
+from .peer import Peer, open_peer
 
 __version__ = "0.1.0"
 
@@ -29,6 +30,7 @@ __all__ = [
     "IdentityError",
     "InvalidPeerID",
     "MoshpitError",
+    "Peer",
     "PeerID",
     "ProtocolError",
     "Rejected",
@@ -36,4 +38,5 @@ __all__ = [
     "UnknownHandler",
     "Unreachable",
     "__version__",
+    "open_peer",
 ]

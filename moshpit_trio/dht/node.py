@@ -373,7 +373,7 @@ class DHTNode:
                 f"none of the {lookup.queried} peers asked about {target[:6].hex()}… answered"
             )
         if closest:
-            self.table.mark_refreshed(_bucket_of(self.id, target), trio.current_time())
+            self.table.note_lookup(target, trio.current_time())
         return closest
 
     def _apply(
@@ -668,8 +668,3 @@ def _key_bytes(key: str | bytes | bytearray | memoryview) -> bytes:
 def _check_id(value: bytes) -> None:
     if len(value) != 32:
         raise Rejected(f"a DHT id is 32 bytes, got {len(value)}")
-
-
-def _bucket_of(local: PeerID, target: bytes) -> int:
-    d = int(local) ^ int.from_bytes(target, "big")
-    return max(d.bit_length() - 1, 0)
