@@ -174,7 +174,7 @@ async def test_closing_the_transport_ends_the_calls_of_its_peers(
 async def test_listening_on_a_taken_port_is_a_clear_error(identities: list[Identity]) -> None:
     async with open_transport(identities[0]) as a:
         assert a.address is not None
-        with pytest.raises(ConfigError, match="cannot listen on 127.0.0.1"):
+        with pytest.raises(ConfigError, match=r"cannot listen on 127\.0\.0\.1"):
             async with open_transport(identities[1], listen=f"127.0.0.1:{a.address.port}"):
                 pass
 
