@@ -1,0 +1,1 @@
+"""Moshpit All-Reduce: group keys, partitions, reduction, compression, matchmaking, all-reduce."""
