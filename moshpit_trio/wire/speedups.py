@@ -100,8 +100,12 @@ _M_MMAP_THRESHOLD: Final = -3
 _HEADER16: Final = struct.Struct("!BBH")
 _HEADER64: Final = struct.Struct("!BBQ")
 
-#: :class:`FrameBuffer` holds back frames up to this size until they are complete.
-WHOLE_FRAME_LIMIT: Final = 16 * 1024 * 1024
+#: :class:`FrameBuffer` holds back frames up to this size until they are complete; larger ones
+#: are handed on in pieces as they arrive, as stock wsproto does (correct, only slower). Just
+#: above the largest envelope (4 MiB payload + header), so what a hostile peer can make a
+#: connection hold before trio-websocket's ``max_message_size`` check sees it stays about what
+#: that check allows anyway.
+WHOLE_FRAME_LIMIT: Final = 4 * 1024 * 1024 + 64 * 1024
 
 # Below this many bytes numpy's per-call overhead costs more than Python's big-int XOR.
 _SMALL: Final = 512
@@ -155,9 +159,10 @@ class FastXorMasker:
 
     Deliberate differences in what comes back (never in its bytes): given a ``bytearray``,
     ``process`` masks it *in place* and returns that same object instead of a masked copy (both
-    wsproto call sites pass a bytearray they have just created and never look at again); given
-    immutable ``bytes`` (what :class:`FrameBuffer` hands the decoder) it returns new ``bytes``,
-    written in one pass, so the decoder's ``bytes(payload)`` that follows copies nothing.
+    wsproto call sites pass a bytearray they have just created and never look at again, and
+    :class:`FrameBuffer` hands masked payloads out as bytearrays for this); given ``bytes`` of
+    512 bytes or more it returns new ``bytes``, so the decoder's ``bytes(payload)`` that follows
+    copies nothing.
     """
 
     __slots__ = ("_masking_key",)
