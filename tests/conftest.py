@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from typing import Any
+
 import pytest
 import structlog
 
@@ -13,7 +17,16 @@ def identities() -> list[Identity]:
 
 
 @pytest.fixture
-def logs() -> object:
-    """Structlog events emitted during the test, as dicts."""
-    with structlog.testing.capture_logs() as captured:
-        yield captured
+def logs() -> Iterator[list[dict[str, Any]]]:
+    """Structlog events of every level emitted during the test, as dicts.
+
+    Whatever level an earlier test (or the library's quiet default) configured, capture all of
+    them here: tests assert on info lines too.
+    """
+    saved = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+    try:
+        with structlog.testing.capture_logs() as captured:
+            yield captured
+    finally:
+        structlog.configure(**saved)
