@@ -1,0 +1,275 @@
+"""What reducer ``j`` does with span ``j`` of one round: collect, check, average (sans-IO).
+
+Every member of the group sends its part of span ``j`` to reducer ``j`` in chunks (decoded to
+float32 by the caller). :class:`SpanAccumulator` keeps each sender's chunks in a buffer of its
+own, and a sender only counts once its whole part has arrived and passed every check: a sender
+that stops half-way, or sends anything wrong, is left out of the average entirely, never half
+in (MOSHPIT.md §1, "Failures inside a group"). The average is rescaled over the senders that
+qualified, and :meth:`SpanAccumulator.finalize` says which ones those were, so the round report
+can tell every member exactly what its span ``j`` contains.
+
+Checks, each with the tag a :class:`BadContribution` carries:
+
+``"sender"``     the sender index is not a member of the group (nobody is excluded)
+``"offset"``     the chunk starts outside the span
+``"length"``     the chunk runs past the span's end, or is not a flat vector
+``"duplicate"``  the chunk repeats elements the sender already delivered
+``"nonfinite"``  NaN or ±Inf in the chunk
+``"weight"``     the weight is not finite and positive, or differs from the sender's first chunk
+``"norm"``       the L2 norm of the sender's whole part is over ``max_norm``
+``"late"``       a chunk arrived after :meth:`SpanAccumulator.finalize` (nobody is excluded)
+
+A sender that fails a check (all but ``"sender"`` and ``"late"``) is excluded, as if it had
+failed, and later chunks from it are dropped without another error.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import operator
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ..errors import ConfigError, ProtocolError
+
+__all__ = ["BadContribution", "SpanAccumulator"]
+
+FloatArray = npt.NDArray[np.float32]
+
+# finalize() works through the span in blocks this long, so the float64 partial sums stay in
+# cache instead of streaming a float64 array of the whole span through memory once per sender.
+_BLOCK = 1 << 17
+
+
+class BadContribution(ProtocolError):
+    """A sender's contribution to a span failed a check; ``reason`` is the tag (see the module
+    docstring) and ``sender`` the sender's index in the group, when known.
+
+    Unlike other :class:`ProtocolError` s it does not mean a connection must be closed: the
+    sender is left out of this round's average and reported.
+    """
+
+    def __init__(self, reason: str, detail: str = "", *, sender: int | None = None) -> None:
+        super().__init__(reason, detail)
+        self.sender = sender
+
+
+class _Part:
+    """One sender's part of the span while it arrives."""
+
+    __slots__ = ("buffer", "delivered", "ends", "starts", "sumsq", "weight")
+
+    def __init__(self) -> None:
+        self.buffer: FloatArray | None = None
+        self.weight: float | None = None
+        # Disjoint, sorted, non-adjacent [start, end) runs delivered so far (adjacent runs are
+        # merged, so chunks sent in order keep this at one run).
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+        self.delivered = 0
+        self.sumsq = 0.0
+
+    def cover(self, start: int, end: int) -> bool:
+        """Record ``[start, end)`` as delivered; False (and nothing recorded) on any overlap."""
+        i = bisect.bisect_right(self.starts, start)
+        if i > 0 and self.ends[i - 1] > start:
+            return False
+        if i < len(self.starts) and self.starts[i] < end:
+            return False
+        merge_left = i > 0 and self.ends[i - 1] == start
+        merge_right = i < len(self.starts) and self.starts[i] == end
+        if merge_left and merge_right:
+            self.ends[i - 1] = self.ends[i]
+            del self.starts[i], self.ends[i]
+        elif merge_left:
+            self.ends[i - 1] = end
+        elif merge_right:
+            self.starts[i] = start
+        else:
+            self.starts.insert(i, start)
+            self.ends.insert(i, end)
+        self.delivered += end - start
+        return True
+
+
+class SpanAccumulator:
+    """Reducer ``j``'s state for span ``j`` of one round: what each sender delivered, and the
+    average.
+
+    ``length`` is the span's length, ``senders`` the group's size (senders are indexed
+    ``0 .. senders - 1``, the group's member order); ``max_norm`` optionally bounds the L2 norm of
+    each sender's part.
+
+    Memory: one float32 buffer of ``length`` per sender, allocated at its first chunk and freed
+    when it is excluded or the span is finalized; each chunk is copied once, into that buffer.
+    """
+
+    def __init__(self, length: int, senders: int, *, max_norm: float | None = None) -> None:
+        length, senders = operator.index(length), operator.index(senders)
+        if length < 0:
+            raise ConfigError(f"a span's length cannot be negative ({length})")
+        if senders < 1:
+            raise ConfigError("a span needs at least one sender")
+        if max_norm is not None and not (math.isfinite(max_norm) and max_norm > 0):
+            raise ConfigError(f"max_norm must be positive and finite, not {max_norm!r}")
+        self.length = length
+        self.senders = senders
+        self.max_norm = max_norm
+        self._parts: list[_Part | None] = [_Part() for _ in range(senders)]
+        self._excluded: dict[int, str] = {}
+        self._finalized = False
+
+    @property
+    def excluded(self) -> dict[int, str]:
+        """Excluded senders and why (the tag of the first failed check, or exclude()'s reason)."""
+        return dict(self._excluded)
+
+    @property
+    def finalized(self) -> bool:
+        return self._finalized
+
+    def delivered(self, sender: int) -> int:
+        """How many elements of its part ``sender`` has delivered (0 once excluded)."""
+        part = self._parts[self._index(sender)]
+        return 0 if part is None else part.delivered
+
+    def complete(self, sender: int) -> bool:
+        """True once ``sender`` delivered its whole part and passed every check."""
+        part = self._parts[self._index(sender)]
+        return part is not None and part.weight is not None and part.delivered == self.length
+
+    def add(self, sender: int, offset: int, values: Any, weight: float) -> None:
+        """One decoded chunk of ``sender``'s part, placed at ``offset`` within the span.
+
+        ``values`` is a flat float array (a read-only view of received bytes is fine: it is
+        copied once, into the sender's buffer). Raises :class:`BadContribution` if a check fails,
+        after excluding the sender; chunks from an already excluded sender are dropped silently.
+        """
+        if self._finalized:
+            raise BadContribution("late", "the span was already averaged", sender=sender)
+        try:
+            sender = operator.index(sender)
+        except TypeError:
+            raise BadContribution("sender", f"not a sender index: {sender!r}") from None
+        if not 0 <= sender < self.senders:
+            raise BadContribution(
+                "sender", f"{sender} is not in a group of {self.senders}", sender=sender
+            )
+        part = self._parts[sender]
+        if part is None:
+            return
+        try:
+            self._add(part, sender, offset, values, weight)
+        except BadContribution as error:
+            self._drop(sender, error.reason)
+            raise
+
+    def _add(self, part: _Part, sender: int, offset: int, values: Any, weight: float) -> None:
+        def bad(reason: str, detail: str) -> BadContribution:
+            return BadContribution(reason, f"sender {sender}: {detail}", sender=sender)
+
+        try:
+            offset = operator.index(offset)
+        except TypeError:
+            raise bad("offset", f"offset {offset!r} is not an integer") from None
+        if not 0 <= offset <= self.length:
+            raise bad("offset", f"chunk at {offset} is outside a span of {self.length}")
+        values = np.asarray(values)
+        if values.ndim != 1 or values.dtype.kind != "f":
+            raise bad("length", f"a chunk must be a flat float vector, not {values.shape}")
+        end = offset + values.shape[0]
+        if end > self.length:
+            raise bad("length", f"chunk [{offset}, {end}) runs past a span of {self.length}")
+        try:
+            weight = float(weight)
+        except (TypeError, ValueError):
+            raise bad("weight", f"weight {weight!r} is not a number") from None
+        if not (math.isfinite(weight) and weight > 0):
+            raise bad("weight", f"weight {weight!r} is not positive and finite")
+        if part.weight is not None and weight != part.weight:
+            raise bad("weight", f"weight {weight!r} changed from {part.weight!r}")
+        # One pass gives both checks: the float32 dot product of finite values is finite unless
+        # it overflows (|values| ~ 1e19), and is NaN/Inf whenever a value is; the slow path
+        # tells the two apart and gets an exact sum of squares in float64.
+        with np.errstate(over="ignore", invalid="ignore"):
+            sumsq = float(np.dot(values, values)) if values.shape[0] else 0.0
+        if not math.isfinite(sumsq):
+            if not np.isfinite(values).all():
+                raise bad("nonfinite", f"NaN or Inf in chunk [{offset}, {end})")
+            sumsq = float(np.dot(values.astype(np.float64), values.astype(np.float64)))
+        if end > offset and not part.cover(offset, end):
+            raise bad("duplicate", f"chunk [{offset}, {end}) repeats delivered elements")
+        part.weight = weight
+        if part.buffer is None:
+            part.buffer = np.empty(self.length, dtype=np.float32)
+        part.buffer[offset:end] = values
+        part.sumsq += sumsq
+        if part.delivered == self.length and self.max_norm is not None:
+            norm = math.sqrt(part.sumsq)
+            if norm > self.max_norm:
+                raise bad("norm", f"L2 norm {norm:.6g} is over the bound {self.max_norm:.6g}")
+
+    def exclude(self, sender: int, reason: str) -> None:
+        """Leave ``sender`` out of the average (it failed, timed out, or misbehaved elsewhere):
+        whatever it delivered is dropped. The first reason given is the one kept."""
+        self._drop(self._index(sender), reason)
+
+    def _drop(self, sender: int, reason: str) -> None:
+        self._parts[sender] = None
+        self._excluded.setdefault(sender, reason)
+
+    def _index(self, sender: int) -> int:
+        sender = operator.index(sender)
+        if not 0 <= sender < self.senders:
+            raise ConfigError(f"sender {sender} is not in a group of {self.senders}")
+        return sender
+
+    def finalize(self) -> tuple[FloatArray, list[int]]:
+        """The weighted average of the span over the senders that delivered their whole part and
+        passed every check (weights rescaled over them), and those senders, sorted.
+
+        Senders still incomplete are left out (their buffers are dropped; :attr:`excluded` does
+        not list them, the caller knows who timed out). ValueError if nobody qualifies: the
+        caller keeps its local values for the span. The accumulator is closed afterwards.
+
+        The sum runs in float64 in sender order, so the result does not depend on the order in
+        which chunks arrived, and the average of identical parts is exactly that part.
+        """
+        if self._finalized:
+            raise ConfigError("finalize() was already called for this span")
+        self._finalized = True
+        included = [s for s in range(self.senders) if self.complete(s)]
+        buffers: list[FloatArray] = []
+        weights: list[float] = []
+        for s in included:
+            part = self._parts[s]
+            assert part is not None and part.buffer is not None and part.weight is not None
+            buffers.append(part.buffer)
+            weights.append(part.weight)
+        self._parts = [None] * self.senders
+        if not included:
+            raise ValueError("no sender delivered its whole part of the span")
+        # Scale by the largest weight first so that the sum of weights cannot overflow.
+        top = max(weights)
+        scaled = [w / top for w in weights]
+        total = math.fsum(scaled)
+        coefficients = [w / total for w in scaled]
+        result = np.empty(self.length, dtype=np.float32)
+        if len(buffers) == 1:
+            result[:] = buffers[0]
+            return result, included
+        acc = np.empty(min(_BLOCK, self.length), dtype=np.float64)
+        tmp = np.empty_like(acc)
+        for start in range(0, self.length, _BLOCK):
+            stop = min(start + _BLOCK, self.length)
+            a, t = acc[: stop - start], tmp[: stop - start]
+            # dtype=float64: a Python float times a float32 array is computed in float32.
+            np.multiply(buffers[0][start:stop], coefficients[0], out=a, dtype=np.float64)
+            for buffer, c in zip(buffers[1:], coefficients[1:], strict=True):
+                np.multiply(buffer[start:stop], c, out=t, dtype=np.float64)
+                a += t
+            result[start:stop] = a
+        return result, included

@@ -1,0 +1,282 @@
+"""SpanAccumulator: the weighted average, all-or-nothing senders, every check with its tag, and
+independence from the order chunks arrive in."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moshpit_trio.averaging.partition import chunk_ranges
+from moshpit_trio.averaging.reducer import BadContribution, SpanAccumulator
+from moshpit_trio.errors import ConfigError, ProtocolError
+
+rng = np.random.default_rng(11)
+
+
+def parts(senders: int, length: int) -> list[np.ndarray]:
+    return [rng.standard_normal(length).astype(np.float32) for _ in range(senders)]
+
+
+def deliver(
+    acc: SpanAccumulator, sender: int, part: np.ndarray, weight: float, chunk: int = 7
+) -> None:
+    for a, b in chunk_ranges(0, len(part), chunk):
+        acc.add(sender, a, part[a:b], weight)
+
+
+def reference(ps: list[np.ndarray], ws: list[float]) -> np.ndarray:
+    total = sum(ws)
+    return sum(w / total * p.astype(np.float64) for p, w in zip(ps, ws, strict=True))
+
+
+def test_weighted_average_matches_numpy() -> None:
+    ps, ws = parts(5, 100), [1.0, 2.5, 0.5, 4.0, 32.0]
+    acc = SpanAccumulator(100, 5)
+    for s in range(5):
+        deliver(acc, s, ps[s], ws[s])
+        assert acc.complete(s)
+    avg, included = acc.finalize()
+    assert included == [0, 1, 2, 3, 4]
+    assert avg.dtype == np.float32 and avg.shape == (100,)
+    np.testing.assert_allclose(avg, reference(ps, ws), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("weights", [[1.0, 1.0, 1.0], [1e-300, 3.0, 1e300], [0.1, 0.2, 0.7]])
+def test_average_of_identical_parts_is_exact(weights: list[float]) -> None:
+    # Values over many binades, subnormals included: none may move by even one ulp.
+    part = (rng.standard_normal(2000) * 10.0 ** rng.integers(-40, 38, 2000)).astype(np.float32)
+    acc = SpanAccumulator(2000, 3)
+    for s, w in enumerate(weights):
+        deliver(acc, s, part, w, chunk=333)
+    avg, _ = acc.finalize()
+    assert np.array_equal(avg, part)
+
+
+def test_huge_weights_do_not_overflow() -> None:
+    ps = parts(2, 10)
+    acc = SpanAccumulator(10, 2)
+    deliver(acc, 0, ps[0], 1.7e308)
+    deliver(acc, 1, ps[1], 1.7e308)
+    avg, _ = acc.finalize()
+    np.testing.assert_allclose(avg, (ps[0] + ps[1]) / 2, rtol=1e-6)
+
+
+def test_single_sender_is_copied_exactly() -> None:
+    (p,) = parts(1, 50)
+    acc = SpanAccumulator(50, 1)
+    deliver(acc, 0, p, 3.0)
+    avg, included = acc.finalize()
+    assert included == [0] and np.array_equal(avg, p)
+    p[:] = 0  # the result does not alias the caller's data
+    assert not np.array_equal(avg, p)
+
+
+def test_a_sender_that_stops_half_way_is_not_in_the_average_at_all() -> None:
+    ps = parts(3, 60)
+    acc = SpanAccumulator(60, 3)
+    deliver(acc, 0, ps[0], 1.0)
+    acc.add(1, 0, ps[1][:30], 1.0)  # half, then silence
+    deliver(acc, 2, ps[2], 1.0)
+    assert not acc.complete(1) and acc.delivered(1) == 30
+    avg, included = acc.finalize()
+    assert included == [0, 2]
+    np.testing.assert_allclose(avg, reference([ps[0], ps[2]], [1.0, 1.0]), rtol=1e-6)
+    assert acc.excluded == {}  # timing out is the caller's to report
+
+
+def test_chunks_that_do_not_follow_chunk_ranges_still_assemble() -> None:
+    (p,) = parts(1, 20)
+    acc = SpanAccumulator(20, 2)
+    for a, b in [(15, 20), (0, 3), (3, 4), (9, 15), (4, 9)]:
+        acc.add(0, a, p[a:b], 2.0)
+    acc.add(1, 0, p, 2.0)
+    avg, included = acc.finalize()
+    assert included == [0, 1] and np.array_equal(avg, p)
+
+
+def _bad_chunks(length: int) -> list[tuple[str, Any]]:
+    """(tag, function that makes sender 1 misbehave) pairs."""
+    good = np.ones(length, np.float32)
+    nan = good.copy()
+    nan[3] = np.nan
+    inf = good.copy()
+    inf[-1] = -np.inf
+
+    def duplicate(acc: SpanAccumulator) -> None:
+        acc.add(1, 0, good[:8], 1.0)
+        acc.add(1, 4, good[4:12], 1.0)
+
+    def changed_weight(acc: SpanAccumulator) -> None:
+        acc.add(1, 0, good[:8], 1.0)
+        acc.add(1, 8, good[8:], 2.0)
+
+    return [
+        ("duplicate", duplicate),
+        ("weight", changed_weight),
+        ("length", lambda acc: acc.add(1, 4, good, 1.0)),  # runs past the end
+        ("length", lambda acc: acc.add(1, 0, np.ones((2, 2), np.float32), 1.0)),
+        ("offset", lambda acc: acc.add(1, -1, good[:2], 1.0)),
+        ("offset", lambda acc: acc.add(1, length + 1, good[:0], 1.0)),
+        ("offset", lambda acc: acc.add(1, 1.5, good[:2], 1.0)),
+        ("nonfinite", lambda acc: acc.add(1, 0, nan, 1.0)),
+        ("nonfinite", lambda acc: acc.add(1, 0, inf, 1.0)),
+        ("weight", lambda acc: acc.add(1, 0, good, 0.0)),
+        ("weight", lambda acc: acc.add(1, 0, good, -1.0)),
+        ("weight", lambda acc: acc.add(1, 0, good, float("nan"))),
+        ("weight", lambda acc: acc.add(1, 0, good, float("inf"))),
+        ("weight", lambda acc: acc.add(1, 0, good, "heavy")),
+        ("norm", lambda acc: acc.add(1, 0, good * 100, 1.0)),
+    ]
+
+
+@pytest.mark.parametrize(("tag", "misbehave"), _bad_chunks(32))
+def test_each_bad_contribution_is_excluded_with_its_tag(tag: str, misbehave: Any) -> None:
+    ps = parts(3, 32)
+    acc = SpanAccumulator(32, 3, max_norm=50.0)
+    deliver(acc, 0, ps[0], 1.0)
+    with pytest.raises(BadContribution) as info:
+        misbehave(acc)
+    assert info.value.reason == tag and info.value.sender == 1
+    assert isinstance(info.value, ProtocolError)
+    assert acc.excluded == {1: tag} and not acc.complete(1) and acc.delivered(1) == 0
+    # Later chunks from the excluded sender are dropped without another error.
+    acc.add(1, 0, ps[1], 1.0)
+    assert not acc.complete(1)
+    deliver(acc, 2, ps[2], 3.0)
+    avg, included = acc.finalize()
+    assert included == [0, 2]
+    np.testing.assert_allclose(avg, reference([ps[0], ps[2]], [1.0, 3.0]), rtol=1e-6)
+
+
+def test_norm_is_checked_over_the_whole_part() -> None:
+    # Every chunk is under the bound on its own; the whole part is not.
+    acc = SpanAccumulator(100, 1, max_norm=9.0)
+    part = np.ones(100, np.float32)  # norm 10
+    for a in range(0, 90, 10):
+        acc.add(0, a, part[a : a + 10], 1.0)
+    with pytest.raises(BadContribution, match="norm"):
+        acc.add(0, 90, part[90:], 1.0)
+    # Huge finite values overflow a float32 sum of squares but are neither NaN nor Inf.
+    acc = SpanAccumulator(4, 1, max_norm=1e30)
+    acc.add(0, 0, np.full(4, 3e20, np.float32), 1.0)
+    assert acc.complete(0)
+    acc = SpanAccumulator(4, 1, max_norm=1e20)
+    with pytest.raises(BadContribution, match="norm"):
+        acc.add(0, 0, np.full(4, 3e20, np.float32), 1.0)
+
+
+def test_sender_out_of_range_is_refused_without_excluding_anyone() -> None:
+    acc = SpanAccumulator(4, 2)
+    for sender in (-1, 2, "0"):
+        with pytest.raises(BadContribution) as info:
+            acc.add(sender, 0, np.ones(4, np.float32), 1.0)  # type: ignore[arg-type]
+        assert info.value.reason == "sender"
+    assert acc.excluded == {}
+
+
+def test_exclude_drops_what_was_delivered() -> None:
+    ps = parts(2, 10)
+    acc = SpanAccumulator(10, 2)
+    deliver(acc, 0, ps[0], 1.0)
+    deliver(acc, 1, ps[1], 1.0)
+    acc.exclude(1, "deadline")
+    acc.exclude(1, "something else")  # the first reason stays
+    assert acc.excluded == {1: "deadline"} and not acc.complete(1)
+    avg, included = acc.finalize()
+    assert included == [0] and np.array_equal(avg, ps[0])
+    with pytest.raises(ConfigError):
+        SpanAccumulator(10, 2).exclude(5, "x")
+
+
+def test_finalize_with_nobody_raises_value_error() -> None:
+    acc = SpanAccumulator(10, 3)
+    acc.add(0, 0, np.ones(5, np.float32), 1.0)
+    with pytest.raises(BadContribution):
+        acc.add(1, 0, np.full(10, np.nan, np.float32), 1.0)
+    acc.exclude(2, "gone")
+    with pytest.raises(ValueError):
+        acc.finalize()
+
+
+def test_late_chunks_and_second_finalize() -> None:
+    acc = SpanAccumulator(3, 2)
+    acc.add(0, 0, np.ones(3, np.float32), 1.0)
+    acc.finalize()
+    with pytest.raises(BadContribution) as info:
+        acc.add(1, 0, np.ones(3, np.float32), 1.0)
+    assert info.value.reason == "late" and acc.excluded == {}
+    with pytest.raises(ConfigError):
+        acc.finalize()
+
+
+def test_empty_span() -> None:
+    acc = SpanAccumulator(0, 2)
+    acc.add(1, 0, np.empty(0, np.float32), 1.0)
+    assert acc.complete(1) and not acc.complete(0)
+    avg, included = acc.finalize()
+    assert avg.shape == (0,) and included == [1]
+
+
+def test_bad_construction() -> None:
+    for args, kwargs in [((-1, 2), {}), ((5, 0), {}), ((5, 2), {"max_norm": 0.0})]:
+        with pytest.raises(ConfigError):
+            SpanAccumulator(*args, **kwargs)
+
+
+def test_read_only_views_are_accepted_and_copied() -> None:
+    (p,) = parts(1, 16)
+    view = np.frombuffer(p.tobytes(), dtype=np.float32)
+    acc = SpanAccumulator(16, 1)
+    acc.add(0, 0, view, 1.0)
+    avg, _ = acc.finalize()
+    assert np.array_equal(avg, p)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    length=st.integers(1, 300),
+    senders=st.integers(1, 5),
+    chunk=st.integers(1, 64),
+    seed=st.integers(0, 2**32 - 1),
+    data=st.data(),
+)
+def test_result_is_independent_of_chunk_arrival_order(
+    length: int, senders: int, chunk: int, seed: int, data: st.DataObject
+) -> None:
+    gen = np.random.default_rng(seed)
+    ps = [gen.standard_normal(length).astype(np.float32) for _ in range(senders)]
+    ws = [float(w) for w in gen.uniform(0.1, 10.0, senders)]
+    # Each sender either delivers everything or stops after some of its chunks.
+    stops = [data.draw(st.booleans()) for _ in range(senders)]
+    messages = []
+    for s in range(senders):
+        ranges = chunk_ranges(0, length, chunk)
+        if stops[s]:
+            ranges = ranges[: data.draw(st.integers(0, len(ranges) - 1))]
+        messages += [(s, a, b) for a, b in ranges]
+    shuffled = data.draw(st.permutations(messages))
+
+    def run(order: list[tuple[int, int, int]]) -> tuple[np.ndarray, list[int]] | None:
+        acc = SpanAccumulator(length, senders)
+        for s, a, b in order:
+            acc.add(s, a, ps[s][a:b], ws[s])
+        try:
+            return acc.finalize()
+        except ValueError:
+            return None
+
+    in_order, any_order = run(messages), run(list(shuffled))
+    full = [s for s in range(senders) if not stops[s]]
+    if not full:
+        assert in_order is None and any_order is None
+        return
+    assert in_order is not None and any_order is not None
+    assert in_order[1] == any_order[1] == full
+    assert np.array_equal(in_order[0], any_order[0])  # bit for bit
+    np.testing.assert_allclose(
+        any_order[0], reference([ps[s] for s in full], [ws[s] for s in full]), rtol=1e-5, atol=1e-6
+    )
