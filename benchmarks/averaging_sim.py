@@ -1,0 +1,614 @@
+"""Averaging simulation: the Moshpit paper's §4.1 experiment, in-process with numpy.
+
+How many rounds do N peers need to agree on the average of their values when peers fail at
+random? Each of N peers holds one scalar drawn from N(0, 1). Every round, each peer fails
+independently with probability p: a failed peer keeps its value, sends nothing and receives
+nothing that round. After every round we measure the variance of the N estimates around their
+current mean (``np.var``, population variance) and report, over seeds 0-9, the mean number of
+rounds until it is at most 1e-9 and, in parentheses, 1e-4. A seed that does not get there within
+50 rounds counts as 50 (the paper's cap); the table marks such a mean with ``+`` and the JSON
+gives the count of such seeds as ``unreached_1e9`` / ``unreached_1e4``.
+
+Methods (``--methods``):
+
+``allreduce``            All-Reduce with restarts: everyone gets the exact average in a round
+                         where no peer failed; a round with any failure achieves nothing.
+``gossip``               Gossip on a ring: every live peer replaces its value by the mean of
+                         itself and its two ring neighbours, over the neighbours that are live
+                         (weights 1/3 each, renormalised). Synchronous: all use last round's
+                         values.
+``sgp``                  SGP / PushSum on a time-varying exponential graph with 2 out-edges:
+                         in round t peer i pushes to i + 2**k1 and i + 2**k2 (mod N) with
+                         k1 = 2t mod L, k2 = (2t+1) mod L, L = ceil(log2 N), so the hops cycle
+                         through 1, 2, 4, ... two at a time. A live peer splits its (x, w)
+                         equally between itself and its live out-peers (pushes to a failed peer
+                         are not made, so no mass is lost). The estimate is x / w.
+``random-groups``        Each round the live peers are shuffled into floor(n_live / M) groups of
+                         M (the leftovers join groups 0, 1, ... round-robin; one group if fewer
+                         than M are live) and every group averages exactly.
+``moshpit-paper``        Moshpit as the paper simulates it: the peers sit at N distinct random
+                         cells of the grid, fixed for the whole run; round t averages, over the
+                         live peers, every line of the grid along axis t mod d.
+``moshpit-grid-random``  Moshpit with this package's key rotation (moshpit_trio.averaging.grid):
+``moshpit-grid-rank``    random PeerIDs, initial keys from ``initial_key()`` (NOT balanced, to
+                         show what an unbalanced start costs), groups = the live peers with the
+                         same key, the within-group index by the seeded ``random`` rule or the
+                         ``rank`` rule, then ``next_key()``.
+
+Opt-in (not in the default run): ``moshpit-grid-balanced``, the random rule from
+``balanced_initial_keys()`` dealt to the peers in random order, which shows what the key
+rotation does from a perfect start (N = M^d, p = 0: exactly d rounds).
+
+Choices, where the issue leaves them open:
+
+* Common random numbers: for one (seed, N, p) every method sees the same initial values and the
+  same failures (a separate generator draws each round's failures, the same sequence for every
+  method), so differences between methods are not sampling noise.
+* The mean only drifts where averaging is not weight-preserving. Group methods (all-reduce,
+  random groups, both Moshpits) keep the sum among the participants exactly. Ring gossip keeps it
+  with no failures (its matrix is doubly stochastic) but not with them: a peer next to a failed
+  one averages over two instead of three, a row- but not column-stochastic step, so the mean
+  moves a little. PushSum keeps the sums of x and w exactly, but its estimates x / w do not sum
+  to a fixed value before they agree. Hence the metric is the variance around the *current* mean
+  of the estimates, which is what "agreement" means for every method.
+* In the grid methods a group has at most M members, M being the size of the round's axis. More
+  live peers under one key are shuffled and cut into groups of M and a last, smaller group, as a
+  leader-based matchmaker fills groups in arrival order. Inside a group the agreed order is by
+  PeerID, and the group id is sha256 of the sorted member ids followed by the round (8 bytes,
+  big-endian), the same as tests/test_grid.py. A failed peer averages with nobody but still
+  advances its key as a group of one (MOSHPIT.md §1: a peer that finds nobody keeps its value and
+  still advances its key); under the rank rule that puts every failed peer at index 0.
+* The grid side M for random groups is the grid's first axis (32 on 32x32, 8 on 8x8x8).
+* ``moshpit-paper`` needs N <= cells; the paper's pairs satisfy that (8x8x8 only for N = 512).
+
+Seeds and generators are numpy's PCG64 from SeedSequence((seed, N, p in ppm, stream)), so a row
+reproduces alone (``--n 768 --p 0.005 --seeds 3``) exactly as inside the full run.
+
+    python benchmarks/averaging_sim.py                        # the full table (about 1 minute)
+    python benchmarks/averaging_sim.py --n 1024 --p 0,0.005 --methods moshpit-paper,gossip
+    python benchmarks/averaging_sim.py --json > benchmarks/results/averaging.json
+    python benchmarks/averaging_sim.py --plot benchmarks/results/figure3.png
+
+``--json`` prints a list of rows ``{n, p, grid, method, rounds_1e9, rounds_1e4, seeds,
+unreached_1e9, unreached_1e4}`` on stdout (the table then goes to stderr). ``--plot`` draws the
+paper's Figure 3 panels (32x32: N=1024 p=0, N=1024 p=0.005, N=768 p=0.005): variance against
+round on a log scale, the mean over the seeds, one line per method; it needs matplotlib
+(``pip install -e .[bench]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from moshpit_trio.averaging.grid import (  # noqa: E402
+    Grid,
+    GroupKey,
+    IndexRule,
+    axis_of_round,
+    balanced_initial_keys,
+    group_indices,
+    initial_key,
+    next_key,
+)
+from moshpit_trio.identity import PeerID  # noqa: E402
+
+FloatArray = np.ndarray[Any, np.dtype[np.float64]]
+BoolArray = np.ndarray[Any, np.dtype[np.bool_]]
+
+THRESHOLDS = (1e-9, 1e-4)
+CAP = 50
+DEFAULT_N = (512, 768, 900, 1024)
+DEFAULT_P = (0.0, 0.001, 0.005, 0.01)
+DEFAULT_SEEDS = tuple(range(10))
+PAPER_GRID = "32x32"
+EXTRA_GRIDS = {512: "8x8x8"}  # the paper's 3-D grid is run for N = 512 only
+# The paper's Figure 3: (N, p) on 32x32.
+PLOT_PANELS = ((1024, 0.0), (1024, 0.005), (768, 0.005))
+
+
+class Averaging(Protocol):
+    """One method's state for one run: every peer's current estimate of the average."""
+
+    def step(self, t: int, live: BoolArray) -> None: ...
+
+    def estimates(self) -> FloatArray: ...
+
+
+# -- baselines -----------------------------------------------------------------------------------
+
+
+class AllReduceRestarts:
+    def __init__(self, x0: FloatArray, grid: Grid, rng: np.random.Generator) -> None:
+        self.x = x0.copy()
+
+    def step(self, t: int, live: BoolArray) -> None:
+        # One failure anywhere aborts the whole collective; the next round starts it again.
+        if live.all():
+            self.x[:] = self.x.mean()
+
+    def estimates(self) -> FloatArray:
+        return self.x
+
+
+class RingGossip:
+    def __init__(self, x0: FloatArray, grid: Grid, rng: np.random.Generator) -> None:
+        self.x = x0.copy()
+
+    def step(self, t: int, live: BoolArray) -> None:
+        alive = live.astype(np.float64)
+        # np.roll(v, 1)[i] is v[i-1], the left neighbour; np.roll(v, -1)[i] is v[i+1].
+        left_alive, right_alive = np.roll(alive, 1), np.roll(alive, -1)
+        total = self.x + left_alive * np.roll(self.x, 1) + right_alive * np.roll(self.x, -1)
+        mixed = total / (1.0 + left_alive + right_alive)
+        self.x = np.where(live, mixed, self.x)
+
+    def estimates(self) -> FloatArray:
+        return self.x
+
+
+class PushSum:
+    def __init__(self, x0: FloatArray, grid: Grid, rng: np.random.Generator) -> None:
+        self.x = x0.copy()
+        self.w = np.ones_like(x0)
+        self.n = len(x0)
+        self.index = np.arange(self.n)
+        self.levels = max(1, (self.n - 1).bit_length())  # hops 2^k < N: k in [0, L)
+
+    def step(self, t: int, live: BoolArray) -> None:
+        n, levels = self.n, self.levels
+        targets = [(self.index + (1 << ((2 * t + j) % levels))) % n for j in (0, 1)]
+        # A push happens when both ends are live this round.
+        pushes = [(live & live[target]).astype(np.float64) for target in targets]
+        share = 1.0 / (1.0 + pushes[0] + pushes[1])  # failed peers: no pushes, keep it all
+        new_x, new_w = self.x * share, self.w * share
+        for target, pushed in zip(targets, pushes, strict=True):
+            new_x += np.bincount(target, weights=self.x * share * pushed, minlength=n)
+            new_w += np.bincount(target, weights=self.w * share * pushed, minlength=n)
+        self.x, self.w = new_x, new_w
+
+    def estimates(self) -> FloatArray:
+        result: FloatArray = self.x / self.w
+        return result
+
+
+def _average_labelled(x: FloatArray, who: np.ndarray, labels: np.ndarray, count: int) -> None:
+    """Replace ``x[who]`` by the mean of the peers in ``who`` with the same label."""
+    sums = np.bincount(labels, weights=x[who], minlength=count)
+    sizes = np.bincount(labels, minlength=count)
+    x[who] = sums[labels] / sizes[labels]
+
+
+class RandomGroups:
+    def __init__(self, x0: FloatArray, grid: Grid, rng: np.random.Generator) -> None:
+        self.x = x0.copy()
+        self.m = grid.shape[0]
+        self.rng = rng
+
+    def step(self, t: int, live: BoolArray) -> None:
+        who = self.rng.permutation(np.flatnonzero(live))
+        k = len(who)
+        if k == 0:
+            return
+        groups = max(1, k // self.m)
+        position = np.arange(k)
+        full = groups * self.m
+        # The first groups*M shuffled peers fill the groups in blocks of M; the rest (fewer
+        # than M) are dealt round-robin. With k < M, groups = 1 and every position is < full.
+        labels = np.where(position < full, position // self.m, (position - full) % groups)
+        _average_labelled(self.x, who, labels, groups)
+
+    def estimates(self) -> FloatArray:
+        return self.x
+
+
+# -- Moshpit ---------------------------------------------------------------------------------------
+
+
+class MoshpitPaper:
+    """Fixed distinct cells; round t averages every grid line along axis t mod d."""
+
+    def __init__(self, x0: FloatArray, grid: Grid, rng: np.random.Generator) -> None:
+        n = len(x0)
+        if n > grid.size:
+            raise ValueError(f"moshpit-paper puts {n} peers at distinct cells of {grid}: too many")
+        self.x = x0.copy()
+        self.grid = grid
+        cells = rng.choice(grid.size, size=n, replace=False)
+        coords = np.unravel_index(cells, grid.shape)
+        # lines[a][i]: the id of peer i's line along axis a (its cell with coordinate a zeroed).
+        self.lines = []
+        for axis in range(grid.d):
+            projected = list(coords)
+            projected[axis] = np.zeros(n, dtype=np.intp)
+            self.lines.append(np.ravel_multi_index(tuple(projected), grid.shape))
+
+    def step(self, t: int, live: BoolArray) -> None:
+        who = np.flatnonzero(live)
+        labels = self.lines[t % self.grid.d][who]
+        _average_labelled(self.x, who, labels, self.grid.size)
+
+    def estimates(self) -> FloatArray:
+        return self.x
+
+
+class MoshpitGrid:
+    """Moshpit rounds driven by moshpit_trio.averaging.grid, one peer at a time."""
+
+    def __init__(
+        self,
+        x0: FloatArray,
+        grid: Grid,
+        rng: np.random.Generator,
+        *,
+        rule: IndexRule,
+        balanced: bool = False,
+    ) -> None:
+        n = len(x0)
+        self.x = x0.copy()
+        self.grid = grid
+        self.rule = rule
+        self.rng = rng
+        ids = [PeerID(rng.bytes(32)) for _ in range(n)]
+        self.raw = [pid.to_bytes() for pid in ids]
+        # The agreed order inside a group is by PeerID; rank[i] is peer i's place in that order.
+        self.rank = [0] * n
+        for place, i in enumerate(sorted(range(n), key=self.raw.__getitem__)):
+            self.rank[i] = place
+        if balanced:
+            keys = balanced_initial_keys(grid, n)
+            self.keys = [keys[j] for j in rng.permutation(n)]
+        else:
+            self.keys = [initial_key(grid, pid) for pid in ids]
+
+    def _advance(self, group: list[int], key: GroupKey, t: int, new_keys: list[GroupKey]) -> None:
+        group.sort(key=self.rank.__getitem__)
+        tail = t.to_bytes(8, "big")
+        group_id = hashlib.sha256(b"".join(self.raw[i] for i in group) + tail).digest()
+        indices = group_indices(group_id, len(group), self.grid, t, rule=self.rule)
+        for i, c in zip(group, indices, strict=True):
+            new_keys[i] = next_key(self.grid, key, c, t)
+
+    def step(self, t: int, live: BoolArray) -> None:
+        m = self.grid.shape[axis_of_round(self.grid, t)]
+        buckets: dict[GroupKey, list[int]] = defaultdict(list)
+        new_keys = list(self.keys)
+        alive = live.tolist()
+        for i, key in enumerate(self.keys):
+            if alive[i]:
+                buckets[key].append(i)
+            else:
+                self._advance([i], key, t, new_keys)  # a group of one: value kept, key moves on
+        for key, members in buckets.items():
+            if len(members) > m:
+                members = [members[j] for j in self.rng.permutation(len(members))]
+            for start in range(0, len(members), m):
+                group = members[start : start + m]
+                if len(group) > 1:
+                    self.x[group] = self.x[group].mean()
+                self._advance(group, key, t, new_keys)
+        self.keys = new_keys
+
+    def estimates(self) -> FloatArray:
+        return self.x
+
+
+Factory = Callable[[FloatArray, Grid, np.random.Generator], Averaging]
+
+METHODS: dict[str, Factory] = {
+    "allreduce": AllReduceRestarts,
+    "gossip": RingGossip,
+    "sgp": PushSum,
+    "random-groups": RandomGroups,
+    "moshpit-paper": MoshpitPaper,
+    "moshpit-grid-random": lambda x, g, r: MoshpitGrid(x, g, r, rule="random"),
+    "moshpit-grid-rank": lambda x, g, r: MoshpitGrid(x, g, r, rule="rank"),
+}
+EXTRA_METHODS: dict[str, Factory] = {
+    "moshpit-grid-balanced": lambda x, g, r: MoshpitGrid(x, g, r, rule="random", balanced=True),
+}
+ALL_METHODS = {**METHODS, **EXTRA_METHODS}
+# A fixed generator stream per method, from its name: adding a method or reordering them
+# leaves every other method's random choices as they were.
+_STREAM = {
+    name: int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big") for name in ALL_METHODS
+}
+
+
+# -- running -------------------------------------------------------------------------------------
+
+
+def _generator(seed: int, n: int, p: float, stream: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence((seed, n, round(p * 1_000_000), stream)))
+
+
+def run(
+    method: str,
+    n: int,
+    p: float,
+    grid: Grid,
+    seed: int,
+    *,
+    rounds: int = CAP,
+    stop: float | None = min(THRESHOLDS),
+) -> FloatArray:
+    """Variance after 0, 1, ... rounds; ends early once it is at most ``stop`` (None: never)."""
+    x0 = _generator(seed, n, p, 0).normal(size=n)
+    failures = _generator(seed, n, p, 1)
+    sim = ALL_METHODS[method](x0, grid, _generator(seed, n, p, _STREAM[method]))
+    variances = [float(np.var(x0))]
+    everyone = np.ones(n, dtype=bool)
+    for t in range(rounds):
+        live = failures.random(n) >= p if p > 0 else everyone
+        sim.step(t, live)
+        variances.append(float(np.var(sim.estimates())))
+        if stop is not None and variances[-1] <= stop:
+            break
+    return np.asarray(variances)
+
+
+def rounds_to(
+    variances: Sequence[float] | FloatArray, threshold: float, cap: int = CAP
+) -> int | None:
+    """The first round after which the variance is at most ``threshold``; None if not by cap."""
+    for t in range(1, min(len(variances), cap + 1)):
+        if variances[t] <= threshold:
+            return t
+    return None
+
+
+@dataclass(frozen=True)
+class Config:
+    n: int
+    p: float
+    grid: Grid
+
+
+@dataclass
+class Row:
+    config: Config
+    method: str
+    curves: list[FloatArray]
+
+    def stats(self, threshold: float, cap: int = CAP) -> tuple[float, int]:
+        """Mean rounds (unreached counted as the cap) and the number of unreached seeds."""
+        reached = [rounds_to(c, threshold, cap) for c in self.curves]
+        unreached = sum(r is None for r in reached)
+        return float(np.mean([cap if r is None else r for r in reached])), unreached
+
+    def as_json(self, cap: int = CAP) -> dict[str, Any]:
+        r9, u9 = self.stats(1e-9, cap)
+        r4, u4 = self.stats(1e-4, cap)
+        return {
+            "n": self.config.n,
+            "p": self.config.p,
+            "grid": str(self.config.grid),
+            "method": self.method,
+            "rounds_1e9": r9,
+            "rounds_1e4": r4,
+            "seeds": len(self.curves),
+            "unreached_1e9": u9,
+            "unreached_1e4": u4,
+        }
+
+
+def default_configs(
+    ns: Sequence[int], ps: Sequence[float], grids: Sequence[str] | None
+) -> list[Config]:
+    """The paper's pairs (32x32 for every N, 8x8x8 for N = 512), or ``grids`` for every N."""
+    configs = []
+    for n in ns:
+        names = (
+            list(grids) if grids else [PAPER_GRID, *([EXTRA_GRIDS[n]] if n in EXTRA_GRIDS else [])]
+        )
+        for name in names:
+            for p in ps:
+                configs.append(Config(n, p, Grid.parse(name)))
+    return configs
+
+
+def simulate(
+    configs: Sequence[Config],
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    rounds: int = CAP,
+    full_curves: Callable[[Config], bool] = lambda c: False,
+    progress: Callable[[str], None] | None = None,
+) -> list[Row]:
+    rows = []
+    for config in configs:
+        started = time.perf_counter()
+        stop = None if full_curves(config) else min(THRESHOLDS)
+        for method in methods:
+            if method == "moshpit-paper" and config.n > config.grid.size:
+                continue  # distinct cells are impossible; said in the docstring
+            curves = [
+                run(method, config.n, config.p, config.grid, s, rounds=rounds, stop=stop)
+                for s in seeds
+            ]
+            rows.append(Row(config, method, curves))
+        if progress:
+            progress(
+                f"N={config.n} p={config.p} {config.grid}: {time.perf_counter() - started:.1f}s"
+            )
+    return rows
+
+
+def format_table(rows: Sequence[Row], cap: int = CAP) -> str:
+    """One block per (N, grid): methods down, p across, "rounds to 1e-9 (to 1e-4)"."""
+    blocks: dict[tuple[int, str], dict[str, dict[float, str]]] = {}
+    ps: dict[tuple[int, str], list[float]] = defaultdict(list)
+    for row in rows:
+        block = (row.config.n, str(row.config.grid))
+        r9, u9 = row.stats(1e-9, cap)
+        r4, u4 = row.stats(1e-4, cap)
+        cell = f"{r9:.1f}{'+' if u9 else ''} ({r4:.1f}{'+' if u4 else ''})"
+        blocks.setdefault(block, {}).setdefault(row.method, {})[row.config.p] = cell
+        if row.config.p not in ps[block]:
+            ps[block].append(row.config.p)
+    width = max([len(m) for row in rows for m in [row.method]] + [6])
+    lines = [
+        f"Rounds to variance <= 1e-9 (to <= 1e-4), mean over {len(rows[0].curves) if rows else 0} "
+        f"seeds, capped at {cap}; '+': some seeds never got there (counted as {cap})."
+    ]
+    for (n, grid), by_method in blocks.items():
+        columns = ps[(n, grid)]
+        lines.append("")
+        lines.append(f"N = {n}, grid {grid}")
+        lines.append(
+            f"  {'method':<{width}}" + "".join(f"  {'p = ' + str(p):>15}" for p in columns)
+        )
+        for method, cells in by_method.items():
+            lines.append(
+                f"  {method:<{width}}" + "".join(f"  {cells.get(p, '-'):>15}" for p in columns)
+            )
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[Row], path: Path) -> None:
+    import matplotlib  # lazily: only --plot needs it (the 'bench' extra)
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        [r for r in rows if (r.config.n, r.config.p, str(r.config.grid)) == (n, p, PAPER_GRID)]
+        for n, p in PLOT_PANELS
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), sharey=True)
+    for ax, (n, p), panel in zip(np.atleast_1d(axes), PLOT_PANELS, panels, strict=True):
+        for row in panel:
+            length = min(len(c) for c in row.curves)
+            mean = np.mean([c[:length] for c in row.curves], axis=0)
+            # Exact averages leave variances of ~1e-33 or exactly 0, which a log axis cannot show.
+            ax.plot(np.arange(length), np.maximum(mean, 1e-30), label=row.method)
+        for threshold in THRESHOLDS:
+            ax.axhline(threshold, color="grey", linestyle=":", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.set_ylim(1e-12, 10)
+        ax.set_xlim(0, CAP)
+        ax.set_title(f"N = {n}, p = {p}, grid {PAPER_GRID}")
+        ax.set_xlabel("round")
+    np.atleast_1d(axes)[0].set_ylabel("variance around the mean")
+    np.atleast_1d(axes)[0].legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _numbers(text: str, kind: Callable[[str], Any]) -> list[Any]:
+    return [kind(part) for part in text.split(",") if part.strip()]
+
+
+def _seeds(text: str) -> list[int]:
+    seeds: list[int] = []
+    for part in text.split(","):
+        if "-" in part.strip()[1:]:
+            low, high = part.split("-", 1)
+            seeds.extend(range(int(low), int(high) + 1))
+        elif part.strip():
+            seeds.append(int(part))
+    return seeds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--n", default=",".join(map(str, DEFAULT_N)), help="peer counts, e.g. 1024,768"
+    )
+    parser.add_argument(
+        "--p", default=",".join(map(str, DEFAULT_P)), help="failure rates, e.g. 0,0.005"
+    )
+    parser.add_argument(
+        "--grids", help="grids for every N, e.g. 32x32,8x8x8 (default: 32x32, and 8x8x8 for N=512)"
+    )
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help=f"from {', '.join(ALL_METHODS)}",
+    )
+    parser.add_argument("--seeds", default="0-9", help="e.g. 0-9, or 0,3,5")
+    parser.add_argument("--rounds", type=int, default=CAP, help="the cap on rounds")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON on stdout")
+    parser.add_argument("--plot", type=Path, metavar="FILE.png", help="draw the Figure 3 panels")
+    args = parser.parse_args(argv)
+
+    try:
+        ns = _numbers(args.n, int)
+        ps = _numbers(args.p, float)
+        seeds = _seeds(args.seeds)
+        grids = _numbers(args.grids, str) if args.grids else None
+        configs = default_configs(ns, ps, grids)
+    except ValueError as exc:
+        parser.error(str(exc))
+    methods = _numbers(args.methods, str)
+    unknown = [m for m in methods if m not in ALL_METHODS]
+    if unknown or not methods or not seeds or args.rounds < 1:
+        parser.error(f"unknown method(s) {unknown}, or no methods, no seeds, or --rounds < 1")
+    if any(not 0 <= p < 1 for p in ps) or any(n < 2 for n in ns):
+        parser.error("--p must be in [0, 1) and --n at least 2")
+
+    def in_plot(config: Config) -> bool:
+        return (
+            args.plot is not None
+            and str(config.grid) == PAPER_GRID
+            and ((config.n, config.p) in PLOT_PANELS)
+        )
+
+    # The plot's panels need whole curves: run them (with the chosen methods and seeds) even
+    # when --n/--p leave them out, and do not stop them early.
+    if args.plot is not None:
+        have = {(c.n, c.p, str(c.grid)) for c in configs}
+        configs += [
+            Config(n, p, Grid.parse(PAPER_GRID))
+            for n, p in PLOT_PANELS
+            if (n, p, PAPER_GRID) not in have
+        ]
+        plotted_only = {(n, p) for n, p in PLOT_PANELS if (n, p, PAPER_GRID) not in have}
+    else:
+        plotted_only = set()
+
+    out = sys.stderr if args.json else sys.stdout
+    started = time.perf_counter()
+    rows = simulate(
+        configs,
+        methods,
+        seeds,
+        rounds=args.rounds,
+        full_curves=in_plot,
+        progress=lambda line: print(f"  {line}", file=sys.stderr, flush=True),
+    )
+    elapsed = time.perf_counter() - started
+    table_rows = [
+        r
+        for r in rows
+        if not ((r.config.n, r.config.p) in plotted_only and str(r.config.grid) == PAPER_GRID)
+    ]
+    print(format_table(table_rows, args.rounds), file=out)
+    runs = f"{len(configs)} settings x {len(methods)} methods x {len(seeds)} seeds"
+    print(f"\n{runs} in {elapsed:.1f}s", file=out, flush=True)
+    if args.json:
+        print(json.dumps([r.as_json(args.rounds) for r in table_rows], indent=1))
+    if args.plot is not None:
+        plot(rows, args.plot)
+        print(f"plot written to {args.plot}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
