@@ -193,8 +193,10 @@ class DHTNode:
         self._pinging: set[PeerID] = set()
         self._nursery: trio.Nursery | None = None
         # Wall-clock time that follows trio's clock: records carry unix expirations, and under a
-        # virtual clock in tests they must age with virtual time.
-        self._epoch_offset = time.time() - trio.current_time()
+        # virtual clock in tests they must age with virtual time. One offset per trio run, so
+        # that every node of a simulated swarm reads the same clock even when nodes start
+        # minutes of virtual time apart (a per-node offset drifts by virtual minus wall time).
+        self._epoch_offset = _epoch_offset()
         self._decoders: dict[type[Any], msgspec.msgpack.Decoder[Any]] = {
             t: msgspec.msgpack.Decoder(t) for t in (_Ping, _FindNode, _FindValue, _Store)
         }
@@ -655,6 +657,19 @@ class DHTNode:
         while True:
             await trio.sleep(60.0)
             self.store_.expire(self.now())
+
+
+_EPOCH_OFFSET: trio.lowlevel.RunVar[float] = trio.lowlevel.RunVar("moshpit_dht_epoch_offset")
+
+
+def _epoch_offset() -> float:
+    """Unix time minus trio's clock, fixed at its first use in this trio run."""
+    try:
+        return _EPOCH_OFFSET.get()
+    except LookupError:
+        offset = time.time() - trio.current_time()
+        _EPOCH_OFFSET.set(offset)
+        return offset
 
 
 def _key_bytes(key: str | bytes | bytearray | memoryview) -> bytes:
