@@ -496,7 +496,9 @@ def plot(rows: Sequence[Row], path: Path) -> None:
             length = min(len(c) for c in row.curves)
             mean = np.mean([c[:length] for c in row.curves], axis=0)
             # Exact averages leave variances of ~1e-33 or exactly 0, which a log axis cannot show.
-            ax.plot(np.arange(length), np.maximum(mean, 1e-30), label=row.method)
+            # Dashed: our key rotation, so it stands apart from the paper's Moshpit it overlaps.
+            style = "--" if row.method.startswith("moshpit-grid") else "-"
+            ax.plot(np.arange(length), np.maximum(mean, 1e-30), style, label=row.method)
         for threshold in THRESHOLDS:
             ax.axhline(threshold, color="grey", linestyle=":", linewidth=0.8)
         ax.set_yscale("log")
