@@ -1,0 +1,337 @@
+"""Butterfly all-reduce inside one group, with the failure rules of MOSHPIT.md §1.
+
+The flat vector is cut into one span per member (``partition.spans``: proportional to bandwidth;
+client-mode members get none). Then, all under stage deadlines:
+
+1. *scatter*: every member streams its part of span j to member j (``avg.RUN.part``);
+2. *reduce*: member j accumulates the parts (``reducer.SpanAccumulator``: a part counts whole or
+   not at all; bad data is excluded and named), until every member delivered or the reduce
+   deadline passes, and averages over exactly those that delivered;
+3. *gather*: member j streams the average of span j, with the list of members it contains, to
+   every member (``avg.RUN.result``).
+
+A member keeps its own values for every span whose result did not reach it. So each member
+knows, span by span, whose data its values contain, and every member that got span j's result
+got the same result with the same list: no member is left with a silently mixed average.
+
+Incoming streams may arrive before this member has learned of the group (the leader's answer
+reaches members at slightly different times): they wait for the round to be registered, under
+their own deadline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+import numpy as np
+import trio
+
+from ..errors import MoshpitError, Rejected
+from ..identity import PeerID
+from ..wire.address import PeerAddress
+from ..wire.connection import StreamRequest
+from .compression import Codec, codec
+from .matchmaking import GroupInfo, MemberInfo
+from .partition import spans as make_spans
+from .reducer import BadContribution, SpanAccumulator
+
+__all__ = ["AllReduce", "RoundRegistry", "SpanReport"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SpanReport:
+    """What one span of this member's vector holds after the round."""
+
+    start: int
+    end: int
+    reducer: PeerID
+    #: the members whose data the span's values average; None: it kept this member's own values
+    included: tuple[PeerID, ...] | None
+
+
+class _PartHeader(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    group_id: bytes
+    sender: int
+    start: int
+    end: int
+    weight: float
+    codec: str
+
+
+class _ResultHeader(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    group_id: bytes
+    start: int
+    end: int
+    included: list[int]
+    codec: str
+
+
+_encode = msgspec.msgpack.Encoder().encode
+_part_decoder = msgspec.msgpack.Decoder(_PartHeader)
+_result_decoder = msgspec.msgpack.Decoder(_ResultHeader)
+
+
+class AllReduce:
+    """One member's side of one group's all-reduce (made per round by the averager)."""
+
+    def __init__(
+        self,
+        group: GroupInfo,
+        me: PeerID,
+        flat: np.ndarray,
+        weight: float,
+        *,
+        codec_name: str,
+        max_norm: float | None,
+    ) -> None:
+        self.group = group
+        self.me = me
+        self.index = group.index_of(me)
+        self.flat = flat
+        self.weight = weight
+        self.codec: Codec = codec(codec_name)
+        self.members = group.members
+        self.spans = make_spans(
+            len(flat),
+            [m.bandwidth for m in group.members],
+            client_mode=[m.client_mode for m in group.members],
+        )
+        start, end = self.spans[self.index]
+        self.accumulator = (
+            SpanAccumulator(end - start, len(self.members), max_norm=max_norm)
+            if end > start
+            else None
+        )
+        self.all_delivered = trio.Event()
+        self.results: dict[int, tuple[np.ndarray, tuple[int, ...]]] = {}
+        self.all_results = trio.Event()
+        self.reduced: tuple[np.ndarray, list[int]] | None = None
+        self.excluded: dict[int, str] = {}
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._expected_results = {
+            j for j, (s, e) in enumerate(self.spans) if e > s and j != self.index
+        }
+        if not self._expected_results:
+            self.all_results.set()
+
+    # -- this member's own run ---------------------------------------------------------------
+
+    async def run(
+        self, transport: Any, run_id: str, reduce_deadline: float, deadline: float
+    ) -> list[SpanReport]:
+        """Scatter, reduce, gather; returns the per-span report. Never raises a peer's failure."""
+        if self.accumulator is not None:
+            start, end = self.spans[self.index]
+            self._add(self.index, self.flat[start:end], self.weight)
+        async with trio.open_nursery() as nursery:
+            for j, (start, end) in enumerate(self.spans):
+                if j != self.index and end > start:
+                    nursery.start_soon(self._send_part, transport, run_id, j, reduce_deadline)
+            if self.accumulator is not None:
+                with trio.move_on_at(reduce_deadline):
+                    await self.all_delivered.wait()
+                self._reduce()
+                if self.reduced is not None:
+                    for i in range(len(self.members)):
+                        if i != self.index:
+                            nursery.start_soon(self._send_result, transport, run_id, i, deadline)
+            with trio.move_on_at(deadline):
+                await self.all_results.wait()
+        return self._apply()
+
+    def _reduce(self) -> None:
+        assert self.accumulator is not None
+        for i in range(len(self.members)):
+            if not self.accumulator.complete(i) and i not in self.accumulator.excluded:
+                self.accumulator.exclude(i, "late")
+        self.excluded = dict(self.accumulator.excluded)
+        try:
+            self.reduced = self.accumulator.finalize()
+        except ValueError:
+            self.reduced = None
+
+    def _apply(self) -> list[SpanReport]:
+        ids = self.group.peer_ids
+        reports: list[SpanReport] = []
+        for j, (start, end) in enumerate(self.spans):
+            if end <= start:
+                continue
+            got: tuple[np.ndarray, Sequence[int]] | None = (
+                self.reduced if j == self.index else self.results.get(j)
+            )
+            if got is None:
+                reports.append(SpanReport(start, end, ids[j], None))
+                continue
+            values, included = got
+            self.flat[start:end] = values
+            reports.append(SpanReport(start, end, ids[j], tuple(ids[i] for i in included)))
+        return reports
+
+    def _target(self, member: MemberInfo) -> PeerAddress | PeerID:
+        if member.client_mode:
+            return PeerID(member.peer_id)
+        return PeerAddress.parse(member.address)
+
+    async def _send_part(self, transport: Any, run_id: str, j: int, deadline: float) -> None:
+        start, end = self.spans[j]
+        header = _PartHeader(
+            self.group.group_id, self.index, start, end, self.weight, self.codec.name
+        )
+        payload = self.codec.encode(self.flat[start:end])
+        timeout = deadline - trio.current_time()
+        if timeout <= 0:
+            return
+        try:
+            async with transport.open_stream(
+                self._target(self.members[j]),
+                f"avg.{run_id}.part",
+                _encode(header),
+                timeout=timeout,
+            ) as stream:
+                await stream.send(payload)
+                await stream.finish()
+            self.bytes_sent += len(payload)
+        except MoshpitError:
+            pass  # reducer j failed or refused us: its span keeps our values (see the report)
+
+    async def _send_result(self, transport: Any, run_id: str, i: int, deadline: float) -> None:
+        assert self.reduced is not None
+        values, included = self.reduced
+        start, end = self.spans[self.index]
+        header = _ResultHeader(self.group.group_id, start, end, list(included), self.codec.name)
+        payload = self.codec.encode(values)
+        timeout = deadline - trio.current_time()
+        if timeout <= 0:
+            return
+        try:
+            async with transport.open_stream(
+                self._target(self.members[i]),
+                f"avg.{run_id}.result",
+                _encode(header),
+                timeout=timeout,
+            ) as stream:
+                await stream.send(payload)
+                await stream.finish()
+            self.bytes_sent += len(payload)
+        except MoshpitError:
+            pass  # member i keeps its own values for this span, and its report says so
+
+    # -- what other members send us ----------------------------------------------------------
+
+    def _add(self, sender: int, values: np.ndarray, weight: float) -> None:
+        assert self.accumulator is not None
+        try:
+            self.accumulator.add(sender, 0, values, weight)
+        finally:
+            self._check_delivered()
+
+    def _check_delivered(self) -> None:
+        assert self.accumulator is not None
+        if all(
+            self.accumulator.complete(i) or i in self.accumulator.excluded
+            for i in range(len(self.members))
+        ):
+            self.all_delivered.set()
+
+    async def on_part(self, request: StreamRequest, header: _PartHeader) -> bytes:
+        if not 0 <= header.sender < len(self.members) or header.sender == self.index:
+            raise Rejected("bad sender index")
+        if self.members[header.sender].peer_id != request.peer.to_bytes():
+            raise Rejected("a part must come from the member it names")
+        start, end = self.spans[self.index]
+        if (header.start, header.end) != (start, end) or self.accumulator is None:
+            raise Rejected("that span is not reduced here")
+        if header.codec != self.codec.name:
+            raise Rejected("wrong codec")
+        count = end - start
+        data = await request.read_all(self.codec.encoded_size(count))
+        self.bytes_received += len(data)
+        if self.reduced is not None:
+            raise Rejected("too late: the span was already reduced")
+        try:
+            values = self.codec.decode(data, count)
+            self._add(header.sender, values, header.weight)
+        except BadContribution as exc:
+            # the accumulator excluded it already when the check was its own; make sure
+            if header.sender not in self.accumulator.excluded:
+                self.accumulator.exclude(header.sender, exc.reason)
+            self._check_delivered()
+            raise Rejected(f"bad contribution ({exc.reason}): {exc.detail}") from None
+        return b""
+
+    async def on_result(self, request: StreamRequest, header: _ResultHeader) -> bytes:
+        j = next(
+            (k for k, m in enumerate(self.members) if m.peer_id == request.peer.to_bytes()), None
+        )
+        if j is None or j == self.index or j not in self._expected_results:
+            raise Rejected("no result expected from that peer")
+        if (header.start, header.end) != self.spans[j] or header.codec != self.codec.name:
+            raise Rejected("the result does not match the span")
+        if (
+            not header.included
+            or len(set(header.included)) != len(header.included)
+            or not all(0 <= i < len(self.members) for i in header.included)
+        ):
+            raise Rejected("bad list of included members")
+        count = header.end - header.start
+        data = await request.read_all(self.codec.encoded_size(count))
+        self.bytes_received += len(data)
+        try:
+            values = self.codec.decode(data, count)
+        except BadContribution as exc:
+            raise Rejected(f"bad result: {exc}") from None
+        if not np.all(np.isfinite(values)):
+            raise Rejected("non-finite values in a result")
+        self.results[j] = (values, tuple(sorted(header.included)))
+        if self._expected_results <= set(self.results):
+            self.all_results.set()
+        return b""
+
+
+class RoundRegistry:
+    """Rounds in progress by group id, so incoming streams find theirs (and wait for it)."""
+
+    def __init__(self) -> None:
+        self._rounds: dict[bytes, AllReduce] = {}
+        self._changed = trio.Event()
+        # Group ids of finished rounds (the latest few): a straggler for one is refused at
+        # once instead of waiting for a round that will never come back.
+        self._finished: dict[bytes, None] = {}
+
+    def add(self, round: AllReduce) -> None:
+        self._rounds[round.group.group_id] = round
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def remove(self, round: AllReduce) -> None:
+        self._rounds.pop(round.group.group_id, None)
+        self._finished[round.group.group_id] = None
+        while len(self._finished) > 64:
+            del self._finished[next(iter(self._finished))]
+
+    async def wait_for(self, group_id: bytes) -> AllReduce:
+        while group_id not in self._rounds:
+            if group_id in self._finished:
+                raise Rejected("that round is over")
+            await self._changed.wait()
+        return self._rounds[group_id]
+
+    async def on_part(self, request: StreamRequest) -> bytes:
+        try:
+            header = _part_decoder.decode(request.header)
+        except msgspec.DecodeError:
+            raise Rejected("malformed part header") from None
+        round = await self.wait_for(header.group_id)
+        return await round.on_part(request, header)
+
+    async def on_result(self, request: StreamRequest) -> bytes:
+        try:
+            header = _result_decoder.decode(request.header)
+        except msgspec.DecodeError:
+            raise Rejected("malformed result header") from None
+        round = await self.wait_for(header.group_id)
+        return await round.on_result(request, header)

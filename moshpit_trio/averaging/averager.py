@@ -1,0 +1,234 @@
+"""MoshpitAverager: Moshpit All-Reduce rounds over a peer, one ``step()`` at a time.
+
+    averager = MoshpitAverager(peer, run_id="exp1", tensors=[w, b], grid=(4, 4))
+    async with averager:
+        report = await averager.step(weight=n_samples, timeout=30)   # averages w, b in place
+
+A step is one round of MOSHPIT.md Algorithm 1: announce under (run, key, round) and form a group
+(``matchmaking``), all-reduce inside it (``allreduce``), then rotate the key (``grid``). Each
+stage runs under its own deadline inside the step's ``timeout``; whatever fails, the step returns
+by then with a ``RoundReport`` that says exactly what the tensors now hold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import trio
+
+from ..errors import ConfigError
+from ..identity import PeerID
+from ..log import get_logger
+from .allreduce import AllReduce, RoundRegistry, SpanReport
+from .compression import codec as find_codec
+from .grid import (
+    Grid,
+    GroupKey,
+    check_key,
+    group_key_name,
+    initial_key,
+    next_key,
+    within_group_index,
+)
+from .matchmaking import GroupInfo, Matchmaker
+from .partition import TensorLayout, flatten, unflatten_into
+
+__all__ = ["MoshpitAverager", "RoundReport"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundReport:
+    """What one ``step()`` did, truthfully."""
+
+    round: int
+    #: None for a solo round (no group formed)
+    group_id: bytes | None
+    #: the group in its agreed order (just this peer in a solo round)
+    members: tuple[PeerID, ...]
+    index: int
+    key_before: GroupKey
+    key_after: GroupKey
+    #: per span of the flat vector: which members' data it now averages (None: local values)
+    spans: tuple[SpanReport, ...]
+    #: members this peer's reducer left out of its span, and why ("late", "nonfinite", ...)
+    excluded: dict[PeerID, str]
+    bytes_sent: int
+    bytes_received: int
+    #: seconds per stage: "matchmaking", "allreduce", "total"
+    seconds: dict[str, float]
+
+    @property
+    def succeeded(self) -> bool:
+        """A group of two or more formed and every span averages over all of its members."""
+        return len(self.members) > 1 and all(
+            s.included is not None and len(s.included) == len(self.members) for s in self.spans
+        )
+
+
+class MoshpitAverager:
+    """Averages ``tensors`` in place with the peers of run ``run_id``, round after round.
+
+    ``grid`` is the virtual grid's shape, e.g. ``(32, 32)``; ``initial_key`` this peer's starting
+    key (d-1 integers; by default derived from its PeerID); ``min_group_size`` the smallest group
+    a leader keeps (smaller ones disband into solo rounds); ``compression`` one of "none",
+    "fp16", "8bit"; ``bandwidth`` this peer's, in bytes/s, for sizing spans; ``index_rule``
+    "random" (seeded by the group id) or "rank"; ``max_norm`` refuses parts with a larger L2 norm.
+    """
+
+    def __init__(
+        self,
+        peer: Any,
+        run_id: str,
+        tensors: Sequence[Any],
+        grid: Sequence[int] | str = (4, 4),
+        *,
+        initial_key: Sequence[int] | None = None,
+        min_group_size: int = 2,
+        compression: str = "none",
+        bandwidth: float = 1e8,
+        index_rule: Literal["random", "rank"] = "random",
+        max_norm: float | None = None,
+        matchmaking_fraction: float = 0.4,
+    ) -> None:
+        self.peer = peer
+        self.grid = Grid.parse(grid)  # type: ignore[arg-type]
+        group_key_name(run_id, (0,) * (self.grid.d - 1), 0)  # validates run_id
+        self.run_id = run_id
+        self.tensors = list(tensors)
+        self.layout = TensorLayout.of(self.tensors)
+        self.codec_name = find_codec(compression).name
+        if index_rule not in ("random", "rank"):
+            raise ConfigError(f"index_rule is 'random' or 'rank', got {index_rule!r}")
+        self.index_rule: Literal["random", "rank"] = index_rule
+        if max_norm is not None and not max_norm > 0:
+            raise ConfigError("max_norm must be positive")
+        self.max_norm = max_norm
+        if not 0 < matchmaking_fraction < 1:
+            raise ConfigError("matchmaking_fraction must be in (0, 1)")
+        self.matchmaking_fraction = matchmaking_fraction
+        self.round = 0
+        self.key: GroupKey = (
+            check_key(self.grid, initial_key, 0)
+            if initial_key is not None
+            else _initial(self.grid, peer.id)
+        )
+        self.matchmaker = Matchmaker(
+            peer, run_id, bandwidth=bandwidth, min_group_size=min_group_size
+        )
+        self.log = get_logger(peer=peer.id.short, run=run_id)
+        self._rounds = RoundRegistry()
+        self._flat = np.empty(self.layout.total, dtype=np.float32)
+        self._entered = False
+
+    async def __aenter__(self) -> MoshpitAverager:
+        t = self.peer.transport
+        self.matchmaker.register()
+        t.register_stream(f"avg.{self.run_id}.part", self._rounds.on_part)
+        t.register_stream(f"avg.{self.run_id}.result", self._rounds.on_result)
+        self._entered = True
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._entered = False
+        self.matchmaker.unregister()
+        for suffix in ("part", "result"):
+            self.peer.transport.registry.unregister(f"avg.{self.run_id}.{suffix}")
+
+    async def step(self, weight: float = 1.0, timeout: float = 30.0) -> RoundReport:
+        """One round: form a group, average with it, rotate the key. Returns by ``timeout``."""
+        if not self._entered:
+            raise ConfigError("use the averager as `async with averager:` before step()")
+        if not isinstance(weight, int | float) or not np.isfinite(weight) or not weight > 0:
+            raise ConfigError(f"weight must be a positive number, got {weight!r}")
+        if not isinstance(timeout, int | float) or not timeout > 0:
+            raise ConfigError(f"timeout must be positive seconds, got {timeout!r}")
+        start = trio.current_time()
+        deadline = start + timeout
+        round_, key = self.round, self.key
+        dht_key = group_key_name(self.run_id, key, round_)
+        capacity = self.grid.shape[round_ % self.grid.d]
+        group: GroupInfo | None = None
+        with trio.move_on_at(deadline):
+            group = await self.matchmaker.form_group(
+                dht_key, round_, key, capacity, start + self.matchmaking_fraction * timeout
+            )
+        formed = trio.current_time()
+        flat = flatten(self.tensors, self.layout, out=self._flat)
+        spans: tuple[SpanReport, ...] = ()
+        excluded: dict[PeerID, str] = {}
+        sent = received = 0
+        if group is not None and len(group.members) > 1:
+            reduce = AllReduce(
+                group,
+                self.peer.id,
+                flat,
+                float(weight),
+                codec_name=self.codec_name,
+                max_norm=self.max_norm,
+            )
+            self._rounds.add(reduce)
+            try:
+                reduce_deadline = formed + (deadline - formed) / 2
+                spans = tuple(
+                    await reduce.run(self.peer.transport, self.run_id, reduce_deadline, deadline)
+                )
+            finally:
+                self._rounds.remove(reduce)
+            ids = group.peer_ids
+            excluded = {ids[i]: why for i, why in reduce.excluded.items()}
+            sent, received = reduce.bytes_sent, reduce.bytes_received
+            mask = [(s.start, s.end) for s in spans if s.included is not None]
+            unflatten_into(flat, self.tensors, self.layout, mask=mask)
+            members = tuple(ids)
+            index = group.index_of(self.peer.id)
+            c = within_group_index(
+                group.group_id, ids, self.peer.id, self.grid, round_, rule=self.index_rule
+            )
+            group_id: bytes | None = group.group_id
+        else:
+            members, index, group_id = (self.peer.id,), 0, None
+            solo_id = hashlib.sha256(b"solo" + self.peer.id.to_bytes() + round_.to_bytes(8, "big"))
+            c = within_group_index(
+                solo_id.digest(),
+                [self.peer.id],
+                self.peer.id,
+                self.grid,
+                round_,
+                rule=self.index_rule,
+            )
+        self.key = next_key(self.grid, key, c, round_)
+        self.round = round_ + 1
+        end = trio.current_time()
+        report = RoundReport(
+            round=round_,
+            group_id=group_id,
+            members=members,
+            index=index,
+            key_before=key,
+            key_after=self.key,
+            spans=spans,
+            excluded=excluded,
+            bytes_sent=sent,
+            bytes_received=received,
+            seconds={
+                "matchmaking": formed - start,
+                "allreduce": end - formed,
+                "total": end - start,
+            },
+        )
+        self.log.info(
+            "round done",
+            round=round_,
+            group=len(members),
+            succeeded=report.succeeded,
+            seconds=round(end - start, 3),
+        )
+        return report
+
+
+def _initial(grid: Grid, peer_id: PeerID) -> GroupKey:
+    return initial_key(grid, peer_id)

@@ -1,0 +1,310 @@
+"""Group formation for one averaging round, over the DHT, under a deadline.
+
+Every peer of a round announces itself under the round's group key ``mp.avg/RUN/ROUND/KEY`` as
+an owned record (only it can write or withdraw its entry) whose expiration is the time by which
+it wants its group to start. Then:
+
+1. it reads the key until it sees a full group (M entries) or its gather time is up;
+2. the announcers are ordered by (expiration, PeerID) — the same order for everyone who sees
+   them — and client-mode peers, which nobody can dial, are never leaders;
+3. it asks the candidates before itself in that order to take it, the earliest first; a
+   candidate that is full, follows someone else, or is gone says so (or fails), and it asks the
+   next;
+4. when no earlier candidate takes it, it leads: it accepts joins until the group is full or its
+   deadline comes, then fixes the group (a fresh id, a shuffled member order) and answers every
+   waiting join with it.
+
+Nobody ever waits on a later peer, so two peers can never wait on each other. A peer asked to
+lead while it has not decided yet answers once it has. A leader that dies fails its followers'
+join calls, and they go on down the order, or round alone. Finding nobody by the deadline gives
+``None``: a solo round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+from typing import Any
+
+import msgspec
+import trio
+
+from ..dht.records import Record
+from ..errors import ConfigError, MoshpitError, Rejected
+from ..identity import PeerID
+from ..log import get_logger
+from ..wire.address import InvalidAddress, PeerAddress
+from ..wire.connection import Request
+
+__all__ = ["GroupInfo", "Matchmaker", "MemberInfo"]
+
+
+class MemberInfo(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fields=True):
+    """What a peer tells its group about itself (and announces in the DHT)."""
+
+    peer_id: bytes
+    #: "" for a client-mode peer (reached over the connection it opened)
+    address: str
+    bandwidth: float
+    client_mode: bool
+
+
+class GroupInfo(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fields=True):
+    """A fixed group, as its leader sent it to every member."""
+
+    group_id: bytes
+    round: int
+    key: tuple[int, ...]
+    members: tuple[MemberInfo, ...]
+    leader: bytes
+
+    def index_of(self, peer: PeerID) -> int:
+        for i, m in enumerate(self.members):
+            if m.peer_id == peer.to_bytes():
+                return i
+        raise ValueError(f"{peer.short} is not in group {self.group_id.hex()[:8]}")
+
+    @property
+    def peer_ids(self) -> list[PeerID]:
+        return [PeerID(m.peer_id) for m in self.members]
+
+
+class _Join(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    round: int
+    key: tuple[int, ...]
+    member: MemberInfo
+
+
+_encode = msgspec.msgpack.Encoder().encode
+_join_decoder = msgspec.msgpack.Decoder(_Join)
+_group_decoder = msgspec.msgpack.Decoder(GroupInfo)
+_member_decoder = msgspec.msgpack.Decoder(MemberInfo)
+
+
+@dataclasses.dataclass(eq=False)
+class _Attempt:
+    """This peer's matchmaking for one (round, key): decided yet? leading? whom?"""
+
+    round: int
+    key: tuple[int, ...]
+    capacity: int
+    decided: trio.Event = dataclasses.field(default_factory=trio.Event)
+    leading: bool = False
+    closed: bool = False
+    followers: list[MemberInfo] = dataclasses.field(default_factory=list)
+    full: trio.Event = dataclasses.field(default_factory=trio.Event)
+    fixed: trio.Event = dataclasses.field(default_factory=trio.Event)
+    group: GroupInfo | None = None
+
+
+class Matchmaker:
+    """Forms groups for one averager (one run) of one peer; see the module docstring."""
+
+    def __init__(
+        self,
+        peer: Any,
+        run_id: str,
+        *,
+        bandwidth: float,
+        min_group_size: int = 2,
+        poll_interval: float = 0.2,
+    ) -> None:
+        if not bandwidth > 0:
+            raise ConfigError(f"bandwidth must be positive, got {bandwidth!r}")
+        if min_group_size < 1:
+            raise ConfigError("min_group_size must be at least 1")
+        self.peer = peer
+        self.run_id = run_id
+        self.min_group_size = min_group_size
+        self.poll_interval = poll_interval
+        self.join_name = f"avg.{run_id}.join"
+        self.me = MemberInfo(
+            peer_id=peer.id.to_bytes(),
+            address="" if peer.address is None else str(peer.address),
+            bandwidth=float(bandwidth),
+            client_mode=peer.address is None,
+        )
+        self.log = get_logger(peer=peer.id.short, run=run_id)
+        self._attempt: _Attempt | None = None
+
+    def register(self) -> None:
+        self.peer.transport.register(self.join_name, self._on_join)
+
+    def unregister(self) -> None:
+        self.peer.transport.registry.unregister(self.join_name)
+
+    # -- one round ---------------------------------------------------------------------------
+
+    async def form_group(
+        self, dht_key: str, round: int, key: tuple[int, ...], capacity: int, deadline: float
+    ) -> GroupInfo | None:
+        """Find or lead a group of at most ``capacity`` under ``dht_key`` by ``deadline``
+        (trio time); ``None`` when none formed (a solo round)."""
+        attempt = _Attempt(round, key, capacity)
+        self._attempt = attempt
+        try:
+            with trio.move_on_at(deadline):
+                return await self._form(attempt, dht_key, deadline)
+            return self._close(attempt, fix=True)
+        finally:
+            attempt.closed = True
+            attempt.decided.set()
+            attempt.fixed.set()
+            if self._attempt is attempt:
+                self._attempt = None
+
+    async def _form(self, attempt: _Attempt, dht_key: str, deadline: float) -> GroupInfo | None:
+        dht = self.peer.dht
+        ttl = max(deadline - trio.current_time(), 0.5)
+        await dht.store(dht_key, _encode(self.me), ttl=ttl)
+        # Gather: read until a full group has announced, or half the time is gone.
+        gather_until = trio.current_time() + (deadline - trio.current_time()) / 2
+        while True:
+            announced = await self._announced(dht_key)
+            if len(announced) >= attempt.capacity or trio.current_time() >= gather_until:
+                break
+            await trio.sleep(min(self.poll_interval, max(gather_until - trio.current_time(), 0)))
+        # Our own place in the order is where our record stands, as everyone else sees it.
+        mine = [i for i, (_, m) in enumerate(announced) if m.peer_id == self.me.peer_id]
+        earlier = [
+            m for _, m in announced[: mine[0] if mine else len(announced)] if not m.client_mode
+        ]
+        # Decided, as far as peers asking us to lead are concerned: we follow (or try to). If
+        # every earlier candidate turns us away we lead after all, and take joins from then on.
+        attempt.decided.set()
+        for leader in earlier:
+            group = await self._join(leader, attempt, deadline)
+            if group is not None:
+                return group
+        if self.me.client_mode:
+            return None  # nobody can dial us: we cannot lead
+        # Nobody earlier took us: lead; from now on joins are accepted.
+        attempt.leading = True
+        if attempt.capacity <= 1:
+            return self._close(attempt, fix=True)
+        # Fix the group a little before the deadline, so that the answer reaches followers
+        # whose own deadlines are only slightly later than ours.
+        with trio.move_on_at(deadline - self.fix_margin(deadline)):
+            await attempt.full.wait()
+        return self._close(attempt, fix=True)
+
+    def fix_margin(self, deadline: float) -> float:
+        return min(1.0, 0.1 * max(deadline - trio.current_time(), 0.0))
+
+    async def _announced(self, dht_key: str) -> list[tuple[float, MemberInfo]]:
+        """The live announcements under the key (ours included), in (expiration, PeerID)
+        order: the same order for everyone who sees the same records."""
+        records: dict[bytes, Record] = await self.peer.dht.get_records(dht_key)
+        found: list[tuple[float, MemberInfo]] = []
+        for subkey, record in records.items():
+            if not record.value:
+                continue
+            try:
+                member = _member_decoder.decode(record.value)
+            except msgspec.DecodeError:
+                continue
+            if member.peer_id != subkey or not _usable(member):
+                continue  # an announcement must describe its owner
+            found.append((record.expiration, member))
+        found.sort(key=lambda em: (em[0], em[1].peer_id))
+        return found
+
+    async def _join(
+        self, leader: MemberInfo, attempt: _Attempt, deadline: float
+    ) -> GroupInfo | None:
+        timeout = deadline - trio.current_time()
+        if timeout <= 0:
+            return None
+        request = _encode(_Join(attempt.round, attempt.key, self.me))
+        try:
+            raw = await self.peer.transport.call(
+                leader.address, self.join_name, request, timeout=timeout
+            )
+            group = _group_decoder.decode(raw)
+        except (MoshpitError, msgspec.DecodeError) as exc:
+            self.log.debug(
+                "leader did not take us", leader=leader.peer_id[:4].hex(), error=str(exc)
+            )
+            return None
+        if not self._valid_group(group, attempt, leader):
+            self.log.warning("leader sent an invalid group", leader=leader.peer_id[:4].hex())
+            return None
+        return group
+
+    def _valid_group(self, group: GroupInfo, attempt: _Attempt, leader: MemberInfo) -> bool:
+        ids = [m.peer_id for m in group.members]
+        return (
+            group.round == attempt.round
+            and tuple(group.key) == attempt.key
+            and group.leader == leader.peer_id
+            and len(group.group_id) == 16
+            and 1 <= len(ids) <= attempt.capacity
+            and len(set(ids)) == len(ids)
+            and self.me.peer_id in ids
+            and leader.peer_id in ids
+            and all(_usable(m) for m in group.members)
+        )
+
+    def _close(self, attempt: _Attempt, *, fix: bool) -> GroupInfo | None:
+        """Stop taking joins; as a leader, fix the group (or disband if it is too small)."""
+        attempt.closed = True
+        if not attempt.leading or attempt.group is not None:
+            attempt.fixed.set()
+            return attempt.group
+        members = [self.me, *attempt.followers]
+        if fix and len(members) >= max(self.min_group_size, 2):
+            group_id = os.urandom(16)
+            random.Random(group_id).shuffle(members)
+            attempt.group = GroupInfo(
+                group_id=group_id,
+                round=attempt.round,
+                key=attempt.key,
+                members=tuple(members),
+                leader=self.me.peer_id,
+            )
+        attempt.fixed.set()
+        return attempt.group
+
+    # -- being asked to lead ---------------------------------------------------------------
+
+    async def _on_join(self, request: Request) -> bytes:
+        try:
+            join = _join_decoder.decode(request.payload)
+        except msgspec.DecodeError:
+            raise Rejected("malformed join request") from None
+        if join.member.peer_id != request.peer.to_bytes() or not _usable(join.member):
+            raise Rejected("a join must describe the peer that sends it")
+        attempt = self._attempt
+        if attempt is None or attempt.round != join.round or attempt.key != tuple(join.key):
+            raise Rejected("not matchmaking for that round and key")
+        # Still gathering: answer once we know whether we lead or follow. A peer that follows
+        # (or tries to) answers at once, so no join ever waits on a join: no cycles.
+        await attempt.decided.wait()
+        if not attempt.leading or attempt.closed:
+            raise Rejected("not leading a group")
+        if len(attempt.followers) + 1 >= attempt.capacity:
+            raise Rejected("the group is full")
+        if all(m.peer_id != join.member.peer_id for m in attempt.followers):
+            attempt.followers.append(join.member)
+        if len(attempt.followers) + 1 >= attempt.capacity:
+            attempt.full.set()
+        await attempt.fixed.wait()
+        if attempt.group is None:
+            raise Rejected("the group was disbanded (too small)")
+        return _encode(attempt.group)
+
+
+def _usable(member: MemberInfo) -> bool:
+    if (
+        len(member.peer_id) != 32
+        or not member.bandwidth > 0
+        or member.bandwidth != member.bandwidth
+    ):
+        return False
+    if member.client_mode:
+        return member.address == ""
+    try:
+        return PeerAddress.parse(member.address).peer_id.to_bytes() == member.peer_id
+    except InvalidAddress:
+        return False

@@ -1,0 +1,102 @@
+"""Moshpit All-Reduce end to end, on the in-memory network under the virtual clock."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import numpy as np
+import pytest
+import trio
+
+from moshpit_trio.averaging.averager import MoshpitAverager, RoundReport
+from moshpit_trio.averaging.grid import Grid, balanced_initial_keys
+from moshpit_trio.identity import Identity
+from moshpit_trio.peer import Peer, open_peer
+from moshpit_trio.testing import MemoryNetwork
+
+LATENCY = 0.005
+
+
+def ident(i: int) -> Identity:
+    return Identity.from_seed(i.to_bytes(32, "big"))
+
+
+@asynccontextmanager
+async def swarm(net: MemoryNetwork, n: int) -> AsyncIterator[list[Peer]]:
+    async with AsyncExitStack() as stack:
+        peers: list[Peer] = []
+        for i in range(n):
+            boot = [peers[j].address for j in range(min(len(peers), 3))]
+            peers.append(
+                await stack.enter_async_context(
+                    open_peer(
+                        ident(i + 1),
+                        listen=f"h{i}:0",
+                        network=net.host(f"h{i}"),
+                        bootstrap=boot,  # type: ignore[arg-type]
+                    )
+                )
+            )
+        yield peers
+
+
+def check_report_is_true(
+    report: RoundReport, before: dict[Any, np.ndarray], weights: dict[Any, float], now: np.ndarray
+) -> None:
+    """The values equal, span by span, the weighted average of exactly the members named."""
+    me = report.members[report.index]
+    covered = np.zeros(len(now), dtype=bool)
+    for span in report.spans:
+        part = slice(span.start, span.end)
+        covered[part] = True
+        if span.included is None:
+            np.testing.assert_array_equal(now[part], before[me][part])
+            continue
+        w = np.array([weights[p] for p in span.included])
+        expect = sum(wi * before[p][part] for wi, p in zip(w, span.included, strict=True)) / w.sum()
+        np.testing.assert_allclose(now[part], expect, rtol=1e-5, atol=1e-6)
+    if not report.spans:  # solo round
+        np.testing.assert_array_equal(now, before[me])
+
+
+@pytest.mark.parametrize(("shape", "n_peers", "rounds"), [((4, 4), 16, 2), ((3, 3, 3), 27, 3)])
+async def test_balanced_grid_reaches_the_exact_mean(
+    autojump_clock: Any, shape: tuple[int, ...], n_peers: int, rounds: int
+) -> None:
+    net = MemoryNetwork(seed=1, latency=LATENCY)
+    grid = Grid(shape)
+    keys = balanced_initial_keys(grid, n_peers)
+    rng = np.random.default_rng(0)
+    values = [rng.normal(size=1000).astype(np.float32) for _ in range(n_peers)]
+    target = np.mean(values, axis=0)
+    async with swarm(net, n_peers) as peers, AsyncExitStack() as stack:
+        averagers = [
+            await stack.enter_async_context(
+                MoshpitAverager(p, "exact", [v], grid=shape, initial_key=k)
+            )
+            for p, v, k in zip(peers, values, keys, strict=True)
+        ]
+        for _ in range(rounds):
+            before = {p.id: v.copy() for p, v in zip(peers, values, strict=True)}
+            weights = {p.id: 1.0 for p in peers}
+            reports: list[RoundReport] = []
+
+            async def one(a: MoshpitAverager) -> None:
+                reports.append(await a.step(timeout=30))
+
+            async with trio.open_nursery() as nursery:
+                for a in averagers:
+                    nursery.start_soon(one, a)
+            for report in reports:
+                me = report.members[report.index]
+                check_report_is_true(report, before, weights, values[peers.index(_peer(peers, me))])
+                assert report.succeeded
+                assert len(report.members) == shape[report.round % len(shape)]
+        for v in values:
+            np.testing.assert_allclose(v, target, rtol=1e-5, atol=1e-6)
+
+
+def _peer(peers: list[Peer], peer_id: Any) -> Peer:
+    return next(p for p in peers if p.id == peer_id)
