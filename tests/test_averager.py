@@ -82,13 +82,9 @@ async def test_balanced_grid_reaches_the_exact_mean(
             before = {p.id: v.copy() for p, v in zip(peers, values, strict=True)}
             weights = {p.id: 1.0 for p in peers}
             reports: list[RoundReport] = []
-
-            async def one(a: MoshpitAverager) -> None:
-                reports.append(await a.step(timeout=30))
-
             async with trio.open_nursery() as nursery:
                 for a in averagers:
-                    nursery.start_soon(one, a)
+                    nursery.start_soon(_step_into, a, reports)
             for report in reports:
                 me = report.members[report.index]
                 check_report_is_true(report, before, weights, values[peers.index(_peer(peers, me))])
@@ -96,6 +92,10 @@ async def test_balanced_grid_reaches_the_exact_mean(
                 assert len(report.members) == shape[report.round % len(shape)]
         for v in values:
             np.testing.assert_allclose(v, target, rtol=1e-5, atol=1e-6)
+
+
+async def _step_into(averager: MoshpitAverager, reports: list[RoundReport]) -> None:
+    reports.append(await averager.step(timeout=30))
 
 
 def _peer(peers: list[Peer], peer_id: Any) -> Peer:
