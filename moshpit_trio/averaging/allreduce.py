@@ -248,7 +248,12 @@ class AllReduce:
         if header.codec != self.codec.name:
             raise Rejected("wrong codec")
         count = end - start
-        data = await request.read_all(self.codec.encoded_size(count))
+        try:
+            data = await request.read_all(self.codec.encoded_size(count))
+        except Rejected:
+            self.accumulator.exclude(header.sender, "length")
+            self._check_delivered()
+            raise
         self.bytes_received += len(data)
         if self.reduced is not None:
             raise Rejected("too late: the span was already reduced")

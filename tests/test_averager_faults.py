@@ -1,0 +1,281 @@
+"""Faults during a round, as a table of scenarios on the in-memory network (virtual clock).
+
+Every scenario checks, for every peer that survives: its step returned by its deadline, and its
+values equal — span by span — the weighted average of exactly the members its report names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+import trio
+
+from moshpit_trio.averaging import allreduce as allreduce_module
+from moshpit_trio.averaging.averager import MoshpitAverager, RoundReport
+from moshpit_trio.averaging.grid import Grid, next_key
+from moshpit_trio.errors import MoshpitError
+from moshpit_trio.identity import PeerID
+from moshpit_trio.peer import Peer
+from moshpit_trio.testing import MemoryNetwork
+
+from .test_averager import check_report_is_true, swarm
+
+TIMEOUT = 10.0
+FLOATS = 50_000
+
+
+@dataclass
+class Round:
+    net: MemoryNetwork
+    peers: list[Peer]
+    averagers: list[MoshpitAverager]
+    values: list[np.ndarray]
+    weights: list[float]
+    reports: dict[int, RoundReport] = field(default_factory=dict)
+    returned_at: dict[int, float] = field(default_factory=dict)
+    #: peers the fault took out of the round; their results are not checked
+    gone: set[int] = field(default_factory=set)
+    cancel_scopes: dict[int, trio.CancelScope] = field(default_factory=dict)
+
+
+Fault = Callable[[Round], Awaitable[None]]
+
+
+async def run_round(
+    n: int,
+    fault: Fault | None,
+    *,
+    grid: tuple[int, ...] = (4,),
+    bandwidth: float | None = None,
+    prepare: Callable[[Round], None] | None = None,
+) -> Round:
+    net = MemoryNetwork(seed=3, latency=0.005, bandwidth=bandwidth)
+    rng = np.random.default_rng(1)
+    async with swarm(net, n) as peers, AsyncExitStack() as stack:
+        values = [rng.normal(size=FLOATS).astype(np.float32) for _ in range(n)]
+        averagers = [
+            await stack.enter_async_context(MoshpitAverager(p, "faults", [v], grid=grid))
+            for p, v in zip(peers, values, strict=True)
+        ]
+        r = Round(net, peers, averagers, values, [1.0 + i for i in range(n)])
+        if prepare is not None:
+            prepare(r)
+        before = {p.id: v.copy() for p, v in zip(peers, values, strict=True)}
+        start = trio.current_time()
+
+        async def step(i: int) -> None:
+            with trio.CancelScope() as scope:
+                r.cancel_scopes[i] = scope
+                r.reports[i] = await averagers[i].step(weight=r.weights[i], timeout=TIMEOUT)
+                r.returned_at[i] = trio.current_time() - start
+
+        async with trio.open_nursery() as nursery:
+            for i in range(n):
+                nursery.start_soon(step, i)
+            if fault is not None:
+                nursery.start_soon(fault, r)
+        weights = {p.id: w for p, w in zip(peers, r.weights, strict=True)}
+        for i in range(n):
+            if i in r.gone:
+                continue
+            assert r.returned_at[i] <= TIMEOUT + 1e-9, f"peer {i} returned late"
+            check_report_is_true(r.reports[i], before, weights, values[i])
+        return r
+
+
+def kill_at(delay: float, *victims: int) -> Fault:
+    async def fault(r: Round) -> None:
+        await trio.sleep(delay)
+        for i in victims:
+            r.gone.add(i)
+            r.net.kill(f"h{i}")
+            r.cancel_scopes[i].cancel()
+
+    return fault
+
+
+def freeze_at(delay: float, victim: int) -> Fault:
+    async def fault(r: Round) -> None:
+        await trio.sleep(delay)
+        r.gone.add(victim)
+        r.net.freeze(f"h{victim}")
+
+    return fault
+
+
+def cancel_at(delay: float, victim: int) -> Fault:
+    async def fault(r: Round) -> None:
+        await trio.sleep(delay)
+        r.gone.add(victim)
+        r.cancel_scopes[victim].cancel()
+
+    return fault
+
+
+def partition_at(delay: float, side: list[int]) -> Fault:
+    async def fault(r: Round) -> None:
+        await trio.sleep(delay)
+        r.net.partition([f"h{i}" for i in side])
+
+    return fault
+
+
+def survivors_agree_on_spans(r: Round) -> None:
+    """Any two survivors that got span j's result name the same members for it."""
+    seen: dict[int, tuple[PeerID, ...]] = {}
+    for i, report in r.reports.items():
+        if i in r.gone:
+            continue
+        for span in report.spans:
+            if span.included is not None:
+                assert seen.setdefault(span.start, span.included) == span.included
+
+
+# (scenario, fault, peers, network bandwidth or None)
+SCENARIOS: list[tuple[str, Fault | None, int, float | None]] = [
+    ("no fault", None, 4, None),
+    ("dies before matchmaking", kill_at(0.0, 3), 4, None),
+    ("dies during matchmaking", kill_at(0.02, 2), 4, None),
+    ("dies mid-send", kill_at(0.3, 1), 4, 2e6),
+    ("dies mid-reduce", kill_at(0.6, 0), 4, 2e6),
+    ("frozen mid-round", freeze_at(0.3, 2), 4, 2e6),
+    ("cancels its step", cancel_at(0.3, 3), 4, 2e6),
+    ("partition mid-round", partition_at(0.3, [0, 1]), 4, 2e6),
+    ("two die at once", kill_at(0.3, 1, 2), 4, 2e6),
+]
+
+
+@pytest.mark.parametrize(
+    ("fault", "n", "bandwidth"), [s[1:] for s in SCENARIOS], ids=[s[0] for s in SCENARIOS]
+)
+async def test_round_with_a_fault(
+    autojump_clock: Any, fault: Fault | None, n: int, bandwidth: float | None
+) -> None:
+    r = await run_round(n, fault, bandwidth=bandwidth)
+    survivors_agree_on_spans(r)
+    if fault is None:
+        assert all(rep.succeeded for rep in r.reports.values())
+
+
+async def test_leader_dies_after_assembling(autojump_clock: Any) -> None:
+    async def kill_leader(r: Round) -> None:
+        # wait until some group is fixed, then kill its leader
+        while not any(a._rounds._rounds for a in r.averagers):  # noqa: ASYNC110 - polls state
+            await trio.sleep(0.001)
+        leader = next(
+            iter(next(a for a in r.averagers if a._rounds._rounds)._rounds._rounds.values())
+        )
+        victim = next(i for i, p in enumerate(r.peers) if p.id.to_bytes() == leader.group.leader)
+        r.gone.add(victim)
+        r.net.kill(f"h{victim}")
+        r.cancel_scopes[victim].cancel()
+
+    r = await run_round(4, kill_leader, bandwidth=2e6)
+    survivors_agree_on_spans(r)
+
+
+async def test_nan_from_one_peer_is_excluded_and_named(autojump_clock: Any) -> None:
+    def poison(r: Round) -> None:
+        r.values[2][10] = np.nan
+
+    r = await run_round(4, None, prepare=poison)
+    bad = r.peers[2].id
+    poisoned_reducer = None
+    for report in r.reports.values():
+        for span in report.spans:
+            if span.start <= 10 < span.end and span.included is not None:
+                # the span holding the NaN averages everyone else, and not the NaN
+                assert bad not in span.included and len(span.included) == 3
+                poisoned_reducer = span.reducer
+            elif span.included is not None:
+                assert bad in span.included  # its other spans were fine, and count
+        assert np.all(
+            np.isfinite(r.values[r.peers.index(_by_id(r, report.members[report.index]))][:20])
+            | (report.members[report.index] == bad)
+        )
+    assert poisoned_reducer is not None
+    reducer_report = r.reports[r.peers.index(_by_id(r, poisoned_reducer))]
+    assert reducer_report.excluded == {bad: "nonfinite"}
+
+
+def _by_id(r: Round, peer_id: PeerID) -> Peer:
+    return next(p for p in r.peers if p.id == peer_id)
+
+
+@pytest.mark.parametrize("lie", ["wrong length", "duplicate part"])
+async def test_lying_sender_is_excluded(autojump_clock: Any, lie: str, monkeypatch: Any) -> None:
+    def prepare(r: Round) -> None:
+        liar = r.averagers[1]
+        real_send = allreduce_module.AllReduce._send_part
+
+        async def send_part(
+            self: Any, transport: Any, run_id: str, j: int, deadline: float
+        ) -> None:
+            if self.me != liar.peer.id:
+                return await real_send(self, transport, run_id, j, deadline)
+            start, end = self.spans[j]
+            header = allreduce_module._PartHeader(
+                self.group.group_id, self.index, start, end, self.weight, self.codec.name
+            )
+            data = self.codec.encode(self.flat[start:end])
+            # "wrong length": a part 4 bytes short; "duplicate part": the same part twice
+            sends = [data[:-4]] if lie == "wrong length" else [data, data]
+            for payload in sends:
+                try:
+                    async with transport.open_stream(
+                        self._target(self.members[j]),
+                        f"avg.{run_id}.part",
+                        allreduce_module._encode(header),
+                        timeout=deadline - trio.current_time(),
+                    ) as stream:
+                        await stream.send(payload)
+                        await stream.finish()
+                except MoshpitError:
+                    pass
+            return None
+
+        monkeypatch.setattr(allreduce_module.AllReduce, "_send_part", send_part)
+
+    r = await run_round(4, None, prepare=prepare)
+    liar = r.peers[1].id
+    for report in r.reports.values():
+        if report.members[report.index] == liar:
+            continue
+        if lie == "wrong length":
+            assert report.excluded == {liar: "length"}
+            assert all(liar not in (s.included or ()) for s in report.spans if s.reducer != liar)
+        else:
+            # A second copy that arrives before the span is reduced gets the sender excluded;
+            # one that arrives after is refused as too late, and the first copy counted once.
+            # Either way the values match the report (checked in run_round).
+            assert report.excluded in ({}, {liar: "duplicate"})
+
+
+async def test_lone_peer_rounds_alone_and_advances_its_key(autojump_clock: Any) -> None:
+    r = await run_round(1, None, grid=(4, 4))
+    (report,) = r.reports.values()
+    assert report.group_id is None and report.members == (r.peers[0].id,)
+    # the key still rotates: the old last coordinate moved to the front, a new one appended
+    assert len(report.key_after) == 1 and 0 <= report.key_after[0] < 4
+    assert report.key_after == next_key(Grid((4, 4)), report.key_before, report.key_after[0], 0)
+    assert r.returned_at[0] <= TIMEOUT * 0.4 + 1e-9  # the matchmaking share of the timeout
+
+
+async def test_three_m_peers_under_one_key_split_into_groups_of_m(autojump_clock: Any) -> None:
+    r = await run_round(12, None, grid=(4,))
+    sizes = sorted(len(rep.members) for rep in r.reports.values())
+    assert max(sizes) <= 4
+    # every peer is in exactly one group, and groups agree on their membership
+    groups: dict[bytes | None, tuple[PeerID, ...]] = {}
+    for rep in r.reports.values():
+        assert groups.setdefault(rep.group_id, rep.members) == rep.members or rep.group_id is None
+
+
+async def test_two_peers_find_each_other(autojump_clock: Any) -> None:
+    r = await run_round(2, None, grid=(2,))
+    assert all(rep.succeeded and len(rep.members) == 2 for rep in r.reports.values())
