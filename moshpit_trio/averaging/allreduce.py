@@ -21,6 +21,7 @@ their own deadline.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Sequence
 from typing import Any
@@ -126,7 +127,10 @@ class AllReduce:
         """Scatter, reduce, gather; returns the per-span report. Never raises a peer's failure."""
         if self.accumulator is not None:
             start, end = self.spans[self.index]
-            self._add(self.index, self.flat[start:end], self.weight)
+            # Our own part may be bad (NaN, over the norm bound): the accumulator then leaves
+            # us out of our own span's average and names us in `excluded`.
+            with contextlib.suppress(BadContribution):
+                self._add(self.index, self.flat[start:end], self.weight)
         async with trio.open_nursery() as nursery:
             for j, (start, end) in enumerate(self.spans):
                 if j != self.index and end > start:
@@ -150,9 +154,15 @@ class AllReduce:
                 self.accumulator.exclude(i, "late")
         self.excluded = dict(self.accumulator.excluded)
         try:
-            self.reduced = self.accumulator.finalize()
+            average, included = self.accumulator.finalize()
         except ValueError:
             self.reduced = None
+            return
+        # Everyone else gets the average through the codec; keep exactly what they get, so that
+        # members holding span j's result hold the same values, compressed or not.
+        if self.codec.name != "none":
+            average = self.codec.decode(self.codec.encode(average), len(average))
+        self.reduced = (average, included)
 
     def _apply(self) -> list[SpanReport]:
         ids = self.group.peer_ids

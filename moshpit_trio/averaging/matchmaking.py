@@ -23,7 +23,7 @@ join calls, and they go on down the order, or round alone. Finding nobody by the
 from __future__ import annotations
 
 import dataclasses
-import os
+import hashlib
 import random
 from typing import Any
 
@@ -254,7 +254,13 @@ class Matchmaker:
             return attempt.group
         members = [self.me, *attempt.followers]
         if fix and len(members) >= max(self.min_group_size, 2):
-            group_id = os.urandom(16)
+            # Derived, not drawn: the same group always gets the same id (reproducible runs),
+            # and no two groups share one (their members differ, or their round or key do).
+            digest = hashlib.sha256(b"moshpit/1 group\x00" + self.run_id.encode())
+            digest.update(_encode([attempt.round, list(attempt.key)]))
+            for member_id in sorted(m.peer_id for m in members):
+                digest.update(member_id)
+            group_id = digest.digest()[:16]
             random.Random(group_id).shuffle(members)
             attempt.group = GroupInfo(
                 group_id=group_id,
