@@ -61,7 +61,10 @@ def check_report_is_true(
         np.testing.assert_array_equal(now, before[me])
 
 
-@pytest.mark.parametrize(("shape", "n_peers", "rounds"), [((4, 4), 16, 2), ((3, 3, 3), 27, 3)])
+@pytest.mark.parametrize(
+    ("shape", "n_peers", "rounds"),
+    [((4, 4), 16, 2), ((3, 3, 3), 27, 3), pytest.param((8, 8), 64, 2, marks=pytest.mark.slow)],
+)
 async def test_balanced_grid_reaches_the_exact_mean(
     autojump_clock: Any, shape: tuple[int, ...], n_peers: int, rounds: int
 ) -> None:
@@ -100,3 +103,52 @@ async def _step_into(averager: MoshpitAverager, reports: list[RoundReport]) -> N
 
 def _peer(peers: list[Peer], peer_id: Any) -> Peer:
     return next(p for p in peers if p.id == peer_id)
+
+
+async def test_converges_with_one_peer_killed_per_round(autojump_clock: Any) -> None:
+    net = MemoryNetwork(seed=2, latency=LATENCY)
+    grid = Grid((4, 4))
+    n = 16
+    keys = balanced_initial_keys(grid, n)
+    rng = np.random.default_rng(5)
+    values = [rng.normal(size=200).astype(np.float32) for _ in range(n)]
+    alive = list(range(n))
+    spread = [float(np.var(np.stack(values), axis=0).mean())]
+    async with swarm(net, n) as peers, AsyncExitStack() as stack:
+        averagers = [
+            await stack.enter_async_context(
+                MoshpitAverager(p, "churn", [v], grid=(4, 4), initial_key=k)
+            )
+            for p, v, k in zip(peers, values, keys, strict=True)
+        ]
+        for round_ in range(6):
+            victim = alive.pop(round_ * 5 % len(alive))
+            reports: list[RoundReport] = []
+            scopes: dict[int, trio.CancelScope] = {}
+
+            async def kill_soon(
+                victim: int = victim, scopes: dict[int, trio.CancelScope] = scopes
+            ) -> None:
+                await trio.sleep(0.05)
+                net.kill(f"h{victim}")
+                scopes[victim].cancel()
+
+            async with trio.open_nursery() as nursery:
+                for i in [*alive, victim]:
+                    nursery.start_soon(_step_scoped, averagers[i], reports, scopes, i)
+                nursery.start_soon(kill_soon)
+            live = np.stack([values[i] for i in alive])
+            spread.append(float(np.var(live, axis=0).mean()))
+    # one death per round slows it down, but the survivors still close in on each other fast
+    assert spread[-1] < 1e-3 * spread[0]
+
+
+async def _step_scoped(
+    averager: MoshpitAverager,
+    reports: list[RoundReport],
+    scopes: dict[int, trio.CancelScope],
+    i: int,
+) -> None:
+    with trio.CancelScope() as scope:
+        scopes[i] = scope
+        reports.append(await averager.step(timeout=10))
