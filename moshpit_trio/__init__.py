@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .averaging.averager import MoshpitAverager, RoundReport
 from .errors import (
     ConfigError,
     ConnectionLost,
@@ -29,12 +30,14 @@ __all__ = [
     "Identity",
     "IdentityError",
     "InvalidPeerID",
+    "MoshpitAverager",
     "MoshpitError",
     "Peer",
     "PeerID",
     "ProtocolError",
     "Rejected",
     "RemoteError",
+    "RoundReport",
     "UnknownHandler",
     "Unreachable",
     "__version__",
