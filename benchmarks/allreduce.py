@@ -1,0 +1,818 @@
+"""All-reduce: Moshpit rounds of N real processes against torch.distributed's gloo (and hivemind).
+
+N OS processes on 127.0.0.1, each holding a float32 vector of ``--floats`` elements, average
+their vectors ``--rounds`` times (after ``--warmup`` untimed rounds). Arms (``--arms``):
+
+``moshpit``   each process is an ``open_peer`` with one ``MoshpitAverager`` over its vector, in
+              one group of N: grid ``(N,)`` (d = 1, so the group key is empty and every peer
+              announces under the same DHT key each round). Process 0's peer is the others'
+              bootstrap. A round is ``averager.step()``: matchmaking over the DHT, then the
+              butterfly all-reduce over signed websocket streams.
+``gloo``      ``torch.distributed`` with the gloo backend, N fresh processes with the same data:
+              ``all_reduce(SUM)`` of a float32 tensor of the same size, then ``/= N``.
+``hivemind``  (``--with-hivemind``, and only if ``import hivemind`` works; see below) hivemind's
+              ``DecentralizedAverager`` with ``target_group_size = min_group_size = N``, its
+              other settings as they come; process 0's DHT is the others' initial peer.
+
+Timing. Every round starts at a wall-clock instant the orchestrating process sends to all N
+(``--lead`` seconds ahead, so each has its line read and is asleep until then); each process
+measures from that instant to the end of its own step. A round's time is the slowest process's;
+the figure reported is the median of that over the timed rounds. ``moshpit_round_s`` includes
+matchmaking; ``moshpit_allreduce_s`` is the all-reduce stage alone (``RoundReport.seconds
+["allreduce"]``, again the slowest process's, median over rounds).
+
+Correctness is checked in every round: process i starts each round from
+``v_i = base * (i + 1) + i`` (``base[k] = (k mod 997) / 997``), so the mean is known exactly;
+after the round every process compares its vector with the mean (tolerance by codec), and
+moshpit (uncompressed) and gloo processes must all hold exactly the same vector (equal float64
+checksums; hivemind applies the average to each local tensor as a delta, so its peers differ in
+the last bit and only the tolerance applies). Failures are counted per (round, process) and
+reported; a moshpit round that did not form the full group of N, or left a span unaveraged, is
+a failure too. ``CPU s`` is the CPU time (user + system, all threads) of all N processes per
+round (not for hivemind, which averages in a child process of its own): with N processes on
+fewer cores, a round cannot take less than ``CPU s / cores``.
+
+    python benchmarks/allreduce.py                           # N=4, 10M floats: table
+    python benchmarks/allreduce.py --json                    # one JSON object on stdout
+    python benchmarks/allreduce.py --with-hivemind --hivemind-python /path/to/venv/bin/python
+    python benchmarks/allreduce.py --arms moshpit --profile benchmarks/results/allreduce-prof
+
+hivemind is never a dependency of this project. ``--with-hivemind`` runs it with
+``--hivemind-python`` (default: this interpreter) if ``import hivemind`` works there, and
+reports ``hivemind_s: null`` with the reason otherwise. A separate environment that sees this
+one's torch works: ``python -m venv H; echo $(python -c 'import site;
+print(site.getsitepackages()[0])') > H/lib/python3.11/site-packages/main.pth; H/bin/pip install
+hivemind``.
+
+``--profile DIR`` runs moshpit process 0 under cProfile during the timed rounds, counting CPU
+time (not wall time: the processes share the cores), dumps ``DIR/moshpit-0.prof`` and prints
+the CPU per round by category; every function's own time is in exactly one category. The
+profiler's own cost (a CPU-clock read per call and return) lands mostly on the many small
+calls (trio scheduling, websocket framing), so compare those with the unprofiled ``CPU s``.
+
+JSON keys: ``peers``, ``floats``, ``rounds``, ``cores``, ``moshpit_round_s``,
+``moshpit_matchmaking_s``, ``moshpit_allreduce_s``, ``gloo_s``, ``ratio_vs_gloo`` (round /
+gloo), ``allreduce_ratio_vs_gloo``, ``hivemind_s`` (null when not run), ``hivemind_note``,
+``speedup_vs_hivemind`` (hivemind / round), ``failures`` (per arm), ``targets``, ``profile``
+(with ``--profile``) and ``arms`` with every round's figures. Targets at N=4 and 10M floats:
+ratio_vs_gloo <= 2.5, speedup_vs_hivemind >= 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import json
+import math
+import os
+import pstats
+import select
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+HOST = "127.0.0.1"
+ARMS = ("moshpit", "gloo", "hivemind")
+_BASE_PERIOD = 997
+_START_TIMEOUT = 60.0  # a child must be up (peer open, process group formed) within this
+_TARGET_RATIO = 2.5
+_TARGET_HIVEMIND = 3.0
+
+
+# --------------------------------------------------------------------------------------------
+# The data every process starts each round from, and the check of what it ends with.
+
+
+def initial_values(rank: int, floats: int) -> np.ndarray:
+    """``v_rank = base * (rank + 1) + rank`` as float32 (exact: small integers over 997)."""
+    base = (np.arange(floats, dtype=np.int64) % _BASE_PERIOD).astype(np.float64) / _BASE_PERIOD
+    return (base * (rank + 1) + rank).astype(np.float32)
+
+
+def expected_mean(peers: int, floats: int) -> np.ndarray:
+    """The exact mean of every ``initial_values`` (computed in float64, rounded once)."""
+    base = (np.arange(floats, dtype=np.int64) % _BASE_PERIOD).astype(np.float64) / _BASE_PERIOD
+    return (base * (peers + 1) / 2 + (peers - 1) / 2).astype(np.float32)
+
+
+def tolerance(codec: str, peers: int) -> float:
+    """Largest absolute error a correct round can leave, by codec (see compression.py)."""
+    biggest = 2.0 * peers  # |v| < peers + peers
+    if codec == "fp16":
+        return 3 * 2.0**-11 * biggest  # a part and a result each rounded to half precision
+    if codec == "8bit":
+        return (peers + 1) / 400  # half a step of each part's block and of the result's block
+    return 4 * 2.0**-24 * biggest  # float64 sums rounded once to float32, plus slack
+
+
+def check(values: np.ndarray, expected: np.ndarray, tol: float) -> dict[str, Any]:
+    error = float(np.max(np.abs(values.astype(np.float64) - expected))) if len(values) else 0.0
+    return {
+        "max_error": error,
+        "checksum": float(np.sum(values, dtype=np.float64)),
+        "ok": bool(error <= tol and math.isfinite(error)),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Child processes: one line of JSON per message each way. The parent writes {"op": "go", "at":
+# unix_time, "timed": bool} or {"op": "stop"}; the child answers "ready" once, then one result
+# per round. stdout is kept for these lines only (anything else printing goes to stderr).
+
+
+class Control:
+    def __init__(self) -> None:
+        self._out: TextIO = os.fdopen(os.dup(1), "w", buffering=1)
+        os.dup2(2, 1)  # stray prints (libraries, logs) must not corrupt the protocol
+        self._in = sys.stdin
+
+    def send(self, **message: Any) -> None:
+        self._out.write(json.dumps(message) + "\n")
+        self._out.flush()
+
+    def recv(self) -> dict[str, Any]:
+        line = self._in.readline()
+        if not line:
+            return {"op": "stop"}  # the parent went away
+        parsed: dict[str, Any] = json.loads(line)
+        return parsed
+
+
+def _wait_until(at: float) -> float:
+    """Sleep until unix time ``at``; returns how late we already were (seconds)."""
+    delay = at - time.time()
+    if delay > 0:
+        time.sleep(delay)
+        return 0.0
+    return -delay
+
+
+class _Profiler:
+    """cProfile for the timed rounds only (enabled around each of them), or nothing.
+
+    It counts CPU time (``time.process_time``), not wall time: four processes share two cores
+    here, and wall time inside a function would include the time another process had the core.
+    """
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self.profile = cProfile.Profile(time.process_time) if path else None
+
+    @contextlib.contextmanager
+    def timed(self, on: bool) -> Iterator[None]:
+        if self.profile is None or not on:
+            yield
+            return
+        self.profile.enable()
+        try:
+            yield
+        finally:
+            self.profile.disable()
+
+    def dump(self) -> None:
+        if self.profile is not None and self.path:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            self.profile.dump_stats(self.path)
+
+
+def _moshpit_child(spec: dict[str, Any], ctl: Control, profiler: _Profiler) -> None:
+    import trio
+
+    from moshpit_trio import Identity, open_peer
+    from moshpit_trio.averaging.averager import MoshpitAverager
+
+    rank, peers, floats = spec["rank"], spec["peers"], spec["floats"]
+    init = initial_values(rank, floats)
+    expected = expected_mean(peers, floats)
+    tol = tolerance(spec["compression"], peers)
+    vec = init.copy()
+
+    async def main() -> None:
+        with trio.fail_after(spec["child_deadline"]):
+            await session()
+
+    async def session() -> None:
+        async with open_peer(
+            Identity.generate(), listen=f"{HOST}:0", bootstrap=spec["bootstrap"]
+        ) as peer:
+            averager = MoshpitAverager(
+                peer,
+                "bench",
+                [vec],
+                grid=(peers,),
+                initial_key=(),
+                compression=spec["compression"],
+            )
+            async with averager:
+                ctl.send(op="ready", address=str(peer.address))
+                while True:
+                    msg = await trio.to_thread.run_sync(ctl.recv, abandon_on_cancel=True)
+                    if msg["op"] != "go":
+                        break
+                    at = msg["at"]
+                    late = max(0.0, time.time() - at)
+                    if late == 0.0:
+                        await trio.sleep(at - time.time())
+                    cpu = time.process_time()
+                    with profiler.timed(msg["timed"]):
+                        report = await averager.step(timeout=spec["step_timeout"])
+                    seconds = time.time() - at
+                    cpu = time.process_time() - cpu
+                    result = check(vec, expected, tol)
+                    np.copyto(vec, init)  # the next round starts from v_rank again
+                    ctl.send(
+                        op="result",
+                        seconds=seconds,
+                        cpu=cpu,
+                        late=late,
+                        stages=report.seconds,
+                        group=len(report.members),
+                        succeeded=report.succeeded,
+                        bytes_sent=report.bytes_sent,
+                        **result,
+                    )
+
+    trio.run(main)
+
+
+def _gloo_child(spec: dict[str, Any], ctl: Control, profiler: _Profiler) -> None:
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    rank, peers, floats = spec["rank"], spec["peers"], spec["floats"]
+    init = torch.from_numpy(initial_values(rank, floats))
+    expected = expected_mean(peers, floats)
+    tol = tolerance("none", peers)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://{HOST}:{spec['port']}",
+        rank=rank,
+        world_size=peers,
+        timeout=datetime.timedelta(seconds=spec["step_timeout"]),
+    )
+    try:
+        tensor = init.clone()
+        dist.barrier()
+        ctl.send(op="ready")
+        while True:
+            msg = ctl.recv()
+            if msg["op"] != "go":
+                break
+            late = _wait_until(msg["at"])
+            cpu = time.process_time()
+            with profiler.timed(msg["timed"]):
+                dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+                tensor /= peers
+            seconds = time.time() - msg["at"]
+            cpu = time.process_time() - cpu
+            result = check(tensor.numpy(), expected, tol)
+            tensor.copy_(init)
+            ctl.send(op="result", seconds=seconds, cpu=cpu, late=late, succeeded=True, **result)
+    finally:
+        dist.destroy_process_group()
+
+
+def _hivemind_child(spec: dict[str, Any], ctl: Control, profiler: _Profiler) -> None:
+    import hivemind
+    import torch
+
+    torch.set_num_threads(1)
+    rank, peers, floats = spec["rank"], spec["peers"], spec["floats"]
+    init = torch.from_numpy(initial_values(rank, floats))
+    expected = expected_mean(peers, floats)
+    tol = tolerance("none", peers)
+    dht = hivemind.DHT(
+        start=True,
+        host_maddrs=[f"/ip4/{HOST}/tcp/0"],
+        initial_peers=spec["bootstrap"],
+    )
+    averager = None
+    try:
+        averager = hivemind.DecentralizedAverager(
+            [init.clone()],
+            dht,
+            prefix="bench",
+            target_group_size=peers,
+            min_group_size=peers,
+            start=True,
+        )
+        ctl.send(op="ready", address=[str(a) for a in dht.get_visible_maddrs()])
+        while True:
+            msg = ctl.recv()
+            if msg["op"] != "go":
+                break
+            late = _wait_until(msg["at"])
+            with profiler.timed(msg["timed"]):
+                gathered = averager.step(timeout=spec["step_timeout"])
+            seconds = time.time() - msg["at"]
+            cpu = None  # hivemind averages in a background process of its own
+            with averager.get_tensors() as tensors:
+                result = check(tensors[0].numpy(), expected, tol)
+                tensors[0].copy_(init)
+            ctl.send(
+                op="result",
+                seconds=seconds,
+                cpu=cpu,
+                late=late,
+                succeeded=gathered is not None and len(gathered) == peers,
+                group=0 if gathered is None else len(gathered),
+                **result,
+            )
+    finally:
+        if averager is not None:
+            averager.shutdown()
+        dht.shutdown()
+
+
+_CHILDREN: dict[str, Callable[[dict[str, Any], Control, _Profiler], None]] = {
+    "moshpit": _moshpit_child,
+    "gloo": _gloo_child,
+    "hivemind": _hivemind_child,
+}
+
+
+def _child_main(role: str, spec_text: str) -> int:
+    spec = json.loads(spec_text)
+    ctl = Control()
+    profiler = _Profiler(spec.get("profile"))
+    try:
+        _CHILDREN[role](spec, ctl, profiler)
+    except Exception as exc:
+        ctl.send(op="error", error=f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        profiler.dump()
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Orchestrator.
+
+
+class ArmFailed(RuntimeError):
+    pass
+
+
+def _end_all(procs: list[subprocess.Popen[bytes]], grace: float) -> None:
+    """End children we started, all at once: close their stdin (they stop at the next round),
+    give them ``grace`` seconds, then terminate, then kill whatever is left."""
+    for proc in procs:
+        with contextlib.suppress(OSError):
+            if proc.stdin is not None:
+                proc.stdin.close()
+    for signal_them, wait in ((None, grace), ("terminate", 3.0), ("kill", 5.0)):
+        alive = [p for p in procs if p.poll() is None]
+        if not alive:
+            return
+        for proc in alive:
+            if signal_them == "terminate":
+                proc.terminate()
+            elif signal_them == "kill":
+                proc.kill()
+        until = time.monotonic() + wait
+        for proc in alive:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(until - time.monotonic(), 0.01))
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _send(proc: subprocess.Popen[bytes], message: dict[str, Any]) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write(json.dumps(message).encode() + b"\n")
+    proc.stdin.flush()
+
+
+def _read(proc: subprocess.Popen[bytes], deadline: float, what: str) -> dict[str, Any]:
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], max(deadline - time.monotonic(), 0))
+    line = proc.stdout.readline() if ready else b""
+    if not line:
+        why = f"exited with {proc.poll()}" if ready else "timed out"
+        raise ArmFailed(f"{what}: a process {why} (see its stderr)")
+    message: dict[str, Any] = json.loads(line)
+    if message.get("op") == "error":
+        raise ArmFailed(f"{what}: {message['error']}")
+    return message
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def run_arm(
+    arm: str,
+    *,
+    peers: int,
+    floats: int,
+    rounds: int,
+    warmup: int,
+    compression: str,
+    lead: float,
+    step_timeout: float,
+    deadline: float,
+    profile_dir: Path | None,
+    quiet: bool,
+    python: str = sys.executable,
+) -> dict[str, Any]:
+    """Start ``peers`` processes of ``arm``, run the rounds, end every process whatever happens."""
+    base = {
+        "peers": peers,
+        "floats": floats,
+        "compression": compression,
+        "step_timeout": step_timeout,
+        "child_deadline": max(deadline - time.monotonic(), 1.0) + 10.0,
+    }
+    if arm == "gloo":
+        base["port"] = _free_port()
+    procs: list[subprocess.Popen[bytes]] = []
+    stderr = subprocess.DEVNULL if quiet else None
+
+    def start(rank: int, bootstrap: list[str]) -> None:
+        spec = {**base, "rank": rank, "bootstrap": bootstrap}
+        if profile_dir is not None and arm == "moshpit" and rank == 0:
+            spec["profile"] = str(profile_dir / f"{arm}-{rank}.prof")
+        cmd = [python, str(Path(__file__).resolve()), "--role", arm]
+        procs.append(
+            subprocess.Popen(
+                [*cmd, "--spec", json.dumps(spec)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+            )
+        )
+
+    finished = False
+    try:
+        start_by = min(deadline, time.monotonic() + _START_TIMEOUT)
+        start(0, [])
+        bootstrap: list[str] = []
+        if arm != "gloo":  # gloo's ranks meet at the TCP store instead
+            first = _read(procs[0], start_by, f"{arm} start")
+            address = first["address"]
+            bootstrap = address if isinstance(address, list) else [address]
+        for rank in range(1, peers):
+            start(rank, bootstrap)
+        for proc in procs[0 if arm == "gloo" else 1 :]:
+            _read(proc, start_by, f"{arm} start")
+
+        per_round: list[list[dict[str, Any]]] = []
+        for r in range(warmup + rounds):
+            at = time.time() + lead
+            for proc in procs:
+                _send(proc, {"op": "go", "at": at, "timed": r >= warmup})
+            results = [_read(proc, deadline, f"{arm} round {r}") for proc in procs]
+            if r >= warmup:
+                per_round.append(results)
+        for proc in procs:
+            _send(proc, {"op": "stop"})
+        finished = True
+        expected = float(np.sum(expected_mean(peers, floats), dtype=np.float64))
+        return summarize(arm, per_round, compression, expected)
+    finally:
+        _end_all(procs, grace=10.0 if finished else 0.0)
+
+
+def summarize(
+    arm: str, per_round: list[list[dict[str, Any]]], compression: str, expected_checksum: float
+) -> dict[str, Any]:
+    """Per round: the slowest process; then medians over rounds. Counts failures."""
+    failures = 0
+    rounds_out = []
+    for results in per_round:
+        sums = {r["checksum"] for r in results}
+        # Uncompressed, every process must hold exactly the same values (hivemind applies the
+        # average as a delta to each local tensor, so its peers differ in the last bit: there
+        # only the tolerance counts).
+        disagree = compression == "none" and arm != "hivemind" and len(sums) > 1
+        bad = [disagree or not (r["ok"] and r["succeeded"]) for r in results]
+        failures += sum(bad)
+        row: dict[str, Any] = {
+            "seconds": max(r["seconds"] for r in results),
+            "cpu_sum": (
+                None if any(r["cpu"] is None for r in results) else sum(r["cpu"] for r in results)
+            ),
+            "late": max(r["late"] for r in results),
+            "max_error": max(r["max_error"] for r in results),
+            "processes_failed": sum(bad),
+            "checksums_agree": len(sums) == 1,
+            "checksum": results[0]["checksum"],
+        }
+        if arm == "moshpit":
+            for stage in ("matchmaking", "allreduce"):
+                row[stage] = max(r["stages"][stage] for r in results)
+        if "group" in results[0]:
+            row["groups"] = sorted(r["group"] for r in results)
+        rounds_out.append(row)
+    out: dict[str, Any] = {
+        "seconds": statistics.median(r["seconds"] for r in rounds_out),
+        "expected_checksum": expected_checksum,
+        "cpu_sum": (
+            statistics.median(r["cpu_sum"] for r in rounds_out)
+            if all(r["cpu_sum"] is not None for r in rounds_out)
+            else None
+        ),
+        "failures": failures,
+        "max_error": max(r["max_error"] for r in rounds_out),
+        "rounds": rounds_out,
+    }
+    if arm == "moshpit":
+        for stage in ("matchmaking", "allreduce"):
+            out[stage] = statistics.median(r[stage] for r in rounds_out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Profile: where moshpit process 0's time went during the timed rounds.
+
+# Every function's own time goes to exactly one category, so the categories add up to the
+# whole. A Python function's category comes from its file (and name); a builtin (C) function's
+# from its name when listed, else from each caller in turn (pstats keeps its own time per
+# caller), so the copy inside ``envelope.seal``'s ``b"".join`` counts under the envelope, and
+# ``ndarray.tobytes`` under the codec that called it.
+_BUILTINS: dict[str, str] = {
+    "<method 'send' of '_socket.socket' objects>": "socket send/recv (syscalls)",
+    "<method 'recv' of '_socket.socket' objects>": "socket send/recv (syscalls)",
+    "<method 'recv_into' of '_socket.socket' objects>": "socket send/recv (syscalls)",
+    "<method 'poll' of 'select.epoll' objects>": "epoll wait",
+    "<method 'sign' of 'cryptography.hazmat.bindings._rust.openssl.ed25519.Ed25519PrivateKey'"
+    " objects>": "Ed25519 sign + verify",
+    "<method 'verify' of 'cryptography.hazmat.bindings._rust.openssl.ed25519.Ed25519PublicKey'"
+    " objects>": "Ed25519 sign + verify",
+}
+# (category, path fragment, function name or "" for any), first match wins
+_FILES: list[tuple[str, str, str]] = [
+    ("blake3 payload hash", "moshpit_trio/wire/envelope.py", "_hash"),
+    ("stream read_all (join chunks)", "moshpit_trio/wire/connection.py", "read_all"),
+    ("envelope seal/open (one copy per chunk)", "moshpit_trio/wire/envelope.py", ""),
+    ("codec encode/decode", "moshpit_trio/averaging/compression.py", ""),
+    ("reducer (accumulate, average)", "moshpit_trio/averaging/reducer.py", ""),
+    ("flatten / write back", "moshpit_trio/averaging/partition.py", ""),
+    ("all-reduce logic (apply results)", "moshpit_trio/averaging/allreduce.py", ""),
+    ("websocket framing", "moshpit_trio/wire/speedups.py", ""),
+    ("websocket framing", "/wsproto/", ""),
+    ("websocket framing", "/trio_websocket/", ""),
+    ("connection / transport", "moshpit_trio/wire/", ""),
+    ("DHT + matchmaking", "moshpit_trio/dht/", ""),
+    ("DHT + matchmaking", "moshpit_trio/averaging/matchmaking.py", ""),
+    ("DHT + matchmaking", "moshpit_trio/averaging/grid.py", ""),
+    ("trio scheduling", "/trio/", ""),
+    ("trio scheduling", "/outcome/", ""),
+]
+_OTHER = "other (python, logging, averager)"
+
+
+def _category(file: str, name: str) -> str | None:
+    """The category of a Python function; None for builtins (decided by caller)."""
+    if file == "~":
+        return _BUILTINS.get(name)
+    path = file.replace("\\", "/")
+    for category, fragment, func in _FILES:
+        if fragment in path and (not func or func == name):
+            return category
+    return _OTHER
+
+
+def profile_breakdown(path: Path) -> dict[str, Any]:
+    """CPU seconds per category, from a cProfile dump (see ``_Profiler``)."""
+    stats = pstats.Stats(str(path))
+    raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
+    total = stats.total_tt  # type: ignore[attr-defined]
+
+    groups: dict[str, float] = {}
+    for func, (_cc, _nc, tt, _ct, callers) in raw.items():
+        found = _category(func[0], func[2])
+        if found is not None or not callers:
+            groups[found or _OTHER] = groups.get(found or _OTHER, 0.0) + tt
+            continue
+        # A builtin: split its own time by caller, walking up through builtin callers.
+        for caller, entry in callers.items():
+            owner, hops = caller, 0
+            cat = _category(owner[0], owner[2])
+            while cat is None and hops < 8 and raw.get(owner, (0, 0, 0, 0, {}))[4]:
+                owner = max(raw[owner][4].items(), key=lambda kv: kv[1][2])[0]
+                cat = _category(owner[0], owner[2])
+                hops += 1
+            groups[cat or _OTHER] = groups.get(cat or _OTHER, 0.0) + entry[2]
+    top = sorted(raw.items(), key=lambda kv: kv[1][2], reverse=True)[:15]
+    return {
+        "profiled_cpu_s": total,
+        "categories": dict(sorted(groups.items(), key=lambda kv: -kv[1])),
+        "top_tottime": [
+            {"function": f"{Path(f).name}:{ln}({n})", "tottime": tt, "calls": nc}
+            for (f, ln, n), (_cc, nc, tt, _ct, _c) in top
+        ],
+    }
+
+
+def _profile_table(breakdown: dict[str, Any], rounds: int) -> str:
+    total = breakdown["profiled_cpu_s"]
+    lines = [
+        f"moshpit process 0 under cProfile, {rounds} timed rounds, {total:.2f} CPU s profiled "
+        "(CPU s per round; share):"
+    ]
+    for name, seconds in breakdown["categories"].items():
+        lines.append(f"  {name:<42}{seconds / rounds:>8.3f}s{100 * seconds / total:>7.1f}%")
+    lines.append("  top functions by own time:")
+    for row in breakdown["top_tottime"][:10]:
+        lines.append(f"    {row['tottime'] / rounds:>8.3f}s  {row['calls']:>7}  {row['function']}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _hivemind_available(python: str) -> str | None:
+    """None if hivemind imports in ``python``, else why not (never imported in this process)."""
+    probe = subprocess.run(
+        [python, "-c", "import hivemind"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if probe.returncode == 0:
+        return None
+    if "No module named 'hivemind'" in probe.stderr:
+        return "not installed"
+    return "import failed: " + (probe.stderr.strip().splitlines() or ["?"])[-1]
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _table(results: dict[str, dict[str, Any]], summary: dict[str, Any]) -> str:
+    head = f"{'arm':<10}{'round s':>10}{'matchmk s':>11}{'allred s':>10}{'vs gloo':>9}"
+    head += f"{'CPU s':>8}{'failed':>8}{'max err':>10}"
+    lines = [head, "-" * len(head)]
+    gloo = summary["gloo_s"]
+    for arm, res in results.items():
+        if "error" in res:
+            lines.append(f"{arm:<10}  {res['error']}")
+            continue
+        ratio = res["seconds"] / gloo if gloo else None
+        lines.append(
+            f"{arm:<10}{res['seconds']:>10.3f}{_fmt(res.get('matchmaking')):>11}"
+            f"{_fmt(res.get('allreduce')):>10}{_fmt(ratio, 2):>9}"
+            f"{_fmt(res.get('cpu_sum'), 2):>8}{res['failures']:>8}"
+            f"{res['max_error']:>10.1e}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--peers", type=int, default=4, help="processes (one group of N)")
+    parser.add_argument("--floats", type=int, default=10_000_000, help="float32 elements")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per arm")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    parser.add_argument("--compression", default="none", choices=["none", "fp16", "8bit"])
+    parser.add_argument("--arms", default="moshpit,gloo", help="moshpit, gloo (comma separated)")
+    parser.add_argument("--with-hivemind", action="store_true", help="add hivemind if installed")
+    parser.add_argument(
+        "--hivemind-python",
+        default=sys.executable,
+        help="interpreter for the hivemind processes (one whose environment has hivemind)",
+    )
+    parser.add_argument("--lead", type=float, default=0.2, help="round start notice (s)")
+    parser.add_argument("--step-timeout", type=float, default=60.0, help="per round (s)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="whole benchmark (s)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--profile", type=Path, help="cProfile moshpit process 0 into DIR")
+    parser.add_argument("--quiet", action="store_true", help="hide the children's stderr")
+    parser.add_argument("--role", choices=ARMS, help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.role:
+        return _child_main(args.role, args.spec)
+    if args.peers < 2 or args.floats < args.peers or args.rounds < 1 or args.warmup < 0:
+        parser.error("need --peers >= 2, --floats >= peers, --rounds >= 1, --warmup >= 0")
+    arms = [a for a in args.arms.split(",") if a]
+    if any(a not in ARMS for a in arms):
+        parser.error(f"unknown arm in {args.arms!r}; choose from {', '.join(ARMS)}")
+    hivemind_note: str | None = None
+    if args.with_hivemind and "hivemind" not in arms:
+        hivemind_note = _hivemind_available(args.hivemind_python)
+        if hivemind_note is None:
+            arms.append("hivemind")
+    elif "hivemind" not in arms:
+        hivemind_note = "not run (pass --with-hivemind)"
+
+    started = time.monotonic()
+    deadline = started + args.timeout
+    results: dict[str, dict[str, Any]] = {}
+    for arm in arms:
+        if time.monotonic() >= deadline:
+            results[arm] = {"error": "not run: --timeout reached"}
+            continue
+        try:
+            results[arm] = run_arm(
+                arm,
+                peers=args.peers,
+                floats=args.floats,
+                rounds=args.rounds,
+                warmup=args.warmup,
+                compression=args.compression if arm == "moshpit" else "none",
+                lead=args.lead,
+                step_timeout=args.step_timeout,
+                deadline=deadline,
+                profile_dir=args.profile,
+                quiet=args.quiet,
+                python=args.hivemind_python if arm == "hivemind" else sys.executable,
+            )
+        except ArmFailed as exc:
+            results[arm] = {"error": str(exc)}
+        if not args.json:
+            print(f"  {arm}: done ({time.monotonic() - started:.0f}s)", file=sys.stderr)
+
+    def seconds(arm: str, key: str = "seconds") -> float | None:
+        value = results.get(arm, {}).get(key)
+        return None if value is None else round(float(value), 4)
+
+    round_s, gloo_s, hivemind_s = seconds("moshpit"), seconds("gloo"), seconds("hivemind")
+    allreduce_s = seconds("moshpit", "allreduce")
+    if "hivemind" in results and "error" in results["hivemind"]:
+        hivemind_note = results["hivemind"]["error"]
+    ratio = round(round_s / gloo_s, 3) if round_s and gloo_s else None
+    speedup = round(hivemind_s / round_s, 3) if round_s and hivemind_s else None
+    summary: dict[str, Any] = {
+        "peers": args.peers,
+        "floats": args.floats,
+        "rounds": args.rounds,
+        "warmup": args.warmup,
+        "compression": args.compression,
+        "cores": os.cpu_count(),
+        "moshpit_round_s": round_s,
+        "moshpit_matchmaking_s": seconds("moshpit", "matchmaking"),
+        "moshpit_allreduce_s": allreduce_s,
+        "gloo_s": gloo_s,
+        "ratio_vs_gloo": ratio,
+        "allreduce_ratio_vs_gloo": (
+            round(allreduce_s / gloo_s, 3) if allreduce_s and gloo_s else None
+        ),
+        "hivemind_s": hivemind_s,
+        "hivemind_note": hivemind_note,
+        "speedup_vs_hivemind": speedup,
+        "failures": {arm: res.get("failures") for arm, res in results.items()},
+        "targets": {
+            "ratio_vs_gloo_max": _TARGET_RATIO,
+            "ratio_met": None if ratio is None else ratio <= _TARGET_RATIO,
+            "speedup_vs_hivemind_min": _TARGET_HIVEMIND,
+            "speedup_met": None if speedup is None else speedup >= _TARGET_HIVEMIND,
+        },
+        "how": (
+            "median over timed rounds of the slowest process's seconds from the shared round "
+            "start; moshpit_round_s includes matchmaking, moshpit_allreduce_s is the all-reduce "
+            "stage alone"
+        ),
+        "seconds": round(time.monotonic() - started, 1),
+        "arms": results,
+    }
+    breakdown = None
+    prof = args.profile / "moshpit-0.prof" if args.profile else None
+    if prof is not None and prof.exists() and "error" not in results.get("moshpit", {"error": 1}):
+        breakdown = profile_breakdown(prof)
+        summary["profile"] = breakdown
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(_table(results, summary))
+        print(
+            f"\npeers={args.peers} floats={args.floats:,} rounds={args.rounds} "
+            f"compression={args.compression}: moshpit_round_s={round_s} "
+            f"(allreduce {allreduce_s}) gloo_s={gloo_s} ratio_vs_gloo={ratio} "
+            f"hivemind_s={hivemind_s}{f' ({hivemind_note})' if hivemind_note else ''} "
+            f"speedup_vs_hivemind={speedup}; {summary['seconds']}s\n"
+            "(each time: median over rounds of the slowest process, timed from a shared start; "
+            f"CPU s: all {args.peers} processes' CPU seconds per round, on {os.cpu_count()} cores)"
+        )
+        if breakdown is not None:
+            print("\n" + _profile_table(breakdown, args.rounds))
+    failed = any("error" in res for res in results.values())
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
