@@ -24,13 +24,13 @@ matchmaking; ``moshpit_allreduce_s`` is the all-reduce stage alone (``RoundRepor
 Correctness is checked in every round: process i starts each round from
 ``v_i = base * (i + 1) + i`` (``base[k] = (k mod 997) / 997``), so the mean is known exactly;
 after the round every process compares its vector with the mean (tolerance by codec), and
-moshpit (uncompressed) and gloo processes must all hold exactly the same vector (equal float64
-checksums; hivemind applies the average to each local tensor as a delta, so its peers differ in
-the last bit and only the tolerance applies). Failures are counted per (round, process) and
-reported; a moshpit round that did not form the full group of N, or left a span unaveraged, is
-a failure too. ``CPU s`` is the CPU time (user + system, all threads) of all N processes per
-round (not for hivemind, which averages in a child process of its own): with N processes on
-fewer cores, a round cannot take less than ``CPU s / cores``.
+moshpit (whatever the codec) and gloo processes must all hold exactly the same vector (equal
+float64 checksums; hivemind applies the average to each local tensor as a delta, so its peers
+differ in the last bit and only the tolerance applies). Failures are counted per (round,
+process) and reported; a moshpit round that did not form the full group of N, or left a span
+unaveraged, is a failure too. ``CPU s`` is the CPU time (user + system, all threads) of all N
+processes per round (not for hivemind, which averages in a child process of its own): with N
+processes on fewer cores, a round cannot take less than ``CPU s / cores``.
 
     python benchmarks/allreduce.py                           # N=4, 10M floats: table
     python benchmarks/allreduce.py --json                    # one JSON object on stdout
@@ -488,23 +488,23 @@ def run_arm(
             _send(proc, {"op": "stop"})
         finished = True
         expected = float(np.sum(expected_mean(peers, floats), dtype=np.float64))
-        return summarize(arm, per_round, compression, expected)
+        return summarize(arm, per_round, expected)
     finally:
         _end_all(procs, grace=10.0 if finished else 0.0)
 
 
 def summarize(
-    arm: str, per_round: list[list[dict[str, Any]]], compression: str, expected_checksum: float
+    arm: str, per_round: list[list[dict[str, Any]]], expected_checksum: float
 ) -> dict[str, Any]:
     """Per round: the slowest process; then medians over rounds. Counts failures."""
     failures = 0
     rounds_out = []
     for results in per_round:
         sums = {r["checksum"] for r in results}
-        # Uncompressed, every process must hold exactly the same values (hivemind applies the
-        # average as a delta to each local tensor, so its peers differ in the last bit: there
-        # only the tolerance counts).
-        disagree = compression == "none" and arm != "hivemind" and len(sums) > 1
+        # Every process must hold exactly the same values (a moshpit reducer keeps the codec's
+        # copy of its average); hivemind applies the average to each local tensor as a delta,
+        # so its peers differ in the last bit: there only the tolerance counts.
+        disagree = arm != "hivemind" and len(sums) > 1
         bad = [disagree or not (r["ok"] and r["succeeded"]) for r in results]
         failures += sum(bad)
         row: dict[str, Any] = {
