@@ -110,6 +110,7 @@ class AllReduce:
         self.results: dict[int, tuple[np.ndarray, tuple[int, ...]]] = {}
         self.all_results = trio.Event()
         self.reduced: tuple[np.ndarray, list[int]] | None = None
+        self._result_payload: bytes | None = None
         self.excluded: dict[int, str] = {}
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -158,10 +159,11 @@ class AllReduce:
         except ValueError:
             self.reduced = None
             return
-        # Everyone else gets the average through the codec; keep exactly what they get, so that
-        # members holding span j's result hold the same values, compressed or not.
+        # Encoded once for every member. Everyone else gets the average through the codec, so
+        # keep exactly what they get: members holding span j's result hold the same values.
+        self._result_payload = self.codec.encode(average)
         if self.codec.name != "none":
-            average = self.codec.decode(self.codec.encode(average), len(average))
+            average = self.codec.decode(self._result_payload, len(average))
         self.reduced = (average, included)
 
     def _apply(self) -> list[SpanReport]:
@@ -192,43 +194,37 @@ class AllReduce:
             self.group.group_id, self.index, start, end, self.weight, self.codec.name
         )
         payload = self.codec.encode(self.flat[start:end])
-        timeout = deadline - trio.current_time()
-        if timeout <= 0:
-            return
-        try:
-            async with transport.open_stream(
-                self._target(self.members[j]),
-                f"avg.{run_id}.part",
-                _encode(header),
-                timeout=timeout,
-            ) as stream:
-                await stream.send(payload)
-                await stream.finish()
-            self.bytes_sent += len(payload)
-        except MoshpitError:
-            pass  # reducer j failed or refused us: its span keeps our values (see the report)
+        # If reducer j fails or refuses us, its span keeps our values (and the report says so).
+        await self._stream_to(
+            transport, j, f"avg.{run_id}.part", _encode(header), payload, deadline
+        )
 
     async def _send_result(self, transport: Any, run_id: str, i: int, deadline: float) -> None:
-        assert self.reduced is not None
-        values, included = self.reduced
+        assert self.reduced is not None and self._result_payload is not None
         start, end = self.spans[self.index]
-        header = _ResultHeader(self.group.group_id, start, end, list(included), self.codec.name)
-        payload = self.codec.encode(values)
+        header = _ResultHeader(
+            self.group.group_id, start, end, list(self.reduced[1]), self.codec.name
+        )
+        # If member i is gone, it keeps its own values for this span, and its report says so.
+        await self._stream_to(
+            transport, i, f"avg.{run_id}.result", _encode(header), self._result_payload, deadline
+        )
+
+    async def _stream_to(
+        self, transport: Any, i: int, name: str, header: bytes, payload: bytes, deadline: float
+    ) -> None:
         timeout = deadline - trio.current_time()
         if timeout <= 0:
             return
         try:
             async with transport.open_stream(
-                self._target(self.members[i]),
-                f"avg.{run_id}.result",
-                _encode(header),
-                timeout=timeout,
+                self._target(self.members[i]), name, header, timeout=timeout
             ) as stream:
                 await stream.send(payload)
                 await stream.finish()
             self.bytes_sent += len(payload)
         except MoshpitError:
-            pass  # member i keeps its own values for this span, and its report says so
+            pass
 
     # -- what other members send us ----------------------------------------------------------
 
