@@ -58,12 +58,13 @@ class RawClient:
 
 
 @asynccontextmanager
-async def raw_client(
-    net: MemoryNetwork, name: str, identity: Identity, target: PeerAddress
-) -> AsyncIterator[RawClient]:
+async def bare_websocket(
+    net: MemoryNetwork, name: str, target: PeerAddress
+) -> AsyncIterator[WebSocketConnection]:
+    """A websocket to ``target`` from host ``name``, upgraded but not yet authenticated."""
     stream = await net.host(name).connect(target.host, target.port)
     async with trio.open_nursery() as nursery:
-        ws = await wrap_client_stream(
+        yield await wrap_client_stream(
             nursery,
             stream,  # type: ignore[arg-type]
             target.hostport,
@@ -71,6 +72,14 @@ async def raw_client(
             subprotocols=[SUBPROTOCOL],
             max_message_size=64 * 1024 * 1024,
         )
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def raw_client(
+    net: MemoryNetwork, name: str, identity: Identity, target: PeerAddress
+) -> AsyncIterator[RawClient]:
+    async with bare_websocket(net, name, target) as ws:
         initiator = HandshakeInitiator(identity, target.peer_id)
         await ws.send_message(initiator.hello())
         response = await ws.get_message()
@@ -78,7 +87,6 @@ async def raw_client(
         await ws.send_message(initiator.receive_response(response))
         assert initiator.result is not None
         yield RawClient(ws, identity, initiator.result.session)
-        nursery.cancel_scope.cancel()
 
 
 def _flip(message: bytes, index: int) -> bytes:
@@ -397,37 +405,19 @@ async def test_replayed_handshake_is_refused(
         # Record an honest initiator's HELLO and FINISH...
         initiator = HandshakeInitiator(identities[1], address.peer_id)
         recorded_hello = initiator.hello()
-        stream = await net.host("m").connect("s", address.port)
-        async with trio.open_nursery() as nursery:
-            ws = await wrap_client_stream(
-                nursery,
-                stream,
-                address.hostport,
-                f"/{address.peer_id}",  # type: ignore[arg-type]
-                subprotocols=[SUBPROTOCOL],
-            )
+        async with bare_websocket(net, "m", address) as ws:
             await ws.send_message(recorded_hello)
             response = await ws.get_message()
             assert isinstance(response, bytes)
             recorded_finish = initiator.receive_response(response)
             await ws.send_message(recorded_finish)
-            nursery.cancel_scope.cancel()
         # ...and replay both on a new connection: the responder's fresh nonce defeats it.
-        stream = await net.host("m").connect("s", address.port)
-        async with trio.open_nursery() as nursery:
-            ws = await wrap_client_stream(
-                nursery,
-                stream,
-                address.hostport,
-                f"/{address.peer_id}",  # type: ignore[arg-type]
-                subprotocols=[SUBPROTOCOL],
-            )
+        async with bare_websocket(net, "m", address) as ws:
             await ws.send_message(recorded_hello)
             await ws.get_message()
             await ws.send_message(recorded_finish)
             with pytest.raises(ConnectionClosed):
                 await ws.get_message()
-            nursery.cancel_scope.cancel()
         failures = [e for e in logs if e["event"] == "incoming handshake broke the protocol"]
         assert failures and "signature" in failures[-1]["error"]
 
