@@ -474,3 +474,35 @@ async def test_third_connection_from_one_peer_is_refused(
                     await third.ws.get_message()
             assert len(server.connections()) == 2
         assert any(e["event"] == "too many connections from one peer" for e in logs)
+
+
+@pytest.mark.parametrize("seed", range(5))
+async def test_many_concurrent_calls_on_one_connection(
+    autojump_clock: Any, identities: list[Identity], seed: int
+) -> None:
+    # Call ids must reach the wire in increasing order however the scheduler orders the callers:
+    # an id taken before the wait for a queue slot once let a later id overtake an earlier one,
+    # and the receiver (rightly strict) closed the connection under every call on it.
+    net = MemoryNetwork(seed=seed, latency=0.002)
+
+    async def slow_echo(request: Request) -> bytes:
+        await trio.sleep(0.01)
+        return bytes(request.payload)
+
+    async with (
+        peer(net, "s", identities[0]) as server,
+        peer(net, "c", identities[1]) as client,
+    ):
+        server.register("slow_echo", slow_echo)
+        assert server.address is not None
+        await client.connect(server.address)
+        answers: dict[int, bytes] = {}
+
+        async def one(i: int) -> None:
+            answers[i] = await client.call(server.peer_id, "slow_echo", str(i).encode(), timeout=5)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(40):
+                nursery.start_soon(one, i)
+        assert answers == {i: str(i).encode() for i in range(40)}
+        assert len(client.connections()) == 1

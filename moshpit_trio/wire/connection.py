@@ -378,23 +378,44 @@ class Connection:
         kind: Kind,
         call_id: int,
         payload: bytes | memoryview = b"",
-        *,
-        deadline_ms: int = 0,
-        name: str = "",
     ) -> None:
-        """Seal and queue one envelope, waiting (cancellably) for room in the queue."""
+        """Seal and queue one envelope of a running call or stream, waiting (cancellably) for
+        room in the queue."""
+        await self._acquire_slot()
+        # From here to send_nowait there is no checkpoint: a seq number once taken is queued.
+        try:
+            message = self._sealer.seal(kind, call_id, payload)
+        except BaseException:
+            self._queue_slots.release()
+            raise
+        self._outbox_send.send_nowait((message, True))
+
+    async def _start_call(
+        self, kind: Kind, name: str, payload: bytes | memoryview, deadline: float
+    ) -> tuple[int, _Waiter]:
+        """Open a call or a stream: wait for room, then take its call id and seal and queue its
+        REQUEST / STREAM_OPEN with no checkpoint in between. Ids thus reach the wire in the
+        order they were taken, which the receiver insists on, however many calls start at once.
+        """
+        await self._acquire_slot()
+        call_id, waiter = self._new_waiter(name)
+        try:
+            message = self._sealer.seal(
+                kind, call_id, payload, deadline_ms=_ms_left(deadline), name=name
+            )
+        except BaseException:
+            self._waiters.pop(call_id, None)
+            self._queue_slots.release()
+            raise
+        self._outbox_send.send_nowait((message, True))
+        return call_id, waiter
+
+    async def _acquire_slot(self) -> None:
         self._check_open()
         await self._queue_slots.acquire()
         if self._closed or self._closing:
             self._queue_slots.release()
             self._check_open()
-        # From here to send_nowait there is no checkpoint: a seq number once taken is queued.
-        try:
-            message = self._sealer.seal(kind, call_id, payload, deadline_ms=deadline_ms, name=name)
-        except BaseException:
-            self._queue_slots.release()
-            raise
-        self._outbox_send.send_nowait((message, True))
 
     def _queue_control(self, kind: Kind, call_id: int, payload: bytes = b"") -> None:
         """Queue a small control envelope (CANCEL, CREDIT, ERROR, GOODBYE) without waiting for
@@ -595,24 +616,25 @@ class Connection:
         ``ConnectionLost``.
         """
         deadline = _deadline_from(timeout)
-        call_id, waiter = self._new_waiter(name)
+        started: tuple[int, _Waiter] | None = None
         try:
             with trio.move_on_at(deadline):
-                await self._send(
-                    Kind.REQUEST, call_id, payload, deadline_ms=_ms_left(deadline), name=name
-                )
-                await waiter.done.wait()
-            if not waiter.done.is_set():
-                self._queue_control(Kind.CANCEL, call_id)
+                started = await self._start_call(Kind.REQUEST, name, payload, deadline)
+                await started[1].done.wait()
+            if started is None or not started[1].done.is_set():
+                if started is not None:
+                    self._queue_control(Kind.CANCEL, started[0])
                 raise DeadlineExceeded(
                     f"{self.remote_peer_id.short} did not answer {name!r} within {timeout:g} s"
                 )
         except trio.Cancelled:
-            if not waiter.done.is_set():
-                self._queue_control(Kind.CANCEL, call_id)
+            if started is not None and not started[1].done.is_set():
+                self._queue_control(Kind.CANCEL, started[0])
             raise
         finally:
-            del self._waiters[call_id]
+            if started is not None:
+                del self._waiters[started[0]]
+        waiter = started[1]
         if waiter.error is not None:
             raise waiter.error
         assert waiter.envelope is not None
@@ -655,16 +677,12 @@ class SendStream:
         self._finished = False
 
     async def __aenter__(self) -> SendStream:
-        self._call_id, self._waiter = self._conn._new_waiter(self.name)
-        await self._guarded(
-            self._conn._send(
-                Kind.STREAM_OPEN,
-                self._call_id,
-                self._header,
-                deadline_ms=_ms_left(self.deadline),
-                name=self.name,
+        async def start() -> None:
+            self._call_id, self._waiter = await self._conn._start_call(
+                Kind.STREAM_OPEN, self.name, self._header, self.deadline
             )
-        )
+
+        await self._guarded(start())
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
