@@ -348,9 +348,19 @@ class DHTNode:
         with trio.move_on_after(s.lookup_timeout) as scope:
             async with trio.open_nursery() as nursery:
                 while not lookup.finished:
-                    for contact in lookup.next_queries():
+                    queries = lookup.next_queries()
+                    for contact in queries:
                         started[contact.peer_id] = trio.current_time()
                         nursery.start_soon(self._query, contact, target, want_values, send)
+                    if (
+                        not queries
+                        and not any(p in started for p in lookup.in_flight())
+                        and len(lookup.closest()) >= s.replicas
+                    ):
+                        # Only slow peers are left to hear from (frozen ones look just like
+                        # this), and enough of the closest have answered to hold every replica
+                        # we would have stored: stop, rather than wait out rpc_timeout for each.
+                        break
                     slow_at = min(
                         (started[p] + s.slow_after for p in lookup.in_flight() if p in started),
                         default=math.inf,
