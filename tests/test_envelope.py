@@ -23,6 +23,8 @@ from moshpit_trio.wire.envelope import (
     Kind,
 )
 
+from .fuzzing import mutated as mutated_bytes
+
 ALICE = Identity.from_seed(bytes([1]) * 32)
 BOB = Identity.from_seed(bytes([2]) * 32)
 CAROL = Identity.from_seed(bytes([3]) * 32)
@@ -500,21 +502,7 @@ def _open_or_protocol_error(message: bytes) -> Envelope | None:
 
 @st.composite
 def mutated(draw: st.DrawFn, originals: list[bytes]) -> bytes:
-    data = bytearray(draw(st.sampled_from(originals)))
-    for _ in range(draw(st.integers(min_value=1, max_value=4))):
-        op = draw(st.sampled_from(["flip", "set", "insert", "delete", "truncate"]))
-        at = draw(st.integers(min_value=0, max_value=max(len(data) - 1, 0)))
-        if op == "flip" and data:
-            data[at] ^= 1 << draw(st.integers(min_value=0, max_value=7))
-        elif op == "set" and data:
-            data[at] = draw(st.integers(min_value=0, max_value=255))
-        elif op == "insert":
-            data[at:at] = draw(st.binary(min_size=1, max_size=8))
-        elif op == "delete":
-            del data[at : at + draw(st.integers(min_value=1, max_value=8))]
-        else:
-            del data[at:]
-    return bytes(data)
+    return draw(mutated_bytes(draw(st.sampled_from(originals))))
 
 
 FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -21,6 +21,8 @@ from moshpit_trio.wire.handshake import (
     State,
 )
 
+from .fuzzing import mutated
+
 ALICE = Identity.from_seed(bytes([1]) * 32)
 BOB = Identity.from_seed(bytes([2]) * 32)
 CAROL = Identity.from_seed(bytes([3]) * 32)
@@ -341,25 +343,6 @@ def test_any_error_is_final() -> None:
 # -- fuzzing: only ProtocolError may escape ---------------------------------------------------
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-@st.composite
-def mutated(draw: st.DrawFn, original: bytes) -> bytes:
-    data = bytearray(original)
-    for _ in range(draw(st.integers(min_value=1, max_value=4))):
-        op = draw(st.sampled_from(["flip", "set", "insert", "delete", "truncate"]))
-        at = draw(st.integers(min_value=0, max_value=max(len(data) - 1, 0)))
-        if op == "flip" and data:
-            data[at] ^= 1 << draw(st.integers(min_value=0, max_value=7))
-        elif op == "set" and data:
-            data[at] = draw(st.integers(min_value=0, max_value=255))
-        elif op == "insert":
-            data[at:at] = draw(st.binary(min_size=1, max_size=8))
-        elif op == "delete":
-            del data[at : at + draw(st.integers(min_value=1, max_value=8))]
-        else:
-            del data[at:]
-    return bytes(data)
 
 
 _I = HandshakeInitiator(ALICE, BOB.peer_id, nonce=bytes([7]) * 32)
