@@ -18,7 +18,7 @@ import trio
 from moshpit_trio.averaging import allreduce as allreduce_module
 from moshpit_trio.averaging.averager import MoshpitAverager, RoundReport
 from moshpit_trio.averaging.grid import Grid, next_key
-from moshpit_trio.errors import MoshpitError
+from moshpit_trio.errors import MoshpitError, Rejected
 from moshpit_trio.identity import PeerID
 from moshpit_trio.peer import Peer
 from moshpit_trio.testing import MemoryNetwork
@@ -279,3 +279,47 @@ async def test_three_m_peers_under_one_key_split_into_groups_of_m(autojump_clock
 async def test_two_peers_find_each_other(autojump_clock: Any) -> None:
     r = await run_round(2, None, grid=(2,))
     assert all(rep.succeeded and len(rep.members) == 2 for rep in r.reports.values())
+
+
+@pytest.mark.parametrize(
+    ("name", "payload", "message"),
+    [
+        ("avg.faults.join", b"\xc1garbage", "malformed join request"),
+        # a well-formed join that describes someone else
+        (
+            "avg.faults.join",
+            b"\x93\x00\x90\x94\xc4\x20"
+            + bytes(32)
+            + b"\xa0\xcb"
+            + bytes.fromhex("3ff0000000000000")
+            + b"\xc2",
+            "must describe the peer",
+        ),
+        ("avg.faults.join", b"\x93\x07\x90\x94", "malformed join request"),
+    ],
+)
+async def test_malformed_join_requests_are_rejected(
+    autojump_clock: Any, name: str, payload: bytes, message: str
+) -> None:
+    net = MemoryNetwork(seed=4)
+    async with swarm(net, 2) as peers, AsyncExitStack() as stack:
+        for p in peers:
+            await stack.enter_async_context(MoshpitAverager(p, "faults", [np.zeros(4, np.float32)]))
+        assert peers[0].address is not None
+        with pytest.raises(Rejected, match=message):
+            await peers[1].transport.call(peers[0].address, name, payload, timeout=5)
+
+
+@pytest.mark.parametrize("name", ["avg.faults.part", "avg.faults.result"])
+async def test_streams_with_malformed_headers_are_rejected(autojump_clock: Any, name: str) -> None:
+    net = MemoryNetwork(seed=4)
+    async with swarm(net, 2) as peers, AsyncExitStack() as stack:
+        for p in peers:
+            await stack.enter_async_context(MoshpitAverager(p, "faults", [np.zeros(4, np.float32)]))
+        assert peers[0].address is not None
+        with pytest.raises(Rejected, match="malformed"):
+            async with peers[1].transport.open_stream(
+                peers[0].address, name, b"\xc1nonsense", timeout=5
+            ) as stream:
+                await stream.send(b"x" * 16)
+                await stream.finish()

@@ -13,7 +13,7 @@ import trio.testing
 
 from moshpit_trio.dht.node import BootstrapFailed, DHTSettings, DHTValue, LookupFailed
 from moshpit_trio.dht.records import encode_records, make_record
-from moshpit_trio.errors import ConfigError, Unreachable
+from moshpit_trio.errors import ConfigError, Rejected, Unreachable
 from moshpit_trio.identity import Identity
 from moshpit_trio.peer import Peer, open_peer
 from moshpit_trio.testing import MemoryNetwork
@@ -331,3 +331,18 @@ async def test_bucket_refresh_learns_about_newcomers(autojump_clock: Any) -> Non
         await trio.sleep(settings.refresh_interval + 1)
         assert len(old[2].dht.table) > known_before
         assert any(p.id in old[2].dht.table for p in new[1:])
+
+
+@pytest.mark.parametrize("name", ["dht.ping", "dht.find_node", "dht.find_value", "dht.store"])
+@pytest.mark.parametrize("payload", [b"", b"\xc1", b"\x92\xa0\xc4\x03abc", b"\x91\x01"])
+async def test_malformed_dht_requests_are_rejected(
+    autojump_clock: Any, name: str, payload: bytes
+) -> None:
+    net = MemoryNetwork(seed=15)
+    async with swarm(net, 2) as peers:
+        with pytest.raises(Rejected, match=r"malformed DHT request|32 bytes|bad records"):
+            await peers[1].transport.call(peers[0].address, name, payload, timeout=5)  # type: ignore[arg-type]
+        # the peer serves the next, well-formed call as usual
+        assert (
+            await peers[1].transport.call(peers[0].address, "dht.ping", _ping(""), timeout=5) == b""
+        )  # type: ignore[arg-type]
