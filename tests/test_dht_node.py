@@ -305,7 +305,7 @@ async def test_owners_republish_their_records(autojump_clock: Any) -> None:
             assert fresh[0].address is not None
             await peers[0].dht.bootstrap([fresh[0].address])
             await trio.sleep(31)  # one republish interval
-            holders = [p for p in fresh if p.dht.store_.get(_kid("kept/alive"), p.dht.now())]
+            holders = [p for p in fresh if p.dht.records.get(_kid("kept/alive"), p.dht.now())]
             assert holders, "the owner's republish put the record on the new peers"
             got = await fresh[5].dht.get("kept/alive")
             assert isinstance(got, DHTValue) and got.value == b"by its owner"

@@ -30,9 +30,11 @@ from .grid import (
     GroupKey,
     check_key,
     group_key_name,
-    initial_key,
     next_key,
     within_group_index,
+)
+from .grid import (
+    initial_key as default_initial_key,
 )
 from .matchmaking import GroupInfo, Matchmaker
 from .partition import TensorLayout, flatten, unflatten_into
@@ -114,7 +116,7 @@ class MoshpitAverager:
         self.key: GroupKey = (
             check_key(self.grid, initial_key, 0)
             if initial_key is not None
-            else _initial(self.grid, peer.id)
+            else default_initial_key(self.grid, peer.id)
         )
         self.matchmaker = Matchmaker(
             peer, run_id, bandwidth=bandwidth, min_group_size=min_group_size
@@ -228,7 +230,3 @@ class MoshpitAverager:
             seconds=round(end - start, 3),
         )
         return report
-
-
-def _initial(grid: Grid, peer_id: PeerID) -> GroupKey:
-    return initial_key(grid, peer_id)

@@ -146,7 +146,7 @@ class Matchmaker:
         try:
             with trio.move_on_at(deadline):
                 return await self._form(attempt, dht_key, deadline)
-            return self._close(attempt, fix=True)
+            return self._close(attempt)
         finally:
             attempt.closed = True
             attempt.decided.set()
@@ -182,12 +182,12 @@ class Matchmaker:
         # Nobody earlier took us: lead; from now on joins are accepted.
         attempt.leading = True
         if attempt.capacity <= 1:
-            return self._close(attempt, fix=True)
+            return self._close(attempt)
         # Fix the group a little before the deadline, so that the answer reaches followers
         # whose own deadlines are only slightly later than ours.
         with trio.move_on_at(deadline - self.fix_margin(deadline)):
             await attempt.full.wait()
-        return self._close(attempt, fix=True)
+        return self._close(attempt)
 
     def fix_margin(self, deadline: float) -> float:
         return min(1.0, 0.1 * max(deadline - trio.current_time(), 0.0))
@@ -246,14 +246,14 @@ class Matchmaker:
             and all(_usable(m) for m in group.members)
         )
 
-    def _close(self, attempt: _Attempt, *, fix: bool) -> GroupInfo | None:
+    def _close(self, attempt: _Attempt) -> GroupInfo | None:
         """Stop taking joins; as a leader, fix the group (or disband if it is too small)."""
         attempt.closed = True
         if not attempt.leading or attempt.group is not None:
             attempt.fixed.set()
             return attempt.group
         members = [self.me, *attempt.followers]
-        if fix and len(members) >= max(self.min_group_size, 2):
+        if len(members) >= max(self.min_group_size, 2):
             # Derived, not drawn: the same group always gets the same id (reproducible runs),
             # and no two groups share one (their members differ, or their round or key do).
             digest = hashlib.sha256(b"moshpit/1 group\x00" + self.run_id.encode())

@@ -184,7 +184,7 @@ class DHTNode:
         self.namespaces = namespaces or default_namespaces()
         self.client_mode = client_mode or transport.address is None
         self.table = RoutingTable(self.id, k=self.settings.k)
-        self.store_ = RecordStore(self.namespaces)
+        self.records = RecordStore(self.namespaces)
         self.last_lookup = LookupStats()
         self.log = get_logger(peer=self.id.short)
         self._rng = random.Random(seed if seed is not None else int(self.id) & 0xFFFFFFFF)
@@ -284,7 +284,7 @@ class DHTNode:
         """
         record = self._make(key, value, ttl, subkey)
         self._own[(record.id, record.subkey)] = record
-        return await self._store_records([record])
+        return await self._store_record(record)
 
     async def withdraw(
         self, key: str | bytes, *, subkey: str | bytes | PeerID | None = None
@@ -310,7 +310,7 @@ class DHTNode:
         """All live records under ``key`` by subkey (withdrawals included), merged from the
         closest peers' answers and this node's own store."""
         kid = key_id(_key_bytes(key))
-        found: list[Record] = list(self.store_.get(kid, self.now()))
+        found: list[Record] = list(self.records.get(kid, self.now()))
         await self._lookup(kid, want_values=True, found=found)
         return merge(found)
 
@@ -367,7 +367,7 @@ class DHTNode:
                     )
                     with trio.move_on_at(slow_at):
                         contact, answer = await receive.receive()
-                        self._apply(lookup, contact, answer, depth, stats, target, found)
+                        self._apply(lookup, contact, answer, depth, stats, found)
                         continue
                     # Nothing answered in time: whoever is overdue stops holding a slot.
                     for p in lookup.in_flight():
@@ -395,7 +395,6 @@ class DHTNode:
         answer: Any,
         depth: dict[PeerID, int],
         stats: LookupStats,
-        target: bytes,
         found: list[Record] | None,
     ) -> None:
         if isinstance(answer, BaseException):
@@ -519,39 +518,32 @@ class DHTNode:
         finally:
             self._pinging.discard(stale.peer_id)
 
-    async def _store_records(self, records: list[Record]) -> int:
-        target = records[0].id
-        stored = 0
+    async def _store_record(self, record: Record) -> int:
+        """Store on the ``replicas`` closest peers (and here, unless in client mode); returns
+        how many hold it now (a peer holding a newer copy counts: the record is not lost)."""
+        held = 0
         if not self.client_mode:
-            stored += sum(self._put_local(r) for r in records[:1])
+            with contextlib.suppress(RecordRejected):
+                self.records.put(record, self.now())
+                held += 1
         try:
-            closest = await self.find_closest(target)
+            closest = await self.find_closest(record.id)
         except LookupFailed:
             closest = []
-        payload = _Store(self._sender, encode_records(records))
-        count = 0
+        payload = _Store(self._sender, encode_records([record]))
 
         async def store_on(contact: Contact) -> None:
-            nonlocal count
-            try:
+            nonlocal held
+            with contextlib.suppress(MoshpitError):  # one replica fewer; the count says so
                 raw = await self._call(contact, "dht.store", payload)
                 answer = self._decode_answer(_Stored, raw, contact)
                 if answer.stored and answer.stored[0]:
-                    count += 1
-            except MoshpitError:
-                pass
+                    held += 1
 
         async with trio.open_nursery() as nursery:
             for contact in closest[: self.settings.replicas]:
                 nursery.start_soon(store_on, contact)
-        return stored + count
-
-    def _put_local(self, record: Record) -> bool:
-        try:
-            self.store_.put(record, self.now())
-            return True
-        except RecordRejected:
-            return False
+        return held
 
     def _make(
         self, key: str | bytes, value: bytes, ttl: float, subkey: str | bytes | PeerID | None
@@ -617,7 +609,7 @@ class DHTNode:
     async def _on_find_value(self, request: Request) -> bytes:
         message = self._decode(_FindValue, request)
         _check_id(message.key)
-        records = self.store_.get(message.key, self.now())[: self.settings.max_records_per_message]
+        records = self.records.get(message.key, self.now())[: self.settings.max_records_per_message]
         return _encoder.encode(
             _Values(encode_records(records), self._contacts_for(message.key, request.peer))
         )
@@ -634,7 +626,9 @@ class DHTNode:
         results: list[bool] = []
         for record in records:
             try:
-                results.append(self.store_.put(record, now) or True)
+                # accepted, whether stored or already held in a newer version
+                self.records.put(record, now)
+                results.append(True)
             except RecordRejected as exc:
                 self.log.info("refused a record", remote=request.peer.short, reason=exc.reason)
                 results.append(False)
@@ -661,12 +655,12 @@ class DHTNode:
                     del self._own[slot]
                     continue
                 with contextlib.suppress(MoshpitError):  # the next round tries again
-                    await self._store_records([record])
+                    await self._store_record(record)
 
     async def _expire_loop(self) -> None:
         while True:
             await trio.sleep(60.0)
-            self.store_.expire(self.now())
+            self.records.expire(self.now())
 
 
 _EPOCH_OFFSET: trio.lowlevel.RunVar[float] = trio.lowlevel.RunVar("moshpit_dht_epoch_offset")
