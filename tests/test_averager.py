@@ -12,6 +12,7 @@ import trio
 
 from moshpit_trio.averaging.averager import MoshpitAverager, RoundReport
 from moshpit_trio.averaging.grid import Grid, balanced_initial_keys
+from moshpit_trio.errors import ConfigError
 from moshpit_trio.identity import Identity
 from moshpit_trio.peer import Peer, open_peer
 from moshpit_trio.testing import MemoryNetwork
@@ -152,3 +153,63 @@ async def _step_scoped(
     with trio.CancelScope() as scope:
         scopes[i] = scope
         reports.append(await averager.step(timeout=10))
+
+
+async def test_round_period_aligns_peers_that_step_at_different_times(autojump_clock: Any) -> None:
+    """Peers that call step() at scattered times (and one that skips a slot) still meet: each
+    waits for the next slot boundary of the shared clock and takes the slot index as its round."""
+    period = 10.0
+    net = MemoryNetwork(seed=3, latency=LATENCY)
+    values = [np.full(64, float(i), dtype=np.float32) for i in range(4)]
+    async with swarm(net, 4) as peers, AsyncExitStack() as stack:
+        averagers = [
+            await stack.enter_async_context(
+                MoshpitAverager(p, "slots", [v], grid=(4,), round_period=period)
+            )
+            for p, v in zip(peers, values, strict=True)
+        ]
+        clock = peers[0].dht
+        # start just after a slot boundary of the shared clock, so all four starts (0-3 s
+        # later) fall in one slot and the next boundary is where all of them begin
+        await trio.sleep(period - clock.now() % period + 0.5)
+        boundary = (int(clock.now() // period) + 1) * period
+        reports: list[tuple[float, RoundReport]] = []
+
+        async def late_step(a: MoshpitAverager, delay: float) -> None:
+            await trio.sleep(delay)
+            report = await a.step(timeout=5)
+            reports.append((clock.now() - report.seconds["total"], report))
+
+        async with trio.open_nursery() as nursery:
+            for i, a in enumerate(averagers):
+                nursery.start_soon(late_step, a, i * 1.0)
+        assert {r.round for _, r in reports} == {int(boundary // period)}
+        for started, r in reports:
+            assert started == pytest.approx(boundary)
+            assert r.succeeded and len(r.members) == 4
+        for v in values:
+            np.testing.assert_allclose(v, 1.5)
+
+        # Peer 3 sits out a slot; the others step twice. All three of the others' second
+        # rounds and peer 3's one round share a slot number, so it finds them there.
+        async with trio.open_nursery() as nursery:
+            for a in averagers[:3]:
+                nursery.start_soon(_two_steps, a, reports)
+            nursery.start_soon(late_step, averagers[3], period + 1.0)
+        last = [r for _, r in reports[-4:]]
+        assert {r.round for r in last} == {int(boundary // period) + 2}
+        assert all(r.succeeded for r in last)
+
+
+async def _two_steps(a: MoshpitAverager, reports: list[tuple[float, RoundReport]]) -> None:
+    for _ in range(2):
+        report = await a.step(timeout=5)
+        reports.append((0.0, report))
+
+
+@pytest.mark.parametrize("period", [0, -1.0, float("nan"), float("inf"), "10"])
+async def test_round_period_must_be_positive_seconds(period: Any) -> None:
+    net = MemoryNetwork(seed=4)
+    async with swarm(net, 1) as peers:
+        with pytest.raises(ConfigError, match="round_period"):
+            MoshpitAverager(peers[0], "bad", [np.zeros(4, np.float32)], round_period=period)

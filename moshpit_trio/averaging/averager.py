@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -79,6 +80,13 @@ class MoshpitAverager:
     a leader keeps (smaller ones disband into solo rounds); ``compression`` one of "none",
     "fp16", "8bit"; ``bandwidth`` this peer's, in bytes/s, for sizing spans; ``index_rule``
     "random" (seeded by the group id) or "rank"; ``max_norm`` refuses parts with a larger L2 norm.
+
+    ``round_period`` (seconds) aligns rounds to the swarm's clock: ``step()`` first waits for
+    the next multiple of ``round_period`` of Unix time (``peer.dht.now()``) and takes that
+    slot's index as its round number. Peers that step at different paces, skip rounds, or
+    restart then still meet under the same round number; without it each averager counts its
+    own rounds from 0, which suits peers that step in lockstep. The wait is not part of
+    ``step()``'s ``timeout``, which bounds the round itself (keep it below the period).
     """
 
     def __init__(
@@ -95,6 +103,7 @@ class MoshpitAverager:
         index_rule: Literal["random", "rank"] = "random",
         max_norm: float | None = None,
         matchmaking_fraction: float = 0.4,
+        round_period: float | None = None,
     ) -> None:
         self.peer = peer
         self.grid = Grid.parse(grid)  # type: ignore[arg-type]
@@ -112,6 +121,14 @@ class MoshpitAverager:
         if not 0 < matchmaking_fraction < 1:
             raise ConfigError("matchmaking_fraction must be in (0, 1)")
         self.matchmaking_fraction = matchmaking_fraction
+        if round_period is not None and not (
+            isinstance(round_period, int | float)
+            and math.isfinite(round_period)
+            and round_period > 0
+        ):
+            raise ConfigError(f"round_period must be positive seconds, got {round_period!r}")
+        self.round_period = round_period
+        #: the next round's number (with ``round_period``: the lowest the next slot may have)
         self.round = 0
         self.key: GroupKey = (
             check_key(self.grid, initial_key, 0)
@@ -140,6 +157,14 @@ class MoshpitAverager:
         for suffix in ("part", "result"):
             self.peer.transport.registry.unregister(f"avg.{self.run_id}.{suffix}")
 
+    async def _wait_for_slot(self, period: float) -> None:
+        # The next slot boundary strictly after now (a step that ends exactly on a boundary
+        # must not reuse the round it just did), and never a round this averager already did.
+        now = self.peer.dht.now()
+        slot = max(math.floor(now / period) + 1, self.round)
+        await trio.sleep(max(0.0, slot * period - now))
+        self.round = slot
+
     async def step(self, weight: float = 1.0, timeout: float = 30.0) -> RoundReport:
         """One round: form a group, average with it, rotate the key. Returns by ``timeout``."""
         if not self._entered:
@@ -148,6 +173,8 @@ class MoshpitAverager:
             raise ConfigError(f"weight must be a positive number, got {weight!r}")
         if not isinstance(timeout, int | float) or not timeout > 0:
             raise ConfigError(f"timeout must be positive seconds, got {timeout!r}")
+        if self.round_period is not None:
+            await self._wait_for_slot(self.round_period)
         start = trio.current_time()
         deadline = start + timeout
         round_, key = self.round, self.key
