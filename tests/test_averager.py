@@ -213,3 +213,35 @@ async def test_round_period_must_be_positive_seconds(period: Any) -> None:
     async with swarm(net, 1) as peers:
         with pytest.raises(ConfigError, match="round_period"):
             MoshpitAverager(peers[0], "bad", [np.zeros(4, np.float32)], round_period=period)
+
+
+async def test_wait_for_round_then_step_starts_at_the_boundary(autojump_clock: Any) -> None:
+    period = 4.0
+    net = MemoryNetwork(seed=5, latency=LATENCY)
+    values = [np.full(8, float(i), dtype=np.float32) for i in range(2)]
+    async with swarm(net, 2) as peers, AsyncExitStack() as stack:
+        a, b = [
+            await stack.enter_async_context(
+                MoshpitAverager(p, "wait", [v], grid=(2,), round_period=period)
+            )
+            for p, v in zip(peers, values, strict=True)
+        ]
+        reports: list[RoundReport] = []
+
+        async def snapshot_then_step() -> None:
+            round_ = await a.wait_for_round()
+            at = peers[0].dht.now()
+            assert at % period == pytest.approx(0.0, abs=1e-6) or at % period == pytest.approx(
+                period
+            )
+            assert await a.wait_for_round() == round_  # waiting again does not skip a slot
+            values[0][:] = 10.0  # changed after the wait: the round must average this
+            reports.append(await a.step(timeout=2))
+            assert reports[-1].round == round_
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(snapshot_then_step)
+            nursery.start_soon(_step_into, b, reports)
+        assert all(r.succeeded for r in reports)
+        np.testing.assert_allclose(values[0], 5.5)
+        np.testing.assert_allclose(values[1], 5.5)

@@ -142,6 +142,7 @@ class MoshpitAverager:
         self._rounds = RoundRegistry()
         self._flat = np.empty(self.layout.total, dtype=np.float32)
         self._entered = False
+        self._slot_reached = False
 
     async def __aenter__(self) -> MoshpitAverager:
         t = self.peer.transport
@@ -157,13 +158,21 @@ class MoshpitAverager:
         for suffix in ("part", "result"):
             self.peer.transport.registry.unregister(f"avg.{self.run_id}.{suffix}")
 
-    async def _wait_for_slot(self, period: float) -> None:
-        # The next slot boundary strictly after now (a step that ends exactly on a boundary
-        # must not reuse the round it just did), and never a round this averager already did.
-        now = self.peer.dht.now()
-        slot = max(math.floor(now / period) + 1, self.round)
-        await trio.sleep(max(0.0, slot * period - now))
-        self.round = slot
+    async def wait_for_round(self) -> int:
+        """With ``round_period``: wait for the next slot boundary and return its round number
+        (the next ``step()`` then starts at once, in that round). Without it: return the next
+        round's number at once. Use it to take a snapshot of changing values just before a
+        round (``MoshpitOptimizer``'s background rounds do)."""
+        period = self.round_period
+        if period is not None and not self._slot_reached:
+            # The next boundary strictly after now (a step that ends exactly on a boundary
+            # must not reuse the round it just did), and never a round already done here.
+            now = self.peer.dht.now()
+            slot = max(math.floor(now / period) + 1, self.round)
+            await trio.sleep(max(0.0, slot * period - now))
+            self.round = slot
+            self._slot_reached = True
+        return self.round
 
     async def step(self, weight: float = 1.0, timeout: float = 30.0) -> RoundReport:
         """One round: form a group, average with it, rotate the key. Returns by ``timeout``."""
@@ -173,8 +182,8 @@ class MoshpitAverager:
             raise ConfigError(f"weight must be a positive number, got {weight!r}")
         if not isinstance(timeout, int | float) or not timeout > 0:
             raise ConfigError(f"timeout must be positive seconds, got {timeout!r}")
-        if self.round_period is not None:
-            await self._wait_for_slot(self.round_period)
+        await self.wait_for_round()
+        self._slot_reached = False
         start = trio.current_time()
         deadline = start + timeout
         round_, key = self.round, self.key
