@@ -279,7 +279,8 @@ def decode_header(
             raise ProtocolError("state", f"tensor {i}: dtype {spec.dtype[:8]!r} is not allowed")
         # The product of the nonzero dimensions must fit too, even for a tensor of size zero:
         # numpy refuses shapes whose product overflows, and such a shape is nonsense anyway.
-        size = nonzero = np.dtype(spec.dtype).itemsize
+        size = np.dtype(spec.dtype).itemsize
+        nonzero = 1
         for dim in spec.shape:
             size *= dim
             nonzero *= max(dim, 1)
