@@ -172,6 +172,34 @@ def test_seal_accepts_memoryview_payload_and_extreme_ints() -> None:
     )
 
 
+def test_seal_parts_is_seal_in_two_pieces() -> None:
+    data = bytes(range(256)) * 40
+    s1, s2 = sealer(), sealer()
+    head, body = s1.seal_parts(Kind.REQUEST, 3, data, deadline_ms=50, name="f")
+    assert head + body == s2.seal(Kind.REQUEST, 3, data, deadline_ms=50, name="f")
+    assert body is data  # bytes go out as they are: nothing can change them
+    view = memoryview(data)[10:20]
+    assert s1.seal_parts(Kind.STREAM_DATA, 3, view)[1] is view
+
+
+@pytest.mark.parametrize("make", [bytearray, lambda b: memoryview(bytearray(b))])
+def test_seal_parts_copies_a_payload_its_owner_can_change(make: Any) -> None:
+    buf = make(b"abcdef")
+    head, body = sealer().seal_parts(Kind.STREAM_DATA, 1, buf)
+    buf[:3] = b"xyz"  # the caller reuses its buffer after sending
+    env = opener().open(head + bytes(body))
+    assert bytes(env.payload) == b"abcdef"  # what was hashed is what goes out
+
+
+def test_seal_refuses_a_payload_that_is_not_flat_bytes() -> None:
+    words = memoryview(bytearray(8)).cast("I")  # two 4-byte items, 8 bytes
+    with pytest.raises(ConfigError):
+        sealer().seal(Kind.STREAM_DATA, 1, words)
+    strided = memoryview(bytes(8))[::2]
+    with pytest.raises(ConfigError):
+        sealer().seal(Kind.STREAM_DATA, 1, strided)
+
+
 def test_full_size_payloads_open() -> None:
     s, o = sealer(), opener()
     for kind in Kind:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import trio
+import trio.testing
 import trio_websocket
 import wsproto.frame_protocol as fp
 from hypothesis import given, settings
@@ -289,12 +292,164 @@ def test_frame_buffer_gives_masked_payloads_mutable() -> None:
     assert type(payload) is bytes and payload == b"bye"
 
 
+def test_frame_buffer_hands_large_masked_payloads_over_as_pieces(patched: None) -> None:
+    key, data = os.urandom(4), os.urandom(3001)
+    masked = bytearray(data)
+    speedups.xor_mask(masked, key)
+    buf = speedups.FrameBuffer(b"\x82\xfe" + len(data).to_bytes(2, "big") + key)
+    for a, b in [(0, 5), (5, 1234), (1234, 3001)]:  # three reads, cut off the 4-byte grid
+        buf.feed(bytes(masked[a:b]))
+    assert buf.consume_exactly(2) == b"\x82\xfe"
+    assert buf.consume_exactly(2) == len(data).to_bytes(2, "big")
+    assert buf.consume_exactly(4) == key
+    buf.commit()
+    payload = buf.consume_at_most(len(data))
+    assert type(payload) is speedups.MaskedPayload and len(payload) == len(data)
+    assert len(payload.pieces) == 3
+    assert bytes(payload) == masked  # what the null masker would let through
+    masker = speedups.FastXorMasker(key)
+    out = masker.process(payload)
+    assert type(out) is bytes and out == data
+    assert masker._masking_key == key[1:] + key[:1]  # rotated by 3001 % 4, as always
+
+
+def test_frame_buffer_masked_pieces_need_the_fast_masker(unpatched: None) -> None:
+    buf = speedups.FrameBuffer(b"\x82\xfe\x03\xe8KEYS" + bytes(1000))
+    buf.consume_exactly(2), buf.consume_exactly(2), buf.consume_exactly(4)
+    assert type(buf.consume_at_most(1000)) is bytearray  # wsproto's own masker takes these
+
+
 def test_frame_buffer_snapshots_mutable_input() -> None:
     buf = speedups.FrameBuffer(b"ab")
     data = bytearray(b"cd")
     buf.feed(data)
     data[:] = b"zz"
     assert buf.consume_exactly(4) == b"abcd"
+
+
+# ---- message writer --------------------------------------------------------------------------
+
+
+class _Recorder(trio.abc.SendStream):
+    """Keeps every object send_all was given."""
+
+    def __init__(self) -> None:
+        self.writes: list[Any] = []
+        self.broken = False
+
+    async def send_all(self, data: Any) -> None:
+        if self.broken:
+            raise trio.BrokenResourceError
+        self.writes.append(data)
+        await trio.lowlevel.checkpoint()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+class _FakeSocket:
+    """Just the parts of trio_websocket.WebSocketConnection that MessageWriter touches."""
+
+    def __init__(self, client: bool) -> None:
+        self._wsproto = SimpleNamespace(
+            connection=Connection(ConnectionType.CLIENT if client else ConnectionType.SERVER)
+        )
+        self._stream = _Recorder()
+        self._stream_lock = trio.StrictFIFOLock()
+        self._close_reason: Any = None
+        self.aborted = False
+
+    async def _abort_web_socket(self) -> None:
+        self.aborted = True
+        self._close_reason = trio_websocket.CloseReason(1006, None)
+        await trio.lowlevel.checkpoint()
+
+
+@pytest.mark.parametrize("client", [True, False])
+@pytest.mark.parametrize(
+    ("h", "n"),
+    [
+        (0, 0),
+        (3, 0),
+        (10, 100),
+        (200, 65_535 - 200),
+        (300, speedups.INLINE_PAYLOAD - 1),
+        (300, speedups.INLINE_PAYLOAD),
+        (257, 70_001),
+        (301, (4 << 20) + 3),
+    ],
+)
+async def test_message_writer_writes_what_wsproto_writes(
+    monkeypatch: pytest.MonkeyPatch, client: bool, h: int, n: int
+) -> None:
+    head, payload, key = os.urandom(h), os.urandom(n), os.urandom(4)
+    monkeypatch.setattr(os, "urandom", lambda k: key[:k])
+    ws = _FakeSocket(client)
+    await speedups.MessageWriter(ws).send(head, payload)
+    want = ws._wsproto.connection.send(BytesMessage(data=head + payload))
+    writes = ws._stream.writes
+    assert b"".join(bytes(w) for w in writes) == want
+    # one write for a small payload; otherwise the head's write, then the payload's
+    assert len(writes) == (1 if n < speedups.INLINE_PAYLOAD else 2)
+    if len(writes) == 2 and not client:
+        assert writes[1] is payload  # the server's payload goes out as it was given
+
+
+async def test_message_writer_refuses_a_closed_socket_and_aborts_a_broken_one() -> None:
+    ws = _FakeSocket(client=False)
+    ws._close_reason = trio_websocket.CloseReason(1000, "bye")
+    with pytest.raises(trio_websocket.ConnectionClosed):
+        await speedups.MessageWriter(ws).send(b"h", b"p")
+    ws = _FakeSocket(client=True)
+    ws._stream.broken = True
+    with pytest.raises(trio_websocket.ConnectionClosed):
+        await speedups.MessageWriter(ws).send(b"h", bytes(100_000))
+    assert ws.aborted
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+async def test_message_writer_over_trio_websocket_both_ways(enabled: bool) -> None:
+    was = speedups.installed()
+    speedups.install() if enabled else speedups.uninstall()
+    try:
+        sizes = [(0, 0), (5, 200), (300, 70_001), (311, (1 << 20) + 5)]
+        messages = [(os.urandom(h), os.urandom(n)) for h, n in sizes]
+        client_stream, server_stream = trio.testing.memory_stream_pair()
+        kwargs: dict[str, Any] = {"max_message_size": 2 << 20}
+        pinged = trio.Event()
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+
+                async def serve() -> None:
+                    request = await trio_websocket.wrap_server_stream(
+                        nursery, server_stream, **kwargs
+                    )
+                    ws = await request.accept()
+                    write = speedups.message_writer(ws)
+                    assert isinstance(getattr(write, "__self__", None), speedups.MessageWriter) == (
+                        enabled
+                    )
+                    for head, payload in messages:
+                        assert await ws.get_message() == head + payload  # masked, client's
+                        await write(head, payload)  # unmasked, server's
+                    await ws.ping(b"still in step")  # frames never interleave with control ones
+                    pinged.set()
+
+                nursery.start_soon(serve)
+                ws = await trio_websocket.wrap_client_stream(
+                    nursery, client_stream, "host", "/", **kwargs
+                )
+                write = speedups.message_writer(ws)
+                for head, payload in messages:
+                    await write(head, payload)
+                    assert await ws.get_message() == head + payload
+                await pinged.wait()
+                await ws.aclose()
+    finally:
+        speedups.install() if was else speedups.uninstall()
 
 
 # ---- install / uninstall ---------------------------------------------------------------------
@@ -321,13 +476,14 @@ def test_install_respects_opt_out(unpatched: None, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("MOSHPIT_NO_SPEEDUPS", "1")
     report = speedups.install()
     assert not (report.masker or report.frames or report.buffer or report.malloc)
+    assert not report.writer
     assert fp.XorMaskerSimple is ORIGINAL_MASKER
 
 
 def test_install_skips_unknown_wsproto(unpatched: None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(speedups, "_wsproto_version", lambda: ("9.0", (9, 0)))
     report = speedups.install(malloc=False)
-    assert not (report.masker or report.frames or report.buffer)
+    assert not (report.masker or report.frames or report.buffer or report.writer)
     assert fp.Buffer is ORIGINAL_BUFFER
 
 

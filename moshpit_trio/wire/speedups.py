@@ -52,15 +52,18 @@ from typing import Any, Final
 import numpy as np
 
 __all__ = [
+    "INLINE_PAYLOAD",
     "RECEIVE_BUFFER_SIZE",
     "RECOMMENDED_CHUNK",
     "WHOLE_FRAME_LIMIT",
     "FastXorMasker",
     "FrameBuffer",
+    "MessageWriter",
     "SpeedupReport",
     "install",
     "installed",
     "masked_copy",
+    "message_writer",
     "tune_malloc",
     "uninstall",
     "xor_mask",
@@ -150,6 +153,41 @@ def masked_copy(payload: bytes | bytearray | memoryview, key: bytes) -> list[Any
     return out
 
 
+def _masked_into(out: np.ndarray, payload: bytes | memoryview, key: bytes) -> None:
+    """``out[:] = payload`` XOR the repeated ``key``: one pass, no intermediate copy."""
+    n = len(payload)
+    body = n - n % 8
+    key8 = key * 2
+    src = np.frombuffer(payload, dtype=np.uint8)
+    if body:
+        words = out[:body].view(np.uint64)
+        np.bitwise_xor(src[:body].view(np.uint64), np.frombuffer(key8, np.uint64), out=words)
+    if body != n:
+        np.bitwise_xor(src[body:], np.frombuffer(key8, np.uint8)[: n - body], out=out[body:])
+
+
+class MaskedPayload:
+    """A masked frame payload as the pieces it arrived in, not yet joined or unmasked.
+
+    :class:`FrameBuffer` hands one to the decoder's masker instead of a ``bytearray`` copy
+    (only while :class:`FastXorMasker` is the masker, and only for payloads of 512 bytes or
+    more); :meth:`FastXorMasker.process` unmasks the pieces straight into one new buffer. The
+    pieces are views of received ``bytes``, so nothing can change them meanwhile.
+    """
+
+    __slots__ = ("pieces", "size")
+
+    def __init__(self, pieces: list[memoryview], size: int) -> None:
+        self.pieces = pieces
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.pieces)
+
+
 class FastXorMasker:
     """Drop-in for ``wsproto.frame_protocol.XorMaskerSimple``, vectorised.
 
@@ -157,7 +195,9 @@ class FastXorMasker:
     the key is rotated by ``len(data) % 4`` after each call exactly as the original does, so a
     frame masked or unmasked in several pieces comes out the same as in one.
 
-    Deliberate differences in what comes back (never in its bytes): given a ``bytearray``,
+    Deliberate differences in what comes back (never in its bytes): given a
+    :class:`MaskedPayload` (from :class:`FrameBuffer`) it returns new ``bytes``; given a
+    ``bytearray``,
     ``process`` masks it *in place* and returns that same object instead of a masked copy (both
     wsproto call sites pass a bytearray they have just created and never look at again, and
     :class:`FrameBuffer` hands masked payloads out as bytearrays for this); given ``bytes`` of
@@ -172,12 +212,21 @@ class FastXorMasker:
             raise ValueError(f"a websocket masking key is 4 bytes, got {len(masking_key)}")
         self._masking_key = bytes(masking_key)
 
-    def process(self, data: bytes | bytearray | memoryview) -> bytes | bytearray:
+    def process(self, data: bytes | bytearray | memoryview | MaskedPayload) -> bytes | bytearray:
         key = self._masking_key
         n = len(data)
         rotation = n % 4
         if rotation:
             self._masking_key = key[rotation:] + key[:rotation]
+        if isinstance(data, MaskedPayload):
+            # Unmask piece by piece into one buffer (one pass), then one copy into bytes.
+            out = np.empty(n, dtype=np.uint8)
+            pos = 0
+            for piece in data.pieces:
+                turn = pos % 4
+                _masked_into(out[pos : pos + len(piece)], piece, key[turn:] + key[:turn])
+                pos += len(piece)
+            return out.tobytes()
         if type(data) is bytearray:
             xor_mask(data, key)
             return data
@@ -206,12 +255,15 @@ class FrameBuffer:
       with ``bytes(...)``; for ``bytes`` that call, the decoder's ``payload += b""`` and
       trio-websocket's one-part join all return the object itself. So a server-to-client
       payload is copied once on its way from the socket to ``get_message()``.
-    * hands out a masked payload as a ``bytearray``, which :class:`FastXorMasker` unmasks in
-      place (cheaper than unmasking ``bytes`` into a new buffer; then ``bytes(...)`` copies it
-      once more). "Masked" is recognised by the decoder's 4-byte ``consume_exactly`` (the
-      masking key; extended lengths are 2 or 8 bytes) since the last frame header began; were
-      that guess ever wrong, only the speed would change: the decoder and both maskers accept
-      either type.
+    * hands out a masked payload of 512 bytes or more as a :class:`MaskedPayload` (its pieces,
+      uncopied), which :class:`FastXorMasker` unmasks straight into new ``bytes``: two passes
+      over the data where a ``bytearray`` copy, an in-place unmask and the decoder's
+      ``bytes(...)`` make three. Smaller ones (and all of them while wsproto's own masker is
+      in place) come as a ``bytearray``, unmasked in place. "Masked" is recognised by the
+      decoder's 4-byte ``consume_exactly`` (the masking key; extended lengths are 2 or 8
+      bytes) since the last frame header began; were that guess ever wrong, only the speed
+      would change: the null masker hands a ``MaskedPayload`` on unchanged and the decoder's
+      ``bytes(...)`` joins it (``__bytes__``).
 
     For larger requests it returns what is there, like the original, so a peer announcing a
     huge frame still runs into trio-websocket's ``max_message_size`` as the bytes arrive; what
@@ -238,10 +290,8 @@ class FrameBuffer:
         self._chunks.append(chunk)
         self._size += len(chunk)
 
-    def _gather(self, start: int, nbytes: int, mutable: bool = False) -> bytes | bytearray:
-        """``nbytes`` held bytes from position ``start`` (relative to the front): a copy in a new
-        ``bytearray`` if ``mutable``, else ``bytes`` (a received chunk itself when it is exactly
-        that, else one copy)."""
+    def _pieces(self, start: int, nbytes: int) -> list[memoryview]:
+        """Views of the ``nbytes`` held bytes from position ``start`` (relative to the front)."""
         pos = self._offset + start
         pieces: list[memoryview] = []
         for chunk in self._chunks:
@@ -254,15 +304,28 @@ class FrameBuffer:
             pos = 0
             if not nbytes:
                 break
-        if mutable:
-            return bytearray(pieces[0]) if len(pieces) == 1 else bytearray().join(pieces)
+        return pieces
+
+    def _gather(self, start: int, nbytes: int) -> bytes:
+        """``nbytes`` held bytes from ``start`` as ``bytes``: a received chunk itself when it is
+        exactly that, else one copy."""
+        pieces = self._pieces(start, nbytes)
         if len(pieces) == 1:
             piece = pieces[0]
             whole: bytes = piece.obj  # type: ignore[assignment]  # feed() stores only bytes
             return whole if len(piece) == len(whole) else bytes(piece)
         return b"".join(pieces)
 
-    def consume_at_most(self, nbytes: int) -> bytes | bytearray:
+    def _gather_masked(self, start: int, nbytes: int) -> bytearray | MaskedPayload:
+        """A masked payload: its pieces as a :class:`MaskedPayload` for :class:`FastXorMasker`
+        when that is installed and they are 512 bytes or more, else a copy in a new
+        ``bytearray`` for the masker to unmask in place."""
+        pieces = self._pieces(start, nbytes)
+        if nbytes >= _SMALL and "masker" in _applied:
+            return MaskedPayload(pieces, nbytes)
+        return bytearray(pieces[0]) if len(pieces) == 1 else bytearray().join(pieces)
+
+    def consume_at_most(self, nbytes: int) -> bytes | bytearray | MaskedPayload:
         available = self._size - self.bytes_used
         if nbytes > available:
             if nbytes <= WHOLE_FRAME_LIMIT:
@@ -270,11 +333,15 @@ class FrameBuffer:
             nbytes = available
         if nbytes <= 0:
             return b""
-        data = self._gather(self.bytes_used, nbytes, self._masked)
+        data = (
+            self._gather_masked(self.bytes_used, nbytes)
+            if self._masked
+            else self._gather(self.bytes_used, nbytes)
+        )
         self.bytes_used += nbytes
         return data
 
-    def consume_exactly(self, nbytes: int) -> bytes | bytearray | None:
+    def consume_exactly(self, nbytes: int) -> bytes | None:
         if self._size - self.bytes_used < nbytes:
             return None
         if nbytes <= 0:
@@ -341,6 +408,96 @@ def _serialize_frame(
     return b"".join([header, key, *masked_copy(payload, key)])
 
 
+#: Below this many payload bytes a message goes out as one write (head and payload joined):
+#: a copy that small costs less than a second system call and trio checkpoint.
+INLINE_PAYLOAD: Final = 64 * 1024
+
+# trio-websocket versions whose WebSocketConnection internals MessageWriter uses (0.12: _stream,
+# _stream_lock, _wsproto, _close_reason, _abort_web_socket, each used as in its _send()).
+_TRIO_WEBSOCKET_TESTED: Final = ((0, 12),)
+
+
+class MessageWriter:
+    """Sends one binary websocket message given in two pieces, ``head`` and ``payload``,
+    without joining them: the multi-megabyte payload goes from the caller's ``bytes`` to the
+    socket untouched (server side), or through one XOR pass into a fresh buffer (client side,
+    whose frames RFC 6455 requires masked with a random key), where trio-websocket's
+    ``send_message`` needs the message as one ``bytes`` and then copies it into a frame.
+
+    The frame is the one wsproto would write (FIN, binary opcode, same length encoding, a
+    masking key from ``os.urandom(4)`` for clients), written under trio-websocket's own send
+    lock, so it never interleaves with the pongs and close frames trio-websocket sends.
+    Use :func:`message_writer` to get one: it falls back to ``send_message`` where these
+    internals are not the ones this was written against.
+    """
+
+    __slots__ = ("_ws",)
+
+    def __init__(self, ws: Any) -> None:
+        self._ws = ws
+
+    async def send(self, head: bytes, payload: bytes | memoryview) -> None:
+        from trio_websocket import ConnectionClosed
+        from wsproto.connection import ConnectionState
+
+        ws = self._ws
+        if ws._close_reason is not None:
+            raise ConnectionClosed(ws._close_reason)
+        conn = ws._wsproto.connection
+        if conn is None or conn.state is not ConnectionState.OPEN or conn._proto.extensions:
+            # Not a plain open connection: let trio-websocket decide what happens.
+            await ws.send_message(head + bytes(payload))
+            return
+        client: bool = conn._proto.client
+        n = len(head) + len(payload)
+        mask_bit = 0x80 if client else 0
+        if n <= 125:
+            frame = bytes((0x82, mask_bit | n))
+        elif n <= 0xFFFF:
+            frame = _HEADER16.pack(0x82, mask_bit | 126, n)
+        else:
+            frame = _HEADER64.pack(0x82, mask_bit | 127, n)
+        rest: bytes | memoryview
+        if client:
+            key = os.urandom(4)
+            masked_head = bytearray(head)
+            xor_mask(masked_head, key)
+            first = frame + key + masked_head
+            # The mask runs on across the frame's payload: the payload starts len(head) in.
+            turn = len(head) % 4
+            out = np.empty(len(payload), dtype=np.uint8)
+            _masked_into(out, payload, key[turn:] + key[:turn])
+            rest = out.data
+        else:
+            first, rest = frame + head, payload
+        pieces = [first + bytes(rest)] if len(rest) < INLINE_PAYLOAD else [first, rest]
+        import trio
+
+        async with ws._stream_lock:
+            try:
+                for piece in pieces:
+                    await ws._stream.send_all(piece)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                await ws._abort_web_socket()
+                raise ConnectionClosed(ws._close_reason) from None
+
+
+def message_writer(ws: Any) -> Any:
+    """``async send(head, payload)`` for a trio-websocket connection: :class:`MessageWriter`'s
+    when :func:`install` enabled it and the connection's internals are the tested ones, else
+    one that joins the two and calls ``ws.send_message`` (one more copy, same bytes)."""
+    if _state.get("writer") and all(
+        hasattr(ws, name)
+        for name in ("_stream", "_stream_lock", "_wsproto", "_close_reason", "_abort_web_socket")
+    ):
+        return MessageWriter(ws).send
+
+    async def send(head: bytes, payload: bytes | memoryview) -> None:
+        await ws.send_message(head + bytes(payload))
+
+    return send
+
+
 @dataclass(frozen=True)
 class SpeedupReport:
     """What :func:`install` managed to do in this process."""
@@ -350,6 +507,8 @@ class SpeedupReport:
     buffer: bool
     malloc: bool
     wsproto_version: str
+    #: :class:`MessageWriter` in use (see :func:`message_writer`)
+    writer: bool = False
 
 
 # name -> original attribute value, for every patch currently applied.
@@ -402,15 +561,33 @@ def tune_malloc(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM
     return ok_mmap and ok_trim
 
 
+def _trio_websocket_version() -> tuple[int, ...]:
+    import trio_websocket
+
+    parts: list[int] = []
+    for piece in str(getattr(trio_websocket, "__version__", "0")).split("."):
+        if not piece.isdigit():
+            break
+        parts.append(int(piece))
+    return tuple(parts)
+
+
 def install(
-    *, masker: bool = True, frames: bool = True, buffer: bool = True, malloc: bool = True
+    *,
+    masker: bool = True,
+    frames: bool = True,
+    buffer: bool = True,
+    malloc: bool = True,
+    writer: bool = True,
 ) -> SpeedupReport:
     """Apply the speedups (idempotent; safe to call from every entry point).
 
     ``masker``: wsproto's ``XorMaskerSimple`` becomes :class:`FastXorMasker`. ``frames``:
     ``FrameProtocol._serialize_frame`` becomes the single-copy :func:`_serialize_frame`. Both
     only on wsproto versions whose ``frame_protocol`` this was written against; on others they
-    are skipped and the report says so. ``malloc``: :func:`tune_malloc`.
+    are skipped and the report says so. ``malloc``: :func:`tune_malloc`. ``writer``: connections
+    send through :class:`MessageWriter` (:func:`message_writer`), only on the trio-websocket
+    versions it was written against.
     Set ``MOSHPIT_NO_SPEEDUPS=1`` in the environment to make this a no-op (to compare, or to rule
     it out when debugging).
     """
@@ -427,12 +604,15 @@ def install(
                 setattr(owner, attribute, replacement)
     if malloc and not _state.get("malloc"):
         _state["malloc"] = tune_malloc()
+    if writer and version[:2] in _WSPROTO_TESTED:
+        _state["writer"] = _trio_websocket_version()[:2] in _TRIO_WEBSOCKET_TESTED
     return SpeedupReport(
         masker="masker" in _applied,
         frames="frames" in _applied,
         buffer="buffer" in _applied,
         malloc=bool(_state.get("malloc")),
         wsproto_version=version_text,
+        writer=bool(_state.get("writer")),
     )
 
 
@@ -445,7 +625,9 @@ def installed() -> bool:
 
 
 def uninstall() -> None:
-    """Put wsproto's originals back (for benchmarks and tests; malloc settings stay)."""
+    """Put wsproto's originals back and stop :class:`MessageWriter` (for benchmarks and tests;
+    malloc settings stay)."""
+    _state["writer"] = False
     patches = _patches()
     for name in list(_applied):
         owner, attribute, _ = patches[name]
