@@ -5,6 +5,9 @@
     moshpit echo-server [--key FILE] [--listen HOST:PORT]
     moshpit echo ADDRESS TEXT [--key FILE]
     moshpit echo-demo                            two peers, two processes, one signed echo
+    moshpit demo [--peers N] [--seconds S] [--plot FILE] [--json]
+                                                 a local swarm trains a CNN on digits; one
+                                                 peer is killed and restarted midway
 
 A key file's passphrase, if any, comes from the environment variable named by
 ``--passphrase-env`` (never from the command line, where ``ps`` would show it).
@@ -13,6 +16,7 @@ A key file's passphrase, if any, comes from the environment variable named by
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -172,7 +176,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", default="hello from moshpit-trio")
     p.add_argument("--timeout", type=float, default=10.0)
     p.set_defaults(func=cmd_echo_demo)
+
+    p = sub.add_parser(
+        "demo",
+        help="a local swarm trains a small CNN on digits; one peer is killed and restarted",
+    )
+    p.add_argument("--peers", type=int, default=4, help="training peers (default: %(default)s)")
+    p.add_argument(
+        "--seconds", type=float, default=60.0, help="training time (default: %(default)s)"
+    )
+    p.add_argument(
+        "--round-period",
+        type=float,
+        default=2.0,
+        help="seconds between averaging rounds (default: %(default)s)",
+    )
+    p.add_argument(
+        "--plot",
+        default="moshpit-demo.png",
+        help="PNG of accuracy and loss against time ('' for none; default: %(default)s)",
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    p.add_argument("--no-live", action="store_true", help="no live table, just progress lines")
+    p.add_argument("--logs", metavar="DIR", help="keep every process's log in DIR")
+    p.set_defaults(func=cmd_demo)
     return parser
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import print_summary, run_demo
+
+    result = run_demo(
+        peers=args.peers,
+        seconds=args.seconds,
+        round_period=args.round_period,
+        plot=args.plot or None,
+        live=not args.no_live,
+        logs=args.logs,
+    )
+    if args.json:
+        print(json.dumps(result.as_json(), indent=2))
+    else:
+        print_summary(result, sys.stdout)
+    return 0 if result.restarted_peer_caught_up else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -105,6 +105,9 @@ def test_every_step_averages_the_two_peers() -> None:
             torch.testing.assert_close(pa, torch.full_like(pa, 1.0))
             torch.testing.assert_close(pb, pa)
         assert a.local_step == b.local_step == 1
+        # the swarm view is readable from the training thread (the trio side keeps it fresh)
+        assert a.swarm.peers and a.swarm.peers[0].peer_id is not None
+        assert a.swarm.total_samples >= 1
 
 
 def test_average_every_counts_local_steps() -> None:

@@ -380,6 +380,7 @@ class _Bridge:
         self._downloaded: tuple[TrainingState, PeerID] | None = None
         self._peer: Peer | None = None
         self._tracker: ProgressTracker | None = None
+        self._swarm: SwarmProgress | None = None
         self._averager: MoshpitAverager | None = None
         self._stack: AsyncExitStack | None = None
         self._buffers: list[np.ndarray] | None = None
@@ -413,8 +414,13 @@ class _Bridge:
         token, tracker = self._token, self._tracker
         if token is None or tracker is None:
             return
+
+        def report() -> None:
+            tracker.report(samples=samples, step=step)
+            self._swarm = tracker.swarm
+
         with suppress(trio.RunFinishedError):
-            token.run_sync_soon(lambda: tracker.report(samples=samples, step=step))
+            token.run_sync_soon(report)
 
     def run_round(self) -> RoundReport:
         assert self._token is not None
@@ -424,10 +430,12 @@ class _Bridge:
             raise MoshpitError(f"the peer's thread has stopped: {self._failure!r}") from None
 
     def tracker_view(self) -> SwarmProgress:
-        tracker = self._tracker
-        if tracker is None:
+        # The tracker lives in the trio thread (its view depends on trio's clock); the training
+        # thread reads the copy the trio side refreshes at every reported step.
+        swarm = self._swarm
+        if swarm is None:
             raise MoshpitError("the peer is not running")
-        return tracker.swarm
+        return swarm
 
     def averager_round(self) -> int:
         return self._averager.round if self._averager is not None else 0
@@ -468,7 +476,7 @@ class _Bridge:
             self.address = None if peer.address is None else str(peer.address)
             tracker = ProgressTracker(peer, self._run_id, samples_per_epoch=self._samples_per_epoch)
             await nursery.start(tracker.run)
-            self._tracker = tracker
+            self._tracker, self._swarm = tracker, tracker.swarm
             await stack.enter_async_context(StateServer(peer, self._run_id, self._serve_state))
             if self._load_state:
                 self._downloaded = await self._download(peer)
