@@ -110,6 +110,38 @@ def test_every_step_averages_the_two_peers() -> None:
         assert a.swarm.total_samples >= 1
 
 
+def step_with(opt: MoshpitOptimizer, grad: float) -> Any:
+    for g in opt.param_groups:
+        for p in g["params"]:
+            p.grad = torch.full_like(p, grad)
+    opt.step()
+    opt.zero_grad()
+    return opt.last_report
+
+
+def test_average_state_also_averages_momentum_buffers() -> None:
+    common = {
+        "grid": (2,),
+        "average_every": 1,
+        "round_timeout": 10.0,
+        "load_state": False,
+        "lr": 0.1,
+        "average_state": True,
+    }
+    with optimizers({"model": model_with(0.0), **common}, {"model": model_with(2.0), **common}) as (
+        a,
+        b,
+    ):
+        ra, rb = in_threads(lambda: step_with(a, 1.0), lambda: step_with(b, 3.0))
+        assert ra.succeeded and rb.succeeded
+        # local steps: a = 0 - 0.1*1 = -0.1, b = 2 - 0.1*3 = 1.7; momentum = the first grads
+        for opt in (a, b):
+            torch.testing.assert_close(params(opt)[0], torch.full_like(params(opt)[0], 0.8))
+            for state in opt.optimizer.state.values():
+                buf = state["momentum_buffer"]
+                torch.testing.assert_close(buf, torch.full_like(buf, 2.0))
+
+
 def test_average_every_counts_local_steps() -> None:
     a_model, b_model = model_with(0.0), model_with(4.0)
     common = {"grid": (2,), "average_every": 3, "round_timeout": 10.0, "load_state": False}
@@ -186,13 +218,19 @@ def test_training_goes_on_after_the_bootstrap_peer_leaves() -> None:
         torch.testing.assert_close(params(b)[0], torch.full_like(params(b)[0], 1.0))
 
 
-def test_background_rounds_overlap_local_steps_and_keep_local_progress() -> None:
+@pytest.mark.parametrize("average_state", [False, True])
+def test_background_rounds_overlap_local_steps_and_keep_local_progress(
+    average_state: bool,
+) -> None:
+    # with average_state, the momentum buffers appear after the first local step: the
+    # averager made before then (parameters only) is replaced by one that covers them too
     common = {
         "grid": (2,),
         "average_every": "background",
         "round_period": 0.5,
         "lr": 0.01,
         "load_state": False,
+        "average_state": average_state,
     }
     with optimizers({"model": model_with(0.0), **common}, {"model": model_with(1.0), **common}) as (
         a,
