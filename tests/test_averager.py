@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
@@ -245,3 +246,72 @@ async def test_wait_for_round_then_step_starts_at_the_boundary(autojump_clock: A
         assert all(r.succeeded for r in reports)
         np.testing.assert_allclose(values[0], 5.5)
         np.testing.assert_allclose(values[1], 5.5)
+
+
+# ---- how a stream of encoded values is decoded (AllReduce._values) ---------------------------
+
+
+class _Chunks:
+    """Stands in for a StreamRequest: yields the given chunks as memoryviews."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+
+    async def __aiter__(self) -> AsyncIterator[memoryview]:
+        for chunk in self.chunks:
+            await trio.lowlevel.checkpoint()
+            yield memoryview(chunk)
+
+
+async def _decode(codec_name: str, chunks: list[bytes], count: int) -> list[tuple[int, Any]]:
+    from types import SimpleNamespace
+
+    from moshpit_trio.averaging.allreduce import AllReduce
+    from moshpit_trio.averaging.compression import codec
+
+    fake = SimpleNamespace(codec=codec(codec_name), bytes_received=0)
+    runs = AllReduce._values(fake, _Chunks(chunks), count)  # type: ignore[arg-type]
+    out = [run async for run in runs]
+    assert fake.bytes_received == sum(len(c) for c in chunks)
+    return out
+
+
+def _cut(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = [0, *cuts, len(data)]
+    return [data[a:b] for a, b in itertools.pairwise(points)]
+
+
+@pytest.mark.parametrize("name", ["none", "fp16", "8bit"])
+@pytest.mark.parametrize("cuts", [[], [4096], [1, 2, 3], [4097, 8191, 8195]])
+async def test_values_decode_runs_whatever_the_chunk_boundaries(name: str, cuts: list[int]) -> None:
+    from moshpit_trio.averaging.compression import codec
+
+    values = np.random.default_rng(5).standard_normal(5000).astype(np.float32)
+    data = codec(name).encode(values)
+    runs = await _decode(name, _cut(data, cuts), len(values))
+    got = np.empty_like(values)
+    covered = 0
+    for offset, run in runs:
+        got[offset : offset + len(run)] = run
+        covered += len(run)
+    assert covered == len(values)
+    assert np.array_equal(got, codec(name).decode(data, len(values)))
+    itemsize = codec(name).itemsize
+    if itemsize is None:
+        assert len(runs) == 1  # a blocked codec decodes once, at the end
+    else:
+        # one run per chunk that completes at least one more value, as it arrives
+        ends = list(itertools.accumulate(len(c) for c in _cut(data, cuts)))
+        assert len(runs) == len({e // itemsize for e in ends} - {0})
+
+
+@pytest.mark.parametrize("name", ["none", "8bit"])
+async def test_values_refuse_too_many_or_too_few_bytes(name: str) -> None:
+    from moshpit_trio.averaging.compression import codec
+    from moshpit_trio.averaging.reducer import BadContribution
+
+    data = codec(name).encode(np.ones(100, np.float32))
+    for chunks in ([data, b"\0"], [data[:-1]], [data[:40], data[40:-4]], []):
+        with pytest.raises(BadContribution) as info:
+            await _decode(name, chunks, 100)
+        assert info.value.reason == "length"

@@ -207,7 +207,7 @@ def _by_id(r: Round, peer_id: PeerID) -> Peer:
     return next(p for p in r.peers if p.id == peer_id)
 
 
-@pytest.mark.parametrize("lie", ["wrong length", "duplicate part"])
+@pytest.mark.parametrize("lie", ["wrong length", "too long", "duplicate part"])
 async def test_lying_sender_is_excluded(autojump_clock: Any, lie: str, monkeypatch: Any) -> None:
     def prepare(r: Round) -> None:
         liar = r.averagers[1]
@@ -223,9 +223,13 @@ async def test_lying_sender_is_excluded(autojump_clock: Any, lie: str, monkeypat
                 self.group.group_id, self.index, start, end, self.weight, self.codec.name
             )
             data = self.codec.encode(self.flat[start:end])
-            # "wrong length": a part 4 bytes short; "duplicate part": the same part twice
-            sends = [data[:-4]] if lie == "wrong length" else [data, data]
-            for payload in sends:
+            # "wrong length": a part 4 bytes short; "too long": the whole part and 4 bytes more
+            # (it must not count even though it held the whole part at one point);
+            # "duplicate part": the same part twice
+            streams = {"wrong length": [[data[:-4]]], "too long": [[data, bytes(4)]]}.get(
+                lie, [[data], [data]]
+            )
+            for chunks in streams:
                 try:
                     async with transport.open_stream(
                         self._target(self.members[j]),
@@ -233,7 +237,10 @@ async def test_lying_sender_is_excluded(autojump_clock: Any, lie: str, monkeypat
                         allreduce_module._encode(header),
                         timeout=deadline - trio.current_time(),
                     ) as stream:
-                        await stream.send(payload)
+                        for k, chunk in enumerate(chunks):  # one send, one chunk
+                            if k:  # the rest comes after every honest part is in
+                                await trio.sleep(1.0)
+                            await stream.send(chunk)
                         await stream.finish()
                 except MoshpitError:
                     pass
@@ -246,7 +253,7 @@ async def test_lying_sender_is_excluded(autojump_clock: Any, lie: str, monkeypat
     for report in r.reports.values():
         if report.members[report.index] == liar:
             continue
-        if lie == "wrong length":
+        if lie in ("wrong length", "too long"):
             assert report.excluded == {liar: "length"}
             assert all(liar not in (s.included or ()) for s in report.spans if s.reducer != liar)
         else:

@@ -236,6 +236,26 @@ def test_read_only_views_are_accepted_and_copied() -> None:
     assert np.array_equal(avg, p)
 
 
+def test_unaligned_views_are_accepted() -> None:
+    (p,) = parts(1, 1000)
+    raw = b"x" + p.tobytes()
+    view = np.frombuffer(memoryview(raw)[1:], dtype=np.float32)
+    assert not view.flags.aligned
+    acc = SpanAccumulator(1000, 1, max_norm=1e6)
+    deliver(acc, 0, view, 1.0, chunk=300)
+    avg, _ = acc.finalize()
+    assert np.array_equal(avg, p)
+
+
+def test_float64_values_past_float32_range_are_nonfinite() -> None:
+    # 1e39 is a finite float64 but would be Inf in the float32 average: refuse it
+    acc = SpanAccumulator(4, 1)
+    with pytest.raises(BadContribution) as info:
+        acc.add(0, 0, np.array([1.0, 2.0, 1e39, 0.0]), 1.0)
+    assert info.value.reason == "nonfinite"
+    assert acc.excluded == {0: "nonfinite"}
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     length=st.integers(1, 300),

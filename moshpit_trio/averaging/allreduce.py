@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Sequence
+import math
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 import msgspec
@@ -107,7 +108,8 @@ class AllReduce:
             else None
         )
         self.all_delivered = trio.Event()
-        self.results: dict[int, tuple[np.ndarray, tuple[int, ...]]] = {}
+        # span j's result as (offset, values) pieces, and the members it averages
+        self.results: dict[int, tuple[list[tuple[int, np.ndarray]], tuple[int, ...]]] = {}
         self.all_results = trio.Event()
         self.reduced: tuple[np.ndarray, list[int]] | None = None
         self._result_payload: bytes | None = None
@@ -131,7 +133,7 @@ class AllReduce:
             # Our own part may be bad (NaN, over the norm bound): the accumulator then leaves
             # us out of our own span's average and names us in `excluded`.
             with contextlib.suppress(BadContribution):
-                self._add(self.index, self.flat[start:end], self.weight)
+                self._add(self.index, 0, self.flat[start:end], self.weight)
         async with trio.open_nursery() as nursery:
             for j, (start, end) in enumerate(self.spans):
                 if j != self.index and end > start:
@@ -172,14 +174,17 @@ class AllReduce:
         for j, (start, end) in enumerate(self.spans):
             if end <= start:
                 continue
-            got: tuple[np.ndarray, Sequence[int]] | None = (
-                self.reduced if j == self.index else self.results.get(j)
-            )
+            got: tuple[list[tuple[int, np.ndarray]], Sequence[int]] | None
+            if j == self.index:
+                got = None if self.reduced is None else ([(0, self.reduced[0])], self.reduced[1])
+            else:
+                got = self.results.get(j)
             if got is None:
                 reports.append(SpanReport(start, end, ids[j], None))
                 continue
-            values, included = got
-            self.flat[start:end] = values
+            pieces, included = got
+            for offset, values in pieces:
+                self.flat[start + offset : start + offset + len(values)] = values
             reports.append(SpanReport(start, end, ids[j], tuple(ids[i] for i in included)))
         return reports
 
@@ -228,10 +233,10 @@ class AllReduce:
 
     # -- what other members send us ----------------------------------------------------------
 
-    def _add(self, sender: int, values: np.ndarray, weight: float) -> None:
+    def _add(self, sender: int, offset: int, values: np.ndarray, weight: float) -> None:
         assert self.accumulator is not None
         try:
-            self.accumulator.add(sender, 0, values, weight)
+            self.accumulator.add(sender, offset, values, weight)
         finally:
             self._check_delivered()
 
@@ -253,26 +258,66 @@ class AllReduce:
             raise Rejected("that span is not reduced here")
         if header.codec != self.codec.name:
             raise Rejected("wrong codec")
-        count = end - start
+        sender = header.sender
         try:
-            data = await request.read_all(self.codec.encoded_size(count))
-        except Rejected:
-            self.accumulator.exclude(header.sender, "length")
-            self._check_delivered()
-            raise
-        self.bytes_received += len(data)
-        if self.reduced is not None:
-            raise Rejected("too late: the span was already reduced")
-        try:
-            values = self.codec.decode(data, count)
-            self._add(header.sender, values, header.weight)
+            # Each run of whole values goes to the accumulator as it arrives (no joined copy
+            # of the part). The last one waits for the end of the stream: the part is complete
+            # only once the sender said that was all, and no more than it announced came.
+            pending: tuple[int, np.ndarray] | None = None
+            async with contextlib.aclosing(self._values(request, end - start)) as runs:
+                async for offset, values in runs:
+                    if self.reduced is not None:
+                        raise Rejected("too late: the span was already reduced")
+                    if pending is not None:
+                        self._add(sender, *pending, header.weight)
+                    pending = (offset, values)
+            if self.reduced is not None:
+                raise Rejected("too late: the span was already reduced")
+            if pending is not None:
+                self._add(sender, *pending, header.weight)
         except BadContribution as exc:
             # the accumulator excluded it already when the check was its own; make sure
-            if header.sender not in self.accumulator.excluded:
-                self.accumulator.exclude(header.sender, exc.reason)
+            if sender not in self.accumulator.excluded:
+                self.accumulator.exclude(sender, exc.reason)
             self._check_delivered()
             raise Rejected(f"bad contribution ({exc.reason}): {exc.detail}") from None
         return b""
+
+    async def _values(
+        self, request: StreamRequest, count: int
+    ) -> AsyncGenerator[tuple[int, np.ndarray], None]:
+        """Decode a stream of ``count`` encoded values as ``(offset, values)`` runs, as the
+        chunks arrive when the codec encodes values one by one (the arrays are views of the
+        received bytes), else in one piece at the end. BadContribution("length") as soon as
+        more bytes than ``count`` values arrive, or at the end when fewer did."""
+        size = self.codec.encoded_size(count)
+        itemsize = self.codec.itemsize
+        received = 0
+        offset = 0
+        held: list[memoryview] = []  # bytes not yet decoded: a partial value, or a blocked codec
+        async for chunk in request:
+            received += len(chunk)
+            self.bytes_received += len(chunk)
+            if received > size:
+                raise BadContribution("length", f"more than the {size} bytes of {count} values")
+            if itemsize is None:
+                held.append(chunk)
+                continue
+            data: bytes | memoryview = chunk
+            if held:  # a value cut between chunks (never by our own senders): rejoin it
+                data = b"".join((*held, chunk))
+                held.clear()
+            usable = len(data) - len(data) % itemsize
+            if usable < len(data):
+                held.append(memoryview(data)[usable:])
+            if usable:
+                n = usable // itemsize
+                yield offset, self.codec.decode(memoryview(data)[:usable], n)
+                offset += n
+        if received != size:
+            raise BadContribution("length", f"{received} bytes, not the {size} of {count} values")
+        if itemsize is None:
+            yield 0, self.codec.decode(b"".join(held), count)
 
     async def on_result(self, request: StreamRequest, header: _ResultHeader) -> bytes:
         j = next(
@@ -288,19 +333,32 @@ class AllReduce:
             or not all(0 <= i < len(self.members) for i in header.included)
         ):
             raise Rejected("bad list of included members")
-        count = header.end - header.start
-        data = await request.read_all(self.codec.encoded_size(count))
-        self.bytes_received += len(data)
+        # Kept as the pieces they arrived in, and written into our vector only once the whole
+        # result is in and checked: a result counts whole or not at all.
+        pieces: list[tuple[int, np.ndarray]] = []
         try:
-            values = self.codec.decode(data, count)
+            async with contextlib.aclosing(
+                self._values(request, header.end - header.start)
+            ) as runs:
+                async for offset, values in runs:
+                    if not _all_finite(values):
+                        raise Rejected("non-finite values in a result")
+                    pieces.append((offset, values))
         except BadContribution as exc:
             raise Rejected(f"bad result: {exc}") from None
-        if not np.all(np.isfinite(values)):
-            raise Rejected("non-finite values in a result")
-        self.results[j] = (values, tuple(sorted(header.included)))
+        self.results[j] = (pieces, tuple(sorted(header.included)))
         if self._expected_results <= set(self.results):
             self.all_results.set()
         return b""
+
+
+def _all_finite(values: np.ndarray) -> bool:
+    """Whether every value is finite: one sum (NaN and ±Inf propagate through it), and the
+    elementwise check only when the sum overflowed."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        if math.isfinite(float(np.add.reduce(values))):
+            return True
+    return bool(np.isfinite(values).all())
 
 
 class RoundRegistry:

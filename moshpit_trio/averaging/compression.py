@@ -60,6 +60,9 @@ class Codec(Protocol):
     """Encodes float32 vectors to bytes and decodes them back."""
 
     name: str
+    #: bytes per value when every value is encoded on its own (so any run of whole values
+    #: decodes by itself, chunk by chunk); None when values are encoded in blocks
+    itemsize: int | None
 
     def encode(self, values: FloatArray) -> bytes:
         """``values`` (a 1-D float32 array, contiguous or not) as bytes."""
@@ -100,6 +103,7 @@ def _count(count: int) -> int:
 
 class _NoCompression:
     name = "none"
+    itemsize: int | None = 4
 
     def encode(self, values: FloatArray) -> bytes:
         return np.ascontiguousarray(values, dtype=_F32).tobytes()
@@ -115,6 +119,7 @@ class _NoCompression:
 
 class _Float16:
     name = "fp16"
+    itemsize: int | None = 2
 
     def encode(self, values: FloatArray) -> bytes:
         with np.errstate(over="ignore"):
@@ -138,6 +143,7 @@ class _Float16:
 
 class _Blockwise8Bit:
     name = "8bit"
+    itemsize: int | None = None  # every block's min and step come first, then the codes
 
     def encode(self, values: FloatArray) -> bytes:
         values = np.ascontiguousarray(values, dtype=np.float32)

@@ -144,9 +144,10 @@ class SpanAccumulator:
     def add(self, sender: int, offset: int, values: Any, weight: float) -> None:
         """One decoded chunk of ``sender``'s part, placed at ``offset`` within the span.
 
-        ``values`` is a flat float array (a read-only view of received bytes is fine: it is
-        copied once, into the sender's buffer). Raises :class:`BadContribution` if a check fails,
-        after excluding the sender; chunks from an already excluded sender are dropped silently.
+        ``values`` is a flat float array (a read-only or unaligned view of received bytes is
+        fine: it is copied once, into the sender's buffer, and checked there). Raises
+        :class:`BadContribution` if a check fails, after excluding the sender; chunks from an
+        already excluded sender are dropped silently.
         """
         if self._finalized:
             raise BadContribution("late", "the span was already averaged", sender=sender)
@@ -191,21 +192,29 @@ class SpanAccumulator:
             raise bad("weight", f"weight {weight!r} is not positive and finite")
         if part.weight is not None and weight != part.weight:
             raise bad("weight", f"weight {weight!r} changed from {part.weight!r}")
-        # One pass gives both checks: the float32 dot product of finite values is finite unless
-        # it overflows (|values| ~ 1e19), and is NaN/Inf whenever a value is; the slow path
-        # tells the two apart and gets an exact sum of squares in float64.
-        with np.errstate(over="ignore", invalid="ignore"):
-            sumsq = float(np.dot(values, values)) if values.shape[0] else 0.0
-        if not math.isfinite(sumsq):
-            if not np.isfinite(values).all():
-                raise bad("nonfinite", f"NaN or Inf in chunk [{offset}, {end})")
-            sumsq = float(np.dot(values.astype(np.float64), values.astype(np.float64)))
         if end > offset and not part.cover(offset, end):
             raise bad("duplicate", f"chunk [{offset}, {end}) repeats delivered elements")
         part.weight = weight
         if part.buffer is None:
             part.buffer = np.empty(self.length, dtype=np.float32)
-        part.buffer[offset:end] = values
+        # Copy first, then check the copy: it is aligned (a view of received bytes often is
+        # not, and numpy's reductions run up to several times slower on those) and still in
+        # cache, and it is exactly what will be averaged (a float64 value past float32's range
+        # shows up as Inf here). A failure below excludes the sender: nothing half-checked is
+        # ever used. One pass then gives both checks: the float32 sum of squares of finite
+        # values is finite unless it overflows (|values| ~ 1e19), and is NaN/Inf whenever a
+        # value is; the slow path tells the two apart and gets an exact sum in float64.
+        # einsum, not np.dot: BLAS would wake its worker threads, which then spin on cores the
+        # other peers need.
+        kept = part.buffer[offset:end]
+        with np.errstate(over="ignore", invalid="ignore"):
+            kept[...] = values
+            sumsq = float(np.einsum("i,i->", kept, kept)) if kept.shape[0] else 0.0
+        if not math.isfinite(sumsq):
+            if not np.isfinite(kept).all():
+                raise bad("nonfinite", f"NaN or Inf in chunk [{offset}, {end})")
+            wide = kept.astype(np.float64)
+            sumsq = float(np.dot(wide, wide))
         part.sumsq += sumsq
         if part.delivered == self.length and self.max_norm is not None:
             norm = math.sqrt(part.sumsq)
