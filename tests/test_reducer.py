@@ -236,6 +236,16 @@ def test_read_only_views_are_accepted_and_copied() -> None:
     assert np.array_equal(avg, p)
 
 
+def test_equal_weights_take_the_sum_then_scale_path_with_the_same_result() -> None:
+    ps = parts(4, 5000)
+    for weights in ([2.0] * 4, [2.0, 2.0, 2.0, 2.0000001]):
+        acc = SpanAccumulator(5000, 4)
+        for s, p in enumerate(ps):
+            deliver(acc, s, p, weights[s], chunk=999)
+        avg, _ = acc.finalize()
+        assert np.array_equal(avg, reference(ps, weights).astype(np.float32))
+
+
 def test_unaligned_views_are_accepted() -> None:
     (p,) = parts(1, 1000)
     raw = b"x" + p.tobytes()
