@@ -230,6 +230,9 @@ class DemoResult:
     restarted_peer: str | None
     restarted_peer_downloaded: bool
     restarted_peer_caught_up: bool
+    #: seconds after the start when the peer was killed, and when it rejoined
+    killed_at: float
+    restarted_at: float
     rounds: dict[str, dict[str, int]]
     plot: str | None
     history: dict[str, list[dict[str, Any]]]
@@ -249,9 +252,9 @@ def run_demo(
     round_period: float = 2.0,
     plot: str | None = "moshpit-demo.png",
     live: bool = True,
-    lr: float = 0.05,
+    lr: float = 0.005,
     batch_size: int = 32,
-    step_delay: float = 0.03,
+    step_delay: float = 0.05,
     report_every: float = 0.5,
     logs: str | None = None,
 ) -> DemoResult:
@@ -382,7 +385,7 @@ def run_demo(
                 raise MoshpitError(
                     f"trainer {t.index} failed (exit {t.process.returncode}); see {t.log}"
                 )
-        return _summarize(trainers, victim, seconds, plot)
+        return _summarize(trainers, victim, seconds, plot, (kill_at, kill_at + downtime))
     finally:
         for t in [*trainers, standby]:
             if t.process is not None and t.process.poll() is None:
@@ -528,7 +531,11 @@ class _Display:
 
 
 def _summarize(
-    trainers: list[_Trainer], victim: _Trainer, seconds: float, plot: str | None
+    trainers: list[_Trainer],
+    victim: _Trainer,
+    seconds: float,
+    plot: str | None,
+    down: tuple[float, float],
 ) -> DemoResult:
     import torch
 
@@ -554,7 +561,7 @@ def _summarize(
     }
     history = {f"peer-{t.index}": t.history for t in trainers}
     if plot:
-        _plot(history, plot)
+        _plot(history, plot, down)
     return DemoResult(
         peers=len(trainers),
         seconds=seconds,
@@ -563,13 +570,15 @@ def _summarize(
         restarted_peer=f"peer-{victim.index}",
         restarted_peer_downloaded=downloaded,
         restarted_peer_caught_up=caught_up,
+        killed_at=down[0],
+        restarted_at=down[1],
         rounds=rounds,
         plot=plot or None,
         history=history,
     )
 
 
-def _plot(history: dict[str, list[dict[str, Any]]], path: str) -> None:
+def _plot(history: dict[str, list[dict[str, Any]]], path: str, down: tuple[float, float]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -592,6 +601,8 @@ def _plot(history: dict[str, list[dict[str, Any]]], path: str) -> None:
             losses.append(float(loss) if loss is not None else float("nan"))
         acc_ax.plot(times, accs, label=name)
         loss_ax.plot(times, losses, label=name)
+    for ax in (acc_ax, loss_ax):
+        ax.axvspan(*down, color="grey", alpha=0.15, label="one peer down")
     acc_ax.set(xlabel="seconds", ylabel="test accuracy", title="accuracy per peer")
     loss_ax.set(xlabel="seconds", ylabel="training loss (running mean)", title="loss per peer")
     loss_ax.set_yscale("log")
@@ -609,6 +620,11 @@ def print_summary(result: DemoResult, out: IO[str]) -> None:
         mark = "  (killed and restarted)" if name == result.restarted_peer else ""
         print(f"{name:<8} {acc:>9.3f} {r['rounds_ok']:>4}/{r['rounds']:<5}{mark}", file=out)
     print(f"mean model accuracy: {result.final_accuracy:.3f}", file=out)
+    print(
+        f"{result.restarted_peer} was killed (SIGKILL) at {result.killed_at:.0f} s and rejoined "
+        f"at {result.restarted_at:.0f} s",
+        file=out,
+    )
     print(
         f"restarted peer downloaded state: {result.restarted_peer_downloaded}; "
         f"caught up (within 2 points): {result.restarted_peer_caught_up}",
@@ -639,9 +655,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grid", type=int, nargs="+", default=[2, 2])
     p.add_argument("--incarnation", type=int, default=0)
     p.add_argument("--round-period", type=float, default=2.0)
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--lr", type=float, default=0.005)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--step-delay", type=float, default=0.03)
+    p.add_argument("--step-delay", type=float, default=0.05)
     p.add_argument("--report-every", type=float, default=0.5)
     p.set_defaults(func=trainer_main)
     args = parser.parse_args(argv)
