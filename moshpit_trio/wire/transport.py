@@ -105,6 +105,9 @@ class Transport:
         self._addresses: dict[PeerID, PeerAddress] = {}
         self._open_streams = 0  # connections being set up or running, both directions
         self._closing = False
+        # bytes moved by connections that have ended (the live ones count their own)
+        self._ended_sent = 0
+        self._ended_received = 0
 
     # -- handlers ----------------------------------------------------------------------------
 
@@ -134,10 +137,23 @@ class Transport:
     def _add(self, conn: Connection) -> None:
         self._conns.setdefault(conn.remote_peer_id, []).append(conn)
 
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes written to the wire by every connection so far, ended ones included."""
+        return self._ended_sent + sum(c.bytes_sent for cs in self._conns.values() for c in cs)
+
+    @property
+    def bytes_received(self) -> int:
+        """Bytes read from the wire by every connection so far, ended ones included."""
+        live = sum(c.bytes_received for cs in self._conns.values() for c in cs)
+        return self._ended_received + live
+
     def _remove(self, conn: Connection) -> None:
         conns = self._conns.get(conn.remote_peer_id, [])
         if conn in conns:
             conns.remove(conn)
+            self._ended_sent += conn.bytes_sent
+            self._ended_received += conn.bytes_received
         if not conns:
             self._conns.pop(conn.remote_peer_id, None)
 
