@@ -50,7 +50,11 @@ the CPU per round by category; every function's own time is in exactly one categ
 profiler's own cost (a CPU-clock read per call and return) lands mostly on the many small
 calls (trio scheduling, websocket framing), so compare those with the unprofiled ``CPU s``.
 
-JSON keys: ``peers``, ``floats``, ``rounds``, ``cores``, ``moshpit_round_s``,
+``--chunk-kib`` / ``--window-mib`` set the moshpit transport's stream chunk and window (to
+measure them; the library's defaults otherwise).
+
+JSON keys: ``peers``, ``floats``, ``rounds``, ``cores``, ``chunk_bytes`` and ``window_bytes``
+(null: the library's defaults), ``moshpit_round_s``,
 ``moshpit_matchmaking_s``, ``moshpit_allreduce_s``, ``gloo_s``, ``ratio_vs_gloo`` (round /
 gloo), ``allreduce_ratio_vs_gloo``, ``hivemind_s`` (null when not run), ``hivemind_note``,
 ``speedup_vs_hivemind`` (hivemind / round), ``failures`` (per arm), ``targets``, ``profile``
@@ -204,8 +208,20 @@ def _moshpit_child(spec: dict[str, Any], ctl: Control, profiler: _Profiler) -> N
             await session()
 
     async def session() -> None:
+        limits = None
+        if spec.get("chunk") or spec.get("window"):
+            from moshpit_trio.wire.connection import ConnectionLimits
+            from moshpit_trio.wire.transport import TransportLimits
+
+            default = ConnectionLimits()
+            limits = TransportLimits(
+                connection=ConnectionLimits(
+                    stream_chunk=spec.get("chunk") or default.stream_chunk,
+                    stream_window=spec.get("window") or default.stream_window,
+                )
+            )
         async with open_peer(
-            Identity.generate(), listen=f"{HOST}:0", bootstrap=spec["bootstrap"]
+            Identity.generate(), listen=f"{HOST}:0", bootstrap=spec["bootstrap"], limits=limits
         ) as peer:
             averager = MoshpitAverager(
                 peer,
@@ -434,6 +450,8 @@ def run_arm(
     profile_dir: Path | None,
     quiet: bool,
     python: str = sys.executable,
+    chunk: int | None = None,
+    window: int | None = None,
 ) -> dict[str, Any]:
     """Start ``peers`` processes of ``arm``, run the rounds, end every process whatever happens."""
     base = {
@@ -442,6 +460,8 @@ def run_arm(
         "compression": compression,
         "step_timeout": step_timeout,
         "child_deadline": max(deadline - time.monotonic(), 1.0) + 10.0,
+        "chunk": chunk,
+        "window": window,
     }
     if arm == "gloo":
         base["port"] = _free_port()
@@ -695,6 +715,12 @@ def main(argv: list[str] | None = None) -> int:
         default=sys.executable,
         help="interpreter for the hivemind processes (one whose environment has hivemind)",
     )
+    parser.add_argument(
+        "--chunk-kib", type=int, help="moshpit stream chunk (KiB; default: the library's)"
+    )
+    parser.add_argument(
+        "--window-mib", type=int, help="moshpit stream window (MiB; default: the library's)"
+    )
     parser.add_argument("--lead", type=float, default=0.2, help="round start notice (s)")
     parser.add_argument("--step-timeout", type=float, default=60.0, help="per round (s)")
     parser.add_argument("--timeout", type=float, default=600.0, help="whole benchmark (s)")
@@ -741,6 +767,8 @@ def main(argv: list[str] | None = None) -> int:
                 profile_dir=args.profile,
                 quiet=args.quiet,
                 python=args.hivemind_python if arm == "hivemind" else sys.executable,
+                chunk=args.chunk_kib * 1024 if args.chunk_kib else None,
+                window=args.window_mib * 1024 * 1024 if args.window_mib else None,
             )
         except ArmFailed as exc:
             results[arm] = {"error": str(exc)}
@@ -763,6 +791,8 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.rounds,
         "warmup": args.warmup,
         "compression": args.compression,
+        "chunk_bytes": args.chunk_kib * 1024 if args.chunk_kib else None,
+        "window_bytes": args.window_mib * 1024 * 1024 if args.window_mib else None,
         "cores": os.cpu_count(),
         "moshpit_round_s": round_s,
         "moshpit_matchmaking_s": seconds("moshpit", "matchmaking"),
