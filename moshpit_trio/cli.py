@@ -8,6 +8,9 @@
     moshpit demo [--peers N] [--seconds S] [--plot FILE] [--json]
                                                  a local swarm trains a CNN on digits; one
                                                  peer is killed and restarted midway
+    moshpit peer --config FILE [--listen HOST:PORT] [--bootstrap ADDRESS]... [...]
+                                                 run a peer daemon until SIGTERM (peers/*.toml)
+    moshpit status ADDRESS [--json] [--key FILE] ask a running daemon for its status
 
 A key file's passphrase, if any, comes from the environment variable named by
 ``--passphrase-env`` (never from the command line, where ``ps`` would show it).
@@ -16,6 +19,7 @@ A key file's passphrase, if any, comes from the environment variable named by
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -23,11 +27,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import trio
 
 from . import __version__
-from .errors import MoshpitError
+from .errors import ConfigError, MoshpitError
 from .identity import Identity
 from .log import configure_logging
 
@@ -200,7 +205,94 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-live", action="store_true", help="no live table, just progress lines")
     p.add_argument("--logs", metavar="DIR", help="keep every process's log in DIR")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "peer",
+        help="run a peer daemon from a TOML configuration until SIGTERM",
+        description="Run a peer daemon. Flags override the file and MOSHPIT_* variables.",
+    )
+    p.add_argument("--config", required=True, metavar="FILE", help="TOML file (see peers/)")
+    p.add_argument("--identity", metavar="FILE", help="key file (created if missing)")
+    p.add_argument("--listen", metavar="HOST:PORT")
+    p.add_argument("--announce-host", metavar="HOST", help="the host others dial")
+    p.add_argument(
+        "--bootstrap",
+        action="append",
+        metavar="ADDRESS",
+        help="ws://HOST:PORT/PEER_ID of a peer in the swarm (repeat; replaces the file's list)",
+    )
+    p.add_argument(
+        "--client-mode", action="store_true", default=None, help="never listen (behind NAT)"
+    )
+    p.add_argument("--shutdown-timeout", metavar="SECONDS")
+    p.add_argument("--log-format", dest="peer_log_format", choices=["console", "json"])
+    p.add_argument("--log-level", dest="peer_log_level", metavar="LEVEL")
+    p.add_argument(
+        "--check", action="store_true", help="check the configuration, print it, and exit"
+    )
+    p.set_defaults(func=cmd_peer)
+
+    p = sub.add_parser("status", help="ask a running daemon for its status")
+    keyed(p)
+    p.add_argument("address", help="ws://HOST:PORT/PEER_ID")
+    p.add_argument("--json", action="store_true", help="JSON for machines")
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.set_defaults(func=cmd_status)
     return parser
+
+
+def cmd_peer(args: argparse.Namespace) -> int:
+    from .config import load_config
+
+    flags = {
+        "--identity": args.identity,
+        "--listen": args.listen,
+        "--announce-host": args.announce_host,
+        "--bootstrap": args.bootstrap,
+        "--client-mode": args.client_mode,
+        "--shutdown-timeout": args.shutdown_timeout,
+        "--log-format": args.peer_log_format,
+        "--log-level": args.peer_log_level,
+    }
+    config = load_config(args.config, env=os.environ, flags=flags)
+    if args.check:
+        print(json.dumps(dataclasses.asdict(config), indent=2, default=str))
+        return 0
+    configure_logging(config.log.format, config.log.level)
+    from .daemon import serve
+    from .log import get_logger
+
+    # From here on every line on stderr is a log line (JSON lines with format = "json"),
+    # failures included: a supervisor's log collector gets one format.
+    try:
+        return trio.run(serve, config)
+    except ConfigError as exc:
+        get_logger().error("daemon failed", error=str(exc))
+        return 2
+    except Exception as exc:
+        get_logger().exception("daemon failed", error=f"{type(exc).__name__}: {exc}")
+        return 1
+
+
+async def _status(identity: Identity, address: str, timeout: float) -> Any:
+    from .daemon import fetch_status
+    from .wire.transport import open_transport
+
+    async with open_transport(identity, listen=None) as transport:
+        return await fetch_status(transport, address, timeout=timeout)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from .daemon import format_status
+
+    status = trio.run(_status, _identity(args), args.address, args.timeout)
+    if args.json:
+        print(json.dumps(msgspec.to_builtins(status), indent=2))
+    else:
+        print(format_status(status))
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
