@@ -456,6 +456,7 @@ def test_a_dht_node_starts_fast_and_never_imports_torch(swarm: Swarm) -> None:
     print(f"\nDHT node: 'peer started' {startup:.2f} s after launch; {len(imported)} modules")
     assert "moshpit_trio.daemon" in imported  # the table is complete
     assert not {m for m in imported if m == "torch" or m.startswith("torch.")}
+    assert "moshpit_trio.training" not in imported
     assert startup < 10.0  # two busy cores; about 1 s when idle
 
 
