@@ -1,0 +1,143 @@
+"""Smoke test of benchmarks/training.py: a tiny swarm, both scenarios, all three methods."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "training.py"
+PEERS = 4
+MAX_TIME = 12.0
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("moshpit_bench_training", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while being made
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny(bench: ModuleType) -> dict[str, Any]:
+    """One --json run, shared by the tests below: 4 peers, a small model, 12 virtual seconds,
+    a low target (so times to it exist), and preemption often enough to happen."""
+    out = io.StringIO()
+    argv = [
+        *("--peers", str(PEERS), "--max-time", str(MAX_TIME), "--hidden", "64"),
+        *("--lr", "0.2", "--target-acc", "0.6", "--after-target", "2"),
+        *("--preempt-rate", "8", "--downtime", "2", "--json", "--quiet"),
+    ]
+    stdout, sys.stdout = sys.stdout, out
+    try:
+        assert bench.main(argv) == 0
+    finally:
+        sys.stdout = stdout
+    result: dict[str, Any] = json.loads(out.getvalue())
+    return result
+
+
+def test_json_has_every_method_and_sane_numbers(tiny: dict[str, Any]) -> None:
+    assert set(tiny["scenarios"]) == {"hetero", "homo"}
+    assert tiny["scenario"] == "hetero"
+    assert tiny["methods"] == tiny["scenarios"]["hetero"]["methods"]
+    for key in ("speedup_vs_gossip", "speedup_vs_allreduce", "targets", "config", "wall_s"):
+        assert key in tiny, key
+    for name, sc in tiny["scenarios"].items():
+        assert set(sc["methods"]) == {"moshpit", "allreduce", "gossip"}, name
+        for method, row in sc["methods"].items():
+            where = f"{name}/{method}"
+            assert 0.0 <= row["final_accuracy"] <= 1.0, where
+            assert 0.0 <= row["best_accuracy"] <= 1.0, where
+            assert row["final_accuracy"] <= row["best_accuracy"], where
+            t = row["time_to_target_s"]
+            assert t is None or 0.0 <= t <= row["stopped_at_s"] <= MAX_TIME, where
+            curve = row["curve"]
+            times = [c[0] for c in curve]
+            assert times == sorted(times) and times[0] == 0.0, where
+            assert all(0.0 <= c[1] <= 1.0 and 1 <= c[2] <= PEERS for c in curve), where
+            if t is not None:
+                # the first evaluation at or above the target, and none before it
+                assert next(c[0] for c in curve if c[1] >= 0.6) == t, where
+            assert row["local_steps"] > 0, where
+            assert row["wall_s"] > 0, where
+        for other in ("gossip", "allreduce"):
+            value = sc[f"speedup_vs_{other}"]
+            bound = sc[f"speedup_vs_{other}_at_least"]
+            mine = sc["methods"]["moshpit"]["time_to_target_s"]
+            theirs = sc["methods"][other]["time_to_target_s"]
+            if mine and theirs is not None:
+                assert value == pytest.approx(theirs / mine) and bound == value
+            else:
+                assert value is None
+    for t in tiny["targets"].values():
+        assert t["pass"] == (t["value"] is not None and t["value"] >= t["limit"])
+
+
+def test_the_methods_do_what_they_claim(tiny: dict[str, Any]) -> None:
+    homo = tiny["scenarios"]["homo"]["methods"]
+    # all four peers, groups of two on a 2x2 grid, and every round full without faults
+    assert homo["moshpit"]["mean_group_size"] == 2.0
+    assert homo["moshpit"]["rounds_ok"] == homo["moshpit"]["rounds"] > 0
+    assert homo["allreduce"]["mean_group_size"] == PEERS
+    assert homo["allreduce"]["rounds_ok"] == homo["allreduce"]["rounds"] > 0
+    assert homo["allreduce"]["redone_steps"] == 0
+    assert homo["gossip"]["gossip_pulls_failed"] == 0 and homo["gossip"]["gossip_pulls"] > 0
+    for row in homo.values():
+        assert row["preemptions"] == row["restarts"] == 0
+        assert all(c[2] == PEERS for c in row["curve"])
+
+
+def test_preempted_peers_come_back_with_the_state(tiny: dict[str, Any]) -> None:
+    hetero = tiny["scenarios"]["hetero"]["methods"]
+    for method, row in hetero.items():
+        if row["preemptions"] == 0:
+            continue
+        live = [c[2] for c in row["curve"]]
+        dip = live.index(min(live))
+        assert min(live) < PEERS, method
+        assert row["restarts"] >= 1, method
+        # a returning peer downloads the state, then counts as live again
+        assert PEERS in live[dip:], method
+        assert row["state_downloads_failed"] == 0, method
+    assert sum(row["preemptions"] for row in hetero.values()) >= 1
+
+
+def test_speedups_when_a_method_never_gets_there(bench: ModuleType) -> None:
+    methods = {
+        "moshpit": {"time_to_target_s": 20.0, "stopped_at_s": 30.0},
+        "allreduce": {"time_to_target_s": 50.0, "stopped_at_s": 60.0},
+        "gossip": {"time_to_target_s": None, "stopped_at_s": 150.0},
+    }
+    sp = bench._speedups(methods)
+    assert sp["speedup_vs_allreduce"] == sp["speedup_vs_allreduce_at_least"] == 2.5
+    assert sp["speedup_vs_gossip"] is None and sp["speedup_vs_gossip_at_least"] == 7.5
+    targets = bench._scenario_targets("hetero", sp)
+    assert targets["speedup_vs_gossip"]["pass"] and targets["speedup_vs_allreduce"]["pass"]
+    methods["moshpit"]["time_to_target_s"] = None
+    sp = bench._speedups(methods)
+    assert all(v is None for v in sp.values())
+    assert not bench._scenario_targets("homo", sp)["speedup_vs_allreduce"]["pass"]
+    # homo: no slower than All-Reduce by more than 10%
+    sp = bench._speedups({**methods, "moshpit": {"time_to_target_s": 54.0}})
+    assert bench._scenario_targets("homo", sp)["speedup_vs_allreduce"]["pass"]
+    sp = bench._speedups({**methods, "moshpit": {"time_to_target_s": 56.0}})
+    assert not bench._scenario_targets("homo", sp)["speedup_vs_allreduce"]["pass"]
+
+
+def test_table(bench: ModuleType, tiny: dict[str, Any]) -> None:
+    out = io.StringIO()
+    bench.print_table(tiny, out=out)
+    text = out.getvalue()
+    assert "virtual seconds" in text and "targets:" in text
+    for method in ("moshpit", "allreduce", "gossip"):
+        assert method in text
