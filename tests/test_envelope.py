@@ -191,6 +191,33 @@ def test_seal_parts_copies_a_payload_its_owner_can_change(make: Any) -> None:
     assert bytes(env.payload) == b"abcdef"  # what was hashed is what goes out
 
 
+def test_shared_payload_slices_seal_like_bytes_and_hash_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from moshpit_trio.wire import envelope
+
+    data = bytes(range(256)) * 100
+    shared = envelope.SharedPayload(data)
+    calls: list[int] = []
+    real_hash = envelope._hash
+
+    def counting_hash(payload: Any) -> bytes:
+        calls.append(len(payload))
+        return real_hash(payload)
+
+    monkeypatch.setattr(envelope, "_hash", counting_hash)
+    for _ in range(3):  # three connections, three sealers, one digest per slice
+        s, plain = sealer(), sealer()
+        for start in range(0, len(data), 7000):
+            head, body = s.seal_parts(Kind.STREAM_DATA, 1, shared.slice(start, start + 7000))
+            want = plain.seal(Kind.STREAM_DATA, 1, data[start : start + 7000])
+            assert head + bytes(body) == want
+    assert len(calls) == 4 + 3 * 4  # four slices hashed once; the plain seals hash each time
+    assert len(shared.slice(25_000, 99_999)) == 600  # clamped like a slice
+    with pytest.raises(ConfigError):
+        envelope.SharedPayload(bytearray(3))  # type: ignore[arg-type]
+
+
 def test_seal_refuses_a_payload_that_is_not_flat_bytes() -> None:
     words = memoryview(bytearray(8)).cast("I")  # two 4-byte items, 8 bytes
     with pytest.raises(ConfigError):

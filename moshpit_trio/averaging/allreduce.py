@@ -35,6 +35,7 @@ from ..errors import MoshpitError, Rejected
 from ..identity import PeerID
 from ..wire.address import PeerAddress
 from ..wire.connection import StreamRequest
+from ..wire.envelope import SharedPayload
 from .compression import Codec, codec
 from .matchmaking import GroupInfo, MemberInfo
 from .partition import spans as make_spans
@@ -112,7 +113,7 @@ class AllReduce:
         self.results: dict[int, tuple[list[tuple[int, np.ndarray]], tuple[int, ...]]] = {}
         self.all_results = trio.Event()
         self.reduced: tuple[np.ndarray, list[int]] | None = None
-        self._result_payload: bytes | None = None
+        self._result_payload: SharedPayload | None = None
         self.excluded: dict[int, str] = {}
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -161,11 +162,12 @@ class AllReduce:
         except ValueError:
             self.reduced = None
             return
-        # Encoded once for every member. Everyone else gets the average through the codec, so
-        # keep exactly what they get: members holding span j's result hold the same values.
-        self._result_payload = self.codec.encode(average)
+        # Encoded (and each chunk hashed) once for every member. Everyone else gets the average
+        # through the codec, so keep exactly what they get: members holding span j's result
+        # hold the same values.
+        self._result_payload = SharedPayload(self.codec.encode(average))
         if self.codec.name != "none":
-            average = self.codec.decode(self._result_payload, len(average))
+            average = self.codec.decode(self._result_payload.data, len(average))
         self.reduced = (average, included)
 
     def _apply(self) -> list[SpanReport]:
@@ -216,7 +218,13 @@ class AllReduce:
         )
 
     async def _stream_to(
-        self, transport: Any, i: int, name: str, header: bytes, payload: bytes, deadline: float
+        self,
+        transport: Any,
+        i: int,
+        name: str,
+        header: bytes,
+        payload: bytes | SharedPayload,
+        deadline: float,
     ) -> None:
         timeout = deadline - trio.current_time()
         if timeout <= 0:

@@ -40,7 +40,16 @@ from ..errors import (
 )
 from ..identity import Identity, PeerID
 from . import speedups
-from .envelope import DEFAULT_LIMITS, Envelope, EnvelopeLimits, EnvelopeOpener, EnvelopeSealer, Kind
+from .envelope import (
+    DEFAULT_LIMITS,
+    Envelope,
+    EnvelopeLimits,
+    EnvelopeOpener,
+    EnvelopeSealer,
+    Kind,
+    SharedPayload,
+    SharedSlice,
+)
 from .handshake import HandshakeResult
 
 __all__ = [
@@ -383,7 +392,7 @@ class Connection:
         self,
         kind: Kind,
         call_id: int,
-        payload: bytes | memoryview = b"",
+        payload: bytes | memoryview | SharedSlice = b"",
     ) -> None:
         """Seal and queue one envelope of a running call or stream, waiting (cancellably) for
         room in the queue."""
@@ -718,14 +727,22 @@ class SendStream:
         if self._finished:
             raise ConfigError("send() after finish()")
 
-    async def send(self, data: bytes | bytearray | memoryview) -> None:
-        """Send ``data``, cut into chunks; returns when all of it is queued for the wire."""
-        view = memoryview(data).cast("B")
+    async def send(self, data: bytes | bytearray | memoryview | SharedPayload) -> None:
+        """Send ``data``, cut into chunks; returns when all of it is queued for the wire.
+
+        ``bytes`` go out without a copy; anything its owner could change is copied chunk by
+        chunk as it is sealed. A :class:`SharedPayload` (the same bytes sent to several peers)
+        is hashed once per chunk for all of them."""
         chunk = self._conn.limits.stream_chunk
+        if isinstance(data, SharedPayload):
+            for start in range(0, len(data), chunk):
+                await self._guarded(self._send_chunk(data.slice(start, start + chunk)))
+            return
+        view = memoryview(data).cast("B")
         for start in range(0, len(view), chunk):
             await self._guarded(self._send_chunk(view[start : start + chunk]))
 
-    async def _send_chunk(self, piece: memoryview) -> None:
+    async def _send_chunk(self, piece: memoryview | SharedSlice) -> None:
         waiter = self._waiter
         assert waiter is not None
         while True:

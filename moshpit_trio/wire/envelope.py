@@ -37,6 +37,8 @@ __all__ = [
     "EnvelopeOpener",
     "EnvelopeSealer",
     "Kind",
+    "SharedPayload",
+    "SharedSlice",
 ]
 
 VERSION = 1
@@ -136,6 +138,59 @@ def _hash(data: bytes | memoryview) -> bytes:
     return digest
 
 
+class SharedPayload:
+    """``bytes`` that several envelopes carry, e.g. a reducer's average sent to every member of
+    its group: the digest of each slice is computed once, however many envelopes (on however
+    many connections) carry that slice.
+
+    >>> shared = SharedPayload(bytes(100))
+    >>> a, b = shared.slice(0, 50), shared.slice(0, 50)
+    >>> a.digest() is b.digest(), len(a)
+    (True, 50)
+    """
+
+    __slots__ = ("_digests", "data")
+
+    def __init__(self, data: bytes) -> None:
+        if type(data) is not bytes:
+            raise ConfigError("a SharedPayload holds bytes (nothing may change them)")
+        self.data = data
+        self._digests: dict[tuple[int, int], bytes] = {}
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def slice(self, start: int, end: int) -> SharedSlice:
+        """``data[start:end]`` (clamped like a slice) as something to seal."""
+        start, end, _ = slice(start, end).indices(len(self.data))
+        return SharedSlice(self, start, max(start, end))
+
+
+class SharedSlice:
+    """A slice of a :class:`SharedPayload`; :meth:`EnvelopeSealer.seal_parts` takes one as a
+    payload and uses the slice's remembered digest."""
+
+    __slots__ = ("end", "shared", "start")
+
+    def __init__(self, shared: SharedPayload, start: int, end: int) -> None:
+        self.shared, self.start, self.end = shared, start, end
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    @property
+    def view(self) -> memoryview:
+        return memoryview(self.shared.data)[self.start : self.end]
+
+    def digest(self) -> bytes:
+        key = (self.start, self.end)
+        digests = self.shared._digests
+        found = digests.get(key)
+        if found is None:
+            found = digests[key] = _hash(self.view)
+        return found
+
+
 _encode = msgspec.msgpack.Encoder().encode
 _HeaderTuple = tuple[int, int, bytes, bytes, bytes, int, int, int, str, int, bytes]
 _decode_header = msgspec.msgpack.Decoder(_HeaderTuple).decode
@@ -205,7 +260,7 @@ class EnvelopeSealer:
         self,
         kind: Kind,
         call_id: int = 0,
-        payload: bytes | bytearray | memoryview = b"",
+        payload: bytes | bytearray | memoryview | SharedSlice = b"",
         *,
         deadline_ms: int = 0,
         name: str = "",
@@ -217,7 +272,8 @@ class EnvelopeSealer:
         (``bytes``, or a read-only view of ``bytes``), otherwise a copy taken before hashing:
         what was hashed is what will be sent, whatever the caller does with its buffer next.
         A sender can thus write the two pieces to the socket one after the other and a
-        multi-megabyte payload is never copied on its way there.
+        multi-megabyte payload is never copied on its way there. A :class:`SharedSlice` goes
+        out as a view of its bytes, under the digest its :class:`SharedPayload` remembers.
 
         >>> from moshpit_trio.identity import Identity
         >>> me, you = Identity.generate(), Identity.generate()
@@ -232,7 +288,10 @@ class EnvelopeSealer:
             raise ConfigError(f"unknown envelope kind {kind!r}")
         _check_u64("call_id", call_id)
         _check_u64("deadline_ms", deadline_ms)
-        if type(payload) is not bytes:
+        digest: bytes | None = None
+        if isinstance(payload, SharedSlice):
+            digest, payload = payload.digest(), payload.view
+        elif type(payload) is not bytes:
             payload = _frozen(payload)
         size = len(payload)
         cap = self._limits.max_payload[k]
@@ -264,7 +323,7 @@ class EnvelopeSealer:
                 deadline_ms,
                 name,
                 size,
-                _hash(payload),
+                _hash(payload) if digest is None else digest,
             )
         )
         if len(header) > self._limits.max_header:
