@@ -256,8 +256,11 @@ async def test_connection_flood_beyond_the_limit(
                 await honest.connect(server.address, timeout=5)
             assert trio.current_time() == start  # told at once, not at its deadline
             assert any(e["event"] == "connection refused: at the limit" for e in logs)
-            # once the squatters' handshakes time out, there is room again
+            # once the squatters' handshakes time out, there is room again. They time out at
+            # this very instant too: let them finish dropping before dialing (trio runs tasks
+            # woken at the same time in a random order, so the dial could go first).
             await trio.sleep(SMALL.handshake_timeout)
+            await trio.testing.wait_all_tasks_blocked()
             assert await honest.call(server.address, "echo", b"in", timeout=5) == b"in"
         for s in squatters:
             await s.aclose()
