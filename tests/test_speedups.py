@@ -31,6 +31,13 @@ if speedups.installed():  # something imported earlier already installed them
 keys = st.binary(min_size=4, max_size=4)
 
 
+@pytest.fixture(autouse=True)
+def _speedups_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are about the speedups themselves: run them even where the environment
+    opts out (MOSHPIT_NO_SPEEDUPS=1 makes install() a no-op, tested on its own below)."""
+    monkeypatch.delenv("MOSHPIT_NO_SPEEDUPS", raising=False)
+
+
 @pytest.fixture
 def patched() -> Iterator[None]:
     """Install for one test; leave the process as it was found."""
