@@ -37,8 +37,8 @@ import re
 import signal
 import sys
 import threading
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import suppress
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AsyncExitStack, suppress
 from pathlib import Path
 from typing import Any
 
@@ -768,14 +768,20 @@ class Daemon:
 
     async def run(self, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
         peer_config = self.config.peer
-        async with open_peer(
-            self.identity,
-            listen=None if peer_config.client_mode else peer_config.listen,
-            client_mode=peer_config.client_mode,
-            announce_host=peer_config.announce_host,
-            network=self._network,
-            limits=transport_limits(self.config.limits),
-        ) as peer:
+        async with AsyncExitStack() as stack:
+            try:
+                peer = await stack.enter_async_context(
+                    open_peer(
+                        self.identity,
+                        listen=None if peer_config.client_mode else peer_config.listen,
+                        client_mode=peer_config.client_mode,
+                        announce_host=peer_config.announce_host,
+                        network=self._network,
+                        limits=transport_limits(self.config.limits),
+                    )
+                )
+            except ConfigError as exc:  # the one way setting up fails: the port is taken
+                raise ConfigError(f"{self.config.source}: [peer] listen: {exc}") from None
             self._peer = peer
             self._started = trio.current_time()
             self.started_at = peer.dht.now()
@@ -886,6 +892,32 @@ async def serve(
     process at once with that status. Must run in the main thread (it handles signals).
     """
     daemon = Daemon(config, network=network)
+    try:
+        await _serve(daemon, signals, on_second_signal, task_status)
+    except BaseExceptionGroup as group:
+        # The daemon's own error (a port taken, a training run that failed), not trio's
+        # wrapping of it: the command maps it to an exit status and one log line.
+        leaves = list(_leaves(group))
+        if len(leaves) == 1 and isinstance(leaves[0], Exception):
+            raise leaves[0] from None
+        raise
+    return 0
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            yield from _leaves(sub)
+    else:
+        yield exc
+
+
+async def _serve(
+    daemon: Daemon,
+    signals: Sequence[int],
+    on_second_signal: Callable[[int], None],
+    task_status: trio.TaskStatus[Daemon],
+) -> None:
     with trio.open_signal_receiver(*signals) as received:
 
         async def watch() -> None:
@@ -904,4 +936,3 @@ async def serve(
             nursery.start_soon(watch)
             await daemon.run(task_status=task_status)
             nursery.cancel_scope.cancel()
-    return 0

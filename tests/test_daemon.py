@@ -568,3 +568,58 @@ def torch_entry(context: Any) -> None:
             opt.step()
             opt.zero_grad()
             time.sleep(0.01)
+
+
+# -- serve(): signals ------------------------------------------------------------------------
+
+
+async def test_serve_stops_on_the_first_signal_and_calls_the_hard_exit_on_the_second(
+    autojump_clock: Any, tmp_path: Path
+) -> None:
+    import os
+    import signal
+
+    net = MemoryNetwork(seed=11, latency=0.005, bandwidth=2e6)
+    seeded(tmp_path, 0)
+    # A long bound: the graceful stop waits for the round in progress.
+    config = averaging_config(tmp_path, 0, size=100_000, shutdown_timeout=30.0)
+    exits: list[int] = []
+    async with trio.open_nursery() as nursery:
+        first: Daemon = await nursery.start(
+            lambda task_status: serve_quietly(config, net, exits, task_status)
+        )
+        helper_config = averaging_config(
+            tmp_path, 1, bootstrap=[str(first.peer.address)], size=100_000
+        )
+        seeded(tmp_path, 1)
+        helper = Daemon(helper_config, network=net.host("h1"))
+        await nursery.start(helper.run)
+        await trio.sleep(3 * PERIOD + next_slot(first) + 0.05)  # a round is in progress
+        os.kill(os.getpid(), signal.SIGUSR1)
+        await trio.sleep(0.01)
+        assert first.shutdown is None and not exits  # stopping, not stopped
+        os.kill(os.getpid(), signal.SIGUSR1)
+        await trio.sleep(0.01)
+        assert exits == [128 + signal.SIGUSR1]
+        helper.request_stop()
+    assert first.shutdown == "finished"  # (the test's hard exit does not exit)
+
+
+async def serve_quietly(
+    config: DaemonConfig,
+    net: MemoryNetwork,
+    exits: list[int],
+    task_status: trio.TaskStatus[Daemon],
+) -> None:
+    import signal
+
+    from moshpit_trio.daemon import serve
+
+    code = await serve(
+        config,
+        network=net.host("h0"),
+        signals=(signal.SIGUSR1,),
+        on_second_signal=exits.append,
+        task_status=task_status,
+    )
+    assert code == 0

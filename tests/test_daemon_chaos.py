@@ -485,6 +485,28 @@ def test_a_bad_config_exits_2_naming_the_file_and_key(tmp_path: Path) -> None:
     assert checked["peer"]["listen"] == "127.0.0.1:0" and checked["log"]["level"] == "debug"
 
 
+def test_a_taken_port_exits_2_naming_the_file_and_key_in_a_json_line(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "busy.toml"
+        config.write_text(f'[peer]\nidentity = "k.pem"\nlisten = "127.0.0.1:{port}"\n')
+        proc = subprocess.run(
+            [*MOSHPIT, "peer", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO,
+        )
+    assert proc.returncode == 2
+    lines = [json.loads(line) for line in proc.stderr.splitlines()]
+    assert lines[-1]["event"] == "daemon failed" and lines[-1]["level"] == "error"
+    assert lines[-1]["error"].startswith(f"{config}: [peer] listen: cannot listen on 127.0.0.1:")
+
+
 def test_status_of_an_address_where_nobody_listens_is_a_clear_error(tmp_path: Path) -> None:
     peer = Identity.generate().peer_id
     proc = subprocess.run(
