@@ -69,6 +69,7 @@ def test_json_has_every_method_and_sane_numbers(tiny: dict[str, Any]) -> None:
                 # the first evaluation at or above the target, and none before it
                 assert next(c[0] for c in curve if c[1] >= 0.6) == t, where
             assert row["local_steps"] > 0, where
+            assert row["peer_spread"] >= 0.0, where
             assert row["wall_s"] > 0, where
         for other in ("gossip", "allreduce"):
             value = sc[f"speedup_vs_{other}"]
@@ -123,6 +124,11 @@ def test_speedups_when_a_method_never_gets_there(bench: ModuleType) -> None:
     assert sp["speedup_vs_gossip"] is None and sp["speedup_vs_gossip_at_least"] == 7.5
     targets = bench._scenario_targets("hetero", sp)
     assert targets["speedup_vs_gossip"]["pass"] and targets["speedup_vs_allreduce"]["pass"]
+    # only the targets of the methods that ran
+    assert set(bench._scenario_targets("hetero", sp, ("moshpit", "gossip"))) == {
+        "speedup_vs_gossip"
+    }
+    assert bench._scenario_targets("homo", sp, ("allreduce", "gossip")) == {}
     methods["moshpit"]["time_to_target_s"] = None
     sp = bench._speedups(methods)
     assert all(v is None for v in sp.values())
