@@ -673,8 +673,9 @@ def parse_config(
     peer = PeerConfig(**sections["peer"])
     if peer.client_mode and not peer.bootstrap:
         raise ConfigError(
-            f"{source}: [peer] bootstrap: expected at least one address in client mode "
-            "(a peer that never listens can only join through peers it dials), got []"
+            f"{source}: [peer] bootstrap: expected at least one address when [peer] "
+            "client_mode = true (a peer that never listens joins only through peers it dials), "
+            "got []"
         )
     limits = LimitsConfig(**sections["limits"])
     chunk = min(4 * 2**20, limits.max_chunk_bytes)  # the chunk this peer's streams are cut into

@@ -155,7 +155,10 @@ def test_status_allow() -> None:
         ('[peer]\nbootstrap = "ws://x"', r"\[peer\] bootstrap: expected a list of peer addresses"),
         ('[peer]\nbootstrap = ["ws://1.2.3.4:1/nope"]', r"bootstrap: expected a list of peer"),
         ("[peer]\nclient_mode = 1", r"\[peer\] client_mode: expected true or false, got 1"),
-        ("[peer]\nclient_mode = true", r"bootstrap: expected at least one address in client"),
+        (
+            "[peer]\nclient_mode = true",
+            r"\[peer\] bootstrap: expected at least one address when \[peer\] client_mode = true",
+        ),
         ("[peer]\nshutdown_timeout = -1", r"shutdown_timeout: expected a number of seconds >= 0"),
         ("[limits]\nmax_connections = 0", r"\[limits\] max_connections: expected an integer in"),
         ("[limits]\nmax_connections = 1.5", r"max_connections: expected an integer"),
