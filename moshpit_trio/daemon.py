@@ -621,7 +621,7 @@ class _TrainingService(_RunService):
         self.spec = spec
         self.context: TrainingContext | None = None
         self._done = trio.Event()
-        self._seen: set[int] = set()
+        self._seen: dict[int, RoundReport] = {}  # optimizer index -> last report counted
 
     def status(self) -> RunStatus:
         opts = self.context.optimizers if self.context is not None else []
@@ -695,10 +695,11 @@ class _TrainingService(_RunService):
             await trio.sleep(interval)
 
     def _collect(self, context: TrainingContext) -> None:
-        for opt in context.optimizers:
+        for i, opt in enumerate(context.optimizers):
             report = opt.last_report
-            if report is not None and id(report) not in self._seen:
-                self._seen = {id(report)}  # only the newest can repeat
+            # Held (not its id, which a later report could reuse): only the newest repeats.
+            if report is not None and report is not self._seen.get(i):
+                self._seen[i] = report
                 self.record(report)
 
     async def stop(self) -> None:

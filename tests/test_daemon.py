@@ -543,7 +543,13 @@ async def test_a_training_run_trains_with_a_moshpit_optimizer(tmp_path: Path) ->
             service = daemon.services[0]
             while (service.status().local_step or 0) < 20:  # noqa: ASYNC110
                 await trio.sleep(0.1)
+            # its background rounds are counted (solo ones: it is alone in its run)
+            while service.status().rounds_failed < 2:  # noqa: ASYNC110
+                await trio.sleep(0.1)
             daemon.request_stop()
+    status = service.status()
+    assert status.rounds_done == status.rounds_partial == 0
+    assert status.last_round is not None and len(status.last_round.members) == 1
     assert service.state == "stopped" and daemon.shutdown == "finished"
     assert training_identity_path(tmp_path / "t.pem", "tr").exists()
 
