@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 import stat
+import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import msgspec
 import numpy as np
 import pytest
+import structlog
 import trio
 
 from moshpit_trio.config import DaemonConfig, parse_config
@@ -34,12 +36,25 @@ from moshpit_trio.daemon import (
 )
 from moshpit_trio.errors import IdentityError, MoshpitError, Rejected, RemoteError, UnknownHandler
 from moshpit_trio.identity import Identity
+from moshpit_trio.log import configure_logging
 from moshpit_trio.testing import MemoryNetwork
 from moshpit_trio.wire.connection import Request
 from moshpit_trio.wire.transport import Transport, open_transport
 
 RUN = "t"
 PERIOD = 1.0
+
+
+@pytest.fixture(autouse=True)
+def log_to_this_tests_stderr() -> Iterator[None]:
+    """Daemons log warnings (a bootstrap that failed); send them to this test's stderr, not
+    to a stream an earlier test configured and pytest has closed since."""
+    saved = structlog.get_config()
+    configure_logging("console", "warning", stream=sys.stderr)
+    try:
+        yield
+    finally:
+        structlog.configure(**saved)
 
 
 def averaging_config(
