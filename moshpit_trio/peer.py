@@ -18,6 +18,7 @@ from .dht.records import Namespaces
 from .errors import ConfigError
 from .identity import Identity, PeerID
 from .log import get_logger
+from .wire.access import AccessPolicy
 from .wire.address import PeerAddress
 from .wire.streams import StreamNetwork
 from .wire.transport import Transport, TransportLimits, open_transport
@@ -63,6 +64,7 @@ async def open_peer(
     limits: TransportLimits | None = None,
     dht: DHTSettings | None = None,
     namespaces: Namespaces | None = None,
+    access: AccessPolicy | None = None,
 ) -> AsyncIterator[Peer]:
     """Join (or start) a swarm for the duration of the block.
 
@@ -70,7 +72,8 @@ async def open_peer(
     behind NAT) never listens: the peer dials out, uses the DHT without entering anyone's
     routing table, and still receives calls over the connections it opened. ``bootstrap`` lists
     addresses of peers already in the swarm; with none, this peer starts a new swarm.
-    ``BootstrapFailed`` names every address that did not answer.
+    ``BootstrapFailed`` names every address that did not answer. ``access`` makes the swarm
+    private (an allowlist of PeerIDs) and sets rate limits and bans (see wire/access.py).
 
     >>> async def main():                                                 # doctest: +SKIP
     ...     async with open_peer(Identity.generate(), bootstrap=[addr]) as peer:
@@ -89,6 +92,7 @@ async def open_peer(
             announce_host=announce_host,
             network=network,
             limits=limits,
+            access=access,
         ) as transport,
         trio.open_nursery() as nursery,
     ):

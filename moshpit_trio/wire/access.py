@@ -187,10 +187,8 @@ class Ban:
     until: float
     #: 1 for a first offence, 2 for the next, ...
     offence: int
-
-    @property
-    def duration(self) -> float:
-        return self.until - self.since
+    #: what this offence earned (``until - since``, unless an earlier, longer ban still ran)
+    duration: float
 
 
 class BanList:
@@ -228,10 +226,11 @@ class BanList:
         offence = 1
         if previous is not None and now < previous.until + self.forget_after:
             offence = previous.offence + 1
-        until = now + self.duration(offence)
+        duration = self.duration(offence)
+        until = now + duration
         if previous is not None and previous.until > until:
             until = previous.until
-        ban = Ban(peer, reason, now, until, offence)
+        ban = Ban(peer, reason, now, until, offence, duration)
         self._bans[peer] = ban
         if len(self._bans) > _SWEEP_AT:
             self._sweep(now)
@@ -294,7 +293,7 @@ class AccessControl:
             return "not on the allowlist of this private swarm"
         ban = self.bans.banned(peer, now)
         if ban is not None:
-            return f"banned for another {ban.until - now:.0f} s: {ban.reason}"
+            return f"banned for another {ban.until - now:.3g} s: {ban.reason}"
         return None
 
     def admit_call(self, peer: PeerID, nbytes: int, now: float) -> str | None:

@@ -272,6 +272,7 @@ class Connection:
         registry: HandlerRegistry,
         limits: ConnectionLimits,
         log: Any,
+        admit: Callable[[int], str | None] | None = None,
     ) -> None:
         self.remote_peer_id = handshake.remote_peer_id
         self.session = handshake.session
@@ -308,6 +309,10 @@ class Connection:
         self._closed = False
         self._close_reason = ""
         self._nursery: trio.Nursery | None = None
+        # The transport's access check (rate limits, bans): given the bytes received since the
+        # last call, it returns None to run the call or why it is refused ("busy").
+        self._admit = admit
+        self._admitted_bytes = 0
         self.bytes_sent = 0
         self.bytes_received = 0
         #: the violation that closed this connection, if one did
@@ -486,6 +491,12 @@ class Connection:
             raise ProtocolError("malformed", f"deadline_ms {env.deadline_ms} out of range")
         deadline = trio.current_time() + env.deadline_ms / 1000
         assert self._nursery is not None
+        if self._admit is not None:
+            refused = self._admit(self.bytes_received - self._admitted_bytes)
+            self._admitted_bytes = self.bytes_received
+            if refused is not None:
+                self._queue_error(env.call_id, "busy", refused)
+                return
         if len(self._incoming) >= self.limits.max_incoming_calls or (
             stream and self._incoming_streams >= self.limits.max_incoming_streams
         ):

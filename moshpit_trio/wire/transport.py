@@ -16,7 +16,7 @@ opened by the smaller PeerID, so they agree on which one new calls use.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -40,6 +40,7 @@ from ..errors import (
 from ..identity import Identity, PeerID
 from ..log import get_logger
 from . import speedups
+from .access import AccessControl, AccessPolicy, Ban
 from .address import InvalidAddress, PeerAddress, parse_listen
 from .connection import (
     Connection,
@@ -49,7 +50,14 @@ from .connection import (
     SendStream,
     StreamHandler,
 )
-from .handshake import HandshakeInitiator, HandshakeRejected, HandshakeResponder, HandshakeResult
+from .handshake import (
+    HandshakeInitiator,
+    HandshakeRejected,
+    HandshakeResponder,
+    HandshakeResult,
+    MessageType,
+    _parse,
+)
 from .streams import StreamNetwork, TcpNetwork
 
 __all__ = ["SUBPROTOCOL", "Transport", "TransportLimits", "open_transport"]
@@ -90,11 +98,14 @@ class Transport:
         network: StreamNetwork,
         limits: TransportLimits,
         nursery: trio.Nursery,
+        access: AccessPolicy | None = None,
     ) -> None:
         self.identity = identity
         self.peer_id = identity.peer_id
         self.limits = limits
         self.registry = HandlerRegistry()
+        #: who may connect and call, and the bans in force (wire/access.py)
+        self.access = AccessControl(access)
         #: where others reach us; None in client mode (we only dial out)
         self.address: PeerAddress | None = None
         self.log = get_logger(peer=self.peer_id.short)
@@ -148,6 +159,58 @@ class Transport:
         live = sum(c.bytes_received for cs in self._conns.values() for c in cs)
         return self._ended_received + live
 
+    # -- access control ----------------------------------------------------------------------
+
+    @property
+    def bans(self) -> list[Ban]:
+        """The bans in force now, soonest to end first."""
+        return self.access.bans.active(trio.current_time())
+
+    def ban(self, peer: PeerID, reason: str) -> Ban:
+        """Ban ``peer`` (for longer each time): its connections close, it cannot connect and
+        we do not dial it until the ban ends."""
+        ban = self.access.offence(peer, reason, trio.current_time())
+        self._enforce_bans()
+        return ban
+
+    def report_bad_data(self, excluded: dict[PeerID, str]) -> list[Ban]:
+        """Ban the peers a round excluded for malformed data (``RoundReport.excluded``), as
+        the access policy says."""
+        bans = self.access.bad_data(excluded.items(), trio.current_time())
+        self._enforce_bans()
+        return bans
+
+    def _enforce_bans(self) -> None:
+        for ban in self.access.take_new_bans():
+            self.log.warning(
+                "peer banned",
+                remote=str(ban.peer),
+                reason=ban.reason,
+                duration=ban.duration,
+                offence=ban.offence,
+            )
+            why = f"banned for {ban.duration:g} s: {ban.reason}"
+            for conn in self._conns.get(ban.peer, ()):
+                if not conn.closed:
+                    # aclose waits (bounded) for the GOODBYE to leave; the pool's nursery owns it.
+                    self._nursery.start_soon(conn.aclose, why)
+
+    def _admit(self, peer: PeerID) -> Callable[[int], str | None]:
+        def admit(nbytes: int) -> str | None:
+            refused = self.access.admit_call(peer, nbytes, trio.current_time())
+            if refused is not None and self.access.new_bans:
+                self._enforce_bans()
+            return refused
+
+        return admit
+
+    def _after(self, conn: Connection) -> None:
+        """A connection ended: ban its peer if it broke the protocol (the handshake proved who
+        it is, and every envelope is signed, so the violation is its own)."""
+        error = conn.protocol_error
+        if error is not None and self.access.policy.ban_on_protocol_error:
+            self.ban(conn.remote_peer_id, f"protocol violation ({error.reason})")
+
     def _remove(self, conn: Connection) -> None:
         conns = self._conns.get(conn.remote_peer_id, [])
         if conn in conns:
@@ -194,6 +257,9 @@ class Transport:
         peer = address.peer_id if isinstance(address, PeerAddress) else address
         if peer == self.peer_id:
             raise ConfigError("a peer cannot connect to itself")
+        refused = self.access.refusal(peer, trio.current_time())
+        if refused is not None:
+            raise HandshakeFailed(f"not connecting to {peer.short}: {refused}")
         limit = min(timeout, self.limits.handshake_timeout) if timeout else None
         limit = limit or self.limits.handshake_timeout
         try:
@@ -253,6 +319,7 @@ class Transport:
                     await conn.run()
                 finally:
                     self._remove(conn)
+                    self._after(conn)
                     ws_nursery.cancel_scope.cancel()
         except (*_HANDSHAKE_ERRORS, BaseExceptionGroup) as exc:
             failure = _expected_failure(exc)
@@ -350,8 +417,17 @@ class Transport:
             return None
         ws = await request.accept(subprotocol=SUBPROTOCOL)
         responder = HandshakeResponder(self.identity)
+        hello = await _binary(ws)
+        claimed = _claimed_peer(hello)
+        refused = None if claimed is None else self.access.refusal(claimed, trio.current_time())
+        if claimed is not None and refused is not None:
+            # Refused on the HELLO's claim, before we sign anything: a banned or unlisted peer
+            # costs one small message. A liar claiming someone else's key only refuses itself.
+            self.log.warning("connection refused", remote=str(claimed), reason=refused)
+            await ws.send_message(responder.reject(refused))
+            return None
         try:
-            reply = responder.receive_hello(await _binary(ws))
+            reply = responder.receive_hello(hello)
         except HandshakeRejected as exc:
             await ws.send_message(exc.reply)
             raise
@@ -370,6 +446,7 @@ class Transport:
             await conn.run()
         finally:
             self._remove(conn)
+            self._after(conn)
 
     # -- shared ------------------------------------------------------------------------------
 
@@ -384,6 +461,7 @@ class Transport:
             registry=self.registry,
             limits=self.limits.connection,
             log=self.log,
+            admit=self._admit(result.remote_peer_id),
         )
 
     def _ws_options(self) -> dict[str, Any]:
@@ -437,6 +515,16 @@ def _expected_failure(exc: BaseException) -> str | None:
     return f"handshake failed: {type(leaf).__name__}: {leaf}"
 
 
+def _claimed_peer(hello: bytes) -> PeerID | None:
+    """The PeerID a HELLO claims (not yet proven), or None when it is not a valid HELLO (the
+    responder then fails it with the precise error)."""
+    try:
+        _, fields, _ = _parse(hello, frozenset({MessageType.HELLO}))
+    except ProtocolError:
+        return None
+    return PeerID.from_public_key(fields[2])
+
+
 async def _binary(ws: WebSocketConnection) -> bytes:
     message = await ws.get_message()
     if not isinstance(message, bytes):
@@ -465,13 +553,16 @@ async def open_transport(
     announce_host: str | None = None,
     network: StreamNetwork | None = None,
     limits: TransportLimits | None = None,
+    access: AccessPolicy | None = None,
 ) -> AsyncIterator[Transport]:
     """Run a peer's transport for the duration of the block.
 
     ``listen="HOST:PORT"`` (port 0 picks one) serves incoming connections; ``listen=None`` is
     client mode: the peer only dials out, and receives calls over the connections it opened.
     ``announce_host`` is the host others should dial (default: the listen host, or 127.0.0.1
-    when listening on every interface). ``network`` defaults to real TCP.
+    when listening on every interface). ``network`` defaults to real TCP. ``access`` makes the
+    swarm private (an allowlist) and sets rate limits and bans (wire/access.py; default: open,
+    with generous limits).
 
     >>> async def main():                                                  # doctest: +SKIP
     ...     async with open_transport(Identity.generate()) as t:
@@ -487,7 +578,7 @@ async def open_transport(
     # nursery's ExceptionGroup: `except Unreachable` around the block should just work.
     failure: Exception | None = None
     async with trio.open_nursery() as nursery:
-        transport = Transport(identity, net, limits or TransportLimits(), nursery)
+        transport = Transport(identity, net, limits or TransportLimits(), nursery, access)
         try:
             if bind is not None:
                 host, port = bind
