@@ -22,6 +22,12 @@ run's ``kind`` and ``run_id``, and an averaging run's ``size`` or a training run
     [status]
     allow = ["mpABC..."]           # PeerIDs that may call `status` ("*": anyone; []: nobody)
 
+    [access]
+    allowlist = ["mpABC..."]       # a private swarm: only these PeerIDs (absent: anyone)
+    allowlist_file = "members.txt" # more of them, one a line (# comments); read at start
+    calls_per_s = 500.0            # per remote peer; more are answered "busy"
+    ban_base = 60.0                # first ban; each repeat offence doubles it, up to ban_cap
+
     [[runs]]
     kind = "averaging"             # average a vector this daemon owns, round after round
     run_id = "exp1"
@@ -61,6 +67,7 @@ from .errors import ConfigError, InvalidPeerID
 from .identity import PeerID
 
 __all__ = [
+    "AccessConfig",
     "AveragingRun",
     "DaemonConfig",
     "LimitsConfig",
@@ -176,6 +183,30 @@ RunConfig: TypeAlias = AveragingRun | TrainingRun
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class AccessConfig:
+    """The ``[access]`` section (see ``wire/access.py``); the daemon reads ``allowlist_file``."""
+
+    #: PeerIDs (text) of a private swarm; None (and no file): an open swarm
+    allowlist: tuple[str, ...] | None
+    #: a file of more PeerIDs, one a line; None: none
+    allowlist_file: Path | None
+    calls_per_s: float
+    call_burst: float
+    bytes_per_s: float
+    byte_burst: float
+    ban_after_refusals: int
+    refusal_window: float
+    ban_base: float
+    ban_cap: float
+    ban_on_protocol_error: bool
+    ban_on_bad_data: bool
+
+    @property
+    def private(self) -> bool:
+        return self.allowlist is not None or self.allowlist_file is not None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class DaemonConfig:
     #: where the configuration came from (the file's path), for messages
     source: str
@@ -184,6 +215,7 @@ class DaemonConfig:
     log: LogConfig
     status: StatusConfig
     runs: tuple[RunConfig, ...]
+    access: AccessConfig
 
     @property
     def dht_only(self) -> bool:
@@ -317,6 +349,32 @@ def _allow(value: Any, where: _Where) -> tuple[str, ...]:
         except InvalidPeerID as exc:
             raise where.fail(f"{expected} ({exc})", item) from None
     return tuple(out)
+
+
+def _peer_ids(value: Any, where: _Where) -> tuple[str, ...]:
+    expected = "a list of PeerIDs"
+    if not isinstance(value, list):
+        raise where.fail(expected, value)
+    out: list[str] = []
+    for item in value:
+        if not isinstance(item, str):
+            raise where.fail(expected, item)
+        try:
+            out.append(str(PeerID.from_text(item)))
+        except InvalidPeerID as exc:
+            raise where.fail(f"{expected} ({exc})", item) from None
+    return tuple(out)
+
+
+def _bytes(value: Any, where: _Where) -> float:
+    """A size in bytes: a number, or text with a unit ("16 GiB", "500 MB")."""
+    try:
+        size = parse_rate(value)
+    except ValueError:
+        raise where.fail("bytes as a number, or text like '16 GiB'", value) from None
+    if not size > 0:
+        raise where.fail("a positive number of bytes", value)
+    return size
 
 
 def _level(value: Any, where: _Where) -> str:
@@ -487,6 +545,21 @@ def _section_schemas(base: Path) -> dict[str, dict[str, _Key]]:
         },
         "status": {
             "allow": _Key(_allow, "list", []),
+        },
+        # Defaults as wire/access.py's: far above what a swarm's own traffic needs.
+        "access": {
+            "allowlist": _Key(_peer_ids, "list", None),
+            "allowlist_file": _Key(_optional_path(base), "str", ""),
+            "calls_per_s": _Key(_positive_number, "float", 500.0),
+            "call_burst": _Key(_positive_number, "float", 2000.0),
+            "bytes_per_s": _Key(_rate(allow_zero=False), "rate", float(2**30)),
+            "byte_burst": _Key(_bytes, "rate", float(16 * 2**30)),
+            "ban_after_refusals": _Key(_integer(1, 1_000_000), "int", 100),
+            "refusal_window": _Key(_seconds(allow_zero=False), "float", 10.0),
+            "ban_base": _Key(_seconds(allow_zero=False), "float", 60.0),
+            "ban_cap": _Key(_seconds(allow_zero=False), "float", 86400.0),
+            "ban_on_protocol_error": _Key(_boolean, "bool", True),
+            "ban_on_bad_data": _Key(_boolean, "bool", True),
         },
     }
 
@@ -684,6 +757,11 @@ def parse_config(
             f"at least one stream chunk ({chunk} bytes, from max_chunk_bytes)",
             limits.stream_window,
         )
+    access = AccessConfig(**sections["access"])
+    if access.ban_cap < access.ban_base:
+        raise _Where(source, "[access] ban_cap").fail(
+            f"at least [access] ban_base ({access.ban_base:g} s)", access.ban_cap
+        )
     return DaemonConfig(
         source=source,
         peer=peer,
@@ -691,6 +769,7 @@ def parse_config(
         log=LogConfig(**sections["log"]),
         status=StatusConfig(**sections["status"]),
         runs=runs,
+        access=access,
     )
 
 

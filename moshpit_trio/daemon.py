@@ -50,11 +50,19 @@ from . import __version__
 from .averaging.allreduce import SpanReport
 from .averaging.averager import MoshpitAverager, RoundReport
 from .averaging.grid import group_key_name
-from .config import AveragingRun, DaemonConfig, LimitsConfig, TrainingRun
-from .errors import ConfigError, IdentityError, MoshpitError, Rejected, RemoteError
-from .identity import Identity
+from .config import AccessConfig, AveragingRun, DaemonConfig, LimitsConfig, TrainingRun
+from .errors import (
+    ConfigError,
+    IdentityError,
+    InvalidPeerID,
+    MoshpitError,
+    Rejected,
+    RemoteError,
+)
+from .identity import Identity, PeerID
 from .log import get_logger
 from .peer import Peer, open_peer
+from .wire.access import AccessPolicy, RateLimits
 from .wire.connection import ConnectionLimits, Request
 from .wire.envelope import DEFAULT_LIMITS, EnvelopeLimits, Kind
 from .wire.streams import StreamHandler, StreamNetwork, TcpNetwork
@@ -69,6 +77,7 @@ __all__ = [
     "RunStatus",
     "SpanSummary",
     "TrainingContext",
+    "access_policy",
     "fetch_status",
     "format_status",
     "load_identity",
@@ -131,6 +140,49 @@ def transport_limits(limits: LimitsConfig) -> TransportLimits:
         max_connections=limits.max_connections,
         max_connections_per_peer=limits.max_connections_per_peer,
         handshake_timeout=limits.handshake_timeout,
+    )
+
+
+def access_policy(access: AccessConfig, source: str = "<config>") -> AccessPolicy:
+    """The ``[access]`` section as the transport's access policy; reads ``allowlist_file``
+    (one PeerID a line, ``#`` starts a comment). ``source`` names the config in errors."""
+    members: set[PeerID] | None = None
+    if access.allowlist is not None:
+        members = {PeerID.from_text(p) for p in access.allowlist}
+    if access.allowlist_file is not None:
+        path = access.allowlist_file
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(
+                f"{source}: [access] allowlist_file: cannot read {path}: {exc}"
+            ) from None
+        members = members or set()
+        for n, line in enumerate(text.splitlines(), 1):
+            entry = line.split("#", 1)[0].strip()
+            if not entry:
+                continue
+            try:
+                members.add(PeerID.from_text(entry))
+            except InvalidPeerID as exc:
+                raise ConfigError(
+                    f"{source}: [access] allowlist_file: {path} line {n}: expected a PeerID, "
+                    f"got {entry!r} ({exc})"
+                ) from None
+    return AccessPolicy(
+        allowlist=None if members is None else frozenset(members),
+        rates=RateLimits(
+            calls_per_s=access.calls_per_s,
+            call_burst=access.call_burst,
+            bytes_per_s=access.bytes_per_s,
+            byte_burst=access.byte_burst,
+            ban_after_refusals=access.ban_after_refusals,
+            refusal_window=access.refusal_window,
+        ),
+        ban_base=access.ban_base,
+        ban_cap=access.ban_cap,
+        ban_on_protocol_error=access.ban_on_protocol_error,
+        ban_on_bad_data=access.ban_on_bad_data,
     )
 
 
@@ -423,6 +475,8 @@ class _RunService:
         self.bytes_sent += report.bytes_sent
         self.bytes_received += report.bytes_received
         self.last_round = summary
+        # A member that sent malformed data is banned (as the [access] section says).
+        self.daemon.peer.transport.report_bad_data(dict(report.excluded))
         # One line per round with the whole report: what operators grep, and what the tests read.
         self.log.info(
             "round",
@@ -734,6 +788,7 @@ class Daemon:
         self.identity, self.identity_created = load_identity(
             config.peer.identity, config.peer.passphrase_env, env
         )
+        self.access = access_policy(config.access, config.source)
         limits = config.limits
         net: StreamNetwork = network if network is not None else TcpNetwork()
         if limits.upload_rate is not None or limits.download_rate is not None:
@@ -779,6 +834,7 @@ class Daemon:
                         announce_host=peer_config.announce_host,
                         network=self._network,
                         limits=transport_limits(self.config.limits),
+                        access=self.access,
                     )
                 )
             except ConfigError as exc:  # the one way setting up fails: the port is taken
