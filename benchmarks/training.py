@@ -1119,7 +1119,8 @@ def plot(r: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, out: Any = None) -> int:
+    """The command line; the table or the JSON object goes to ``out`` (stdout by default)."""
     d = Config()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--peers", type=int, default=d.peers)
@@ -1185,7 +1186,8 @@ def main(argv: list[str] | None = None) -> int:
     # Thousands of live protocol objects: CPython's collector rescanning them over and over
     # costs wall time (as in benchmarks/dht.py); virtual-time results do not depend on it.
     # Both are put back afterwards, for callers in the same process (the smoke test).
-    logs, thresholds = structlog.get_config(), gc.get_threshold()
+    configured, logs = structlog.is_configured(), structlog.get_config()
+    thresholds = gc.get_threshold()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
     gc.collect()
     gc.freeze()
@@ -1195,15 +1197,18 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         gc.unfreeze()
         gc.set_threshold(*thresholds)
-        structlog.configure(**logs)
+        if configured:
+            structlog.configure(**logs)
+        else:
+            structlog.reset_defaults()
     if args.out is not None:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
     if args.plot is not None:
         plot(result, args.plot)
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(result), file=out or sys.stdout)
     else:
-        print_table(result)
+        print_table(result, out=out)
     return 0
 
 

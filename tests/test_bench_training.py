@@ -37,11 +37,7 @@ def tiny(bench: ModuleType) -> dict[str, Any]:
         *("--lr", "0.2", "--target-acc", "0.6", "--after-target", "2"),
         *("--preempt-rate", "8", "--downtime", "2", "--json", "--quiet"),
     ]
-    stdout, sys.stdout = sys.stdout, out
-    try:
-        assert bench.main(argv) == 0
-    finally:
-        sys.stdout = stdout
+    assert bench.main(argv, out=out) == 0
     result: dict[str, Any] = json.loads(out.getvalue())
     return result
 
