@@ -242,3 +242,22 @@ async def test_the_swarm_averages_while_a_flooder_is_banned(
         for v in values:
             np.testing.assert_allclose(v, target, rtol=1e-5, atol=1e-6)
         assert peers[0].transport.bans[0].peer == flooder.id
+
+
+async def test_callers_queued_behind_a_banned_connection_fail_at_once(
+    autojump_clock: Any, identities: list[Identity]
+) -> None:
+    # 300 calls at once fill the flooder's send queue; when the ban closes the connection, the
+    # callers still waiting for room in it fail then, not at their deadline.
+    # A slow link, so the writer waits on it and the queue fills, as it does over real TCP.
+    net = MemoryNetwork(seed=1, latency=LATENCY, bandwidth=100_000)
+    async with (
+        peer(net, "s", identities[0], access=AccessPolicy(rates=FLOOD)) as server,
+        open_transport(identities[2], listen=None, network=net.host("f")) as flooder,
+    ):
+        assert server.address is not None
+        server.register("count", Counter())
+        start = trio.current_time()
+        outcomes = await flood(flooder, server.address, 300)
+        assert trio.current_time() - start < 1.0
+        assert len(outcomes) == 300 and _rate_limited(outcomes) == 5

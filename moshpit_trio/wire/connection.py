@@ -378,6 +378,11 @@ class Connection:
             waiter.finish(None, lost)
         for scope, _ in self._incoming.values():
             scope.cancel()
+        # Senders waiting for room in the queue: the writer will free none now. Wake each one;
+        # _acquire_slot sees the connection closed and raises ConnectionLost at once (rather
+        # than at its deadline).
+        for _ in range(self._queue_slots.statistics().tasks_waiting):
+            self._queue_slots.release()
 
     # -- the writer --------------------------------------------------------------------------
 
