@@ -387,7 +387,10 @@ def _level(value: Any, where: _Where) -> str:
 def _path(base: Path) -> Check:
     def check(value: Any, where: _Where) -> Path:
         text = _string(value, where)
-        path = Path(text).expanduser()
+        try:
+            path = Path(text).expanduser()
+        except RuntimeError:  # "~user" for a user this machine does not have
+            raise where.fail("a file path ('~' only for users that exist here)", value) from None
         return path if path.is_absolute() else base / path
 
     return check

@@ -156,6 +156,10 @@ def test_status_allow() -> None:
         ('[peer]\nbootstrap = ["ws://1.2.3.4:1/nope"]', r"bootstrap: expected a list of peer"),
         ("[peer]\nclient_mode = 1", r"\[peer\] client_mode: expected true or false, got 1"),
         (
+            '[peer]\nidentity = "~no_such_user_here/k.pem"',
+            r"\[peer\] identity: expected a file path",
+        ),
+        (
             "[peer]\nclient_mode = true",
             r"\[peer\] bootstrap: expected at least one address when \[peer\] client_mode = true",
         ),
