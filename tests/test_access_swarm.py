@@ -6,6 +6,7 @@ All on the in-memory network under the virtual clock.
 from __future__ import annotations
 
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -180,7 +181,13 @@ async def test_a_ban_closes_connections_and_stops_dialing_both_ways(
     async with peer(net, "s", identities[0]) as server, peer(net, "b", identities[1]) as bad:
         assert server.address is not None and bad.address is not None
         assert await bad.call(server.address, "echo", b"1", timeout=5) == b"1"
-        [ban] = server.report_bad_data({bad.peer_id: "nonfinite", identities[3].peer_id: "norm"})
+        # "norm" is no ban, nor is this peer's own part named by its own reducer
+        excluded = {
+            bad.peer_id: "nonfinite",
+            identities[3].peer_id: "norm",
+            server.peer_id: "length",
+        }
+        [ban] = server.report_bad_data(excluded)
         assert ban.reason == "bad data in a round (nonfinite)"
         await trio.sleep(1)
         assert server.connections() == [] and bad.connections() == []
@@ -261,3 +268,30 @@ async def test_callers_queued_behind_a_banned_connection_fail_at_once(
         outcomes = await flood(flooder, server.address, 300)
         assert trio.current_time() - start < 1.0
         assert len(outcomes) == 300 and _rate_limited(outcomes) == 5
+
+
+async def test_a_daemon_bans_a_member_whose_round_data_is_malformed(
+    autojump_clock: Any, tmp_path: Path, logs: list[dict[str, Any]]
+) -> None:
+    from tests.test_daemon import PERIOD, daemons
+
+    net = MemoryNetwork(seed=1, latency=0.005)
+    async with daemons(tmp_path, net, 3) as ds:
+        await trio.sleep(4 * PERIOD)
+        assert all(d.peer.transport.bans == [] for d in ds)
+        bad = ds[2]
+        # a NaN in each of the three spans: every reducer sees one (the bad peer's own reducer
+        # names itself, which bans nobody)
+        bad.services[0].vector[[5, 400, 800]] = np.nan  # type: ignore[attr-defined]
+        await trio.sleep(2 * PERIOD)
+        for judge in ds[:2]:
+            [ban] = judge.peer.transport.bans
+            assert (ban.peer, ban.reason, ban.duration) == (
+                bad.identity.peer_id,
+                "bad data in a round (nonfinite)",
+                60.0,
+            )
+            assert bad.peer.transport.connection_to(judge.identity.peer_id) is None
+        assert bad.peer.transport.bans == []
+        logged = [e for e in logs if e["event"] == "peer banned"]
+        assert [e["remote"] for e in logged] == [str(bad.identity.peer_id)] * 2

@@ -176,7 +176,9 @@ class Transport:
     def report_bad_data(self, excluded: dict[PeerID, str]) -> list[Ban]:
         """Ban the peers a round excluded for malformed data (``RoundReport.excluded``), as
         the access policy says."""
-        bans = self.access.bad_data(excluded.items(), trio.current_time())
+        # A reducer that checks its own part names itself when that part is bad: not a ban.
+        others = [(p, why) for p, why in excluded.items() if p != self.peer_id]
+        bans = self.access.bad_data(others, trio.current_time())
         self._enforce_bans()
         return bans
 
