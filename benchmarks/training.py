@@ -45,7 +45,7 @@ Two scenarios (``--scenario both``, the default, runs each):
 * **homo**: neither: every peer equally fast, nobody preempted.
 
 Evaluation: every ``--eval-every`` virtual seconds (0.5), the test accuracy of the mean of the
-live peers' parameters (360 held-out digits, a fixed split). ``time_to_target_s`` is the first
+live peers' parameters (359 held-out digits, a fixed split). ``time_to_target_s`` is the first
 such time with accuracy >= ``--target-acc`` (0.95); ``null`` if never within ``--max-time``
 (150 s). A run stops ``--after-target`` seconds (5) after it reached the target, or at
 ``--max-time``; ``final_accuracy`` is the accuracy when it stopped (``stopped_at_s``), so it
