@@ -705,6 +705,9 @@ class _TrainingService(_RunService):
                 "compression": spec.compression,
                 "bandwidth": spec.bandwidth,
                 "min_group_size": spec.min_group_size,
+                # the training peer keeps the daemon's limits and, in a private swarm, its rules
+                "limits": transport_limits(daemon.config.limits),
+                "access": daemon.access,
             },
         )
 

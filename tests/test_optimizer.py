@@ -327,3 +327,21 @@ def test_identity_may_be_given_directly() -> None:
     identity = Identity.from_seed(b"\x07" * 32)
     with optimizers({"model": model_with(0.0), "identity": identity}) as (opt,):
         assert opt.peer_id == str(identity.peer_id)
+
+
+def test_a_private_swarm_refuses_an_optimizer_not_on_its_allowlist() -> None:
+    from moshpit_trio.dht.node import BootstrapFailed
+    from moshpit_trio.wire.access import AccessPolicy
+
+    member, stranger = Identity.from_seed(b"\x01" * 32), Identity.from_seed(b"\x02" * 32)
+    private = AccessPolicy(allowlist=[member.peer_id])
+    with optimizers({"model": model_with(0.0), "identity": member, "access": private}) as (m,):
+        model = model_with(1.0)
+        with pytest.raises(BootstrapFailed):
+            MoshpitOptimizer(
+                torch.optim.SGD(model.parameters(), lr=0.1),
+                run_id="t",
+                bootstrap=[m.address],
+                identity=stranger,
+                start_timeout=30,
+            )

@@ -39,6 +39,8 @@ from ..errors import ConfigError, MoshpitError
 from ..identity import Identity, PeerID
 from ..log import get_logger
 from ..peer import Peer, open_peer
+from ..wire.access import AccessPolicy
+from ..wire.transport import TransportLimits
 from .progress import ProgressTracker, SwarmProgress
 from .state import StateServer, StateUnavailable, TrainingState, download_state
 
@@ -67,7 +69,8 @@ class MoshpitOptimizer:
     ``client_mode`` / ``announce_host`` are ``open_peer``'s. ``round_period`` (seconds) aligns
     rounds to the swarm's clock (needed for background rounds; recommended whenever peers
     step at different speeds); ``round_timeout`` bounds one round (default: 80% of the period,
-    or 30 s). ``samples_per_epoch`` lets ``swarm.epoch`` count global epochs.
+    or 30 s). ``samples_per_epoch`` lets ``swarm.epoch`` count global epochs. ``limits`` and
+    ``access`` (a private swarm's allowlist, rate limits and bans) are ``open_peer``'s.
     """
 
     def __init__(
@@ -93,6 +96,8 @@ class MoshpitOptimizer:
         load_state: bool = True,
         start_timeout: float = 60.0,
         download_timeout: float = 120.0,
+        limits: TransportLimits | None = None,
+        access: AccessPolicy | None = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ConfigError(
@@ -147,6 +152,7 @@ class MoshpitOptimizer:
             listen=listen,
             announce_host=announce_host,
             client_mode=client_mode,
+            peer_options={"limits": limits, "access": access},
             averager_options={
                 "grid": tuple(grid),
                 "compression": compression,
@@ -353,6 +359,7 @@ class _Bridge:
         listen: str | None,
         announce_host: str | None,
         client_mode: bool,
+        peer_options: dict[str, Any],
         averager_options: dict[str, Any],
         samples_per_epoch: int | None,
         load_state: bool,
@@ -369,6 +376,7 @@ class _Bridge:
         self._listen = listen
         self._announce_host = announce_host
         self._client_mode = client_mode
+        self._peer_options = peer_options
         self._averager_options = averager_options
         self._samples_per_epoch = samples_per_epoch
         self._load_state = load_state
@@ -468,6 +476,7 @@ class _Bridge:
                 bootstrap=self._bootstrap,
                 client_mode=self._client_mode,
                 announce_host=self._announce_host,
+                **self._peer_options,
             ) as peer,
             AsyncExitStack() as stack,
             trio.open_nursery() as nursery,
