@@ -551,6 +551,9 @@ class _Bridge:
             averager = await self._replace_averager(buffers)
         before = [b.copy() for b in buffers]
         report = await averager.step(weight=max(weight, 1.0), timeout=self._round_timeout)
+        if report.excluded:  # malformed data earns a ban, as the access policy says
+            assert self._peer is not None
+            self._peer.transport.report_bad_data(dict(report.excluded))
         if report.spans:
             self._owner_or_fail()._post_delta([b - a for b, a in zip(buffers, before, strict=True)])
         return report
