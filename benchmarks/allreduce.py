@@ -584,7 +584,7 @@ _BUILTINS: dict[str, str] = {
 _FILES: list[tuple[str, str, str]] = [
     ("blake3 payload hash", "moshpit_trio/wire/envelope.py", "_hash"),
     ("stream read_all (join chunks)", "moshpit_trio/wire/connection.py", "read_all"),
-    ("envelope seal/open (one copy per chunk)", "moshpit_trio/wire/envelope.py", ""),
+    ("envelope seal/open (headers, checks)", "moshpit_trio/wire/envelope.py", ""),
     ("codec encode/decode", "moshpit_trio/averaging/compression.py", ""),
     ("reducer (accumulate, average)", "moshpit_trio/averaging/reducer.py", ""),
     ("flatten / write back", "moshpit_trio/averaging/partition.py", ""),
