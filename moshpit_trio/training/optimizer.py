@@ -434,7 +434,8 @@ class _Bridge:
         assert self._token is not None
         try:
             return trio.from_thread.run(self._round, trio_token=self._token)
-        except trio.RunFinishedError:
+        except (trio.RunFinishedError, trio.Cancelled):
+            # the peer stopped (close() from another thread, or a crash) during the round
             raise MoshpitError(f"the peer's thread has stopped: {self._failure!r}") from None
 
     def tracker_view(self) -> SwarmProgress:
