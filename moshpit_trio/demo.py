@@ -282,8 +282,9 @@ def run_demo(
     victim = trainers[1]
     standby = _Trainer(victim.index, victim.key, victim.out, victim.log, incarnation=1)
     boot: subprocess.Popen[str] | None = None
+    files = contextlib.ExitStack()  # log files and pipes, closed however the run ends
     try:
-        boot_log = (workdir / "bootstrap.log").open("w")
+        boot_log = files.enter_context((workdir / "bootstrap.log").open("w"))
         boot = subprocess.Popen(
             [sys.executable, "-m", "moshpit_trio.demo", "bootstrap"],
             stdout=subprocess.PIPE,
@@ -327,10 +328,13 @@ def run_demo(
                 ],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
-                stderr=t.log.open("a"),
+                stderr=files.enter_context(t.log.open("a")),
                 text=True,
             )
             t.state = "starting"
+            for pipe in (t.process.stdin, t.process.stdout):
+                if pipe is not None:
+                    files.callback(_close_quietly, pipe)
             os.set_blocking(t.process.stdout.fileno(), False)  # type: ignore[union-attr]
 
         # The victim's second life is started now too, and waits (loaded, not yet a peer) for
@@ -398,6 +402,9 @@ def run_demo(
             except subprocess.TimeoutExpired:
                 boot.kill()
                 boot.wait()
+            if boot.stdout is not None:
+                boot.stdout.close()
+        files.close()
         if logs is None:
             shutil.rmtree(workdir, ignore_errors=True)
 
@@ -406,6 +413,11 @@ def _grid_for(peers: int) -> tuple[int, int]:
     """A square 2-D grid with about one peer per cell: groups of about sqrt(peers)."""
     side = max(2, round(peers**0.5))
     return (side, side)
+
+
+def _close_quietly(pipe: IO[str]) -> None:
+    with contextlib.suppress(OSError):  # a pipe to a killed process may not flush
+        pipe.close()
 
 
 def _say(t: _Trainer, line: str) -> None:
