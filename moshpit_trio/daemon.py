@@ -475,8 +475,11 @@ class _RunService:
         self.bytes_sent += report.bytes_sent
         self.bytes_received += report.bytes_received
         self.last_round = summary
-        # A member that sent malformed data is banned (as the [access] section says).
-        self.daemon.peer.transport.report_bad_data(dict(report.excluded))
+        if self.kind == "averaging":
+            # A member that sent malformed data is banned (as the [access] section says). A
+            # training run's rounds are its own peer's: that peer reports them to its own
+            # transport (doing it here too would ban twice, and could ban our own trainer).
+            self.daemon.peer.transport.report_bad_data(dict(report.excluded))
         # One line per round with the whole report: what operators grep, and what the tests read.
         self.log.info(
             "round",
@@ -791,7 +794,7 @@ class Daemon:
         self.identity, self.identity_created = load_identity(
             config.peer.identity, config.peer.passphrase_env, env
         )
-        self.access = access_policy(config.access, config.source)
+        self.access = self._admit_own_trainers(access_policy(config.access, config.source))
         limits = config.limits
         net: StreamNetwork = network if network is not None else TcpNetwork()
         if limits.upload_rate is not None or limits.download_rate is not None:
@@ -824,6 +827,23 @@ class Daemon:
     def request_stop(self) -> None:
         """Start the graceful stop (what the first SIGTERM or SIGINT does)."""
         self._stop.set()
+
+    def _admit_own_trainers(self, policy: AccessPolicy) -> AccessPolicy:
+        """In a private swarm, this daemon's training runs' own peers (their key files are made
+        here if missing) are members too: they bootstrap through this daemon. Their PeerIDs are
+        logged, so operators can add them to the other members' allowlists."""
+        if policy.allowlist is None:
+            return policy
+        ours = set()
+        for run in self.config.runs:
+            if isinstance(run, TrainingRun):
+                path = run.identity or training_identity_path(self.config.peer.identity, run.run_id)
+                trainer, _ = load_identity(path)
+                ours.add(trainer.peer_id)
+                get_logger(peer=self.identity.peer_id.short, run=run.run_id).info(
+                    "training peer admitted", trainer=str(trainer.peer_id), key=str(path)
+                )
+        return dataclasses.replace(policy, allowlist=policy.allowlist | ours)
 
     async def run(self, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
         peer_config = self.config.peer

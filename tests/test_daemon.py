@@ -659,3 +659,28 @@ async def serve_quietly(
         task_status=task_status,
     )
     assert code == 0
+
+
+def test_a_private_daemon_admits_its_own_training_peers(tmp_path: Path) -> None:
+    member = Identity.from_seed(b"\x05" * 32).peer_id
+    text = f"""
+[peer]
+identity = "d.pem"
+[access]
+allowlist = ["{member}"]
+[[runs]]
+kind = "training"
+run_id = "tr"
+entry = "nowhere:main"
+"""
+    config = parse_config(text, source=str(tmp_path / "d.toml"))
+    daemon = Daemon(config)
+    trainer_key = training_identity_path(tmp_path / "d.pem", "tr")
+    assert trainer_key.exists()  # made now, so its PeerID can be listed
+    trainer = Identity.load(trainer_key).peer_id
+    assert daemon.access.allowlist == frozenset({member, trainer})
+    # an open swarm stays open
+    open_config = parse_config(
+        text.replace(f'allowlist = ["{member}"]', ""), source=str(tmp_path / "o.toml")
+    )
+    assert Daemon(open_config).access.allowlist is None
