@@ -305,8 +305,9 @@ def decode_header(
 class StateDecoder:
     """Rebuilds a ``TrainingState`` from the stream's chunks as they arrive (sans-IO).
 
-    ``feed`` each chunk, then ``finish()``. Each tensor is allocated when its first byte
-    arrives, so a donor that declares a large state and sends nothing costs nothing. Every
+    ``feed`` each chunk, then ``finish()``. Each tensor is allocated (``np.empty``, which
+    touches no pages) once the previous one is full, so a donor that declares a large state
+    and sends nothing costs next to nothing. Every
     problem raises ``ProtocolError`` (reason ``"state"``), never another exception.
 
     >>> head, views = encode_state(TrainingState(1, 0, 0, [np.arange(3.0)]))

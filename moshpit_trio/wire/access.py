@@ -122,10 +122,12 @@ class RateLimits:
     calls_per_s: float = 500.0
     #: calls and streams at once after a quiet spell
     call_burst: float = 2000.0
-    #: bytes a second the peer may send us, sustained (charged when its next call arrives)
+    #: bytes a second the peer may send us, sustained (charged when its next call arrives).
+    #: All bytes count, the replies and streams we asked for included (a state download, a
+    #: reducer's results): keep this well above what a round or a download moves.
     bytes_per_s: float = 1024.0**3
     byte_burst: float = 16 * 1024.0**3
-    #: a peer refused this many times within ``refusal_window`` seconds is banned
+    #: a peer refused more than this many times within ``refusal_window`` seconds is banned
     ban_after_refusals: int = 100
     refusal_window: float = 10.0
 
