@@ -334,29 +334,19 @@ def _addresses(value: Any, where: _Where) -> tuple[str, ...]:
 
 
 def _allow(value: Any, where: _Where) -> tuple[str, ...]:
-    expected = 'a list of PeerIDs, or ["*"] for anyone'
+    return _peer_ids(value, where, star=True)
+
+
+def _peer_ids(value: Any, where: _Where, *, star: bool = False) -> tuple[str, ...]:
+    """A list of PeerIDs in canonical text; with ``star``, "*" (anyone) may be among them."""
+    expected = 'a list of PeerIDs, or ["*"] for anyone' if star else "a list of PeerIDs"
     if not isinstance(value, list):
         raise where.fail(expected, value)
     out: list[str] = []
     for item in value:
-        if item == "*":
+        if star and item == "*":
             out.append("*")
             continue
-        if not isinstance(item, str):
-            raise where.fail(expected, item)
-        try:
-            out.append(str(PeerID.from_text(item)))
-        except InvalidPeerID as exc:
-            raise where.fail(f"{expected} ({exc})", item) from None
-    return tuple(out)
-
-
-def _peer_ids(value: Any, where: _Where) -> tuple[str, ...]:
-    expected = "a list of PeerIDs"
-    if not isinstance(value, list):
-        raise where.fail(expected, value)
-    out: list[str] = []
-    for item in value:
         if not isinstance(item, str):
             raise where.fail(expected, item)
         try:
