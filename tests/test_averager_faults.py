@@ -330,3 +330,61 @@ async def test_streams_with_malformed_headers_are_rejected(autojump_clock: Any, 
             ) as stream:
                 await stream.send(b"x" * 16)
                 await stream.finish()
+
+
+async def test_a_part_stream_cut_short_leaves_its_buffer_behind(autojump_clock: Any) -> None:
+    """Parts go out straight from the averager's flat buffer, without a copy. A part stream to
+    a frozen reducer does not finish, and its sealed chunks can wait in the connection's queue
+    past the end of the round, still pointing into that buffer. The averager must then
+    flatten the next round into a new buffer: chunks changed after they were hashed would
+    reach the reducer off their signed hash (a protocol violation)."""
+    net = MemoryNetwork(seed=3, latency=0.005, bandwidth=2e6)
+    rng = np.random.default_rng(1)
+    async with swarm(net, 4) as peers, AsyncExitStack() as stack:
+        values = [rng.normal(size=FLOATS).astype(np.float32) for _ in range(4)]
+        averagers = [
+            await stack.enter_async_context(MoshpitAverager(p, "queued", [v], grid=(4,)))
+            for p, v in zip(peers, values, strict=True)
+        ]
+        buffers = [a._flat for a in averagers]
+        reports: dict[int, RoundReport] = {}
+
+        async def step(i: int) -> None:
+            reports[i] = await averagers[i].step(timeout=TIMEOUT)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(4):
+                nursery.start_soon(step, i)
+            # Frozen as soon as parts start to arrive at it: the rest are on their way.
+            while not _receiving_parts(averagers[2]):
+                await trio.sleep(0.001)
+            net.freeze("h2")
+        survivors = [0, 1, 3]
+        frozen_id = peers[2].id
+        for i in survivors:
+            span = next(s for s in reports[i].spans if s.reducer == frozen_id)
+            assert span.included is None  # it kept local values there
+            assert averagers[i]._flat is not buffers[i]  # and left the buffer behind
+        # The survivors go on with new values, in their new buffers (and the frozen peer
+        # thaws: whatever waited for it goes out now).
+        net.thaw("h2")
+        before = {}
+        for i in survivors:
+            values[i][:] = float(i)
+            before[peers[i].id] = values[i].copy()
+        async with trio.open_nursery() as nursery:
+            for i in survivors:
+                nursery.start_soon(step, i)
+        weights = {peers[i].id: 1.0 for i in survivors}
+        for i in survivors:
+            assert len(reports[i].members) == 3 and reports[i].succeeded
+            check_report_is_true(reports[i], before, weights, values[i])
+
+
+def _receiving_parts(averager: MoshpitAverager) -> bool:
+    rounds = list(averager._rounds._rounds.values())
+    return any(
+        r.accumulator is not None
+        and any(r.accumulator.delivered(i) for i in range(len(r.members)) if i != r.index)
+        for r in rounds
+    )

@@ -218,6 +218,25 @@ def test_shared_payload_slices_seal_like_bytes_and_hash_once(
         envelope.SharedPayload(bytearray(3))  # type: ignore[arg-type]
 
 
+def test_borrowed_payload_goes_out_uncopied_and_seals_like_bytes() -> None:
+    import numpy as np
+
+    from moshpit_trio.wire import envelope
+
+    values = np.arange(3000, dtype=np.float32)
+    shared = envelope.SharedPayload.borrow(memoryview(values))  # a float view, cast to bytes
+    assert len(shared) == values.nbytes
+    s, plain = sealer(), sealer()
+    for start in range(0, values.nbytes, 5000):
+        head, body = s.seal_parts(Kind.STREAM_DATA, 1, shared.slice(start, start + 5000))
+        assert isinstance(body, memoryview) and body.obj is not None
+        assert np.shares_memory(np.frombuffer(body, dtype=np.uint8), values)  # no copy
+        want = plain.seal(Kind.STREAM_DATA, 1, values.tobytes()[start : start + 5000])
+        assert head + bytes(body) == want
+    with pytest.raises(ConfigError):
+        envelope.SharedPayload.borrow(memoryview(values)[::2])  # not contiguous
+
+
 def test_seal_refuses_a_payload_that_is_not_flat_bytes() -> None:
     words = memoryview(bytearray(8)).cast("I")  # two 4-byte items, 8 bytes
     with pytest.raises(ConfigError):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import sys
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
@@ -89,6 +90,7 @@ class AllReduce:
         *,
         codec_name: str,
         max_norm: float | None,
+        borrow_flat: bool = False,
     ) -> None:
         self.group = group
         self.me = me
@@ -117,6 +119,11 @@ class AllReduce:
         self.excluded: dict[int, str] = {}
         self.bytes_sent = 0
         self.bytes_received = 0
+        # With borrow_flat, parts go out straight from `flat` (no copy) when the codec's bytes
+        # are the values' own. Sealed envelopes of a part stream that did not finish may still
+        # be queued on their connection afterwards; `flat` must then never change again.
+        self._borrow = borrow_flat and self.codec.name == "none" and _NATIVE_IS_WIRE
+        self._borrowed_in_flight = False
         self._expected_results = {
             j for j, (s, e) in enumerate(self.spans) if e > s and j != self.index
         }
@@ -149,7 +156,18 @@ class AllReduce:
                             nursery.start_soon(self._send_result, transport, run_id, i, deadline)
             with trio.move_on_at(deadline):
                 await self.all_results.wait()
+        if self._borrowed_in_flight:
+            # Some part's envelopes may still be waiting to be written from `flat`: leave that
+            # memory alone, and write the results into a copy (the caller reads `self.flat`).
+            self.flat = self.flat.copy()
         return self._apply()
+
+    @property
+    def flat_released(self) -> bool:
+        """False when envelopes sealed from the caller's ``flat`` (``borrow_flat``) may still
+        be queued: the caller must then never write to that array again (and should take the
+        round's values from :attr:`flat`, a copy). True otherwise."""
+        return not self._borrowed_in_flight
 
     def _reduce(self) -> None:
         assert self.accumulator is not None
@@ -164,8 +182,12 @@ class AllReduce:
             return
         # Encoded (and each chunk hashed) once for every member. Everyone else gets the average
         # through the codec, so keep exactly what they get: members holding span j's result
-        # hold the same values.
-        self._result_payload = SharedPayload(self.codec.encode(average))
+        # hold the same values. Uncompressed, the average itself goes out (nothing writes to
+        # it: it is ours alone and only ever read).
+        if self.codec.name == "none" and _NATIVE_IS_WIRE:
+            self._result_payload = SharedPayload.borrow(memoryview(average))
+        else:
+            self._result_payload = SharedPayload(self.codec.encode(average))
         if self.codec.name != "none":
             average = self.codec.decode(self._result_payload.data, len(average))
         self.reduced = (average, included)
@@ -200,11 +222,22 @@ class AllReduce:
         header = _PartHeader(
             self.group.group_id, self.index, start, end, self.weight, self.codec.name
         )
-        payload = self.codec.encode(self.flat[start:end])
         # If reducer j fails or refuses us, its span keeps our values (and the report says so).
-        await self._stream_to(
-            transport, j, f"avg.{run_id}.part", _encode(header), payload, deadline
-        )
+        if not self._borrow:
+            payload = self.codec.encode(self.flat[start:end])
+            await self._stream_to(
+                transport, j, f"avg.{run_id}.part", _encode(header), payload, deadline
+            )
+            return
+        borrowed = SharedPayload.borrow(memoryview(self.flat[start:end]))
+        finished = False
+        try:
+            finished = await self._stream_to(
+                transport, j, f"avg.{run_id}.part", _encode(header), borrowed, deadline
+            )
+        finally:
+            if not finished:
+                self._borrowed_in_flight = True
 
     async def _send_result(self, transport: Any, run_id: str, i: int, deadline: float) -> None:
         assert self.reduced is not None and self._result_payload is not None
@@ -225,10 +258,11 @@ class AllReduce:
         header: bytes,
         payload: bytes | SharedPayload,
         deadline: float,
-    ) -> None:
+    ) -> bool:
+        """Stream ``payload`` to member ``i``; whether the receiver took all of it."""
         timeout = deadline - trio.current_time()
         if timeout <= 0:
-            return
+            return False
         try:
             async with transport.open_stream(
                 self._target(self.members[i]), name, header, timeout=timeout
@@ -237,7 +271,8 @@ class AllReduce:
                 await stream.finish()
             self.bytes_sent += len(payload)
         except MoshpitError:
-            pass
+            return False
+        return True
 
     # -- what other members send us ----------------------------------------------------------
 
@@ -358,6 +393,11 @@ class AllReduce:
         if self._expected_results <= set(self.results):
             self.all_results.set()
         return b""
+
+
+# The "none" codec's bytes are little-endian float32: the flat vector's own bytes on a
+# little-endian machine, so they can go out as they are.
+_NATIVE_IS_WIRE = sys.byteorder == "little"
 
 
 def _all_finite(values: np.ndarray) -> bool:

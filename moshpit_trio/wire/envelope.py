@@ -154,8 +154,30 @@ class SharedPayload:
     def __init__(self, data: bytes) -> None:
         if type(data) is not bytes:
             raise ConfigError("a SharedPayload holds bytes (nothing may change them)")
-        self.data = data
+        self.data: bytes | memoryview = data
         self._digests: dict[tuple[int, int], bytes] = {}
+
+    @classmethod
+    def borrow(cls, buffer: memoryview) -> SharedPayload:
+        """Carry ``buffer`` (a flat, contiguous byte view of memory the caller owns) without
+        copying it: its slices are hashed and written to the socket straight from that memory.
+
+        The caller promises that nothing changes those bytes until every envelope carrying
+        them has been written: a stream that ended with ``finish()`` returning has been
+        (the receiver answered after the last chunk); after any other ending, envelopes may
+        still wait in the connection's queue, so the caller must then leave the memory alone
+        for good. Bytes changed in between would no longer match the signed hash, and the
+        receiver would close the connection as a protocol violation.
+        """
+        view = buffer if isinstance(buffer, memoryview) else memoryview(buffer)
+        if not view.c_contiguous:
+            raise ConfigError("a borrowed payload must be contiguous memory")
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        shared = cls.__new__(cls)
+        shared.data = view
+        shared._digests = {}
+        return shared
 
     def __len__(self) -> int:
         return len(self.data)
