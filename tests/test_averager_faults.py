@@ -356,8 +356,12 @@ async def test_a_part_stream_cut_short_leaves_its_buffer_behind(autojump_clock: 
             for i in range(4):
                 nursery.start_soon(step, i)
             # Frozen as soon as parts start to arrive at it: the rest are on their way.
-            while not _receiving_parts(averagers[2]):
+            for _ in range(int(TIMEOUT * 1000)):  # polled every virtual millisecond
+                if _receiving_parts(averagers[2]):
+                    break
                 await trio.sleep(0.001)
+            else:
+                raise AssertionError("no part ever reached peer 2")
             net.freeze("h2")
         survivors = [0, 1, 3]
         frozen_id = peers[2].id

@@ -185,7 +185,7 @@ class AllReduce:
         # hold the same values. Uncompressed, the average itself goes out (nothing writes to
         # it: it is ours alone and only ever read).
         if self.codec.name == "none" and _NATIVE_IS_WIRE:
-            self._result_payload = SharedPayload.borrow(memoryview(average))
+            self._result_payload = SharedPayload.borrow(average.data)
         else:
             self._result_payload = SharedPayload(self.codec.encode(average))
         if self.codec.name != "none":
@@ -229,7 +229,7 @@ class AllReduce:
                 transport, j, f"avg.{run_id}.part", _encode(header), payload, deadline
             )
             return
-        borrowed = SharedPayload.borrow(memoryview(self.flat[start:end]))
+        borrowed = SharedPayload.borrow(self.flat[start:end].data)
         finished = False
         try:
             finished = await self._stream_to(
