@@ -337,7 +337,7 @@ async def test_a_part_stream_cut_short_leaves_its_buffer_behind(autojump_clock: 
     a frozen reducer does not finish, and its sealed chunks can wait in the connection's queue
     past the end of the round, still pointing into that buffer. The averager must then
     flatten the next round into a new buffer: chunks changed after they were hashed would
-    reach the reducer off their signed hash (a protocol violation)."""
+    reach the reducer off the hash their MAC covers (a protocol violation)."""
     net = MemoryNetwork(seed=3, latency=0.005, bandwidth=2e6)
     rng = np.random.default_rng(1)
     async with swarm(net, 4) as peers, AsyncExitStack() as stack:

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moshpit_trio.errors import ConfigError, ProtocolError
-from moshpit_trio.identity import Identity, verify_signature
+from moshpit_trio.identity import Identity
 from moshpit_trio.wire.envelope import (
     DEFAULT_LIMITS,
     ENVELOPE_DOMAIN,
@@ -22,6 +22,7 @@ from moshpit_trio.wire.envelope import (
     EnvelopeSealer,
     Kind,
 )
+from moshpit_trio.wire.envelope import _mac as envelope_mac
 
 from .fuzzing import mutated as mutated_bytes
 
@@ -29,6 +30,9 @@ ALICE = Identity.from_seed(bytes([1]) * 32)
 BOB = Identity.from_seed(bytes([2]) * 32)
 CAROL = Identity.from_seed(bytes([3]) * 32)
 SESSION = bytes(range(32))
+#: the MAC key of alice -> bob in SESSION (a handshake derives it; any 32 bytes do here)
+KEY = bytes(range(100, 132))
+OTHER_KEY = bytes(range(200, 232))
 
 FIELDS = (
     "version",
@@ -46,30 +50,32 @@ FIELDS = (
 
 
 def sealer(
-    identity: Identity = ALICE, session: bytes = SESSION, recipient: Identity = BOB, **kw: Any
+    identity: Identity = ALICE,
+    session: bytes = SESSION,
+    recipient: Identity = BOB,
+    key: bytes = KEY,
+    **kw: Any,
 ) -> EnvelopeSealer:
-    return EnvelopeSealer(identity, session, recipient.peer_id, **kw)
+    return EnvelopeSealer(identity.peer_id, session, recipient.peer_id, key, **kw)
 
 
 def opener(**kw: Any) -> EnvelopeOpener:
-    return EnvelopeOpener(ALICE.public_key, SESSION, ALICE.peer_id, BOB.peer_id, **kw)
+    return EnvelopeOpener(KEY, SESSION, ALICE.peer_id, BOB.peer_id, **kw)
 
 
 def split(message: bytes) -> tuple[list[Any], bytes, bytes]:
-    """A message's header fields, signature and payload."""
+    """A message's header fields, MAC and payload."""
     size = int.from_bytes(message[:2], "big")
     header = msgspec.msgpack.decode(message[2 : 2 + size])
-    return header, message[2 + size : 2 + size + 64], message[2 + size + 64 :]
+    return header, message[2 + size : 2 + size + 32], message[2 + size + 32 :]
 
 
-def forge(
-    fields: list[Any], payload: bytes, signer: Identity | None = ALICE, signature: bytes = b""
-) -> bytes:
-    """An envelope with any header; signed by ``signer`` (or carrying ``signature`` as is)."""
+def forge(fields: list[Any], payload: bytes, key: bytes | None = KEY, mac: bytes = b"") -> bytes:
+    """An envelope with any header; its MAC under ``key`` (or ``mac`` as is)."""
     header = msgspec.msgpack.encode(fields)
-    if signer is not None:
-        signature = signer.sign(ENVELOPE_DOMAIN + header)
-    return len(header).to_bytes(2, "big") + header + signature + payload
+    if key is not None:
+        mac = blake3.blake3(ENVELOPE_DOMAIN + header, key=key).digest()
+    return len(header).to_bytes(2, "big") + header + mac + payload
 
 
 def good_fields(payload: bytes = b"ok", **changes: Any) -> list[Any]:
@@ -256,7 +262,7 @@ def test_full_size_payloads_open() -> None:
 
 
 def test_limits() -> None:
-    assert DEFAULT_LIMITS.max_message == 2 + 512 + 64 + 4 * 1024 * 1024
+    assert DEFAULT_LIMITS.max_message == 2 + 512 + 32 + 4 * 1024 * 1024
     assert DEFAULT_LIMITS.max_payload[Kind.STREAM_CREDIT] == 8
     assert DEFAULT_LIMITS.max_payload[Kind.CANCEL] == 0
     assert DEFAULT_LIMITS.max_payload[Kind.GOODBYE] == 1024
@@ -265,7 +271,7 @@ def test_limits() -> None:
     with pytest.raises(ConfigError):
         EnvelopeLimits(max_header=70000)
     custom = EnvelopeLimits(max_payload={**DEFAULT_LIMITS.max_payload, Kind.STREAM_DATA: 1 << 24})
-    assert custom.max_message == 2 + 512 + 64 + (1 << 24)
+    assert custom.max_message == 2 + 512 + 32 + (1 << 24)
 
 
 def test_kind_values_are_the_wire_values() -> None:
@@ -284,7 +290,7 @@ def test_kind_values_are_the_wire_values() -> None:
 
 def test_header_layout() -> None:
     message = sealer().seal(Kind.REQUEST, 9, b"body", deadline_ms=250, name="dht.find")
-    header, signature, payload = split(message)
+    header, mac, payload = split(message)
     assert dict(zip(FIELDS, header, strict=True)) == {
         "version": 1,
         "kind": 1,
@@ -300,7 +306,9 @@ def test_header_layout() -> None:
     }
     assert payload == b"body"
     size = int.from_bytes(message[:2], "big")
-    assert verify_signature(ALICE.public_key, signature, ENVELOPE_DOMAIN + message[2 : 2 + size])
+    # keyed blake3 over the domain and the exact header bytes
+    assert mac == blake3.blake3(ENVELOPE_DOMAIN + message[2 : 2 + size], key=KEY).digest()
+    assert mac == envelope_mac(KEY, message[2 : 2 + size])
 
 
 # -- the sealer refuses what the opener would refuse ------------------------------------------
@@ -333,13 +341,15 @@ def test_sealer_refuses_bad_arguments(args: tuple[Any, ...], kw: dict[str, Any])
 
 def test_sealer_and_opener_refuse_bad_construction() -> None:
     with pytest.raises(ConfigError):
-        EnvelopeSealer(ALICE, b"short", BOB.peer_id)
+        EnvelopeSealer(ALICE.peer_id, b"short", BOB.peer_id, KEY)
     with pytest.raises(ConfigError):
-        EnvelopeOpener(ALICE.public_key, b"short", ALICE.peer_id, BOB.peer_id)
+        EnvelopeSealer(ALICE.peer_id, SESSION, BOB.peer_id, KEY[:31])
     with pytest.raises(ConfigError):
-        EnvelopeOpener(ALICE.public_key[:31], SESSION, ALICE.peer_id, BOB.peer_id)
-    with pytest.raises(ConfigError):  # the key must belong to the sender
-        EnvelopeOpener(CAROL.public_key, SESSION, ALICE.peer_id, BOB.peer_id)
+        EnvelopeOpener(KEY, b"short", ALICE.peer_id, BOB.peer_id)
+    with pytest.raises(ConfigError):
+        EnvelopeOpener(KEY + b"x", SESSION, ALICE.peer_id, BOB.peer_id)
+    with pytest.raises(ConfigError):
+        EnvelopeOpener(bytearray(KEY), SESSION, ALICE.peer_id, BOB.peer_id)  # type: ignore[arg-type]
 
 
 # -- one tamper per reason -----------------------------------------------------------------------
@@ -351,22 +361,24 @@ def test_tampered_payload_is_hash() -> None:
     refused(message, "hash")
 
 
-def test_tampered_header_byte_is_signature() -> None:
+def test_tampered_header_byte_is_mac() -> None:
     message = sealer().seal(Kind.RESPONSE, 0x41, b"ok")
-    header, signature, payload = split(message)
+    header, mac, payload = split(message)
     header[FIELDS.index("call_id")] = 0x42  # same encoded size, still a valid header
-    refused(forge(header, payload, signer=None, signature=signature), "signature")
+    refused(forge(header, payload, key=None, mac=mac), "mac")
 
 
-def test_tampered_signature_is_signature() -> None:
+def test_tampered_mac_is_mac() -> None:
     message = bytearray(sealer().seal(Kind.RESPONSE, 1, b"ok"))
     size = int.from_bytes(message[:2], "big")
     message[2 + size + 10] ^= 0x80
-    refused(message, "signature")
+    refused(message, "mac")
 
 
-def test_signed_by_someone_else_is_signature() -> None:
-    refused(forge(good_fields(), b"ok", signer=CAROL), "signature")
+def test_mac_under_another_key_is_mac() -> None:
+    # another session's key, or the other direction's: the header alone names the right peers
+    refused(forge(good_fields(), b"ok", key=OTHER_KEY), "mac")
+    refused(sealer(key=OTHER_KEY).seal(Kind.RESPONSE, 5, b"ok"), "mac")
 
 
 @pytest.mark.parametrize("index", range(2, 2 + 30))
@@ -378,7 +390,7 @@ def test_any_header_byte_flip_is_refused(index: int) -> None:
         op.open(message)
     assert op.last_seq == 0
     assert info.value.reason in {
-        "signature",
+        "mac",
         "malformed",
         "session",
         "sender",
@@ -547,9 +559,9 @@ def test_custom_smaller_limits() -> None:
     refused(forge(good_fields(kind=int(Kind.REQUEST), name="abcd"), b"ok"), "too-large", o)
 
 
-def test_signature_is_checked_before_the_hash() -> None:
+def test_mac_is_checked_before_the_hash() -> None:
     header, _, _ = split(sealer().seal(Kind.STREAM_DATA, 1, b"data"))
-    refused(forge(header, b"DATA", signer=None, signature=bytes(64)), "signature")
+    refused(forge(header, b"DATA", key=None, mac=bytes(32)), "mac")
 
 
 def test_envelope_is_frozen() -> None:
@@ -614,7 +626,7 @@ def test_fuzz_mutated_envelopes(message: bytes) -> None:
     payload=st.binary(max_size=20),
 )
 def test_fuzz_signed_headers(fields: list[Any], payload: bytes) -> None:
-    """Correctly signed but arbitrary headers: the field checks, not the signature, refuse."""
+    """Arbitrary headers with a correct MAC: the field checks, not the MAC, refuse."""
     _open_or_protocol_error(forge(fields, payload))
 
 

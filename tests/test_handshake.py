@@ -6,8 +6,11 @@ import hashlib
 from collections.abc import Callable
 from typing import Any
 
+import blake3
 import msgspec
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -66,21 +69,41 @@ def test_happy_path(a: Identity, b: Identity) -> None:
         result.session
         == hashlib.sha256(b"moshpit/1 session\x00" + hello + response + finish).digest()
     )
+    # Each side sends with the key the other receives with; the two directions differ.
+    assert initiator.result.keys.send == result.keys.receive
+    assert initiator.result.keys.receive == result.keys.send
+    assert result.keys.send != result.keys.receive
+    assert "send" not in repr(result)  # keys stay out of logs
 
 
-def test_message_layout_and_signatures() -> None:
-    initiator = HandshakeInitiator(ALICE, BOB.peer_id, nonce=b"i" * 32)
-    responder = HandshakeResponder(BOB, nonce=b"r" * 32)
-    hello, response, finish, _ = run(initiator, responder)
+def _x25519_public(secret: bytes) -> bytes:
+    key = X25519PrivateKey.from_private_bytes(secret).public_key()
+    return key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def test_message_layout_signatures_and_keys() -> None:
+    i_secret, r_secret = b"i" * 32, b"r" * 32
+    initiator = HandshakeInitiator(ALICE, BOB.peer_id, ephemeral_secret=i_secret)
+    responder = HandshakeResponder(BOB, ephemeral_secret=r_secret)
+    hello, response, finish, result = run(initiator, responder)
     assert msgspec.msgpack.decode(hello) == [
         "moshpit/1",
         1,
         ALICE.public_key,
-        b"i" * 32,
+        _x25519_public(i_secret),  # the nonce: an ephemeral X25519 public key
         BOB.peer_id.to_bytes(),
     ]
     proto, mtype, key, nonce, sig_r = msgspec.msgpack.decode(response)
-    assert (proto, mtype, key, nonce) == ("moshpit/1", 2, BOB.public_key, b"r" * 32)
+    assert (proto, mtype, key, nonce) == ("moshpit/1", 2, BOB.public_key, _x25519_public(r_secret))
+    # the MAC keys: blake3 key derivation from the X25519 secret and the session id
+    shared = X25519PrivateKey.from_private_bytes(i_secret).exchange(
+        X25519PrivateKey.from_private_bytes(r_secret).public_key()
+    )
+    derive = lambda context: blake3.blake3(  # noqa: E731
+        shared + result.session, derive_key_context=context
+    ).digest()
+    assert result.keys.receive == derive("moshpit/1 envelope mac initiator to responder")
+    assert result.keys.send == derive("moshpit/1 envelope mac responder to initiator")
     assert verify_signature(
         BOB.public_key, sig_r, b"moshpit/1 handshake responder\x00" + hello + key + nonce
     )
@@ -98,11 +121,45 @@ def test_sessions_differ_between_handshakes() -> None:
     assert len(sessions) == 2
 
 
-def test_bad_nonce_argument() -> None:
+def test_bad_ephemeral_secret_argument() -> None:
     with pytest.raises(ConfigError):
-        HandshakeInitiator(ALICE, BOB.peer_id, nonce=b"short")
+        HandshakeInitiator(ALICE, BOB.peer_id, ephemeral_secret=b"short")
     with pytest.raises(ConfigError):
-        HandshakeResponder(BOB, nonce=bytes(33))
+        HandshakeResponder(BOB, ephemeral_secret=bytes(33))
+
+
+@pytest.mark.parametrize("side", ["initiator", "responder"])
+def test_a_low_order_nonce_fails_the_key_exchange(side: str) -> None:
+    """A nonce that is a low-order X25519 point would make the shared secret all zeros (known
+    to anyone): the side that receives it fails the handshake instead of using it."""
+    low_order = bytes(32)  # the point 0
+    initiator, responder = HandshakeInitiator(ALICE, BOB.peer_id), HandshakeResponder(BOB)
+    if side == "responder":
+        fields = list(msgspec.msgpack.decode(initiator.hello()))
+        fields[3] = low_order
+        hello = msgspec.msgpack.encode(fields)
+        response = responder.receive_hello(hello)
+        # FINISH signed over that HELLO, as a peer that chose this nonce would send it
+        finish = msgspec.msgpack.encode(
+            [
+                "moshpit/1",
+                3,
+                ALICE.sign(b"moshpit/1 handshake initiator\x00" + hello + response),
+            ]
+        )
+        fails("key-exchange", lambda: responder.receive_finish(finish))
+    else:
+        hello = initiator.hello()
+        response = msgspec.msgpack.encode(
+            [
+                "moshpit/1",
+                2,
+                BOB.public_key,
+                low_order,
+                BOB.sign(b"moshpit/1 handshake responder\x00" + hello + BOB.public_key + low_order),
+            ]
+        )
+        fails("key-exchange", lambda: initiator.receive_response(response))
 
 
 # -- refusals ----------------------------------------------------------------------------------
@@ -334,7 +391,7 @@ def test_any_error_is_final() -> None:
     initiator.hello()
     fails("malformed", lambda: initiator.receive_response(b"junk"))
     good = HandshakeResponder(BOB).receive_hello(
-        HandshakeInitiator(ALICE, BOB.peer_id, nonce=bytes(32)).hello()
+        HandshakeInitiator(ALICE, BOB.peer_id, ephemeral_secret=bytes(32)).hello()
     )
     fails("state", lambda: initiator.receive_response(good))
     assert initiator.result is None
@@ -345,20 +402,20 @@ def test_any_error_is_final() -> None:
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-_I = HandshakeInitiator(ALICE, BOB.peer_id, nonce=bytes([7]) * 32)
-_R = HandshakeResponder(BOB, nonce=bytes([8]) * 32)
+_I = HandshakeInitiator(ALICE, BOB.peer_id, ephemeral_secret=bytes([7]) * 32)
+_R = HandshakeResponder(BOB, ephemeral_secret=bytes([8]) * 32)
 HELLO, RESPONSE, FINISH, _ = run(_I, _R)
 REJECT = HandshakeResponder(BOB).reject("busy")
 
 
 def _initiator_after_hello() -> HandshakeInitiator:
-    initiator = HandshakeInitiator(ALICE, BOB.peer_id, nonce=bytes([7]) * 32)
+    initiator = HandshakeInitiator(ALICE, BOB.peer_id, ephemeral_secret=bytes([7]) * 32)
     assert initiator.hello() == HELLO
     return initiator
 
 
 def _responder_after_hello() -> HandshakeResponder:
-    responder = HandshakeResponder(BOB, nonce=bytes([8]) * 32)
+    responder = HandshakeResponder(BOB, ephemeral_secret=bytes([8]) * 32)
     assert responder.receive_hello(HELLO) == RESPONSE
     return responder
 

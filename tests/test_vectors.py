@@ -62,15 +62,19 @@ def test_keys(name: str) -> None:
     assert PeerID.from_public_key(bytes.fromhex(key["public_key"])) == identity.peer_id
 
 
+I_SECRET = bytes.fromhex(HANDSHAKE["initiator_ephemeral_secret"])
+R_SECRET = bytes.fromhex(HANDSHAKE["responder_ephemeral_secret"])
+KEY_I2R = bytes.fromhex(HANDSHAKE["mac_key_initiator_to_responder"])
+KEY_R2I = bytes.fromhex(HANDSHAKE["mac_key_responder_to_initiator"])
+
+
 def test_handshake_reproduced_byte_for_byte() -> None:
     initiator = HandshakeInitiator(
         ident(HANDSHAKE["initiator"]),
         ident(HANDSHAKE["responder"]).peer_id,
-        nonce=bytes.fromhex(HANDSHAKE["initiator_nonce"]),
+        ephemeral_secret=I_SECRET,
     )
-    responder = HandshakeResponder(
-        ident(HANDSHAKE["responder"]), nonce=bytes.fromhex(HANDSHAKE["responder_nonce"])
-    )
+    responder = HandshakeResponder(ident(HANDSHAKE["responder"]), ephemeral_secret=R_SECRET)
     hello = initiator.hello()
     assert hello.hex() == HANDSHAKE["hello"]
     response = responder.receive_hello(hello)
@@ -81,31 +85,34 @@ def test_handshake_reproduced_byte_for_byte() -> None:
     assert result.session.hex() == HANDSHAKE["session"]
     assert initiator.result is not None
     assert initiator.result.session == result.session
+    assert (initiator.result.keys.send, initiator.result.keys.receive) == (KEY_I2R, KEY_R2I)
+    assert (result.keys.send, result.keys.receive) == (KEY_R2I, KEY_I2R)
 
 
 def test_handshake_vectors_accepted_by_each_side() -> None:
-    """Each side, fed the other side's recorded messages (and its own recorded nonce), accepts."""
+    """Each side, fed the other side's recorded messages (and its own recorded ephemeral
+    secret), accepts and derives the recorded keys."""
     alice, bob = ident(HANDSHAKE["initiator"]), ident(HANDSHAKE["responder"])
-    responder = HandshakeResponder(bob, nonce=bytes.fromhex(HANDSHAKE["responder_nonce"]))
+    responder = HandshakeResponder(bob, ephemeral_secret=R_SECRET)
     responder.receive_hello(bytes.fromhex(HANDSHAKE["hello"]))
     result = responder.receive_finish(bytes.fromhex(HANDSHAKE["finish"]))
     assert result.remote_peer_id == alice.peer_id
     assert result.remote_public_key == alice.public_key
+    assert result.keys.receive == KEY_I2R
 
-    initiator = HandshakeInitiator(
-        alice, bob.peer_id, nonce=bytes.fromhex(HANDSHAKE["initiator_nonce"])
-    )
+    initiator = HandshakeInitiator(alice, bob.peer_id, ephemeral_secret=I_SECRET)
     initiator.hello()
     initiator.receive_response(bytes.fromhex(HANDSHAKE["response"]))
     assert initiator.result is not None
     assert initiator.result.session.hex() == HANDSHAKE["session"]
     assert initiator.result.remote_peer_id == bob.peer_id
+    assert initiator.result.keys.send == KEY_I2R
 
 
 def test_handshake_rejects() -> None:
     alice, bob = ident("alice"), ident("bob")
     wrong = HANDSHAKE["wrong_peer"]
-    responder = HandshakeResponder(bob, nonce=bytes.fromhex(HANDSHAKE["responder_nonce"]))
+    responder = HandshakeResponder(bob, ephemeral_secret=R_SECRET)
     with pytest.raises(HandshakeRejected) as info:
         responder.receive_hello(bytes.fromhex(wrong["hello"]))
     assert info.value.reason == "wrong-peer"
@@ -125,13 +132,13 @@ def test_handshake_rejects() -> None:
 
 def _opener(session: bytes) -> EnvelopeOpener:
     alice, bob = ident(ENVELOPES["sender"]), ident(ENVELOPES["recipient"])
-    return EnvelopeOpener(alice.public_key, session, alice.peer_id, bob.peer_id)
+    return EnvelopeOpener(KEY_I2R, session, alice.peer_id, bob.peer_id)
 
 
 def test_envelopes_reproduced_and_opened() -> None:
     session = bytes.fromhex(ENVELOPES["session"])
     assert ENVELOPES["session"] == HANDSHAKE["session"]
-    sealer = EnvelopeSealer(ident("alice"), session, ident("bob").peer_id)
+    sealer = EnvelopeSealer(ident("alice").peer_id, session, ident("bob").peer_id, KEY_I2R)
     opener = _opener(session)
     kinds = set()
     for vector in ENVELOPES["valid"]:

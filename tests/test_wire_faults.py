@@ -48,13 +48,19 @@ async def peer(
 class RawClient:
     """A peer that does the handshake honestly and then sends whatever the test crafts."""
 
-    def __init__(self, ws: WebSocketConnection, identity: Identity, session: bytes) -> None:
+    def __init__(self, ws: WebSocketConnection, identity: Identity, result: Any) -> None:
         self.ws = ws
         self.identity = identity
-        self.session = session
+        self.session = result.session
+        self.key = result.keys.send
+        self.receive_key = result.keys.receive  # the other direction's
 
-    def sealer(self, recipient: Any, session: bytes | None = None) -> EnvelopeSealer:
-        return EnvelopeSealer(self.identity, session or self.session, recipient)
+    def sealer(
+        self, recipient: Any, session: bytes | None = None, key: bytes | None = None
+    ) -> EnvelopeSealer:
+        return EnvelopeSealer(
+            self.identity.peer_id, session or self.session, recipient, key or self.key
+        )
 
 
 @asynccontextmanager
@@ -86,7 +92,7 @@ async def raw_client(
         assert isinstance(response, bytes)
         await ws.send_message(initiator.receive_response(response))
         assert initiator.result is not None
-        yield RawClient(ws, identity, initiator.result.session)
+        yield RawClient(ws, identity, initiator.result)
 
 
 def _flip(message: bytes, index: int) -> bytes:
@@ -113,14 +119,19 @@ VIOLATIONS: list[tuple[str, Craft, str]] = [
     (
         "tampered header",
         # flip a bit in the name "echo" (the header ends with it, payload_len and the 34-byte
-        # hash): still valid msgpack, no longer what was signed
+        # hash): still valid msgpack, no longer what the MAC covers
         lambda r, s, o: [_flip(m, 2 + _header_len(m) - 37) for m in [_request(r, s)]],
-        "signature",
+        "mac",
     ),
     (
-        "tampered signature",
+        "tampered MAC",
         lambda r, s, o: [_flip(m, 2 + _header_len(m) + 3) for m in [_request(r, s)]],
-        "signature",
+        "mac",
+    ),
+    (
+        "MAC under the other direction's key",
+        lambda r, s, o: [r.sealer(s.peer_id, key=r.receive_key).seal(Kind.CANCEL, 7)],
+        "mac",
     ),
     ("replayed envelope", lambda r, s, o: [m := _request(r, s), m], "seq"),
     (

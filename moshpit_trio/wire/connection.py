@@ -283,9 +283,15 @@ class Connection:
         self._ws = ws
         # Writes (head, payload) as one websocket message without joining them (speedups).
         self._write_message = speedups.message_writer(ws)
-        self._sealer = EnvelopeSealer(identity, handshake.session, handshake.remote_peer_id)
+        self._sealer = EnvelopeSealer(
+            identity.peer_id,
+            handshake.session,
+            handshake.remote_peer_id,
+            handshake.keys.send,
+            limits=limits.envelope,
+        )
         self._opener = EnvelopeOpener(
-            handshake.remote_public_key,
+            handshake.keys.receive,
             handshake.session,
             handshake.remote_peer_id,
             identity.peer_id,

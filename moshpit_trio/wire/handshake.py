@@ -12,6 +12,11 @@
 a nonce the other side just drew, which is what makes a recorded handshake useless to replay. The
 session id is the sha256 of the whole transcript. protocol/SPEC.md ("Handshake") is the contract.
 
+Each nonce is an ephemeral X25519 public key, drawn fresh for this handshake. Both are signed, so
+the X25519 secret the two sides then share is known to them alone, and each direction's envelope
+MAC key is derived from it (:class:`SessionKeys`): after the handshake, envelopes are
+authenticated with a keyed blake3 MAC instead of one Ed25519 signature each.
+
 Both classes are small state machines; their ``_TRANSITIONS`` tables list every allowed call.
 Any error, including a call out of order, leaves the object FAILED for good: a handshake that
 went wrong once is not resumed, the connection is closed.
@@ -26,9 +31,12 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, TypeVar
 
+import blake3
 import msgspec
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from ..errors import ConfigError, ProtocolError
 from ..identity import PUBLIC_KEY_SIZE, SIGNATURE_SIZE, Identity, PeerID
@@ -42,6 +50,7 @@ __all__ = [
     "HandshakeResponder",
     "HandshakeResult",
     "MessageType",
+    "SessionKeys",
     "State",
 ]
 
@@ -53,6 +62,9 @@ MAX_REJECT_REASON = 512
 RESPONDER_DOMAIN = b"moshpit/1 handshake responder\x00"
 INITIATOR_DOMAIN = b"moshpit/1 handshake initiator\x00"
 SESSION_DOMAIN = b"moshpit/1 session\x00"
+# blake3 key-derivation contexts for the two directions' envelope MAC keys.
+MAC_CONTEXT_INITIATOR = "moshpit/1 envelope mac initiator to responder"
+MAC_CONTEXT_RESPONDER = "moshpit/1 envelope mac responder to initiator"
 
 
 class MessageType(enum.IntEnum):
@@ -62,13 +74,23 @@ class MessageType(enum.IntEnum):
     REJECT = 4
 
 
+@dataclasses.dataclass(frozen=True, slots=True, repr=False)
+class SessionKeys:
+    """This side's envelope MAC keys: one for what it sends, one for what it receives."""
+
+    send: bytes
+    receive: bytes
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class HandshakeResult:
-    """What a completed handshake established: the session id and who is at the other end."""
+    """What a completed handshake established: the session id, who is at the other end, and
+    the keys that authenticate the session's envelopes."""
 
     session: bytes
     remote_public_key: bytes
     remote_peer_id: PeerID
+    keys: SessionKeys = dataclasses.field(repr=False)
 
 
 class HandshakeRejected(ProtocolError):
@@ -178,12 +200,32 @@ def _session_id(hello: bytes, response: bytes, finish: bytes) -> bytes:
     return hashlib.sha256(SESSION_DOMAIN + hello + response + finish).digest()
 
 
-def _nonce(nonce: bytes | None) -> bytes:
-    if nonce is None:
-        return os.urandom(NONCE_SIZE)
-    if len(nonce) != NONCE_SIZE:
-        raise ConfigError(f"a handshake nonce is {NONCE_SIZE} bytes, got {len(nonce)}")
-    return bytes(nonce)
+def _ephemeral(secret: bytes | None) -> tuple[X25519PrivateKey, bytes]:
+    """A fresh X25519 key pair (from ``secret``, 32 bytes, for fixed test vectors); its
+    public key is this side's nonce."""
+    if secret is None:
+        secret = os.urandom(NONCE_SIZE)
+    elif len(secret) != NONCE_SIZE:
+        raise ConfigError(f"an ephemeral secret is {NONCE_SIZE} bytes, got {len(secret)}")
+    key = X25519PrivateKey.from_private_bytes(bytes(secret))
+    return key, key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def _session_keys(
+    ephemeral: X25519PrivateKey, remote_nonce: bytes, session: bytes, *, initiator: bool
+) -> SessionKeys:
+    """Both directions' MAC keys, from the X25519 secret shared with the remote nonce."""
+    try:
+        shared = ephemeral.exchange(X25519PublicKey.from_public_bytes(remote_nonce))
+    except ValueError:
+        # A low-order point gives the all-zero secret: nothing would be secret about it.
+        raise ProtocolError("key-exchange", "the remote nonce is not a usable X25519 key") from None
+    material = shared + session
+    to_responder = blake3.blake3(material, derive_key_context=MAC_CONTEXT_INITIATOR).digest()
+    to_initiator = blake3.blake3(material, derive_key_context=MAC_CONTEXT_RESPONDER).digest()
+    if initiator:
+        return SessionKeys(send=to_responder, receive=to_initiator)
+    return SessionKeys(send=to_initiator, receive=to_responder)
 
 
 _T = TypeVar("_T")
@@ -220,10 +262,12 @@ class HandshakeInitiator(_StateMachine):
         (State.AWAIT_RESPONSE, "receive_response"): State.DONE,
     }
 
-    def __init__(self, identity: Identity, expected: PeerID, *, nonce: bytes | None = None) -> None:
+    def __init__(
+        self, identity: Identity, expected: PeerID, *, ephemeral_secret: bytes | None = None
+    ) -> None:
         self._identity = identity
         self._expected = expected
-        self._nonce = _nonce(nonce)
+        self._ephemeral, self._nonce = _ephemeral(ephemeral_secret)
         self._state = State.START
         self._hello = b""
         self.result: HandshakeResult | None = None
@@ -271,7 +315,9 @@ class HandshakeInitiator(_StateMachine):
                     self._identity.sign(INITIATOR_DOMAIN + self._hello + response),
                 )
             )
-            self.result = HandshakeResult(_session_id(self._hello, response, finish), key, remote)
+            session = _session_id(self._hello, response, finish)
+            keys = _session_keys(self._ephemeral, nonce, session, initiator=True)
+            self.result = HandshakeResult(session, key, remote, keys)
             return finish
 
         return self._step("receive_response", work)
@@ -287,13 +333,14 @@ class HandshakeResponder(_StateMachine):
         (State.AWAIT_FINISH, "receive_finish"): State.DONE,
     }
 
-    def __init__(self, identity: Identity, *, nonce: bytes | None = None) -> None:
+    def __init__(self, identity: Identity, *, ephemeral_secret: bytes | None = None) -> None:
         self._identity = identity
-        self._nonce = _nonce(nonce)
+        self._ephemeral, self._nonce = _ephemeral(ephemeral_secret)
         self._state = State.AWAIT_HELLO
         self._hello = b""
         self._response = b""
         self._remote_key = b""
+        self._remote_nonce = b""
         self.remote_peer_id: PeerID | None = None
         self.result: HandshakeResult | None = None
 
@@ -306,7 +353,7 @@ class HandshakeResponder(_StateMachine):
 
         def work() -> bytes:
             _, fields, hello = _parse(message, frozenset({MessageType.HELLO}))
-            _, _, key, _initiator_nonce, expected = fields
+            _, _, key, initiator_nonce, expected = fields
             own = self._identity.peer_id
             if expected != own.to_bytes():
                 detail = f"this is {own}, not {PeerID(expected)}"
@@ -315,6 +362,7 @@ class HandshakeResponder(_StateMachine):
                 )
             self._hello = hello
             self._remote_key = key
+            self._remote_nonce = initiator_nonce
             self.remote_peer_id = PeerID.from_public_key(key)
             own_key = self._identity.public_key
             signature = self._identity.sign(RESPONDER_DOMAIN + self._hello + own_key + self._nonce)
@@ -332,7 +380,8 @@ class HandshakeResponder(_StateMachine):
             _verify(self._remote_key, fields[2], transcript, "initiator's")
             assert self.remote_peer_id is not None
             session = _session_id(self._hello, self._response, finish)
-            self.result = HandshakeResult(session, self._remote_key, self.remote_peer_id)
+            keys = _session_keys(self._ephemeral, self._remote_nonce, session, initiator=False)
+            self.result = HandshakeResult(session, self._remote_key, self.remote_peer_id, keys)
             return self.result
 
         return self._step("receive_finish", work)
