@@ -775,7 +775,8 @@ async def memory_benchmark(cfg: Config) -> dict[str, Any]:
     extra = {
         "virtual_s": trio.current_time() - virtual0,
         "gc": cfg.gc_mode,
-        # every connection costs a websocket upgrade and a handshake (2 signatures, 2 checks, an X25519 exchange on each side)
+        # every connection costs a websocket upgrade and a handshake (2 signatures, 2 checks,
+        # an X25519 exchange on each side)
         "connects_build": connects_build,
         "connects_rounds": connects_run,
         "connections_per_peer_end": per_peer,
