@@ -20,6 +20,7 @@ from moshpit_trio.averaging.partition import (
     flatten,
     spans,
     unflatten_into,
+    write_pieces,
 )
 from moshpit_trio.errors import ConfigError
 
@@ -224,6 +225,50 @@ def test_bool_masks_write_exactly_those_elements(seed: int, density: float) -> N
     total = TensorLayout.of(tensors).total
     selected = np.random.default_rng(seed).random(total) < density
     _check_masked_write(tensors, selected, selected)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_write_pieces_is_unflatten_of_those_spans(data: st.DataObject) -> None:
+    """Writing pieces (as the all-reduce delivers them: read-only views, cut anywhere) leaves
+    every tensor exactly as unflatten_into does with the same values in the same spans."""
+    layout = TensorLayout.of(mixed_tensors())
+    spans_ = data.draw(span_lists(layout.total))
+    new = rng.standard_normal(layout.total).astype(np.float32)
+    pieces = []
+    for a, b in spans_:
+        cut = data.draw(st.integers(a, b))
+        for lo, hi in ((a, cut), (cut, b)):
+            piece = np.frombuffer(new[lo:hi].tobytes(), dtype=np.float32)  # read-only
+            pieces.append((lo, piece))
+    tensors = mixed_tensors()
+    before = flatten(tensors, layout)
+    unflatten_into(new, tensors, layout, mask=spans_)
+    by_unflatten = flatten(tensors, layout)
+    unflatten_into(before, tensors, layout)  # back as they were (exact in every dtype)
+    write_pieces(tensors, layout, pieces)
+    assert np.array_equal(flatten(tensors, layout), by_unflatten)
+
+
+@pytest.mark.parametrize(
+    "piece",
+    [
+        (-1, np.zeros(2, np.float32)),
+        (5, np.zeros(2, np.float32)),
+        (0, np.zeros(2, np.float64)),
+        (0, np.zeros((1, 2), np.float32)),
+        (0, [1.0, 2.0]),
+    ],
+)
+def test_write_pieces_refuses_bad_pieces(piece: Any) -> None:
+    a = np.zeros(6, np.float32)
+    with pytest.raises(ConfigError):
+        write_pieces([a], TensorLayout.of([a]), [piece])
+    assert not a.any()  # checked before anything is written
+    frozen = np.zeros(6, np.float32)
+    frozen.flags.writeable = False
+    with pytest.raises(ConfigError):
+        write_pieces([frozen], TensorLayout.of([frozen]), [(0, np.ones(2, np.float32))])
 
 
 def test_every_single_element_range_of_a_strided_tensor() -> None:

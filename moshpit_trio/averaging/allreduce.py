@@ -91,6 +91,7 @@ class AllReduce:
         codec_name: str,
         max_norm: float | None,
         borrow_flat: bool = False,
+        in_place: bool = True,
     ) -> None:
         self.group = group
         self.me = me
@@ -124,6 +125,10 @@ class AllReduce:
         # be queued on their connection afterwards; `flat` must then never change again.
         self._borrow = borrow_flat and self.codec.name == "none" and _NATIVE_IS_WIRE
         self._borrowed_in_flight = False
+        # in_place: the round's values are written into `flat`; else only listed in `pieces`.
+        self._in_place = in_place
+        #: after run(): ``(start, values)`` for every span whose average this member now holds
+        self.pieces: list[tuple[int, np.ndarray]] = []
         self._expected_results = {
             j for j, (s, e) in enumerate(self.spans) if e > s and j != self.index
         }
@@ -156,7 +161,7 @@ class AllReduce:
                             nursery.start_soon(self._send_result, transport, run_id, i, deadline)
             with trio.move_on_at(deadline):
                 await self.all_results.wait()
-        if self._borrowed_in_flight:
+        if self._borrowed_in_flight and self._in_place:
             # Some part's envelopes may still be waiting to be written from `flat`: leave that
             # memory alone, and write the results into a copy (the caller reads `self.flat`).
             self.flat = self.flat.copy()
@@ -208,7 +213,9 @@ class AllReduce:
                 continue
             pieces, included = got
             for offset, values in pieces:
-                self.flat[start + offset : start + offset + len(values)] = values
+                self.pieces.append((start + offset, values))
+                if self._in_place:
+                    self.flat[start + offset : start + offset + len(values)] = values
             reports.append(SpanReport(start, end, ids[j], tuple(ids[i] for i in included)))
         return reports
 

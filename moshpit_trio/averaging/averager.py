@@ -38,7 +38,7 @@ from .grid import (
     initial_key as default_initial_key,
 )
 from .matchmaking import GroupInfo, Matchmaker
-from .partition import TensorLayout, flatten, unflatten_into
+from .partition import TensorLayout, flatten, write_pieces
 
 __all__ = ["MoshpitAverager", "RoundReport"]
 
@@ -211,6 +211,7 @@ class MoshpitAverager:
                 codec_name=self.codec_name,
                 max_norm=self.max_norm,
                 borrow_flat=True,
+                in_place=False,
             )
             self._rounds.add(reduce)
             try:
@@ -224,12 +225,11 @@ class MoshpitAverager:
                     # Envelopes sealed from this buffer may still be queued (a part stream
                     # that did not finish): the next round flattens into a new one.
                     self._flat = np.empty_like(self._flat)
-            flat = reduce.flat
             ids = group.peer_ids
             excluded = {ids[i]: why for i, why in reduce.excluded.items()}
             sent, received = reduce.bytes_sent, reduce.bytes_received
-            mask = [(s.start, s.end) for s in spans if s.included is not None]
-            unflatten_into(flat, self.tensors, self.layout, mask=mask)
+            # The averages go straight from the pieces they arrived in into the tensors.
+            write_pieces(self.tensors, self.layout, reduce.pieces)
             members = tuple(ids)
             index = group.index_of(self.peer.id)
             c = within_group_index(

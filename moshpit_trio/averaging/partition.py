@@ -19,6 +19,7 @@ so it uses exact rational arithmetic and must give the same answer on every mach
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 import operator
@@ -41,6 +42,7 @@ __all__ = [
     "flatten",
     "spans",
     "unflatten_into",
+    "write_pieces",
 ]
 
 FloatArray: TypeAlias = npt.NDArray[np.float32]
@@ -287,6 +289,62 @@ def unflatten_into(
             lo, hi = max(a, start), min(b, start + n)
             if lo < hi:
                 _write_range(target, lo - start, hi - start, flat[lo:hi], torch)
+
+
+def write_pieces(
+    tensors: Sequence[Any], layout: TensorLayout, pieces: Sequence[tuple[int, FloatArray]]
+) -> None:
+    """Write each ``(start, values)`` piece into elements ``[start, start + len(values))`` of
+    the flat layout, in place, cast to each tensor's dtype: what :func:`unflatten_into` does
+    for a flat vector holding those values in those spans, without the flat vector in between
+    (one copy instead of two). ``values`` may be read-only (a view of received bytes).
+
+    >>> a, b = np.zeros(3, np.float32), np.zeros((2, 2), np.float32)
+    >>> layout = TensorLayout.of([a, b])
+    >>> write_pieces([a, b], layout, [(2, np.array([1, 2, 3], np.float32))])
+    >>> a.tolist(), b.tolist()
+    ([0.0, 0.0, 1.0], [[2.0, 3.0], [0.0, 0.0]])
+    """
+    layout.check(tensors)
+    for tensor in tensors:
+        if isinstance(tensor, np.ndarray) and not tensor.flags.writeable:
+            raise ConfigError("cannot write averaged values into a read-only numpy array")
+    checked: list[tuple[int, FloatArray]] = []
+    for start, values in pieces:
+        if (
+            not isinstance(values, np.ndarray)
+            or values.dtype != np.float32
+            or values.ndim != 1
+            or not 0 <= operator.index(start) <= layout.total - values.shape[0]
+        ):
+            raise ConfigError(
+                f"a piece is a start in [0, {layout.total}] and a 1-D float32 array that fits"
+            )
+        checked.append((start, values))
+    torch = _torch()
+    for start, values in checked:
+        end = start + values.shape[0]
+        if (
+            torch is not None
+            and not values.flags.writeable
+            and any(not isinstance(t, np.ndarray) for t in tensors)
+        ):
+            # torch.from_numpy warns on read-only arrays even when, as here, it only reads (and
+            # silencing warnings is process-wide, racing the training thread): copy first.
+            values = values.copy()
+        # the tensors this piece overlaps: from the last one starting at or before it
+        first = max(bisect.bisect_right(layout.offsets, start) - 1, 0)
+        for i in range(first, len(tensors)):
+            t_start, n = layout.offsets[i], layout.size(i)
+            if t_start >= end:
+                break
+            lo, hi = max(start, t_start), min(end, t_start + n)
+            if lo < hi:
+                tensor = tensors[i]
+                target = tensor if isinstance(tensor, np.ndarray) else tensor.detach()
+                _write_range(
+                    target, lo - t_start, hi - t_start, values[lo - start : hi - start], torch
+                )
 
 
 def _write_masked(
