@@ -201,15 +201,24 @@ class _Pacer:
         self.tolerance = max(self.PIECE, rate * 0.02) / rate
         self._tat = -math.inf  # the theoretical time the last byte granted so far leaves
 
-    async def take(self, n: int) -> None:
+    def charge(self, n: int) -> float:
+        """Count ``n`` bytes; returns the trio time they may pass at."""
         now = trio.current_time()
         self._tat = max(self._tat, now) + n / self.rate
-        await trio.sleep_until(self._tat - self.tolerance)
+        return self._tat - self.tolerance
+
+    async def take(self, n: int) -> None:
+        await trio.sleep_until(self.charge(n))
 
 
 class _RateLimitedStream(trio.abc.Stream):
     def __init__(self, inner: trio.abc.Stream, up: _Pacer | None, down: _Pacer | None) -> None:
         self._inner, self._up, self._down = inner, up, down
+        # Bytes read (and counted) by a receive_some cancelled while the pacer held them back,
+        # and when they may pass: the next call returns them then, so a cancelled read neither
+        # loses data from the stream nor lets it through early.
+        self._held: bytes | bytearray = b""
+        self._held_until = -math.inf
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._up is None:
@@ -225,12 +234,25 @@ class _RateLimitedStream(trio.abc.Stream):
         await self._inner.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self._held:
+            await trio.sleep_until(self._held_until)
+            data = self._held
+            if max_bytes is not None and len(data) > max_bytes:
+                data, self._held = data[:max_bytes], data[max_bytes:]
+            else:
+                self._held = b""
+            return data
         if self._down is None:
             return await self._inner.receive_some(max_bytes)
         limit = _Pacer.PIECE if max_bytes is None else min(max_bytes, _Pacer.PIECE)
         data = await self._inner.receive_some(limit)
         if data:
-            await self._down.take(len(data))
+            release = self._down.charge(len(data))
+            try:
+                await trio.sleep_until(release)
+            except BaseException:
+                self._held, self._held_until = data, release
+                raise
         return data
 
     async def aclose(self) -> None:

@@ -452,6 +452,26 @@ async def test_rate_limited_network_caps_a_transfer(
     assert moved / 1e5 - 0.66 - 0.05 <= took <= moved / 1e5 + 0.05
 
 
+async def test_a_paced_read_cancelled_mid_wait_loses_no_bytes(autojump_clock: Any) -> None:
+    """A read that the download pacer holds back and that is then cancelled keeps its bytes:
+    the next reads return them, in order (the pacer already counted them)."""
+    left, right = trio.testing.memory_stream_pair()
+    limited = RateLimitedNetwork(MemoryNetwork().host("a"), upload=None, download=1e5).wrap(right)
+    sent = bytes(range(256)) * 1024  # 256 KiB: past the burst, so reads get paced
+    await left.send_all(sent)
+    got = bytearray()
+    cancelled = 0
+    for _ in range(100):  # bounded: lost bytes would leave the loop waiting for more
+        with trio.move_on_after(0.1) as scope:  # shorter than a 64 KiB piece takes at 100 kB/s
+            got += await limited.receive_some(50_000)
+        cancelled += scope.cancelled_caught
+        if len(got) >= len(sent):
+            break
+    assert cancelled > 0  # the case under test happened
+    assert bytes(got) == sent
+    assert trio.current_time() == pytest.approx((len(sent) - 64 * 1024) / 1e5, abs=0.11)
+
+
 def test_rate_limited_network_refuses_bad_rates() -> None:
     with pytest.raises(MoshpitError, match="upload rate must be positive"):
         RateLimitedNetwork(MemoryNetwork().host("a"), upload=-1.0, download=None)
