@@ -7,7 +7,7 @@ One envelope is one binary websocket message::
 The header is the msgpack array ``[version, kind, session, sender, recipient, seq, call_id,
 deadline_ms, name, payload_len, payload_hash]`` and the MAC is keyed blake3 over
 ``b"moshpit/1 envelope\\x00" + header``, under the sending direction's key from the handshake
-(both ends hold it, nobody else can). The payload is covered through its blake3 hash in the
+(both ends hold it, nobody else does). The payload is covered through its blake3 hash in the
 header, so a multi-megabyte tensor chunk is never copied through the serializer and is
 authenticated at the cost of one hash. protocol/SPEC.md ("Envelope") is the contract; this module
 follows it check for check.
