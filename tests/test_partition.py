@@ -258,6 +258,7 @@ def test_write_pieces_is_unflatten_of_those_spans(data: st.DataObject) -> None:
         (0, np.zeros(2, np.float64)),
         (0, np.zeros((1, 2), np.float32)),
         (0, [1.0, 2.0]),
+        (0.0, np.zeros(2, np.float32)),
     ],
 )
 def test_write_pieces_refuses_bad_pieces(piece: Any) -> None:

@@ -312,10 +312,11 @@ def write_pieces(
     checked: list[tuple[int, FloatArray]] = []
     for start, values in pieces:
         if (
-            not isinstance(values, np.ndarray)
+            not isinstance(start, int)
+            or not isinstance(values, np.ndarray)
             or values.dtype != np.float32
             or values.ndim != 1
-            or not 0 <= operator.index(start) <= layout.total - values.shape[0]
+            or not 0 <= start <= layout.total - values.shape[0]
         ):
             raise ConfigError(
                 f"a piece is a start in [0, {layout.total}] and a 1-D float32 array that fits"
