@@ -736,24 +736,36 @@ def parse_config(
         for name, schema in schemas.items()
     }
     runs = _runs(source, raw.get("runs", []), base_dir)
+
+    # Checks across two keys name both, each with where its value came from: an operator who
+    # set MOSHPIT_PEER_CLIENT_MODE must learn that this variable is what made the config invalid.
+    def where(section: str, key: str) -> _Where:
+        origin = overrides[section].get(key, (None, None))[1]
+        return _Where(source, f"[{section}] {key}", origin)
+
+    def named(section: str, key: str) -> str:
+        w = where(section, key)
+        return w.key + (f" (from {w.origin})" if w.origin else "")
+
     peer = PeerConfig(**sections["peer"])
     if peer.client_mode and not peer.bootstrap:
-        raise ConfigError(
-            f"{source}: [peer] bootstrap: expected at least one address when [peer] "
-            "client_mode = true (a peer that never listens joins only through peers it dials), "
-            "got []"
+        raise where("peer", "bootstrap").fail(
+            f"at least one address when {named('peer', 'client_mode')} is true (a peer that "
+            "never listens joins only through peers it dials)",
+            [],
         )
     limits = LimitsConfig(**sections["limits"])
     chunk = min(4 * 2**20, limits.max_chunk_bytes)  # the chunk this peer's streams are cut into
     if limits.stream_window < chunk:
-        raise _Where(source, "[limits] stream_window").fail(
-            f"at least one stream chunk ({chunk} bytes, from max_chunk_bytes)",
+        raise where("limits", "stream_window").fail(
+            f"at least one stream chunk ({chunk} bytes, from "
+            f"{named('limits', 'max_chunk_bytes')})",
             limits.stream_window,
         )
     access = AccessConfig(**sections["access"])
     if access.ban_cap < access.ban_base:
-        raise _Where(source, "[access] ban_cap").fail(
-            f"at least [access] ban_base ({access.ban_base:g} s)", access.ban_cap
+        raise where("access", "ban_cap").fail(
+            f"at least {named('access', 'ban_base')} ({access.ban_base:g} s)", access.ban_cap
         )
     return DaemonConfig(
         source=source,

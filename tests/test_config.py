@@ -161,7 +161,7 @@ def test_status_allow() -> None:
         ),
         (
             "[peer]\nclient_mode = true",
-            r"\[peer\] bootstrap: expected at least one address when \[peer\] client_mode = true",
+            r"\[peer\] bootstrap: expected at least one address when \[peer\] client_mode is true",
         ),
         ("[peer]\nshutdown_timeout = -1", r"shutdown_timeout: expected a number of seconds >= 0"),
         ("[limits]\nmax_connections = 0", r"\[limits\] max_connections: expected an integer in"),
@@ -344,6 +344,10 @@ _KEYS = [
     ("limits", "max_call_bytes"),
     ("limits", "upload_rate"),
     ("limits", "handshake_timeout"),
+    ("limits", "max_chunk_bytes"),
+    ("limits", "stream_window"),
+    ("access", "ban_base"),
+    ("access", "ban_cap"),
     ("log", "format"),
     ("log", "level"),
     ("status", "allow"),
@@ -399,6 +403,54 @@ def test_any_environment_text_gives_a_config_or_an_error_naming_the_variable(
         parse_config("", source="h.toml", env={var: text})
     except ConfigError as exc:
         assert f"[{section}] {name} (from environment variable {var})" in str(exc), str(exc)
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "names"),
+    [
+        # the variable made the config invalid: the message says so, beside the key it needs
+        (
+            "",
+            {"MOSHPIT_PEER_CLIENT_MODE": "TRUE"},
+            [
+                "h.toml: [peer] bootstrap: expected at least one address",
+                "[peer] client_mode (from environment variable MOSHPIT_PEER_CLIENT_MODE)",
+            ],
+        ),
+        (
+            '[peer]\nclient_mode = true\nbootstrap = ["ws://127.0.0.1:1/' + PEER + '"]',
+            {"MOSHPIT_PEER_BOOTSTRAP": ""},
+            [
+                "[peer] bootstrap (from environment variable MOSHPIT_PEER_BOOTSTRAP): expected",
+                "when [peer] client_mode is true",
+            ],
+        ),
+        (
+            "[limits]\nstream_window = 1_048_576",
+            {"MOSHPIT_LIMITS_MAX_CHUNK_BYTES": "2097152"},
+            [
+                "h.toml: [limits] stream_window: expected at least one stream chunk",
+                "[limits] max_chunk_bytes (from environment variable "
+                "MOSHPIT_LIMITS_MAX_CHUNK_BYTES)",
+            ],
+        ),
+        (
+            "[access]\nban_cap = 100",
+            {"MOSHPIT_ACCESS_BAN_BASE": "500"},
+            [
+                "h.toml: [access] ban_cap: expected at least [access] ban_base (from "
+                "environment variable MOSHPIT_ACCESS_BAN_BASE) (500 s), got 100",
+            ],
+        ),
+    ],
+)
+def test_a_check_across_two_keys_names_both_and_where_each_came_from(
+    text: str, env: dict[str, str], names: list[str]
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, source="h.toml", env=env)
+    for name in names:
+        assert name in str(caught.value), str(caught.value)
 
 
 @given(
