@@ -17,10 +17,11 @@ def test_demo_trains_restarts_a_peer_and_reports(tmp_path: Path) -> None:
     plot = tmp_path / "demo.png"
     proc = subprocess.run(
         [
-            *("python", "-m", "moshpit_trio", "demo", "--peers", "3", "--seconds", "24"),
+            # argv[0] is the interpreter itself: a child started as "python" with
+            # executable= resolves its prefix from PATH, which need not be this venv's
+            *(sys.executable, "-m", "moshpit_trio", "demo", "--peers", "3", "--seconds", "24"),
             *("--json", "--plot", str(plot), "--logs", str(tmp_path / "logs")),
         ],
-        executable=sys.executable,
         capture_output=True,
         text=True,
         timeout=220,
