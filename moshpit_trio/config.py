@@ -757,10 +757,9 @@ def parse_config(
     limits = LimitsConfig(**sections["limits"])
     chunk = min(4 * 2**20, limits.max_chunk_bytes)  # the chunk this peer's streams are cut into
     if limits.stream_window < chunk:
+        from_key = named("limits", "max_chunk_bytes")
         raise where("limits", "stream_window").fail(
-            f"at least one stream chunk ({chunk} bytes, from "
-            f"{named('limits', 'max_chunk_bytes')})",
-            limits.stream_window,
+            f"at least one stream chunk ({chunk} bytes, from {from_key})", limits.stream_window
         )
     access = AccessConfig(**sections["access"])
     if access.ban_cap < access.ban_base:

@@ -41,9 +41,19 @@ class Daemon:
         self.process: subprocess.Popen[bytes] | None = None
         self.lives = 0
         self._read = 0  # lines of the log already returned by new_lines()
+        #: the unfinished last lines of lives killed mid-write, ended by start() and skipped
+        self._fragments: set[str] = set()
 
     def start(self) -> None:
         assert self.process is None or self.process.poll() is not None
+        if self.log.exists():
+            text = self.log.read_text()
+            if text and not text.endswith("\n"):
+                # SIGKILL can land mid-line: end that fragment so the next life's first line
+                # is a line of its own, and remember it so lines() does not take it for JSON
+                self._fragments.add(text[text.rfind("\n") + 1 :])
+                with self.log.open("a") as log:
+                    log.write("\n")
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 self.argv, stdout=subprocess.DEVNULL, stderr=log, cwd=REPO
@@ -54,7 +64,11 @@ class Daemon:
         """Every complete log line so far, parsed (a line that is not JSON fails the test)."""
         text = self.log.read_text()
         complete = text[: text.rfind("\n") + 1]
-        return [json.loads(line) for line in complete.splitlines() if line.strip()]
+        return [
+            json.loads(line)
+            for line in complete.splitlines()
+            if line.strip() and line not in self._fragments
+        ]
 
     def wait_for(
         self, match: Callable[[dict[str, Any]], bool], timeout: float, after: int = 0
