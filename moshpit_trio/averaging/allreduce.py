@@ -14,6 +14,15 @@ A member keeps its own values for every span whose result did not reach it. So e
 knows, span by span, whose data its values contain, and every member that got span j's result
 got the same result with the same list: no member is left with a silently mixed average.
 
+A member lost mid-round is news at once, not at a deadline: each member watches the others it
+depends on (everyone, for a reducer; the reducers, for a member without a span). When the last
+connection to one ends (reset, closed, GOODBYE), or it stays silent for the progress timeout
+(``wire.liveness.progress_timeout``: a frozen peer keeps its connections open and says
+nothing), it is *lost* for this round: its part is left out of our span (``excluded``: "lost"
+or "unresponsive"), we stop waiting for its span's result (we keep our own values there), and
+our streams to it are cancelled, their unsent bytes dropped. The round then ends as soon as
+everything still expected from the members left has arrived.
+
 Incoming streams may arrive before this member has learned of the group (the leader's answer
 reaches members at slightly different times): they wait for the round to be registered, under
 their own deadline.
@@ -37,6 +46,7 @@ from ..identity import PeerID
 from ..wire.address import PeerAddress
 from ..wire.connection import StreamRequest
 from ..wire.envelope import SharedPayload
+from ..wire.liveness import MIN_PROGRESS_TIMEOUT
 from .compression import Codec, codec
 from .matchmaking import GroupInfo, MemberInfo
 from .partition import spans as make_spans
@@ -134,19 +144,47 @@ class AllReduce:
         }
         if not self._expected_results:
             self.all_results.set()
+        #: members lost during the round (connection ended, or silent), and how
+        self.lost: dict[int, str] = {}
+        # our streams to each member, so that losing it cancels them
+        self._sends: dict[int, list[trio.CancelScope]] = {}
 
     # -- this member's own run ---------------------------------------------------------------
 
     async def run(
-        self, transport: Any, run_id: str, reduce_deadline: float, deadline: float
+        self,
+        transport: Any,
+        run_id: str,
+        reduce_deadline: float,
+        deadline: float,
+        *,
+        progress_timeout: float = MIN_PROGRESS_TIMEOUT,
     ) -> list[SpanReport]:
-        """Scatter, reduce, gather; returns the per-span report. Never raises a peer's failure."""
+        """Scatter, reduce, gather; returns the per-span report. Never raises a peer's failure.
+
+        A member silent for ``progress_timeout`` seconds while we depend on it is lost for the
+        round (see the module docstring)."""
         if self.accumulator is not None:
             start, end = self.spans[self.index]
             # Our own part may be bad (NaN, over the norm bound): the accumulator then leaves
             # us out of our own span's average and names us in `excluded`.
             with contextlib.suppress(BadContribution):
                 self._add(self.index, 0, self.flat[start:end], self.weight)
+        async with trio.open_nursery() as watchers:
+            for i in self._depends_on():
+                watchers.start_soon(self._watch, transport, i, progress_timeout)
+            await self._exchange(transport, run_id, reduce_deadline, deadline)
+            # Everything we send and wait for is over: nobody needs watching any more.
+            watchers.cancel_scope.cancel()
+        if self._borrowed_in_flight and self._in_place:
+            # Some part's envelopes may still be waiting to be written from `flat`: leave that
+            # memory alone, and write the results into a copy (the caller reads `self.flat`).
+            self.flat = self.flat.copy()
+        return self._apply()
+
+    async def _exchange(
+        self, transport: Any, run_id: str, reduce_deadline: float, deadline: float
+    ) -> None:
         async with trio.open_nursery() as nursery:
             for j, (start, end) in enumerate(self.spans):
                 if j != self.index and end > start:
@@ -161,11 +199,68 @@ class AllReduce:
                             nursery.start_soon(self._send_result, transport, run_id, i, deadline)
             with trio.move_on_at(deadline):
                 await self.all_results.wait()
-        if self._borrowed_in_flight and self._in_place:
-            # Some part's envelopes may still be waiting to be written from `flat`: leave that
-            # memory alone, and write the results into a copy (the caller reads `self.flat`).
-            self.flat = self.flat.copy()
-        return self._apply()
+
+    # -- members lost mid-round --------------------------------------------------------------
+
+    def _depends_on(self) -> list[int]:
+        """The members whose loss changes what we wait for or send: all of them when we reduce
+        a span (their parts come to us, our average goes to them), else the reducers."""
+        others = [i for i in range(len(self.members)) if i != self.index]
+        if self.accumulator is not None:
+            return others
+        return [i for i in others if self.spans[i][1] > self.spans[i][0]]
+
+    async def _watch(self, transport: Any, i: int, progress_timeout: float) -> None:
+        """Lose member ``i`` when its last connection ends, or when it stays silent (no
+        message at all: not a chunk, not a credit, not an answer to a ping) for
+        ``progress_timeout``."""
+        member = self.members[i]
+        peer = PeerID(member.peer_id)
+        async with trio.open_nursery() as nursery:
+
+            async def connection_ends() -> None:
+                await transport.wait_connected(peer)
+                await transport.wait_lost(peer)
+                self._lose(i, "lost")
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(connection_ends)
+            start = trio.current_time()
+            half = progress_timeout / 2
+            while True:
+                # Absolute times, never a difference: sleeping "half - silent" can round to no
+                # time at all and spin forever at one instant.
+                quiet_at = max(transport.liveness.last_heard(peer), start) + half
+                if trio.current_time() < quiet_at:
+                    await trio.sleep_until(quiet_at)
+                    continue
+                # Quiet for a while: a peer that is only busy answers a ping (or its next
+                # chunk arrives meanwhile); a frozen one says nothing.
+                if not await transport.probe(self._target(member), timeout=half):
+                    self._lose(i, "unresponsive")
+                    nursery.cancel_scope.cancel()
+                    return
+
+    def _lose(self, i: int, reason: str) -> None:
+        """Member ``i`` is gone for this round: stop waiting for it and sending to it."""
+        if i in self.lost:
+            return
+        self.lost[i] = reason
+        for scope in self._sends.pop(i, ()):
+            scope.cancel()
+        acc = self.accumulator
+        if (
+            acc is not None
+            and self.reduced is None
+            and not acc.complete(i)
+            and i not in acc.excluded
+        ):
+            acc.exclude(i, reason)
+            self._check_delivered()
+        if i in self._expected_results and i not in self.results:
+            self._expected_results.discard(i)
+            if self._expected_results <= set(self.results):
+                self.all_results.set()
 
     @property
     def flat_released(self) -> bool:
@@ -268,18 +363,22 @@ class AllReduce:
     ) -> bool:
         """Stream ``payload`` to member ``i``; whether the receiver took all of it."""
         timeout = deadline - trio.current_time()
-        if timeout <= 0:
+        if timeout <= 0 or i in self.lost:
             return False
-        try:
-            async with transport.open_stream(
-                self._target(self.members[i]), name, header, timeout=timeout
-            ) as stream:
-                await stream.send(payload)
-                await stream.finish()
-            self.bytes_sent += len(payload)
-        except MoshpitError:
-            return False
-        return True
+        # Losing member i cancels this (its unsent chunks are dropped, never queued).
+        with trio.CancelScope() as scope:
+            self._sends.setdefault(i, []).append(scope)
+            try:
+                async with transport.open_stream(
+                    self._target(self.members[i]), name, header, timeout=timeout
+                ) as stream:
+                    await stream.send(payload)
+                    await stream.finish()
+                self.bytes_sent += len(payload)
+                return True
+            except MoshpitError:
+                return False
+        return False
 
     # -- what other members send us ----------------------------------------------------------
 

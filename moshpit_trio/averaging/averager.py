@@ -24,6 +24,7 @@ import trio
 from ..errors import ConfigError
 from ..identity import PeerID
 from ..log import get_logger
+from ..wire.liveness import progress_timeout
 from .allreduce import AllReduce, RoundRegistry, SpanReport
 from .compression import codec as find_codec
 from .grid import (
@@ -63,6 +64,9 @@ class RoundReport:
     bytes_received: int
     #: seconds per stage: "matchmaking", "allreduce", "total"
     seconds: dict[str, float]
+    #: members this peer lost mid-round, and how: "lost" (the connection ended),
+    #: "unresponsive" (silent for the progress timeout); it stopped waiting for them then
+    lost: dict[PeerID, str] = dataclasses.field(default_factory=dict)
 
     @property
     def succeeded(self) -> bool:
@@ -201,6 +205,7 @@ class MoshpitAverager:
         flat = flatten(self.tensors, self.layout, out=self._flat)
         spans: tuple[SpanReport, ...] = ()
         excluded: dict[PeerID, str] = {}
+        lost: dict[PeerID, str] = {}
         sent = received = 0
         if group is not None and len(group.members) > 1:
             reduce = AllReduce(
@@ -216,8 +221,19 @@ class MoshpitAverager:
             self._rounds.add(reduce)
             try:
                 reduce_deadline = formed + (deadline - formed) / 2
+                silence = progress_timeout(
+                    window=max(deadline - formed, 1e-3),
+                    bandwidth=min(m.bandwidth for m in group.members),
+                    chunk=self.peer.transport.limits.connection.stream_chunk,
+                )
                 spans = tuple(
-                    await reduce.run(self.peer.transport, self.run_id, reduce_deadline, deadline)
+                    await reduce.run(
+                        self.peer.transport,
+                        self.run_id,
+                        reduce_deadline,
+                        deadline,
+                        progress_timeout=silence,
+                    )
                 )
             finally:
                 self._rounds.remove(reduce)
@@ -227,6 +243,7 @@ class MoshpitAverager:
                     self._flat = np.empty_like(self._flat)
             ids = group.peer_ids
             excluded = {ids[i]: why for i, why in reduce.excluded.items()}
+            lost = {ids[i]: why for i, why in reduce.lost.items()}
             sent, received = reduce.bytes_sent, reduce.bytes_received
             # The averages go straight from the pieces they arrived in into the tensors.
             write_pieces(self.tensors, self.layout, reduce.pieces)
@@ -266,6 +283,7 @@ class MoshpitAverager:
                 "allreduce": end - formed,
                 "total": end - start,
             },
+            lost=lost,
         )
         self.log.info(
             "round done",

@@ -273,6 +273,8 @@ class Connection:
         limits: ConnectionLimits,
         log: Any,
         admit: Callable[[int], str | None] | None = None,
+        on_heard: Callable[[], None] | None = None,
+        on_closed: Callable[[Connection], None] | None = None,
     ) -> None:
         self.remote_peer_id = handshake.remote_peer_id
         self.session = handshake.session
@@ -319,6 +321,10 @@ class Connection:
         # last call, it returns None to run the call or why it is refused ("busy").
         self._admit = admit
         self._admitted_bytes = 0
+        # The transport's liveness hooks: every message read is a sign of life (a frozen
+        # peer sends none); the end of the connection is news to whoever waits on the peer.
+        self._on_heard = on_heard
+        self._on_closed = on_closed
         self.bytes_sent = 0
         self.bytes_received = 0
         #: the violation that closed this connection, if one did
@@ -389,6 +395,8 @@ class Connection:
         # than at its deadline).
         for _ in range(self._queue_slots.statistics().tasks_waiting):
             self._queue_slots.release()
+        if self._on_closed is not None:
+            self._on_closed(self)
 
     # -- the writer --------------------------------------------------------------------------
 
@@ -478,6 +486,8 @@ class Connection:
                     raise ProtocolError("malformed", "text message on a binary protocol")
                 self.bytes_received += len(message)
                 envelope = self._opener.open(message)
+                if self._on_heard is not None:
+                    self._on_heard()
                 _DISPATCH[envelope.kind](self, envelope)
                 await trio.lowlevel.checkpoint()
         except ProtocolError as exc:

@@ -34,6 +34,7 @@ from ..errors import (
     ConfigError,
     DeadlineExceeded,
     HandshakeFailed,
+    MoshpitError,
     ProtocolError,
     Unreachable,
 )
@@ -58,11 +59,14 @@ from .handshake import (
     MessageType,
     _parse,
 )
+from .liveness import Liveness
 from .streams import StreamNetwork, TcpNetwork
 
-__all__ = ["SUBPROTOCOL", "Transport", "TransportLimits", "open_transport"]
+__all__ = ["PING", "SUBPROTOCOL", "Transport", "TransportLimits", "open_transport"]
 
 SUBPROTOCOL = "moshpit/1"
+#: every transport answers calls to this handler with an empty body (``Transport.probe``)
+PING = "moshpit.ping"
 _REFUSAL_TIMEOUT = 1.0
 
 
@@ -104,8 +108,16 @@ class Transport:
         self.peer_id = identity.peer_id
         self.limits = limits
         self.registry = HandlerRegistry()
+        self.registry.register(PING, _pong)
         #: who may connect and call, and the bans in force (wire/access.py)
         self.access = AccessControl(access)
+        #: when each peer was last heard from, and who went silent (wire/liveness.py)
+        self.liveness = Liveness()
+        # Tasks waiting on a peer: for the next message from it, for the end of its last
+        # connection, for a connection to it to exist. Set (and dropped) when that happens.
+        self._heard_events: dict[PeerID, trio.Event] = {}
+        self._lost_events: dict[PeerID, trio.Event] = {}
+        self._connected_events: dict[PeerID, trio.Event] = {}
         #: where others reach us; None in client mode (we only dial out)
         self.address: PeerAddress | None = None
         self.log = get_logger(peer=self.peer_id.short)
@@ -147,6 +159,99 @@ class Transport:
 
     def _add(self, conn: Connection) -> None:
         self._conns.setdefault(conn.remote_peer_id, []).append(conn)
+        self.liveness.heard(conn.remote_peer_id, trio.current_time())  # it just shook hands
+        event = self._connected_events.pop(conn.remote_peer_id, None)
+        if event is not None:
+            event.set()
+
+    # -- liveness ----------------------------------------------------------------------------
+
+    def _heard_from(self, peer: PeerID) -> Callable[[], None]:
+        liveness, events = self.liveness, self._heard_events
+
+        def heard() -> None:
+            liveness.heard(peer, trio.current_time())
+            event = events.pop(peer, None)
+            if event is not None:
+                event.set()
+
+        return heard
+
+    def _connection_closed(self, conn: Connection) -> None:
+        peer = conn.remote_peer_id
+        if any(not c.closed for c in self._conns.get(peer, ())):
+            return  # another connection to the peer is still up: nothing is lost
+        event = self._lost_events.pop(peer, None)
+        if event is not None:
+            event.set()
+
+    def connected(self, peer: PeerID) -> bool:
+        return self.connection_to(peer) is not None
+
+    async def wait_lost(self, peer: PeerID) -> None:
+        """Return when the last live connection to ``peer`` ends (it closed, was reset, said
+        GOODBYE, broke the protocol); at once if there is none now."""
+        if not self.connected(peer):
+            await trio.lowlevel.checkpoint()
+            return
+        event = self._lost_events.setdefault(peer, trio.Event())
+        await event.wait()
+
+    async def wait_connected(self, peer: PeerID) -> None:
+        """Return when a live connection to ``peer`` exists (either side opened it)."""
+        while not self.connected(peer):
+            event = self._connected_events.setdefault(peer, trio.Event())
+            await event.wait()
+        await trio.lowlevel.checkpoint()
+
+    async def wait_heard(self, peer: PeerID, since: float) -> None:
+        """Return once a message from ``peer`` arrived at or after trio time ``since``."""
+        while not self.liveness.heard_since(peer, since):
+            event = self._heard_events.setdefault(peer, trio.Event())
+            await event.wait()
+        await trio.lowlevel.checkpoint()
+
+    async def probe(self, target: Target, timeout: float) -> bool:
+        """Is the peer answering? True as soon as any message from it arrives (a busy peer
+        streaming to us answers that way); else a ping goes out, and False when nothing came
+        back within ``timeout`` or it cannot be reached. False marks the peer unresponsive
+        (``liveness``) until it is heard from again."""
+        address = self._resolve(target)
+        peer = address.peer_id if isinstance(address, PeerAddress) else address
+        start = trio.current_time()
+        answered = False
+        failure = "no answer"
+        with trio.move_on_after(timeout):
+            async with trio.open_nursery() as nursery:
+
+                async def ping() -> None:
+                    nonlocal failure
+                    try:
+                        await self.call(target, PING, timeout=timeout)
+                    except MoshpitError as exc:
+                        failure = f"{type(exc).__name__}: {exc}"
+                        if not isinstance(exc, DeadlineExceeded):
+                            nursery.cancel_scope.cancel()  # unreachable: no use waiting
+                        return
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(ping)
+                await self.wait_heard(peer, start)
+                nursery.cancel_scope.cancel()
+        answered = self.liveness.heard_since(peer, start)
+        if not answered:
+            reason = f"silent for {trio.current_time() - start:.3g} s when probed ({failure})"
+            if self.liveness.mark_unresponsive(peer, trio.current_time(), reason):
+                self.log.info("peer unresponsive", remote=peer.short, reason=reason)
+        return answered
+
+    def mark_unresponsive(self, peer: PeerID, reason: str) -> None:
+        """Record that ``peer`` stayed silent when something was asked of it."""
+        if self.liveness.mark_unresponsive(peer, trio.current_time(), reason):
+            self.log.info("peer unresponsive", remote=peer.short, reason=reason)
+
+    def unresponsive(self, peer: PeerID) -> bool:
+        return self.liveness.is_unresponsive(peer)
 
     @property
     def bytes_sent(self) -> int:
@@ -465,6 +570,8 @@ class Transport:
             limits=self.limits.connection,
             log=self.log,
             admit=self._admit(result.remote_peer_id),
+            on_heard=self._heard_from(result.remote_peer_id),
+            on_closed=self._connection_closed,
         )
 
     def _ws_options(self) -> dict[str, Any]:
@@ -479,6 +586,10 @@ class Transport:
         async with trio.open_nursery() as nursery:
             for conn in self.connections():
                 nursery.start_soon(conn.aclose, "peer shutting down")
+
+
+async def _pong(request: Any) -> bytes:
+    return b""
 
 
 # What a remote peer (or the network) can make a dial or an accept fail with.
