@@ -319,6 +319,8 @@ class RoundSummary(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     seconds: dict[str, float]
     #: Unix time the round ended
     finished_at: float
+    #: members lost mid-round ("lost": connection ended; "unresponsive": silent)
+    lost: dict[str, str] = {}
 
 
 class RunStatus(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -408,6 +410,7 @@ def summarize(report: RoundReport, finished_at: float) -> RoundSummary:
         bytes_received=report.bytes_received,
         seconds={k: round(v, 4) for k, v in report.seconds.items()},
         finished_at=finished_at,
+        lost={str(p): why for p, why in report.lost.items()},
     )
 
 
@@ -468,6 +471,8 @@ def format_status(status: PeerStatus) -> str:
             )
         for peer, why in last.excluded.items():
             lines.append(f"    left out {_short(peer)}: {why}")
+        for peer, why in last.lost.items():
+            lines.append(f"    lost mid-round {_short(peer)}: {why}")
     return "\n".join(lines)
 
 
@@ -510,6 +515,7 @@ class _RunService:
             members=summary.members,
             spans=[[s.start, s.end, s.reducer, s.included] for s in summary.spans],
             excluded=summary.excluded,
+            lost=summary.lost,
             seconds=summary.seconds,
             bytes_sent=summary.bytes_sent,
             bytes_received=summary.bytes_received,

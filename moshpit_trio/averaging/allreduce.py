@@ -225,21 +225,9 @@ class AllReduce:
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(connection_ends)
-            start = trio.current_time()
-            half = progress_timeout / 2
-            while True:
-                # Absolute times, never a difference: sleeping "half - silent" can round to no
-                # time at all and spin forever at one instant.
-                quiet_at = max(transport.liveness.last_heard(peer), start) + half
-                if trio.current_time() < quiet_at:
-                    await trio.sleep_until(quiet_at)
-                    continue
-                # Quiet for a while: a peer that is only busy answers a ping (or its next
-                # chunk arrives meanwhile); a frozen one says nothing.
-                if not await transport.probe(self._target(member), timeout=half):
-                    self._lose(i, "unresponsive")
-                    nursery.cancel_scope.cancel()
-                    return
+            await transport.wait_silent(self._target(member), progress_timeout)
+            self._lose(i, "unresponsive")
+            nursery.cancel_scope.cancel()
 
     def _lose(self, i: int, reason: str) -> None:
         """Member ``i`` is gone for this round: stop waiting for it and sending to it."""

@@ -4,20 +4,25 @@ Every peer of a round announces itself under the round's group key ``mp.avg/RUN/
 an owned record (only it can write or withdraw its entry) whose expiration is the time by which
 it wants its group to start. Then:
 
-1. it reads the key until it sees a full group (M entries) or its gather time is up;
+1. it reads the key until it sees a full group (M entries), or two reads a poll apart show the
+   same announcers, or its gather time is up; peers the transport found unresponsive (silent
+   when asked, ``wire.liveness``) are left out;
 2. the announcers are ordered by (expiration, PeerID) — the same order for everyone who sees
    them — and client-mode peers, which nobody can dial, are never leaders;
-3. it asks the candidates before itself in that order to take it, the earliest first; a
-   candidate that is full, follows someone else, or is gone says so (or fails), and it asks the
-   next;
-4. when no earlier candidate takes it, it leads: it accepts joins until the group is full or its
-   deadline comes, then fixes the group (a fresh id, a shuffled member order) and answers every
-   waiting join with it.
+3. it asks the candidates before itself in that order to take it, the earliest first (a
+   client-mode peer asks every listening one: it never leads, so it waits on nobody's
+   decision); a candidate that is full, follows someone else, or is gone says so (or fails), and
+   it asks the next. While it waits for an answer it watches the candidate: one that goes
+   silent for the progress timeout, or whose connection ends, is given up at once;
+4. when no earlier candidate takes it, it leads: it accepts joins until the group is full, or
+   until every announcer that would come to it (the later ones, and the client-mode ones) has
+   joined or is found gone (it probes them), or its deadline comes. Then it fixes the group (a
+   fresh id, a shuffled member order) and answers every waiting join with it.
 
 Nobody ever waits on a later peer, so two peers can never wait on each other. A peer asked to
-lead while it has not decided yet answers once it has. A leader that dies fails its followers'
-join calls, and they go on down the order, or round alone. Finding nobody by the deadline gives
-``None``: a solo round.
+lead while it has not decided yet answers once it has. A leader that dies or freezes is given
+up by its followers within the progress timeout, and they go on down the order, or lead, or
+round alone. Finding nobody by the deadline gives ``None``: a solo round.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from ..identity import PeerID
 from ..log import get_logger
 from ..wire.address import InvalidAddress, PeerAddress
 from ..wire.connection import Request
+from ..wire.liveness import MIN_PROGRESS_TIMEOUT
 
 __all__ = ["GroupInfo", "Matchmaker", "MemberInfo"]
 
@@ -93,7 +99,10 @@ class _Attempt:
     leading: bool = False
     closed: bool = False
     followers: list[MemberInfo] = dataclasses.field(default_factory=list)
+    #: set when the group need not wait any longer: full, or everyone expected is in or gone
     full: trio.Event = dataclasses.field(default_factory=trio.Event)
+    #: as a leader: the announcers that would come to us and have not joined yet
+    expected: set[bytes] = dataclasses.field(default_factory=set)
     fixed: trio.Event = dataclasses.field(default_factory=trio.Event)
     group: GroupInfo | None = None
 
@@ -109,6 +118,7 @@ class Matchmaker:
         bandwidth: float,
         min_group_size: int = 2,
         poll_interval: float = 0.2,
+        progress_timeout: float = MIN_PROGRESS_TIMEOUT,
     ) -> None:
         if not bandwidth > 0:
             raise ConfigError(f"bandwidth must be positive, got {bandwidth!r}")
@@ -118,6 +128,8 @@ class Matchmaker:
         self.run_id = run_id
         self.min_group_size = min_group_size
         self.poll_interval = poll_interval
+        #: silence from a candidate or an expected joiner for this long: it is gone
+        self.progress_timeout = progress_timeout
         self.join_name = f"avg.{run_id}.join"
         self.me = MemberInfo(
             peer_id=peer.id.to_bytes(),
@@ -158,36 +170,77 @@ class Matchmaker:
         dht = self.peer.dht
         ttl = max(deadline - trio.current_time(), 0.5)
         await dht.store(dht_key, _encode(self.me), ttl=ttl)
-        # Gather: read until a full group has announced, or half the time is gone.
+        # Gather: read until a full group has announced, or the announcers stopped changing
+        # (peers of a run start on the same clock slot, so the ones coming are there within a
+        # store's time), or half the time is gone.
         gather_until = trio.current_time() + (deadline - trio.current_time()) / 2
+        seen: set[bytes] | None = None
         while True:
             announced = await self._announced(dht_key)
-            if len(announced) >= attempt.capacity or trio.current_time() >= gather_until:
+            now_seen = {m.peer_id for _, m in announced}
+            if (
+                len(announced) >= attempt.capacity
+                or trio.current_time() >= gather_until
+                or (now_seen == seen and len(announced) >= 2)
+            ):
                 break
+            seen = now_seen
             await trio.sleep(min(self.poll_interval, max(gather_until - trio.current_time(), 0)))
         # Our own place in the order is where our record stands, as everyone else sees it.
         mine = [i for i, (_, m) in enumerate(announced) if m.peer_id == self.me.peer_id]
-        earlier = [
-            m for _, m in announced[: mine[0] if mine else len(announced)] if not m.client_mode
-        ]
+        place = mine[0] if mine else len(announced)
+        if self.me.client_mode:
+            # We never lead, so we wait on nobody's decision but a leader's: any listening
+            # announcer may take us, the earliest first.
+            candidates = [m for _, m in announced if not m.client_mode and m != self.me]
+        else:
+            candidates = [m for _, m in announced[:place] if not m.client_mode]
         # Decided, as far as peers asking us to lead are concerned: we follow (or try to). If
         # every earlier candidate turns us away we lead after all, and take joins from then on.
         attempt.decided.set()
-        for leader in earlier:
+        for leader in candidates:
             group = await self._join(leader, attempt, deadline)
             if group is not None:
                 return group
         if self.me.client_mode:
             return None  # nobody can dial us: we cannot lead
-        # Nobody earlier took us: lead; from now on joins are accepted.
+        # Nobody earlier took us: lead; from now on joins are accepted. We wait for those that
+        # would come to us (later announcers go down the same order and reach us; client-mode
+        # ones ask every listener), not for a capacity nobody may fill.
         attempt.leading = True
         if attempt.capacity <= 1:
             return self._close(attempt)
+        attempt.expected = {
+            m.peer_id
+            for k, (_, m) in enumerate(announced)
+            if m.peer_id != self.me.peer_id and (k > place or m.client_mode)
+        } - {f.peer_id for f in attempt.followers}
+        self._check_ready(attempt)
         # Fix the group a little before the deadline, so that the answer reaches followers
         # whose own deadlines are only slightly later than ours.
         with trio.move_on_at(deadline - self.fix_margin(deadline)):
-            await attempt.full.wait()
+            async with trio.open_nursery() as nursery:
+                for _, m in announced:
+                    if m.peer_id in attempt.expected:
+                        nursery.start_soon(self._expect, attempt, m)
+                await attempt.full.wait()
+                nursery.cancel_scope.cancel()
         return self._close(attempt)
+
+    async def _expect(self, attempt: _Attempt, member: MemberInfo) -> None:
+        """Stop waiting for an expected joiner once it is found gone: unreachable or silent
+        (a listening one, probed), or not there within the progress timeout (a client-mode
+        one, which nobody can probe)."""
+        if member.client_mode:
+            await trio.sleep(self.progress_timeout)
+        else:
+            await self.peer.transport.wait_silent(member.address, self.progress_timeout)
+        attempt.expected.discard(member.peer_id)
+        self._check_ready(attempt)
+
+    def _check_ready(self, attempt: _Attempt) -> None:
+        if len(attempt.followers) + 1 >= attempt.capacity or not attempt.expected:
+            attempt.full.set()
 
     def fix_margin(self, deadline: float) -> float:
         return min(1.0, 0.1 * max(deadline - trio.current_time(), 0.0))
@@ -206,6 +259,10 @@ class Matchmaker:
                 continue
             if member.peer_id != subkey or not _usable(member):
                 continue  # an announcement must describe its owner
+            if member.peer_id != self.me.peer_id and self.peer.transport.unresponsive(
+                PeerID(member.peer_id)
+            ):
+                continue  # silent when last asked: neither leader nor member until it answers
             found.append((record.expiration, member))
         found.sort(key=lambda em: (em[0], em[1].peer_id))
         return found
@@ -217,12 +274,32 @@ class Matchmaker:
         if timeout <= 0:
             return None
         request = _encode(_Join(attempt.round, attempt.key, self.me))
-        try:
-            raw = await self.peer.transport.call(
-                leader.address, self.join_name, request, timeout=timeout
+        transport = self.peer.transport
+        raw: bytes | None = None
+        failure: MoshpitError | None = None
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                # A leader holds our join until it fixes the group, answering pings
+                # meanwhile; one that freezes or dies is given up at once.
+                await transport.wait_silent(leader.address, self.progress_timeout)
+                self.log.info("leader went silent", leader=leader.peer_id[:4].hex())
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            try:
+                raw = await transport.call(leader.address, self.join_name, request, timeout=timeout)
+            except MoshpitError as exc:
+                failure = exc
+            nursery.cancel_scope.cancel()
+        if raw is None:
+            self.log.debug(
+                "leader did not take us", leader=leader.peer_id[:4].hex(), error=str(failure)
             )
+            return None
+        try:
             group = _group_decoder.decode(raw)
-        except (MoshpitError, msgspec.DecodeError) as exc:
+        except msgspec.DecodeError as exc:
             self.log.debug(
                 "leader did not take us", leader=leader.peer_id[:4].hex(), error=str(exc)
             )
@@ -293,8 +370,8 @@ class Matchmaker:
             raise Rejected("the group is full")
         if all(m.peer_id != join.member.peer_id for m in attempt.followers):
             attempt.followers.append(join.member)
-        if len(attempt.followers) + 1 >= attempt.capacity:
-            attempt.full.set()
+        attempt.expected.discard(join.member.peer_id)
+        self._check_ready(attempt)
         await attempt.fixed.wait()
         if attempt.group is None:
             raise Rejected("the group was disbanded (too small)")

@@ -191,6 +191,9 @@ class DHTNode:
         self._own: dict[tuple[bytes, bytes], Record] = {}
         self._backoff: dict[PeerID, tuple[float, float]] = {}  # peer -> (until, last delay)
         self._pinging: set[PeerID] = set()
+        # Contacts dropped from the table for going silent (transport.liveness), put back
+        # once they are heard from again.
+        self._dropped: dict[PeerID, Contact] = {}
         self._nursery: trio.Nursery | None = None
         # Wall-clock time that follows trio's clock: records carry unix expirations, and under a
         # virtual clock in tests they must age with virtual time. One offset per trio run, so
@@ -335,7 +338,11 @@ class DHTNode:
     ) -> list[Contact]:
         s = self.settings
         now = trio.current_time()
-        skip = {p for p, (until, _) in self._backoff.items() if until > now}
+        self._restore_dropped()
+        # Neither asked nor counted among the closest: peers backing off after a failure, and
+        # peers found unresponsive (also those found so while this lookup runs).
+        backed_off = {p for p, (until, _) in self._backoff.items() if until > now}
+        skip = _Skip(backed_off, self.transport.liveness)
         seeds = self.table.closest(target, s.k, exclude=skip)
         lookup = Lookup(self.id, target, seeds, k=s.k, alpha=s.alpha, skip=skip)
         depth = {c.peer_id: 1 for c in seeds}
@@ -478,16 +485,40 @@ class DHTNode:
 
     async def _call(self, contact: Contact, name: str, message: msgspec.Struct) -> bytes:
         """One RPC with the per-RPC deadline; keeps the routing table and back-off current."""
+        start = trio.current_time()
         try:
             answer = await self.transport.call(
                 contact.address, name, _encoder.encode(message), timeout=self.settings.rpc_timeout
             )
-        except MoshpitError:
+        except MoshpitError as exc:
             self._penalize(contact.peer_id)
+            if not self.transport.liveness.heard_since(contact.peer_id, start):
+                # Not a word back (a refusal would have been one): frozen, dead or cut off.
+                # Out of the table even with no replacement waiting, until it is heard again.
+                self.transport.mark_unresponsive(
+                    contact.peer_id, f"no answer to {name} ({type(exc).__name__})"
+                )
+                self._drop_silent(contact)
             raise
         self._backoff.pop(contact.peer_id, None)
         self._learn(contact)
         return answer
+
+    def _drop_silent(self, contact: Contact) -> None:
+        if self.table.get(contact.peer_id) is not None:
+            self.table.remove(contact.peer_id)
+            self._dropped[contact.peer_id] = contact
+            self.log.debug("dropped a silent contact", dropped=contact.peer_id.short)
+
+    def _restore_dropped(self) -> None:
+        """Contacts dropped for silence that have spoken since (a frozen peer continued: its
+        late answers arrive) go back into the table."""
+        liveness = self.transport.liveness
+        for peer, contact in list(self._dropped.items()):
+            if not liveness.is_unresponsive(peer):
+                del self._dropped[peer]
+                self._backoff.pop(peer, None)
+                self._learn(contact)
 
     def _penalize(self, peer: PeerID) -> None:
         s = self.settings
@@ -531,19 +562,40 @@ class DHTNode:
         except LookupFailed:
             closest = []
         payload = _Store(self._sender, encode_records([record]))
+        targets = closest[: self.settings.replicas]
+        wave = _StoreWave(held, len(targets))
 
         async def store_on(contact: Contact) -> None:
-            nonlocal held
-            with contextlib.suppress(MoshpitError):  # one replica fewer; the count says so
+            try:
                 raw = await self._call(contact, "dht.store", payload)
                 answer = self._decode_answer(_Stored, raw, contact)
                 if answer.stored and answer.stored[0]:
-                    held += 1
+                    wave.held += 1
+                    wave.some_held.set()
+            except MoshpitError:
+                pass  # one replica fewer; the count says so
+            finally:
+                wave.pending -= 1
+                if wave.pending == 0:
+                    wave.done.set()
 
-        async with trio.open_nursery() as nursery:
-            for contact in closest[: self.settings.replicas]:
+        # The replicas' stores run in the node's own nursery: once another peer holds the
+        # record, a replica that has not answered within slow_after (a frozen one looks
+        # just like this) no longer holds up the caller, while its store still runs out its
+        # rpc_timeout, so that a silent peer is found and dropped as it would be in a lookup.
+        async with trio.open_nursery() as local:
+            nursery = self._nursery if self._nursery is not None else local
+            for contact in targets:
                 nursery.start_soon(store_on, contact)
-        return held
+            if targets:
+                with trio.move_on_after(self.settings.slow_after):
+                    await wave.done.wait()
+                if not wave.done.is_set() and not wave.some_held.is_set():
+                    with trio.move_on_after(self.settings.rpc_timeout):
+                        async with trio.open_nursery() as first:
+                            for event in (wave.done, wave.some_held):
+                                first.start_soon(_set_then_cancel, event, first.cancel_scope)
+        return wave.held
 
     def _make(
         self, key: str | bytes, value: bytes, ttl: float, subkey: str | bytes | PeerID | None
@@ -661,6 +713,38 @@ class DHTNode:
         while True:
             await trio.sleep(60.0)
             self.records.expire(self.now())
+
+
+class _Skip:
+    """Peers a lookup neither asks nor counts: a fixed set, and whoever the transport finds
+    unresponsive, checked at each use (a peer found silent mid-lookup is skipped from then)."""
+
+    def __init__(self, peers: set[PeerID], liveness: Any) -> None:
+        self._peers = peers
+        self._liveness = liveness
+
+    def __contains__(self, peer: object) -> bool:
+        return peer in self._peers or (
+            isinstance(peer, PeerID) and self._liveness.is_unresponsive(peer)
+        )
+
+
+class _StoreWave:
+    """One record's stores on its replicas: how many hold it, how many are still out."""
+
+    def __init__(self, held: int, pending: int) -> None:
+        self.held = held
+        self.pending = pending
+        self.done = trio.Event()
+        #: set by the first replica that accepted the record (this node does not count)
+        self.some_held = trio.Event()
+        if not pending:
+            self.done.set()
+
+
+async def _set_then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
 
 
 _EPOCH_OFFSET: trio.lowlevel.RunVar[float] = trio.lowlevel.RunVar("moshpit_dht_epoch_offset")

@@ -245,6 +245,27 @@ class Transport:
                 self.log.info("peer unresponsive", remote=peer.short, reason=reason)
         return answered
 
+    async def wait_silent(self, target: Target, timeout: float) -> None:
+        """Return once the peer has said nothing for ``timeout`` seconds from now on, a ping
+        included (it is then marked unresponsive), or cannot be reached. A peer that keeps
+        talking (streaming to us, answering pings) keeps this waiting: run it beside the work
+        that depends on the peer, and cancel it with that work."""
+        address = self._resolve(target)
+        peer = address.peer_id if isinstance(address, PeerAddress) else address
+        start = trio.current_time()
+        half = timeout / 2
+        while True:
+            # Absolute times, never a difference: sleeping "half - silent" can round to no
+            # time at all and spin forever at one instant.
+            quiet_at = max(self.liveness.last_heard(peer), start) + half
+            if trio.current_time() < quiet_at:
+                await trio.sleep_until(quiet_at)
+                continue
+            # Quiet for a while: a busy peer answers a ping (or its next message arrives
+            # meanwhile); a frozen one says nothing.
+            if not await self.probe(target, timeout=half):
+                return
+
     def mark_unresponsive(self, peer: PeerID, reason: str) -> None:
         """Record that ``peer`` stayed silent when something was asked of it."""
         if self.liveness.mark_unresponsive(peer, trio.current_time(), reason):
