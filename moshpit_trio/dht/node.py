@@ -21,7 +21,7 @@ import dataclasses
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import msgspec
@@ -347,6 +347,7 @@ class DHTNode:
         lookup = Lookup(self.id, target, seeds, k=s.k, alpha=s.alpha, skip=skip)
         depth = {c.peer_id: 1 for c in seeds}
         started: dict[PeerID, float] = {}
+        asked: dict[Contact, float] = {}
         stats = LookupStats()
         send, receive = trio.open_memory_channel[tuple[Contact, Any]](math.inf)
         if not seeds:
@@ -357,16 +358,28 @@ class DHTNode:
                 while not lookup.finished:
                     queries = lookup.next_queries()
                     for contact in queries:
-                        started[contact.peer_id] = trio.current_time()
-                        nursery.start_soon(self._query, contact, target, want_values, send)
-                    if (
-                        not queries
-                        and not any(p in started for p in lookup.in_flight())
-                        and len(lookup.closest()) >= s.replicas
-                    ):
+                        started[contact.peer_id] = asked[contact] = trio.current_time()
+                        # In the node's nursery when it runs: a query the lookup stops waiting
+                        # for still runs out its rpc_timeout, so that a silent peer is found
+                        # and dropped (its answer, if any, goes unread).
+                        owner = self._nursery if self._nursery is not None else nursery
+                        owner.start_soon(self._query, contact, target, want_values, send)
+                    only_slow_left = not queries and not any(
+                        p in started for p in lookup.in_flight()
+                    )
+                    if only_slow_left and len(lookup.closest()) >= s.replicas:
                         # Only slow peers are left to hear from (frozen ones look just like
                         # this), and enough of the closest have answered to hold every replica
                         # we would have stored: stop, rather than wait out rpc_timeout for each.
+                        break
+                    if only_slow_left and lookup.closest():
+                        # Fewer answered than a replica set (a small swarm, or a neighbourhood
+                        # with frozen peers): give the slow ones one more slow_after, not the
+                        # whole rpc_timeout, then go with what answered.
+                        with trio.move_on_after(s.slow_after):
+                            contact, answer = await receive.receive()
+                            self._apply(lookup, contact, answer, depth, stats, found)
+                            continue
                         break
                     slow_at = min(
                         (started[p] + s.slow_after for p in lookup.in_flight() if p in started),
@@ -381,6 +394,7 @@ class DHTNode:
                         if p in started and started.pop(p) + s.slow_after <= trio.current_time():
                             lookup.on_slow(p)
                 nursery.cancel_scope.cancel()  # stragglers: their answers no longer matter
+        self._note_silent(asked, lookup.in_flight())
         closest = lookup.closest()
         stats.queried = lookup.queried
         stats.hops = max((depth.get(c.peer_id, 1) for c in closest), default=0)
@@ -503,6 +517,24 @@ class DHTNode:
         self._backoff.pop(contact.peer_id, None)
         self._learn(contact)
         return answer
+
+    def _note_silent(self, asked: dict[Contact, float], in_flight: Iterable[PeerID]) -> None:
+        """Peers a lookup stopped waiting for that have said nothing at all since they were
+        asked, for two slow_afters or more: unresponsive (a frozen peer looks like this), so
+        the next lookups neither ask nor wait for them."""
+        waiting = set(in_flight)
+        now = trio.current_time()
+        liveness = self.transport.liveness
+        for contact, at in asked.items():
+            if (
+                contact.peer_id in waiting
+                and now - at >= 2 * self.settings.slow_after
+                and not liveness.heard_since(contact.peer_id, at)
+            ):
+                self.transport.mark_unresponsive(
+                    contact.peer_id, f"silent for {now - at:.3g} s during a lookup"
+                )
+                self._drop_silent(contact)
 
     def _drop_silent(self, contact: Contact) -> None:
         if self.table.get(contact.peer_id) is not None:
