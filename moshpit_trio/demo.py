@@ -145,7 +145,7 @@ def trainer_main(args: argparse.Namespace) -> int:
             batch = torch.randint(len(x), (args.batch_size,), generator=generator)
             loss = loss_fn(model(x[batch]), y[batch])
             loss.backward()
-            opt.step()
+            opt.step(loss=loss)
             opt.zero_grad()
             value = loss.item()
             running_loss = value if running_loss is None else 0.9 * running_loss + 0.1 * value
