@@ -111,6 +111,8 @@ class DashboardApp:
         static = self._static.get(path)
         if static is not None:
             return 200, *static
+        if path == "/favicon.ico":
+            return 204, b"", b"image/x-icon"  # none: say so without an error in the console
         if path in ("/api", "/api/"):
             return 200, *_ok({"run": self.view.run_id, "endpoints": API})
         query = _query(raw_query)

@@ -23,6 +23,7 @@ function svg(tag, attrs) {
 
 const isNum = (x) => typeof x === "number" && Number.isFinite(x);
 const int = (x) => (isNum(x) ? Math.round(x).toLocaleString("en-US") : "–");
+const plural = (n, word) => int(n) + " " + word + (n === 1 ? "" : "s");
 
 function si(x, digits = 3) {
   if (!isNum(x)) return "–";
@@ -63,7 +64,7 @@ function renderSummary(s) {
   $("run").textContent = s.run;
   const p = s.peers;
   $("live-peers").textContent = int(p.live);
-  const parts = [int(p.trainers) + " publishing", int(p.daemons) + " daemons"];
+  const parts = [int(p.trainers) + " publishing progress", plural(p.daemons, "daemon")];
   if (p.client_mode) parts.push(int(p.client_mode) + " client mode");
   if (p.suspect) parts.push(int(p.suspect) + " suspect");
   if (p.malformed) parts.push(int(p.malformed) + " malformed");
@@ -75,7 +76,7 @@ function renderSummary(s) {
   const last = s.last_round;
   $("last-round").textContent = last ? "#" + last.round : "–";
   $("last-round-sub").textContent = last
-    ? int(last.groups) + " groups, " + int(last.peers) + " peers" + (last.solo ? ", " + int(last.solo) + " solo" : "")
+    ? plural(last.groups, "group") + ", " + plural(last.peers, "peer") + (last.solo ? ", " + int(last.solo) + " solo" : "")
     : "no round yet";
   const age = isNum(s.updated) ? Math.max(0, s.now - s.updated) : null;
   const fresh = $("freshness");
@@ -134,6 +135,7 @@ function renderHistory(h) {
 
 // -- the peers table ---------------------------------------------------------------------
 
+// A table cell; its first class names the column (tests and stylesheets find cells by it).
 function cell(text, cls, title) {
   const td = el("td", text, cls ? { class: cls } : {});
   if (title) td.title = title;
@@ -148,29 +150,26 @@ function peerRow(p) {
   if (p.kind === "daemon") st.appendChild(el("span", " daemon", { class: "muted" }));
   for (const problem of p.problems) st.appendChild(el("div", problem, { class: "problem" }));
   tr.appendChild(st);
-  const samples = cell(int(p.samples), "num samples");
+  const samples = cell(int(p.samples), "samples num");
   if (isNum(p.samples)) samples.setAttribute("data-value", String(p.samples));
   tr.appendChild(samples);
-  tr.appendChild(cell(si(p.samples_per_s), "num rate"));
-  tr.appendChild(cell(isNum(p.epoch) ? String(p.epoch) : "–", "num epoch"));
-  tr.appendChild(cell(isNum(p.loss) ? p.loss.toPrecision(4) : "–", "num loss"));
+  tr.appendChild(cell(si(p.samples_per_s), "rate num"));
+  tr.appendChild(cell(isNum(p.epoch) ? String(p.epoch) : "–", "epoch num"));
+  tr.appendChild(cell(isNum(p.loss) ? p.loss.toPrecision(4) : "–", "loss num"));
   const r = p.rounds;
-  const rounds = cell(r ? r.done + " / " + r.partial + " / " + r.solo : "–", "num rounds");
+  const rounds = cell(r ? r.done + " / " + r.partial + " / " + r.solo : "–", "rounds num");
   if (r) rounds.setAttribute("data-value", String(r.done + r.partial + r.solo));
   tr.appendChild(rounds);
-  tr.appendChild(cell(bytes(p.bytes_sent) + " / " + bytes(p.bytes_received), "num bytes"));
-  tr.appendChild(cell(duration(p.uptime_s), "num uptime"));
+  tr.appendChild(cell(bytes(p.bytes_sent) + " / " + bytes(p.bytes_received), "bytes num"));
+  tr.appendChild(cell(duration(p.uptime_s), "uptime num"));
   tr.appendChild(cell(p.client_mode === null ? "–" : p.client_mode ? "client mode" : "public", "mode"));
   const last = p.last_round;
   tr.appendChild(cell(last ? "#" + last.round + (last.group ? " · " + last.group.slice(0, 6) : " · solo") + " · " + last.size : "–", "last-round mono"));
   const s = p.status;
-  let statusText = "–", statusTitle = "";
-  if (s) {
-    statusText = s.outcome;
-    if (s.report) statusText += " · v" + s.report.version + " · " + s.report.connections + " conns";
-    statusTitle = s.detail;
-  }
-  tr.appendChild(cell(statusText, "status", statusTitle));
+  const status = el("td", s ? s.outcome : "–", { class: "status" });
+  if (s && s.report) status.appendChild(el("span", " · v" + s.report.version + " · " + s.report.connections + " connections", { class: "muted" }));
+  if (s && s.detail) status.appendChild(el("div", s.detail, { class: "detail" }));
+  tr.appendChild(status);
   return tr;
 }
 
@@ -203,8 +202,8 @@ function renderGroups(g) {
     return;
   }
   const sizes = Object.entries(g.sizes).map(([size, n]) => n + "× " + size).join(", ");
-  $("groups-summary").textContent = "round #" + g.round + ": " + int(g.total_groups) + " groups (" + (sizes || "none") + ")"
-    + (g.solo ? ", " + int(g.solo) + " solo" : "") + (g.behind ? ", " + int(g.behind) + " peers on an earlier round" : "");
+  $("groups-summary").textContent = "round #" + g.round + ": " + plural(g.total_groups, "group") + " (" + (sizes || "none") + ")"
+    + (g.solo ? ", " + int(g.solo) + " solo" : "") + (g.behind ? ", " + plural(g.behind, "peer") + " on an earlier round" : "");
   list.replaceChildren(...g.groups.map((group) => {
     const li = el("li", null, { class: "group" });
     li.appendChild(el("span", group.group.slice(0, 8), { class: "mono tag" }));
@@ -219,11 +218,11 @@ function renderLeaderboard(b) {
   const body = $("leaderboard").tBodies[0];
   body.replaceChildren(...b.entries.map((e) => {
     const tr = el("tr", null, { "data-peer": e.peer_id });
-    tr.appendChild(cell(String(e.rank), "num"));
-    tr.appendChild(cell(short(e.peer_id), "mono", e.peer_id));
-    tr.appendChild(cell(int(e.samples), "num"));
-    tr.appendChild(cell(int(e.rounds_averaged), "num"));
-    tr.appendChild(cell(e.live ? "live" : "gone", e.live ? "" : "muted"));
+    tr.appendChild(cell(String(e.rank), "rank num"));
+    tr.appendChild(cell(short(e.peer_id), "peer mono", e.peer_id));
+    tr.appendChild(cell(int(e.samples), "samples num"));
+    tr.appendChild(cell(int(e.rounds_averaged), "rounds num"));
+    tr.appendChild(cell(e.live ? "live" : "gone", e.live ? "live" : "live muted"));
     return tr;
   }));
 }
