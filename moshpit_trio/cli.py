@@ -5,7 +5,7 @@
     moshpit echo-server [--key FILE] [--listen HOST:PORT]
     moshpit echo ADDRESS TEXT [--key FILE]
     moshpit echo-demo                            two peers, two processes, one signed echo
-    moshpit demo [--peers N] [--seconds S] [--plot FILE] [--json]
+    moshpit demo [--peers N] [--seconds S] [--plot FILE] [--json] [--dashboard [HOST:PORT]]
                                                  a local swarm trains a CNN on digits; one
                                                  peer is killed and restarted midway
     moshpit peer --config FILE [--listen HOST:PORT] [--bootstrap ADDRESS]... [...]
@@ -206,6 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.add_argument("--no-live", action="store_true", help="no live table, just progress lines")
     p.add_argument("--logs", metavar="DIR", help="keep every process's log in DIR")
+    p.add_argument(
+        "--dashboard",
+        nargs="?",
+        const="127.0.0.1:8080",
+        metavar="HOST:PORT",
+        help="also serve a live page of the swarm (default 127.0.0.1:8080); prints its URL",
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(
@@ -374,6 +381,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         plot=args.plot or None,
         live=not args.no_live,
         logs=args.logs,
+        dashboard=args.dashboard,
     )
     if args.json:
         print(json.dumps(result.as_json(), indent=2))
