@@ -17,10 +17,12 @@ from typing import Any
 import pytest
 import trio
 
+from moshpit_trio.config import parse_config
+from moshpit_trio.daemon import Daemon
 from moshpit_trio.dashboard import open_dashboard
 from moshpit_trio.errors import ConfigError
 
-from .dashboard_swarm import ADMIN, RUN, training_swarm
+from .dashboard_swarm import ADMIN, RUN, Swarm, training_swarm
 
 pytestmark = pytest.mark.slow
 
@@ -56,9 +58,26 @@ async def wait_for(check: Any, timeout: float = 10.0) -> Any:
     raise AssertionError(f"not seen within {timeout} s")
 
 
+def closed_daemon(tmp_path: Path, swarm: Swarm) -> Daemon:
+    """A daemon in the swarm whose [status] allow list does not name the dashboard's key."""
+    config = parse_config(
+        f"""
+[peer]
+identity = "closed.pem"
+listen = "closed:7070"
+bootstrap = ["{swarm.bootstrap}"]
+[status]
+allow = []
+""",
+        source=str(tmp_path / "closed.toml"),
+    )
+    return Daemon(config, network=swarm.net.host("closed"))
+
+
 async def test_the_api_shows_the_swarm_as_it_is(tmp_path: Path) -> None:
     async with (
         training_swarm(tmp_path, 4) as swarm,
+        trio.open_nursery() as nursery,
         open_dashboard(
             ADMIN,
             run_id=RUN,
@@ -69,6 +88,7 @@ async def test_the_api_shows_the_swarm_as_it_is(tmp_path: Path) -> None:
         ) as dash,
     ):
         base = dash.url.rstrip("/")
+        closed = await nursery.start(closed_daemon(tmp_path, swarm).run)
         for _ in range(2):
             reports = await swarm.round()
         assert all(r.succeeded and len(r.members) == 4 for r in reports)
@@ -115,6 +135,18 @@ async def test_the_api_shows_the_swarm_as_it_is(tmp_path: Path) -> None:
             return outcomes if all(o == "no status call" for o in outcomes) else None
 
         await wait_for(trainers_asked)
+
+        # a daemon that does not allow the dashboard's key: shown, refused, with its reason
+        async def refused() -> Any:
+            status, _, body = await get(f"{base}/api/peers/{closed.peer.id}")
+            if status == 404:
+                return None  # not asked yet
+            r = json.loads(body)
+            return r if r["peer"]["status"]["outcome"] == "refused" else None
+
+        row = (await wait_for(refused))["peer"]
+        assert row["kind"] == "daemon" and "allow list" in row["status"]["detail"]
+        closed.request_stop()
 
         groups = await api(base, "/api/groups")
         assert groups["round"] == 1 and groups["total_groups"] == 1
