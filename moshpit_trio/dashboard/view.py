@@ -701,10 +701,23 @@ def _own_problems(
 
 
 def _median_without(ordered: list[int], value: int) -> float:
-    """The median of a sorted list with one occurrence of ``value`` taken out."""
+    """The median of a sorted list with one occurrence of ``value`` taken out, in O(log n)
+    (every peer is compared with the others at every read: no copies of the list).
+
+    >>> _median_without([1, 2, 3, 10], 10), _median_without([1, 2, 3, 10], 1)
+    (2.0, 3.0)
+    """
     i = bisect.bisect_left(ordered, value)
-    rest = ordered[:i] + ordered[i + 1 :]
-    return float(statistics.median(rest)) if rest else float(value)
+    m = len(ordered) - 1
+    if m <= 0:
+        return float(value)
+
+    def rest(k: int) -> int:
+        return ordered[k] if k < i else ordered[k + 1]
+
+    if m % 2:
+        return float(rest(m // 2))
+    return (rest(m // 2 - 1) + rest(m // 2)) / 2
 
 
 def _shown(status: _Status, now: float, stale: float) -> bool:
