@@ -19,13 +19,16 @@ import msgspec
 import pytest
 import trio
 
-from moshpit_trio.dashboard import Dashboard, open_dashboard
+from moshpit_trio.dashboard import Dashboard, SwarmView, open_dashboard
+from moshpit_trio.dashboard.app import DashboardApp
+from moshpit_trio.dashboard.server import _serve_http
 from moshpit_trio.identity import Identity
 from moshpit_trio.peer import open_peer
 from moshpit_trio.training.progress import PeerProgress, encode_progress, progress_key
 
 from .cdp import find_chromium, open_browser
 from .dashboard_swarm import ADMIN, RUN, Swarm, training_swarm
+from .test_dashboard_view import T0, feed, progress, record
 
 pytestmark = [
     pytest.mark.slow,
@@ -155,3 +158,41 @@ async def row_cells(page: object, peer_id: str) -> dict[str, str]:
         f"'tr[data-peer=\"{peer_id}\"]').cells].map(td => [td.classList[0], td.textContent])))"
     )
     return dict(json.loads(text))
+
+
+async def test_the_page_stays_usable_at_a_thousand_peers(tmp_path: Path) -> None:
+    """A thousand peers' records (the DHT returns at most 256 a read, so they are fed to the
+    view directly here): the page shows them 50 at a time, pages, filters, and stays quick."""
+    view = SwarmView("thousand")
+    records = [
+        record(progress(i, samples=1000 + i, last_round=7, group=bytes([i % 250]) * 8,
+                        group_size=4, loss=1.0 + i / 1000))
+        for i in range(1000)
+    ]  # fmt: skip
+    feed(view, *records)
+    view.tick(T0)
+    app = DashboardApp(view, lambda: T0 + 1)
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(_serve_http, app, "127.0.0.1:0")
+        async with open_browser(tmp_path) as page:
+            started = trio.current_time()
+            await page.goto(url)
+            await page.wait_for("document.getElementById('live-peers').textContent === '1,000'")
+            loaded = trio.current_time() - started
+            info = "document.getElementById('page-info').textContent"
+            assert await page.wait_for(f"{info} === '1–50 of 1,000' && {info}") == "1–50 of 1,000"
+            assert await page.eval("document.querySelectorAll('#peers tbody tr').length") == 50
+            first = await page.eval("document.querySelector('#peers tbody td.samples').textContent")
+            assert first == "1,999"  # sorted by samples, the largest first
+            await page.eval("document.getElementById('next').click()")
+            await page.wait_for(f"{info} === '51–100 of 1,000'")
+            await page.eval(
+                "(() => { const f = document.getElementById('filter'); f.value = "
+                f"'{progress(123).peer_id}'; f.dispatchEvent(new Event('input')) }})()"
+            )
+            await page.wait_for(f"{info} === '1–1 of 1'")
+            groups = await page.eval("document.querySelectorAll('#groups li').length")
+            assert groups == 21  # the 20 biggest groups, and "… and 230 more"
+            assert loaded < 10, f"the page took {loaded:.1f} s to show 1000 peers"
+            assert page.errors == [], page.errors
+        nursery.cancel_scope.cancel()
