@@ -226,6 +226,9 @@ async def test_open_dashboard_says_what_is_wrong() -> None:
     with pytest.raises(ConfigError, match="HOST:PORT"):
         async with open_dashboard(ADMIN, run_id=RUN, bootstrap=["x"], listen="8080"):
             pass
+    with pytest.raises(ConfigError, match="run_id"):
+        async with open_dashboard(ADMIN, run_id="", bootstrap=["x"], listen="127.0.0.1:0"):
+            pass
     with pytest.raises(ConfigError, match="--bootstrap"):
         async with open_dashboard(ADMIN, run_id=RUN, bootstrap=[], listen="127.0.0.1:0"):
             pass

@@ -22,6 +22,7 @@ import trio
 from ..errors import ConfigError
 from ..identity import Identity
 from ..peer import Peer, open_peer
+from ..training.progress import progress_key
 from ..wire.streams import StreamNetwork
 from .app import DashboardApp
 from .collector import Collector
@@ -109,6 +110,7 @@ async def open_dashboard(
     serve the page on ``listen`` (HTTP, port 0 for any). ``network`` replaces real TCP for
     the peer (tests); the web server always uses real sockets."""
     parse_listen(listen)
+    progress_key(run_id)  # a bad run id is said before joining, too
     _hypercorn_config("127.0.0.1", 0)  # the missing dependency is said before joining
     view = SwarmView(run_id, limits)
     async with _peer(identity, bootstrap, client_mode, peer_listen, network, peer) as p:
