@@ -63,8 +63,9 @@ def main() -> None:
     with opt:
         while time.time() < end:
             batch = torch.randint(len(x_train), (32,))
-            loss_fn(model(x_train[batch]), y_train[batch]).backward()
-            opt.step()
+            loss = loss_fn(model(x_train[batch]), y_train[batch])
+            loss.backward()
+            opt.step(loss=loss)  # published in the progress record: `moshpit dashboard` plots it
             opt.zero_grad()
             if opt.local_step % 20 == 0:
                 with torch.no_grad():

@@ -5,12 +5,14 @@
     moshpit echo-server [--key FILE] [--listen HOST:PORT]
     moshpit echo ADDRESS TEXT [--key FILE]
     moshpit echo-demo                            two peers, two processes, one signed echo
-    moshpit demo [--peers N] [--seconds S] [--plot FILE] [--json]
+    moshpit demo [--peers N] [--seconds S] [--plot FILE] [--json] [--dashboard [HOST:PORT]]
                                                  a local swarm trains a CNN on digits; one
                                                  peer is killed and restarted midway
     moshpit peer --config FILE [--listen HOST:PORT] [--bootstrap ADDRESS]... [...]
                                                  run a peer daemon until SIGTERM (peers/*.toml)
     moshpit status ADDRESS [--json] [--key FILE] ask a running daemon for its status
+    moshpit dashboard --bootstrap ADDRESS --run RUN [--listen HOST:PORT] [--key FILE]
+                                                 a live web page of a run's swarm
 
 A key file's passphrase, if any, comes from the environment variable named by
 ``--passphrase-env`` (never from the command line, where ``ps`` would show it).
@@ -204,6 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.add_argument("--no-live", action="store_true", help="no live table, just progress lines")
     p.add_argument("--logs", metavar="DIR", help="keep every process's log in DIR")
+    p.add_argument(
+        "--dashboard",
+        nargs="?",
+        const="127.0.0.1:8080",
+        metavar="HOST:PORT",
+        help="also serve a live page of the swarm (default 127.0.0.1:8080); prints its URL",
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(
@@ -238,6 +247,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="JSON for machines")
     p.add_argument("--timeout", type=float, default=10.0)
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser(
+        "dashboard",
+        help="serve a live web page of a run's swarm (docs/DASHBOARD.md)",
+        description="A peer (client mode) that reads a run's progress records from the DHT, "
+        "asks daemons for their status where --key is allowed, and serves a live page and "
+        "a JSON API (/api).",
+    )
+    keyed(p)
+    p.add_argument(
+        "--bootstrap",
+        action="append",
+        required=True,
+        metavar="ADDRESS",
+        help="ws://HOST:PORT/PEER_ID of a peer in the swarm (repeat for more)",
+    )
+    p.add_argument("--run", required=True, metavar="RUN_ID", help="the run to show")
+    p.add_argument(
+        "--listen",
+        default="127.0.0.1:8080",
+        metavar="HOST:PORT",
+        help="where the page is served (default: %(default)s; port 0: any free port)",
+    )
+    p.add_argument(
+        "--interval", type=float, default=2.0, help="seconds between reads (default: %(default)s)"
+    )
+    p.add_argument(
+        "--max-samples-per-s",
+        type=float,
+        default=1e6,
+        metavar="N",
+        help="the fastest one peer can really be; faster claims are suspect (default: %(default)g)",
+    )
+    p.add_argument("--no-status", action="store_true", help="never call status on peers")
+    p.set_defaults(func=cmd_dashboard)
     return parser
 
 
@@ -295,6 +339,38 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _dashboard(identity: Identity, args: argparse.Namespace) -> None:
+    from .dashboard import Limits, open_dashboard
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with open_dashboard(
+            identity,
+            run_id=args.run,
+            bootstrap=args.bootstrap,
+            listen=args.listen,
+            interval=args.interval,
+            status=not args.no_status,
+            limits=Limits(max_samples_per_s=args.max_samples_per_s),
+        ) as dash:
+            # One line on stdout, flushed: scripts (and `moshpit demo --dashboard`) read it.
+            print(f"dashboard: {dash.url}", flush=True)
+            print(
+                f"reading run {args.run!r} as {identity.peer_id} (allow this PeerID in a "
+                "daemon's [status] to see its status); Ctrl-C stops",
+                file=sys.stderr,
+                flush=True,
+            )
+            async for _ in signals:
+                break
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    if not (args.interval > 0 and args.interval < 3600):
+        raise ConfigError(f"--interval must be in (0, 3600) seconds, got {args.interval!r}")
+    trio.run(_dashboard, _identity(args), args)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import print_summary, run_demo
 
@@ -305,6 +381,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         plot=args.plot or None,
         live=not args.no_live,
         logs=args.logs,
+        dashboard=args.dashboard,
     )
     if args.json:
         print(json.dumps(result.as_json(), indent=2))

@@ -12,6 +12,10 @@ accuracy and loss against time, and ``--json`` for machines.
 
     moshpit demo                       # 4 trainers, about a minute of training
     moshpit demo --peers 6 --seconds 90 --plot run.png --json
+    moshpit demo --dashboard           # and a live page of the swarm (prints its URL)
+
+With ``--dashboard [HOST:PORT]`` (default 127.0.0.1:8080) the orchestrator also starts
+``moshpit dashboard`` for the swarm, prints its URL, and stops it with the rest at the end.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -145,7 +150,7 @@ def trainer_main(args: argparse.Namespace) -> int:
             batch = torch.randint(len(x), (args.batch_size,), generator=generator)
             loss = loss_fn(model(x[batch]), y[batch])
             loss.backward()
-            opt.step()
+            opt.step(loss=loss)
             opt.zero_grad()
             value = loss.item()
             running_loss = value if running_loss is None else 0.9 * running_loss + 0.1 * value
@@ -236,6 +241,9 @@ class DemoResult:
     rounds: dict[str, dict[str, int]]
     plot: str | None
     history: dict[str, list[dict[str, Any]]]
+    #: with --dashboard: its URL, and what its /api/swarm said (the most live peers it
+    #: counted, and the most samples it showed; trainers withdraw their records at the end)
+    dashboard: dict[str, Any] | None = None
 
     def as_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -257,8 +265,10 @@ def run_demo(
     step_delay: float = 0.05,
     report_every: float = 0.5,
     logs: str | None = None,
+    dashboard: str | None = None,
 ) -> DemoResult:
-    """Run the demo; ``logs`` keeps every process's log (and key files) in that directory."""
+    """Run the demo; ``logs`` keeps every process's log (and key files) in that directory;
+    ``dashboard`` ("HOST:PORT") also serves ``moshpit dashboard`` for the swarm there."""
     if not isinstance(peers, int) or peers < 2:
         raise ConfigError(f"--peers must be at least 2, got {peers!r}")
     if not seconds >= 10:
@@ -293,6 +303,12 @@ def run_demo(
         )
         address = _read_bootstrap_address(boot, timeout=30.0)
         grid = _grid_for(peers)
+        watch: _DashboardWatch | None = None
+        if dashboard is not None:
+            dash_log = files.enter_context((workdir / "dashboard.log").open("w"))
+            watch = _DashboardWatch.start(address, dashboard, dash_log)
+            files.callback(watch.stop)
+            print(f"moshpit demo: dashboard at {watch.url}", file=sys.stderr, flush=True)
 
         def start(t: _Trainer) -> None:
             t.process = subprocess.Popen(
@@ -373,6 +389,8 @@ def run_demo(
                     restarted = True
                 _pump(trainers, timeout=0.25)
                 display.update(now)
+                if watch is not None:
+                    watch.poll()
                 ended = all(
                     t.process is not None and t.process.poll() is not None for t in trainers
                 )
@@ -389,7 +407,10 @@ def run_demo(
                 raise MoshpitError(
                     f"trainer {t.index} failed (exit {t.process.returncode}); see {t.log}"
                 )
-        return _summarize(trainers, victim, seconds, plot, (kill_at, kill_at + downtime))
+        result = _summarize(trainers, victim, seconds, plot, (kill_at, kill_at + downtime))
+        if watch is not None:
+            result.dashboard = watch.result()
+        return result
     finally:
         for t in [*trainers, standby]:
             if t.process is not None and t.process.poll() is None:
@@ -407,6 +428,76 @@ def run_demo(
         files.close()
         if logs is None:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+class _DashboardWatch:
+    """``moshpit dashboard`` for the demo's swarm, in its own process (it needs no torch)."""
+
+    def __init__(self, process: subprocess.Popen[str], url: str) -> None:
+        self.process = process
+        self.url = url
+        self.most_live = 0
+        self.most_samples = 0
+        self._next = 0.0
+
+    @classmethod
+    def start(cls, bootstrap: str, listen: str, log: IO[str]) -> _DashboardWatch:
+        process = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "moshpit_trio", "dashboard", "--bootstrap", bootstrap),
+                *("--run", RUN_ID, "--listen", listen, "--no-status"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+        )
+        assert process.stdout is not None
+        with selectors.DefaultSelector() as sel:
+            sel.register(process.stdout, selectors.EVENT_READ)
+            ready = sel.select(30.0)
+        line = process.stdout.readline() if ready else ""
+        if not line.startswith("dashboard: "):
+            _end(process)
+            raise MoshpitError(
+                f"the dashboard did not start on {listen} (is the port free? is hypercorn "
+                "installed: pip install 'moshpit-trio[dashboard]'?)"
+            )
+        return cls(process, line.split()[1])
+
+    def poll(self) -> None:
+        """Every few seconds: what the page would show now (for the demo's result)."""
+        if time.time() < self._next:
+            return
+        self._next = time.time() + 3.0
+        try:
+            with urllib.request.urlopen(self.url + "api/swarm", timeout=2) as response:
+                summary = json.loads(response.read())
+        except (OSError, ValueError):
+            return  # a busy machine: the next poll will do
+        self.most_live = max(self.most_live, int(summary["peers"]["live"]))
+        self.most_samples = max(self.most_samples, int(summary["samples"]))
+
+    def result(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "most_live_peers": self.most_live,
+            "most_samples": self.most_samples,
+        }
+
+    def stop(self) -> None:
+        _end(self.process)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+
+def _end(process: subprocess.Popen[str]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def _grid_for(peers: int) -> tuple[int, int]:
@@ -644,6 +735,13 @@ def print_summary(result: DemoResult, out: IO[str]) -> None:
     )
     if result.plot:
         print(f"plot: {result.plot}", file=out)
+    if result.dashboard:
+        d = result.dashboard
+        print(
+            f"dashboard: {d['url']} (stopped now; it counted up to {d['most_live_peers']} live "
+            f"peers and {d['most_samples']} samples)",
+            file=out,
+        )
 
 
 @contextlib.contextmanager

@@ -38,8 +38,9 @@ def main(context: Any) -> None:
     with context.optimizer(sgd, batch_size=batch_size) as opt:
         while not context.should_stop():
             batch = torch.randint(len(x_train), (batch_size,))
-            loss_fn(model(x_train[batch]), y_train[batch]).backward()
-            opt.step()
+            loss = loss_fn(model(x_train[batch]), y_train[batch])
+            loss.backward()
+            opt.step(loss=loss)  # the loss goes into the progress record (the dashboard's)
             opt.zero_grad()
             if opt.local_step % 200 == 0:
                 with torch.no_grad():

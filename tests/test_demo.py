@@ -21,6 +21,7 @@ def test_demo_trains_restarts_a_peer_and_reports(tmp_path: Path) -> None:
             # executable= resolves its prefix from PATH, which need not be this venv's
             *(sys.executable, "-m", "moshpit_trio", "demo", "--peers", "3", "--seconds", "24"),
             *("--json", "--plot", str(plot), "--logs", str(tmp_path / "logs")),
+            *("--dashboard", "127.0.0.1:0"),
         ],
         capture_output=True,
         text=True,
@@ -45,7 +46,12 @@ def test_demo_trains_restarts_a_peer_and_reports(tmp_path: Path) -> None:
     assert plot.stat().st_size > 10_000
     # every process ended: the orchestrator waited for or killed each one
     logs = sorted(p.name for p in (tmp_path / "logs").glob("*.log"))
-    assert logs == ["bootstrap.log", "peer-0.log", "peer-1.log", "peer-2.log"]
+    assert logs == ["bootstrap.log", "dashboard.log", "peer-0.log", "peer-1.log", "peer-2.log"]
+    # --dashboard: its URL was printed, and its page followed the swarm (all three trainers)
+    dashboard = result["dashboard"]
+    assert f"moshpit demo: dashboard at {dashboard['url']}" in proc.stderr
+    assert dashboard["url"].startswith("http://127.0.0.1:")
+    assert dashboard["most_live_peers"] == 3 and dashboard["most_samples"] > 0
 
 
 def test_demo_refuses_bad_arguments() -> None:

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from moshpit_trio.errors import ConfigError
-from moshpit_trio.identity import Identity
+from moshpit_trio.identity import Identity, PeerID
 from moshpit_trio.training.optimizer import MoshpitOptimizer
 
 pytestmark = pytest.mark.slow
@@ -108,6 +108,33 @@ def test_every_step_averages_the_two_peers() -> None:
         # the swarm view is readable from the training thread (the trio side keeps it fresh)
         assert a.swarm.peers and a.swarm.peers[0].peer_id is not None
         assert a.swarm.total_samples >= 1
+
+
+def test_the_loss_and_the_rounds_go_into_the_progress_record() -> None:
+    common = {"grid": (2,), "average_every": 1, "round_timeout": 10.0, "load_state": False}
+    with optimizers({"model": model_with(0.0), **common}, {"model": model_with(2.0), **common}) as (
+        a,
+        b,
+    ):
+
+        def step(opt: MoshpitOptimizer, loss: Any) -> Any:
+            for g in opt.param_groups:
+                for p in g["params"]:
+                    p.grad = torch.ones_like(p)
+            opt.step(loss=loss)
+            return opt.last_report
+
+        in_threads(lambda: step(a, torch.tensor(3.0)), lambda: step(b, 5.0))
+        own = {p.peer_id: p for p in a.swarm.peers}[PeerID.from_text(a.peer_id)]
+        assert own.loss == 3.0 and own.started is not None
+        in_threads(lambda: step(a, torch.tensor(3.0)), lambda: step(b, 5.0))
+        # the view is taken at each step, before that step's round: the first round shows
+        own = {p.peer_id: p for p in a.swarm.peers}[PeerID.from_text(a.peer_id)]
+        assert (own.rounds_done, own.last_round, own.group_size) == (1, 0, 2)
+        with pytest.raises(ConfigError, match="single number"):
+            a.step(loss=torch.ones(2))
+        with pytest.raises(ConfigError, match="number"):
+            a.step(loss="low")  # type: ignore[arg-type]
 
 
 def step_with(opt: MoshpitOptimizer, grad: float) -> Any:

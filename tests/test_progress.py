@@ -13,6 +13,8 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
+from moshpit_trio.averaging.allreduce import SpanReport
+from moshpit_trio.averaging.averager import RoundReport
 from moshpit_trio.dht.records import encode_records, make_record
 from moshpit_trio.errors import ConfigError, ProtocolError
 from moshpit_trio.identity import Identity, PeerID
@@ -161,18 +163,36 @@ async def test_withdraw_takes_a_peer_out_at_the_next_read(autojump_clock: Any) -
 # -- records that are bad ---------------------------------------------------------------------
 
 
+#: a record's fields in wire order, with harmless values; the first seven are the original ones
+FIELDS: dict[str, Any] = {
+    "epoch": 1,
+    "samples_in_epoch": 5,
+    "samples": 5,
+    "step": 1,
+    "samples_per_s": 1.0,
+    "address": "",
+    "time": 0.0,
+    "loss": None,
+    "started": None,
+    "rounds_done": 0,
+    "rounds_partial": 0,
+    "rounds_solo": 0,
+    "bytes_sent": 0,
+    "bytes_received": 0,
+    "last_round": None,
+    "group": b"",
+    "group_size": 0,
+}
+
+
 def value(**changes: Any) -> bytes:
-    fields: dict[str, Any] = {
-        "epoch": 1,
-        "samples_in_epoch": 5,
-        "samples": 5,
-        "step": 1,
-        "samples_per_s": 1.0,
-        "address": "",
-        "time": 0.0,
-    }
-    fields.update(changes)
-    return msgspec.msgpack.encode(list(fields.values()))
+    """A record value as an array: the original seven fields, and the later ones up to the
+    last one changed (as a peer that knows only those would write it)."""
+    assert set(changes) <= set(FIELDS)
+    names = list(FIELDS)
+    last = max([6, *(names.index(k) for k in changes)])
+    fields = {**FIELDS, **changes}
+    return msgspec.msgpack.encode([fields[k] for k in names[: last + 1]])
 
 
 OTHER = Identity.from_seed(b"o" * 32).peer_id
@@ -180,7 +200,18 @@ BAD_VALUES: dict[str, bytes] = {
     "not msgpack": b"\xc1garbage",
     "a map, not an array": msgspec.msgpack.encode({"epoch": 99}),
     "too few fields": msgspec.msgpack.encode([99, 0, 0]),
-    "an extra field": msgspec.msgpack.encode([99, 0, 0, 0, 0.0, "", 0.0, 1]),
+    "a field past the last": msgspec.msgpack.encode(
+        [99, 0, 0, 0, 0.0, "", 0.0, 1.0, 0.0, 0, 0, 0, 0, 0, 1, b"", 0, "extra"]
+    ),
+    "NaN loss": value(loss=math.nan),
+    "infinite loss": value(loss=-math.inf),
+    "started after it published": value(started=10.0),
+    "NaN start": value(started=math.nan),
+    "negative rounds": value(rounds_done=-1),
+    "bytes beyond int64": value(bytes_sent=2**64 - 1),
+    "group without a round": value(group=b"12345678"),
+    "group tag too long": value(last_round=3, group=b"123456789"),
+    "text for a group tag": value(last_round=3, group="<b>x</b>"),
     "negative epoch": value(epoch=-1),
     "epoch beyond int64": value(epoch=2**64 - 1),
     "float epoch": value(epoch=99.0),
@@ -289,6 +320,121 @@ def test_progress_values_round_trip(epoch: int, samples: int, rate: float, clien
     assert decode_progress(me.to_bytes(), encode_progress(p)) == p
 
 
+@given(
+    loss=st.none() | st.floats(allow_infinity=False, allow_nan=False),
+    uptime=st.none() | st.floats(min_value=0, max_value=1e9),
+    counts=st.lists(st.integers(min_value=0, max_value=2**63 - 1), min_size=5, max_size=5),
+    last_round=st.none() | st.integers(min_value=0, max_value=2**63 - 1),
+    group=st.binary(max_size=8),
+)
+def test_dashboard_fields_round_trip(
+    loss: float | None,
+    uptime: float | None,
+    counts: list[int],
+    last_round: int | None,
+    group: bytes,
+) -> None:
+    me = Identity.from_seed(b"m" * 32).peer_id
+    p = PeerProgress(
+        me,
+        1,
+        2,
+        3,
+        4,
+        5.0,
+        None,
+        1e9,
+        loss=loss,
+        started=None if uptime is None else 1e9 - uptime,
+        rounds_done=counts[0],
+        rounds_partial=counts[1],
+        rounds_solo=counts[2],
+        bytes_sent=counts[3],
+        bytes_received=counts[4],
+        last_round=last_round,
+        group=b"" if last_round is None else group,
+        group_size=0 if last_round is None else len(group),
+    )
+    encoded = encode_progress(p)
+    assert len(encoded) <= MAX_PROGRESS_VALUE
+    assert decode_progress(me.to_bytes(), encoded) == p
+
+
+def test_a_record_of_the_first_seven_fields_still_decodes() -> None:
+    """Peers that publish only the original fields (or some of the later ones) are read, with
+    the missing ones at their defaults."""
+    me = Identity.from_seed(b"m" * 32).peer_id
+    old = decode_progress(me.to_bytes(), value())
+    assert (old.samples, old.loss, old.started, old.rounds_done, old.last_round) == (
+        5,
+        None,
+        None,
+        0,
+        None,
+    )
+    partial = decode_progress(me.to_bytes(), value(loss=0.25, started=-5.0))
+    assert (partial.loss, partial.started, partial.group) == (0.25, -5.0, b"")
+
+
+async def test_the_record_carries_loss_rounds_and_bytes(autojump_clock: Any) -> None:
+    net = MemoryNetwork(seed=10, latency=LATENCY)
+    async with swarm(net, 3) as peers:
+        trainer, reader = ProgressTracker(peers[0], RUN), ProgressTracker(peers[1], RUN)
+
+        async def seen() -> PeerProgress:
+            return {p.peer_id: p for p in (await reader.refresh()).peers}[peers[0].id]
+
+        start = peers[0].dht.now()
+        await trainer.refresh()
+        first = await seen()
+        assert (first.loss, first.last_round, first.rounds_done) == (None, None, 0)
+        started = first.started
+        assert started is not None and start <= started < start + 0.1  # at its first publication
+        for step, loss in enumerate([2.0, 1.0, math.nan, 3.0], 1):
+            trainer.report(samples=8, step=step, loss=loss)  # NaN: left out of the mean
+        trainer.record_round(report(7, members=3, included=3))
+        trainer.record_round(report(8, members=3, included=2))
+        trainer.record_round(report(9, members=1, included=None))
+        trainer.record_round(report(10, members=2, included=2, group=b"G" * 32))
+        await trio.sleep(5.0)
+        await trainer.refresh()
+        record = await seen()
+        assert record.loss == 2.0  # the mean of 2, 1 and 3
+        assert (record.rounds_done, record.rounds_partial, record.rounds_solo) == (2, 1, 1)
+        assert (record.last_round, record.group, record.group_size) == (10, b"G" * 8, 2)
+        assert record.started == started and record.time > started + 5.0
+        # bytes: what the transport counted when it published (its own store call not yet)
+        assert 0 < record.bytes_sent <= peers[0].transport.bytes_sent
+        assert 0 < record.bytes_received <= peers[0].transport.bytes_received
+        # no new losses: the next record keeps the last mean instead of forgetting it
+        await trainer.refresh()
+        assert (await seen()).loss == 2.0
+        trainer.report(samples=1, step=5, loss=0.5)
+        await trainer.refresh()
+        assert (await seen()).loss == 0.5
+
+
+def report(
+    round: int, *, members: int, included: int | None, group: bytes | None = None
+) -> RoundReport:
+    """A RoundReport of ``members`` members whose one span averages over ``included``."""
+    ids = tuple(Identity.from_seed(bytes([i + 1]) * 32).peer_id for i in range(members))
+    span = SpanReport(0, 10, ids[0], None if included is None else ids[:included])
+    return RoundReport(
+        round=round,
+        group_id=None if members == 1 else (group or bytes([round]) * 32),
+        members=ids,
+        index=0,
+        key_before=(0,),
+        key_after=(0,),
+        spans=(span,) if members > 1 else (),
+        excluded={},
+        bytes_sent=0,
+        bytes_received=0,
+        seconds={},
+    )
+
+
 @given(subkey=st.binary(min_size=32, max_size=32), data=st.binary(max_size=2000))
 def test_progress_decoder_raises_only_protocol_errors(subkey: bytes, data: bytes) -> None:
     try:
@@ -338,5 +484,7 @@ def test_bad_arguments_are_config_errors() -> None:
     t = ProgressTracker(FakePeer(), RUN)
     with pytest.raises(ConfigError):
         t.report(samples=-1, step=0)
+    with pytest.raises(ConfigError):
+        t.report(samples=1, step=0, loss="0.5")  # type: ignore[arg-type]
     with pytest.raises(ConfigError):
         t.advance_to(-2)

@@ -205,29 +205,39 @@ class MoshpitOptimizer:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def step(
-        self, closure: Callable[[], Any] | None = None, *, batch_size: int | None = None
+        self,
+        closure: Callable[[], Any] | None = None,
+        *,
+        batch_size: int | None = None,
+        loss: float | torch.Tensor | None = None,
     ) -> Any:
         """One local step; then, every ``average_every`` steps, one round (waits for it).
 
-        ``batch_size`` overrides the constructor's for this step's weight (samples)."""
+        ``batch_size`` overrides the constructor's for this step's weight (samples). ``loss``
+        (a number or a one-element tensor; by default what ``closure`` returns) goes into this
+        peer's progress record, for people watching the run (``moshpit dashboard``)."""
         if self._closed:
             raise ConfigError("step() after close()")
         self._bridge.raise_if_dead()
         samples = self.batch_size if batch_size is None else batch_size
         if not isinstance(samples, int) or samples < 0:
             raise ConfigError(f"batch_size must be a non-negative integer, got {samples!r}")
+        reported = _loss_value(loss)
         with self._lock:
-            loss = self.optimizer.step(closure)
+            result = self.optimizer.step(closure)
             self.local_step += 1
             self._samples_since_round += samples
             self._apply_pending()
-        self._bridge.report_progress(samples, self.local_step)
+        if loss is None and result is not None:
+            with suppress(ConfigError):  # a closure may return anything; only a loss counts
+                reported = _loss_value(result)
+        self._bridge.report_progress(samples, self.local_step, reported)
         every = self.average_every
         if every != "background" and self.local_step % every == 0:
             self.last_report = self._bridge.run_round()
             with self._lock:
                 self._apply_pending()
-        return loss
+        return result
 
     def close(self, timeout: float = 10.0) -> None:
         """Leave the swarm: withdraw this peer's records and stop its thread (bounded)."""
@@ -418,13 +428,13 @@ class _Bridge:
         if not self._thread.is_alive():
             raise MoshpitError(f"the peer's thread has stopped: {self._failure!r}")
 
-    def report_progress(self, samples: int, step: int) -> None:
+    def report_progress(self, samples: int, step: int, loss: float | None = None) -> None:
         token, tracker = self._token, self._tracker
         if token is None or tracker is None:
             return
 
         def report() -> None:
-            tracker.report(samples=samples, step=step)
+            tracker.report(samples=samples, step=step, loss=loss)
             self._swarm = tracker.swarm
 
         with suppress(trio.RunFinishedError):
@@ -552,6 +562,8 @@ class _Bridge:
             averager = await self._replace_averager(buffers)
         before = [b.copy() for b in buffers]
         report = await averager.step(weight=max(weight, 1.0), timeout=self._round_timeout)
+        if self._tracker is not None:
+            self._tracker.record_round(report)
         if report.excluded:  # malformed data earns a ban, as the access policy says
             assert self._peer is not None
             self._peer.transport.report_bad_data(dict(report.excluded))
@@ -588,6 +600,21 @@ class _Bridge:
                 return
             owner.last_report = report
             del owner
+
+
+def _loss_value(loss: object) -> float | None:
+    """A step's loss as a float for the progress record: a number or a one-element tensor.
+    Anything else is a ``ConfigError`` when given as ``loss=``, and ignored when it is what a
+    closure returned (a closure may return anything)."""
+    if loss is None:
+        return None
+    if isinstance(loss, torch.Tensor):
+        if loss.numel() != 1:
+            raise ConfigError(f"loss must be a single number, got a tensor of {loss.numel()}")
+        return float(loss.detach().item())
+    if isinstance(loss, int | float) and not isinstance(loss, bool):
+        return float(loss)
+    raise ConfigError(f"loss must be a number or a one-element tensor, got {type(loss).__name__}")
 
 
 def _identity_from(identity: Identity | str | os.PathLike[str] | None) -> Identity:

@@ -5,7 +5,9 @@ signed by it, so nobody can write or withdraw another peer's entry) every ``publ
 seconds, with a TTL of a few intervals: a peer that dies drops out of everyone's view once its
 last record expires. The value says which *global epoch* the peer is in, how many samples it
 processed in that epoch and in total, its local step, its throughput, and where it serves its
-state (for joiners, see ``state.py``).
+state (for joiners, see ``state.py``); and, for people watching the run (``moshpit dashboard``),
+its recent training loss, when it started, its rounds (averaged, partial, solo), the bytes it
+moved, and its last round's group.
 
 The global epoch works like hivemind's: a peer's epoch is the highest it has seen among the live
 records (its own included), and when the samples of the live peers *in that epoch* add up to
@@ -40,6 +42,7 @@ from ..log import get_logger
 from ..wire.address import InvalidAddress, PeerAddress
 
 __all__ = [
+    "GROUP_TAG_BYTES",
     "MAX_PROGRESS_VALUE",
     "PeerProgress",
     "ProgressTracker",
@@ -50,7 +53,7 @@ __all__ = [
     "progress_key",
 ]
 
-#: the largest progress record value we read (a real one is about 130 bytes)
+#: the largest progress record value we read (a real one is 130 to 230 bytes)
 MAX_PROGRESS_VALUE = 1024
 #: the progress namespace's max TTL (see ``dht.node.default_namespaces``)
 _MAX_TTL = 3600.0
@@ -58,10 +61,18 @@ _MAX_KEY = 256
 _U63 = 2**63 - 1
 
 _Count = Annotated[int, msgspec.Meta(ge=0, le=_U63)]
+#: how many bytes of a group id a record carries (enough to tell a round's groups apart)
+GROUP_TAG_BYTES = 8
 
 
 class _ProgressValue(msgspec.Struct, array_like=True, forbid_unknown_fields=True, frozen=True):
-    """The record value on the wire: a msgpack array of these seven fields, in this order."""
+    """The record value on the wire: a msgpack array of these fields, in this order.
+
+    The first seven are the original record; the rest were added later, for the dashboard, with
+    defaults, so a record of seven (or more, up to all) still decodes: a peer that does not know
+    a field leaves it out. A peer that predates them refuses the longer records (its decoder
+    forbids unknown fields), so a swarm upgrades as one.
+    """
 
     epoch: _Count
     samples_in_epoch: _Count
@@ -72,6 +83,22 @@ class _ProgressValue(msgspec.Struct, array_like=True, forbid_unknown_fields=True
     address: Annotated[str, msgspec.Meta(max_length=300)]
     #: the publisher's unix time when it published
     time: float
+    #: the mean training loss of the steps since the previous publication (None: not reported)
+    loss: float | None = None
+    #: unix time this peer started the run (None: not said)
+    started: float | None = None
+    #: rounds that averaged everything with everyone in the group / some of it / nothing
+    rounds_done: _Count = 0
+    rounds_partial: _Count = 0
+    rounds_solo: _Count = 0
+    #: every byte of the peer's connections, both directions
+    bytes_sent: _Count = 0
+    bytes_received: _Count = 0
+    #: the last round this peer took part in, and its group: the first bytes of the group id
+    #: (empty for a solo round) and the number of members
+    last_round: _Count | None = None
+    group: Annotated[bytes, msgspec.Meta(max_length=GROUP_TAG_BYTES)] = b""
+    group_size: _Count = 0
 
 
 _encode = msgspec.msgpack.Encoder().encode
@@ -99,6 +126,21 @@ class PeerProgress:
     address: str | None
     #: ``dht.now()`` when published
     time: float
+    #: the mean training loss since its previous publication (None: not reported)
+    loss: float | None = None
+    #: unix time it started the run (None: not said)
+    started: float | None = None
+    #: rounds in which everything averaged with the whole group / only some / nothing
+    rounds_done: int = 0
+    rounds_partial: int = 0
+    rounds_solo: int = 0
+    #: bytes on all its connections, out and in
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    #: its last round (None: none yet), that round's group tag (b"": solo) and size
+    last_round: int | None = None
+    group: bytes = b""
+    group_size: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +205,16 @@ def encode_progress(progress: PeerProgress) -> bytes:
             samples_per_s=float(progress.samples_per_s),
             address=progress.address or "",
             time=float(progress.time),
+            loss=None if progress.loss is None else float(progress.loss),
+            started=None if progress.started is None else float(progress.started),
+            rounds_done=progress.rounds_done,
+            rounds_partial=progress.rounds_partial,
+            rounds_solo=progress.rounds_solo,
+            bytes_sent=progress.bytes_sent,
+            bytes_received=progress.bytes_received,
+            last_round=progress.last_round,
+            group=bytes(progress.group[:GROUP_TAG_BYTES]),
+            group_size=progress.group_size,
         )
     )
 
@@ -172,7 +224,10 @@ def decode_progress(subkey: bytes, value: bytes | memoryview) -> PeerProgress:
 
     Raises ``ProtocolError`` (reason ``"progress"``) for anything but a well-formed value of at
     most ``MAX_PROGRESS_VALUE`` bytes with non-negative counts, finite non-negative throughput,
-    a finite time, and an address that is empty or names the owner itself; never another error.
+    a finite time, a finite loss (if any), a finite start no later than the time (if any), a
+    group tag only with a last round, and an address that is empty or names the owner itself;
+    never another error. Whether the numbers are *plausible* (a peer may claim a billion
+    samples) is the reader's call: see ``dashboard.view``.
 
     >>> decode_progress(bytes(32), b"junk")
     Traceback (most recent call last):
@@ -193,6 +248,12 @@ def decode_progress(subkey: bytes, value: bytes | memoryview) -> PeerProgress:
         raise ProtocolError("progress", f"samples_per_s {v.samples_per_s!r}")
     if not math.isfinite(v.time):
         raise ProtocolError("progress", f"time {v.time!r}")
+    if v.loss is not None and not math.isfinite(v.loss):
+        raise ProtocolError("progress", f"loss {v.loss!r}")
+    if v.started is not None and not (math.isfinite(v.started) and v.started <= v.time):
+        raise ProtocolError("progress", f"started {v.started!r}, after the time {v.time!r}")
+    if v.last_round is None and (v.group or v.group_size):
+        raise ProtocolError("progress", "a group without a round")
     owner = PeerID(bytes(subkey))
     address: str | None = None
     if v.address:
@@ -212,6 +273,16 @@ def decode_progress(subkey: bytes, value: bytes | memoryview) -> PeerProgress:
         samples_per_s=v.samples_per_s,
         address=address,
         time=v.time,
+        loss=v.loss,
+        started=v.started,
+        rounds_done=v.rounds_done,
+        rounds_partial=v.rounds_partial,
+        rounds_solo=v.rounds_solo,
+        bytes_sent=v.bytes_sent,
+        bytes_received=v.bytes_received,
+        last_round=v.last_round,
+        group=v.group,
+        group_size=v.group_size,
     )
 
 
@@ -328,19 +399,35 @@ class ProgressTracker:
         # the clock starts now, or (when made outside trio) at the first report or look.
         self._started: float | None = _trio_time()
         self._buckets: dict[int, int] = {}
+        # What the dashboard reads: the loss since the last publication, rounds, bytes.
+        self._loss_sum = 0.0
+        self._loss_count = 0
+        self._loss: float | None = None  # the last published mean
+        self._rounds = {"done": 0, "partial": 0, "solo": 0}
+        self._last_round: tuple[int, bytes, int] | None = None
+        self._started_unix: float | None = None  # dht.now() when first asked
         self._changed = trio.Event()  # wakes run() to publish a new epoch at once
         self._epoch_changed = trio.Event()  # wakes wait_for_epoch()
         self._withdrawn = False
 
     # -- what the trainer calls ------------------------------------------------------------
 
-    def report(self, *, samples: int, step: int) -> None:
-        """Add ``samples`` newly processed samples and set the local step counter. Cheap: no
-        I/O; when the swarm's samples complete the epoch, ``run()`` publishes at once."""
+    def report(self, *, samples: int, step: int, loss: float | None = None) -> None:
+        """Add ``samples`` newly processed samples and set the local step counter; ``loss``
+        is the step's training loss, if the trainer tells it (the record carries the mean of
+        the losses reported since the previous publication; a non-finite loss, from a model
+        that diverged, is left out of that mean). Cheap: no I/O; when the swarm's samples
+        complete the epoch, ``run()`` publishes at once."""
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
             raise ConfigError(f"samples must be a non-negative int, got {samples!r}")
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ConfigError(f"step must be a non-negative int, got {step!r}")
+        if loss is not None:
+            if isinstance(loss, bool) or not isinstance(loss, int | float):
+                raise ConfigError(f"loss must be a number, got {type(loss).__name__}")
+            if math.isfinite(loss):
+                self._loss_sum += float(loss)
+                self._loss_count += 1
         self._samples += samples
         self._samples_in_epoch += samples
         self._step = step
@@ -352,6 +439,22 @@ class ProgressTracker:
         if len(self._buckets) > 2 * self.throughput_window + 2:
             self._prune_buckets()
         self._update_epoch()
+
+    def record_round(self, report: Any) -> None:
+        """Count one finished averaging round (an ``averaging.averager.RoundReport``): done
+        (everything averaged over the whole group), partial, or solo (nothing averaged with
+        anyone); the next record names its round and group."""
+        members = len(report.members)
+        spans = report.spans
+        if report.succeeded:
+            outcome = "done"
+        elif any(s.included is not None and len(s.included) > 1 for s in spans):
+            outcome = "partial"
+        else:
+            outcome = "solo"
+        self._rounds[outcome] += 1
+        group = b"" if report.group_id is None else bytes(report.group_id[:GROUP_TAG_BYTES])
+        self._last_round = (int(report.round), group, members if group else 1)
 
     def advance_to(self, epoch: int) -> None:
         """Move to ``epoch`` if it is later than the current one (never back), e.g. after
@@ -370,6 +473,11 @@ class ProgressTracker:
     def own(self) -> PeerProgress:
         """This peer's progress right now."""
         address = self.peer.address
+        now = self.peer.dht.now()
+        if self._started_unix is None:
+            self._started_unix = now
+        transport = getattr(self.peer, "transport", None)
+        last = self._last_round
         return PeerProgress(
             peer_id=self.peer.id,
             epoch=self._epoch,
@@ -378,8 +486,23 @@ class ProgressTracker:
             step=self._step,
             samples_per_s=self._throughput(),
             address=None if address is None else str(address),
-            time=self.peer.dht.now(),
+            time=now,
+            loss=self._loss_now(),
+            started=min(self._started_unix, now),
+            rounds_done=self._rounds["done"],
+            rounds_partial=self._rounds["partial"],
+            rounds_solo=self._rounds["solo"],
+            bytes_sent=int(getattr(transport, "bytes_sent", 0)),
+            bytes_received=int(getattr(transport, "bytes_received", 0)),
+            last_round=None if last is None else last[0],
+            group=b"" if last is None else last[1],
+            group_size=0 if last is None else last[2],
         )
+
+    def _loss_now(self) -> float | None:
+        if self._loss_count:
+            return self._loss_sum / self._loss_count
+        return self._loss
 
     @property
     def swarm(self) -> SwarmProgress:
@@ -453,8 +576,11 @@ class ProgressTracker:
     async def _publish(self) -> None:
         if self._withdrawn:
             return
+        own = self.own
+        # The next record's loss is over the steps after this one (kept if none come).
+        self._loss, self._loss_sum, self._loss_count = own.loss, 0.0, 0
         try:
-            await self.peer.dht.store(self.key, encode_progress(self.own), ttl=self.ttl)
+            await self.peer.dht.store(self.key, encode_progress(own), ttl=self.ttl)
         except MoshpitError as exc:
             self.log.info("could not publish progress", error=str(exc))
 
