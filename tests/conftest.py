@@ -30,3 +30,13 @@ def logs() -> Iterator[list[dict[str, Any]]]:
             yield captured
     finally:
         structlog.configure(**saved)
+
+
+@pytest.fixture(autouse=True)
+def _structlog_starts_unconfigured() -> Iterator[None]:
+    """Each test starts with structlog unconfigured, as a fresh program does: a test that ran
+    the CLI (which points logging at that test's captured stderr, closed afterwards) must not
+    leave later tests logging into a closed stream."""
+    structlog.reset_defaults()
+    yield
+    structlog.reset_defaults()
