@@ -36,11 +36,13 @@ Output: a table per round, then totals and targets; ``--json`` prints one JSON o
 ``get_success_after_churn`` (gets of keys stored after the faults began, i.e. in rounds >= 1;
 null without faults), ``get_p50_ms`` / ``get_p99_ms`` (every get, failed ones included, at the
 time they took to fail), ``get_p50_ms_faulty`` / ``get_p99_ms_faulty`` (gets issued once the
-faults began), ``mean_hops``, ``wall_s``, ``rounds`` (per round) and ``targets``, each with its
+faults began), ``get_p50_ms_baseline`` (round 0's gets, before any fault) and
+``faulty_vs_baseline`` (the first over the second), ``mean_hops``, ``wall_s``, ``rounds`` (per round) and ``targets``, each with its
 value, limit and an honest ``pass``. ``--out FILE`` also writes that object to FILE.
 
 Targets: ``get_success >= 0.99``; ``mean_hops <= log2(nodes)``; with churn,
-``get_success_after_churn >= 0.99``; with freezing, ``get_p50_ms_faulty < 1000``.
+``get_success_after_churn >= 0.99``; with freezing, ``get_p50_ms_faulty < 1000`` and
+``faulty_vs_baseline <= 1.1`` (frozen peers cost a lookup at most a moment).
 
 Wall time: the in-memory swarm keeps hundreds of thousands of live objects, which CPython's
 default collector thresholds rescan over and over (measured: 73 s against 55 s for 256 peers and
@@ -553,6 +555,7 @@ def summarize(cfg: Config, work: Workload, wall_s: float, extra: dict[str, Any])
     gets_faulty = [o for o in gets if o.round >= 1] if faulty else []
     get_ms = [o.ms for o in gets]
     faulty_ms = [o.ms for o in gets_faulty]
+    baseline_ms = [o.ms for o in gets if o.round == 0]
     killed = sum(ri.killed for ri in work.rounds)
     frozen = sum(ri.frozen for ri in work.rounds)
     errors: dict[str, int] = {}
@@ -611,6 +614,11 @@ def summarize(cfg: Config, work: Workload, wall_s: float, extra: dict[str, Any])
         "get_p99_ms": _percentile(get_ms, 0.99),
         "get_p50_ms_faulty": _percentile(faulty_ms, 0.5),
         "get_p99_ms_faulty": _percentile(faulty_ms, 0.99),
+        # round 0, before any fault: the same run's own no-fault reference
+        "get_p50_ms_baseline": _percentile(baseline_ms, 0.5) if faulty else None,
+        "faulty_vs_baseline": _ratio(
+            _percentile(faulty_ms, 0.5), _percentile(baseline_ms, 0.5) if faulty else None
+        ),
         "get_max_ms": max(get_ms, default=None),
         "mean_hops": _mean([o.hops for o in gets]),
         "max_hops": max((o.hops for o in gets), default=None),
@@ -650,7 +658,12 @@ def _targets(cfg: Config, r: dict[str, Any]) -> dict[str, Any]:
         t["get_success_after_churn"] = _target(r["get_success_after_churn"], 0.99, ">=")
     if cfg.freeze:
         t["get_p50_ms_faulty"] = _target(r["get_p50_ms_faulty"], 1000.0, "<")
+        t["faulty_vs_baseline"] = _target(r["faulty_vs_baseline"], 1.1, "<=")
     return t
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
 
 
 def _fmt(value: Any, spec: str = ".1f") -> str:
@@ -711,7 +724,9 @@ def print_table(r: dict[str, Any], out: Any = None) -> None:
                 f"keys stored after faults began: {r['gets_after_churn']} gets, success "
                 f"{_fmt(r['get_success_after_churn'], '.4f')} (keys stored before: "
                 f"{_fmt(r['get_success_before_churn'], '.4f')}); gets issued during faults: "
-                f"p50 {_fmt(r['get_p50_ms_faulty'])} ms, p99 {_fmt(r['get_p99_ms_faulty'])} ms",
+                f"p50 {_fmt(r['get_p50_ms_faulty'])} ms, p99 {_fmt(r['get_p99_ms_faulty'])} ms "
+                f"({_fmt(r['faulty_vs_baseline'], '.2f')}x round 0's p50, "
+                f"{_fmt(r['get_p50_ms_baseline'])} ms)",
             )
         )
     lines += [

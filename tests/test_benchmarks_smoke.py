@@ -94,6 +94,8 @@ TABLE: dict[str, Bench] = {
             "get_p50_ms",
             "get_p99_ms",
             "get_p50_ms_faulty",
+            "get_p50_ms_baseline",
+            "faulty_vs_baseline",
             "mean_hops",
             "wall_s",
         ),
