@@ -38,7 +38,8 @@ null without faults), ``get_p50_ms`` / ``get_p99_ms`` (every get, failed ones in
 time they took to fail), ``get_p50_ms_faulty`` / ``get_p99_ms_faulty`` (gets issued once the
 faults began), ``get_p50_ms_baseline`` (round 0's gets, before any fault) and
 ``faulty_vs_baseline`` (the first over the second), ``mean_hops``, ``wall_s``, ``rounds`` (per
-round) and ``targets``, each with its value, limit and an honest ``pass``. ``--out FILE`` also writes that object to FILE.
+round) and ``targets``, each with its value, limit and an honest ``pass``. ``--out FILE``
+also writes that object to FILE.
 
 Targets: ``get_success >= 0.99``; ``mean_hops <= log2(nodes)``; with churn,
 ``get_success_after_churn >= 0.99``; with freezing, ``get_p50_ms_faulty < 1000`` and
