@@ -395,3 +395,46 @@ async def test_a_frozen_dht_contact_holds_up_one_store_and_get_by_a_moment_then_
         assert not reader.transport.unresponsive(peers[frozen].id)
         await reader.dht.get(key)
         assert reader.dht.table.get(peers[frozen].id) is not None
+
+
+# -- shutdown -----------------------------------------------------------------------------------
+
+
+async def test_two_peers_closing_toward_each_other_take_one_round_trip(
+    autojump_clock: Any,
+) -> None:
+    """Both ends say GOODBYE at the same instant; neither waits out its close_timeout (2 s) for
+    an answer the other is also busy closing: each is done within one round trip."""
+    pin_the_clock()
+    latency = 0.05
+    net = MemoryNetwork(seed=6, latency=latency)
+    took: dict[str, float] = {}
+    both_up = trio.Event()
+    close_now = trio.Event()
+    address: dict[str, Any] = {}
+
+    async def peer(name: str, seed: int) -> None:
+        boot = [address["a"]] if name == "b" else []
+        async with open_peer(
+            Identity.from_seed(bytes([seed]) * 32),
+            listen=f"{name}:0",
+            network=net.host(name),
+            bootstrap=boot,
+        ) as p:
+            address[name] = p.address
+            if name == "b":
+                await p.dht.store("k", b"v", ttl=30)  # traffic both ways first
+                both_up.set()
+            await close_now.wait()
+            start = trio.current_time()
+        took[name] = trio.current_time() - start
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(peer, "a", 61)
+        while "a" not in address:  # noqa: ASYNC110 - a's address, once it listens
+            await trio.sleep(0.001)
+        nursery.start_soon(peer, "b", 62)
+        await both_up.wait()
+        close_now.set()
+    assert set(took) == {"a", "b"}
+    assert all(t <= 2 * latency for t in took.values()), took
