@@ -207,6 +207,15 @@ class DHTNode:
             t: msgspec.msgpack.Decoder(t) for t in (_Contacts, _Values, _Stored)
         }
 
+    @property
+    def _replica_width(self) -> int:
+        """How many of the closest peers a get or a store converges on: the replica set and as
+        many again (peers gone since the record was stored, peers that disagree on who is
+        closest), not the whole k. Records live on the ``replicas`` closest; walking on to
+        the k-th closest only costs rounds of queries."""
+        s = self.settings
+        return min(s.k, 2 * s.replicas)
+
     def now(self) -> float:
         """Unix time, advancing with trio's clock."""
         return self._epoch_offset + trio.current_time()
@@ -314,7 +323,7 @@ class DHTNode:
         closest peers' answers and this node's own store."""
         kid = key_id(_key_bytes(key))
         found: list[Record] = list(self.records.get(kid, self.now()))
-        await self._lookup(kid, want_values=True, found=found)
+        await self._lookup(kid, want_values=True, found=found, width=self._replica_width)
         return merge(found)
 
     async def find_peer(self, peer_id: PeerID) -> PeerAddress | None:
@@ -334,8 +343,15 @@ class DHTNode:
     # -- lookups -----------------------------------------------------------------------------
 
     async def _lookup(
-        self, target: bytes, *, want_values: bool, found: list[Record] | None
+        self,
+        target: bytes,
+        *,
+        want_values: bool,
+        found: list[Record] | None,
+        width: int | None = None,
     ) -> list[Contact]:
+        """An iterative lookup that ends once the ``width`` closest peers it knows of (default
+        k) have answered."""
         s = self.settings
         now = trio.current_time()
         self._restore_dropped()
@@ -344,7 +360,7 @@ class DHTNode:
         backed_off = {p for p, (until, _) in self._backoff.items() if until > now}
         skip = _Skip(backed_off, self.transport.liveness)
         seeds = self.table.closest(target, s.k, exclude=skip)
-        lookup = Lookup(self.id, target, seeds, k=s.k, alpha=s.alpha, skip=skip)
+        lookup = Lookup(self.id, target, seeds, k=width or s.k, alpha=s.alpha, skip=skip)
         depth = {c.peer_id: 1 for c in seeds}
         started: dict[PeerID, float] = {}
         asked: dict[Contact, float] = {}
@@ -590,7 +606,9 @@ class DHTNode:
                 self.records.put(record, self.now())
                 held += 1
         try:
-            closest = await self.find_closest(record.id)
+            closest = await self._lookup(
+                record.id, want_values=False, found=None, width=self._replica_width
+            )
         except LookupFailed:
             closest = []
         payload = _Store(self._sender, encode_records([record]))
