@@ -7,7 +7,7 @@ their vectors ``--rounds`` times (after ``--warmup`` untimed rounds). Arms (``--
               one group of N: grid ``(N,)`` (d = 1, so the group key is empty and every peer
               announces under the same DHT key each round). Process 0's peer is the others'
               bootstrap. A round is ``averager.step()``: matchmaking over the DHT, then the
-              butterfly all-reduce over signed websocket streams.
+              butterfly all-reduce over encrypted websocket streams.
 ``gloo``      ``torch.distributed`` with the gloo backend, N fresh processes with the same data:
               ``all_reduce(SUM)`` of a float32 tensor of the same size, then ``/= N``.
 ``hivemind``  (``--with-hivemind``, and only if ``import hivemind`` works; see below) hivemind's
@@ -579,10 +579,15 @@ _BUILTINS: dict[str, str] = {
     " objects>": "Ed25519 sign + verify",
     "<method 'verify' of 'cryptography.hazmat.bindings._rust.openssl.ed25519.Ed25519PublicKey'"
     " objects>": "Ed25519 sign + verify",
+    **{
+        f"<method '{op}' of 'cryptography.hazmat.bindings._rust.openssl.aead.AESGCM' objects>": (
+            "AES-256-GCM encrypt + decrypt"
+        )
+        for op in ("encrypt", "encrypt_into", "decrypt", "decrypt_into")
+    },
 }
 # (category, path fragment, function name or "" for any), first match wins
 _FILES: list[tuple[str, str, str]] = [
-    ("blake3 payload hash", "moshpit_trio/wire/envelope.py", "_hash"),
     ("stream read_all (join chunks)", "moshpit_trio/wire/connection.py", "read_all"),
     ("envelope seal/open (headers, checks)", "moshpit_trio/wire/envelope.py", ""),
     ("codec encode/decode", "moshpit_trio/averaging/compression.py", ""),
