@@ -89,6 +89,10 @@ def test_links_lower_bounds() -> None:
     mixed = bench.lower_bounds(4, floats, [100 * mbit, 250 * mbit, 500 * mbit, 1000 * mbit])
     assert mixed["gloo"] == pytest.approx(4.8)
     assert mixed["moshpit"] == pytest.approx(3.2 * (1 + 2 * 100 / 1850), rel=1e-6)
+    # in two phases: the slow peer uploads its parts (all but its span), then downloads the
+    # results (as much); on equal links the two phases cost nothing more
+    assert mixed["moshpit_phased"] == pytest.approx(2 * 3.2 * (1 - 100 / 1850), rel=1e-6)
+    assert equal["moshpit_phased"] == pytest.approx(0.48)
 
 
 def test_links_say_clearly_when_they_cannot_run(
