@@ -7,7 +7,7 @@ their vectors ``--rounds`` times (after ``--warmup`` untimed rounds). Arms (``--
               one group of N: grid ``(N,)`` (d = 1, so the group key is empty and every peer
               announces under the same DHT key each round). Process 0's peer is the others'
               bootstrap. A round is ``averager.step()``: matchmaking over the DHT, then the
-              butterfly all-reduce over signed websocket streams.
+              butterfly all-reduce over encrypted websocket streams.
 ``gloo``      ``torch.distributed`` with the gloo backend, N fresh processes with the same data:
               ``all_reduce(SUM)`` of a float32 tensor of the same size, then ``/= N``.
 ``hivemind``  (``--with-hivemind``, and only if ``import hivemind`` works; see below) hivemind's
@@ -53,13 +53,31 @@ calls (trio scheduling, websocket framing), so compare those with the unprofiled
 ``--chunk-kib`` / ``--window-mib`` set the moshpit transport's stream chunk and window (to
 measure them; the library's defaults otherwise).
 
+``--links SPEC`` runs every process of both arms (moshpit and gloo; not hivemind) in a network
+namespace of its own, joined to a hub namespace's bridge by a veth pair shaped with ``tc tbf``
+at that peer's rate in both directions (its upload and its download): ``--links 1gbit`` gives
+every peer the same link, ``--links 100mbit,250mbit,500mbit,1gbit`` one rate per peer (tc's
+units: bit, kbit, mbit, gbit). Each moshpit peer announces its link rate as its bandwidth, so
+its span is proportional to it. Beside each arm it prints the physical lower bound: the payload
+bytes each peer must move over its own link, at that link's rate, for the slowest peer
+(moshpit's butterfly over its spans: ``floats - n_i + (N - 1) n_i`` values each way for a span
+of ``n_i``; gloo's ring: ``2 (N - 1) / N`` of the vector each way, in lockstep, so at the
+slowest link's rate; TCP/IP headers, some 3% more, are not counted), and the bytes the busiest
+peer's link actually carried per timed round (its interface counters, in the heavier
+direction). Needs root, ``ip`` and ``tc`` with tbf; otherwise it says why and exits with 2.
+Every namespace it creates it removes, whatever happens; addresses are 10.215.15.x inside them.
+
 JSON keys: ``peers``, ``floats``, ``rounds``, ``cores``, ``chunk_bytes`` and ``window_bytes``
 (null: the library's defaults), ``moshpit_round_s``,
 ``moshpit_matchmaking_s``, ``moshpit_allreduce_s``, ``gloo_s``, ``ratio_vs_gloo`` (round /
 gloo), ``allreduce_ratio_vs_gloo``, ``hivemind_s`` (null when not run), ``hivemind_note``,
 ``speedup_vs_hivemind`` (hivemind / round), ``failures`` (per arm), ``targets``, ``profile``
-(with ``--profile``) and ``arms`` with every round's figures. Targets at N=4 and 10M floats:
-ratio_vs_gloo <= 2.5, speedup_vs_hivemind >= 3.
+(with ``--profile``) and ``arms`` with every round's figures. With ``--links``: ``links``
+(the rates in bit/s, ``moshpit_bound_s``, ``moshpit_phased_bound_s`` (see ``lower_bounds``),
+``gloo_bound_s``) and, per arm, ``moved_mb`` (each
+peer's link, MB per timed round up and down). Targets at N=4 and 10M floats:
+ratio_vs_gloo <= 2.5, speedup_vs_hivemind >= 3; with ``--links 1gbit`` <= 1.15, with
+``--links 100mbit,250mbit,500mbit,1gbit`` <= 0.8.
 """
 
 from __future__ import annotations
@@ -71,7 +89,9 @@ import json
 import math
 import os
 import pstats
+import re
 import select
+import shutil
 import socket
 import statistics
 import subprocess
@@ -93,6 +113,10 @@ _BASE_PERIOD = 997
 _START_TIMEOUT = 60.0  # a child must be up (peer open, process group formed) within this
 _TARGET_RATIO = 2.5
 _TARGET_HIVEMIND = 3.0
+# --links: all links equal, moshpit within 15% of gloo; mixed links, faster than gloo (a ring
+# waits on its slowest link; bandwidth-proportional spans need not)
+_TARGET_LINKS_EQUAL = 1.15
+_TARGET_LINKS_MIXED = 0.8
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,8 +145,18 @@ def tolerance(codec: str, peers: int) -> float:
     return 4 * 2.0**-24 * biggest  # float64 sums rounded once to float32, plus slack
 
 
+# The check runs block by block: whole-vector float64 temporaries (80 MB at 10M floats) are
+# fresh mmaps, and the kernel zeroing their pages cost more CPU than a round; a process that
+# finished its round early would take that CPU from the others still in theirs.
+_CHECK_BLOCK = 1 << 18
+
+
 def check(values: np.ndarray, expected: np.ndarray, tol: float) -> dict[str, Any]:
-    error = float(np.max(np.abs(values.astype(np.float64) - expected))) if len(values) else 0.0
+    error = 0.0
+    for start in range(0, len(values), _CHECK_BLOCK):
+        block = values[start : start + _CHECK_BLOCK].astype(np.float64)
+        block -= expected[start : start + _CHECK_BLOCK]
+        error = max(error, float(np.max(np.abs(block))))
     return {
         "max_error": error,
         "checksum": float(np.sum(values, dtype=np.float64)),
@@ -220,8 +254,9 @@ def _moshpit_child(spec: dict[str, Any], ctl: Control, profiler: _Profiler) -> N
                     stream_window=spec.get("window") or default.stream_window,
                 )
             )
+        host = spec.get("host") or HOST
         async with open_peer(
-            Identity.generate(), listen=f"{HOST}:0", bootstrap=spec["bootstrap"], limits=limits
+            Identity.generate(), listen=f"{host}:0", bootstrap=spec["bootstrap"], limits=limits
         ) as peer:
             averager = MoshpitAverager(
                 peer,
@@ -230,6 +265,7 @@ def _moshpit_child(spec: dict[str, Any], ctl: Control, profiler: _Profiler) -> N
                 grid=(peers,),
                 initial_key=(),
                 compression=spec["compression"],
+                **({"bandwidth": spec["bandwidth"]} if spec.get("bandwidth") else {}),
             )
             async with averager:
                 ctl.send(op="ready", address=str(peer.address))
@@ -274,9 +310,11 @@ def _gloo_child(spec: dict[str, Any], ctl: Control, profiler: _Profiler) -> None
     init = torch.from_numpy(initial_values(rank, floats))
     expected = expected_mean(peers, floats)
     tol = tolerance("none", peers)
+    if spec.get("ifname"):  # in a namespace of its own: gloo must use the shaped link
+        os.environ["GLOO_SOCKET_IFNAME"] = spec["ifname"]
     dist.init_process_group(
         "gloo",
-        init_method=f"tcp://{HOST}:{spec['port']}",
+        init_method=f"tcp://{spec.get('store_host') or HOST}:{spec['port']}",
         rank=rank,
         world_size=peers,
         timeout=datetime.timedelta(seconds=spec["step_timeout"]),
@@ -377,6 +415,157 @@ def _child_main(role: str, spec_text: str) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# --links: every process in a network namespace of its own, behind a tbf-shaped link.
+
+_LINK_SUBNET = "10.215.15"
+_GLOO_PORT = 29500  # free in rank 0's fresh namespace
+# tc's rate units, in bits per second
+_RATE_UNITS = {"bit": 1.0, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
+
+
+def parse_links(text: str, peers: int) -> list[float]:
+    """``--links``: one rate for every peer, or one per peer; bits per second each."""
+    rates = []
+    for part in text.split(","):
+        found = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-z]+)\s*", part.lower())
+        if found is None or found.group(2) not in _RATE_UNITS or float(found.group(1)) <= 0:
+            raise ValueError(
+                f"{part.strip()!r} is not a rate like 100mbit (units: {', '.join(_RATE_UNITS)})"
+            )
+        rates.append(float(found.group(1)) * _RATE_UNITS[found.group(2)])
+    if len(rates) == 1:
+        return rates * peers
+    if len(rates) != peers:
+        raise ValueError(f"{len(rates)} rates for {peers} peers: give one, or one per peer")
+    return rates
+
+
+def links_unusable() -> str | None:
+    """None when this process can make namespaces and shape links; otherwise why not."""
+    if os.geteuid() != 0:
+        return (
+            f"--links needs root (this is uid {os.geteuid()}): it creates network namespaces "
+            "and shapes their links with tc"
+        )
+    missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
+    if missing:
+        return f"--links needs {' and '.join(missing)} (iproute2), not found on PATH"
+    return None
+
+
+def _run(*cmd: str) -> str:
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        raise LinksFailed(f"{' '.join(cmd)}: {done.stderr.strip() or done.returncode}")
+    return done.stdout
+
+
+class LinksFailed(RuntimeError):
+    pass
+
+
+class Links:
+    """A hub namespace with a bridge, and one namespace per peer joined to it by a veth pair.
+    Both ends of peer i's pair are shaped with tbf at its rate: its upload leaves through its
+    own end, its download through the hub's. :meth:`close` removes every namespace it made
+    (deleting a namespace deletes the links in it)."""
+
+    def __init__(self, rates: list[float]) -> None:
+        tag = os.getpid() % 100000
+        self.rates = rates
+        self.hub = f"mpbh{tag}"
+        self.names = [f"mpbp{tag}x{i}" for i in range(len(rates))]
+        self.ifnames = [f"mpbi{tag}x{i}" for i in range(len(rates))]
+        self.addresses = [f"{_LINK_SUBNET}.{i + 1}" for i in range(len(rates))]
+        self._made: list[str] = []
+
+    def open(self) -> None:
+        try:
+            self._add(self.hub)
+            _run("ip", "-n", self.hub, "link", "add", "br0", "type", "bridge")
+            _run("ip", "-n", self.hub, "link", "set", "br0", "up")
+            for i, ns in enumerate(self.names):
+                inside, rate = self.ifnames[i], self.rates[i]
+                outside = inside.replace("mpbi", "mpbo")
+                self._add(ns)
+                _run("ip", "link", "add", inside, "type", "veth", "peer", "name", outside)
+                _run("ip", "link", "set", inside, "netns", ns)
+                _run("ip", "link", "set", outside, "netns", self.hub)
+                _run("ip", "-n", ns, "link", "set", "lo", "up")
+                _run("ip", "-n", ns, "addr", "add", f"{self.addresses[i]}/24", "dev", inside)
+                _run("ip", "-n", ns, "link", "set", inside, "up")
+                _run("ip", "-n", self.hub, "link", "set", outside, "master", "br0")
+                _run("ip", "-n", self.hub, "link", "set", outside, "up")
+                self._shape(ns, inside, rate)
+                self._shape(self.hub, outside, rate)
+        except BaseException:
+            self.close()
+            raise
+
+    def _add(self, ns: str) -> None:
+        _run("ip", "netns", "add", ns)
+        self._made.append(ns)
+
+    @staticmethod
+    def _shape(ns: str, dev: str, rate: float) -> None:
+        # burst: 10 ms at the rate (at least 64 KiB), so the kernel's timer granularity does not
+        # cap the rate; latency bounds the queue, as a real link's buffer would.
+        burst = max(64 * 1024, int(rate / 8 / 100))
+        _run(
+            *("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf"),
+            *("rate", f"{int(rate)}bit", "burst", str(burst), "latency", "50ms"),
+        )
+
+    def prefix(self, i: int) -> list[str]:
+        """The command prefix that runs a process in peer ``i``'s namespace."""
+        return ["ip", "netns", "exec", self.names[i]]
+
+    def counters(self) -> list[tuple[int, int]]:
+        """Bytes sent and received so far on each peer's link (its own end of the pair)."""
+        out = []
+        for ns, dev in zip(self.names, self.ifnames, strict=True):
+            stats = json.loads(_run("ip", "-n", ns, "-s", "-j", "link", "show", "dev", dev))
+            out.append(
+                (int(stats[0]["stats64"]["tx"]["bytes"]), int(stats[0]["stats64"]["rx"]["bytes"]))
+            )
+        return out
+
+    def close(self) -> None:
+        for ns in reversed(self._made):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+        self._made.clear()
+
+
+def lower_bounds(peers: int, floats: int, rates: list[float]) -> dict[str, float]:
+    """Seconds the slowest peer needs to move the payload its arm must move over its link.
+
+    moshpit: member i reduces a span of ``n_i`` values (proportional to its announced rate):
+    it sends its part of every other span and its average to the N - 1 others, and receives as
+    much, ``floats - n_i + (N - 1) n_i`` values each way. gloo's ring moves ``2 (N - 1) / N``
+    of the vector each way per peer in N - 1 lockstep steps, so at the slowest link's rate.
+
+    ``moshpit_phased``: the same bytes, but as the butterfly moves them today, in two phases
+    one after the other (a reducer averages once every part is in): scatter (up: its parts,
+    ``floats - n_i``; down: the parts of its span, ``(N - 1) n_i``), then gather (the reverse).
+    Each phase lasts as long as its slowest peer, so a peer with a slow link cannot overlap its
+    upload (scatter) with its download (gather).
+    """
+    from moshpit_trio.averaging.partition import spans as make_spans
+
+    spans = make_spans(floats, [r / 8 for r in rates])
+    sizes = [e - s for s, e in spans]
+    moshpit = max(
+        8 * 4 * (floats - n + (peers - 1) * n) / rate for n, rate in zip(sizes, rates, strict=True)
+    )
+    phase = max(
+        8 * 4 * max(floats - n, (peers - 1) * n) / rate
+        for n, rate in zip(sizes, rates, strict=True)
+    )
+    gloo = 8 * 4 * floats * 2 * (peers - 1) / peers / min(rates)
+    return {"moshpit": moshpit, "moshpit_phased": 2 * phase, "gloo": gloo}
+
+
+# --------------------------------------------------------------------------------------------
 # Orchestrator.
 
 
@@ -452,8 +641,10 @@ def run_arm(
     python: str = sys.executable,
     chunk: int | None = None,
     window: int | None = None,
+    links: Links | None = None,
 ) -> dict[str, Any]:
-    """Start ``peers`` processes of ``arm``, run the rounds, end every process whatever happens."""
+    """Start ``peers`` processes of ``arm``, run the rounds, end every process whatever happens.
+    With ``links``, each in its own namespace (see ``Links``)."""
     base = {
         "peers": peers,
         "floats": floats,
@@ -464,7 +655,8 @@ def run_arm(
         "window": window,
     }
     if arm == "gloo":
-        base["port"] = _free_port()
+        base["port"] = _GLOO_PORT if links else _free_port()
+        base["store_host"] = links.addresses[0] if links else HOST
     procs: list[subprocess.Popen[bytes]] = []
     stderr = subprocess.DEVNULL if quiet else None
 
@@ -473,6 +665,11 @@ def run_arm(
         if profile_dir is not None and arm == "moshpit" and rank == 0:
             spec["profile"] = str(profile_dir / f"{arm}-{rank}.prof")
         cmd = [python, str(Path(__file__).resolve()), "--role", arm]
+        if links is not None:
+            spec["host"] = links.addresses[rank]
+            spec["ifname"] = links.ifnames[rank]
+            spec["bandwidth"] = links.rates[rank] / 8  # bytes/s, for moshpit's spans
+            cmd = [*links.prefix(rank), *cmd]
         procs.append(
             subprocess.Popen(
                 [*cmd, "--spec", json.dumps(spec)],
@@ -497,18 +694,30 @@ def run_arm(
             _read(proc, start_by, f"{arm} start")
 
         per_round: list[list[dict[str, Any]]] = []
+        counted: list[tuple[int, int]] = []
         for r in range(warmup + rounds):
+            if r == warmup and links is not None:
+                counted = links.counters()
             at = time.time() + lead
             for proc in procs:
                 _send(proc, {"op": "go", "at": at, "timed": r >= warmup})
             results = [_read(proc, deadline, f"{arm} round {r}") for proc in procs]
             if r >= warmup:
                 per_round.append(results)
+        moved = None
+        if links is not None:
+            moved = [
+                {"up": (tx - tx0) / rounds / 1e6, "down": (rx - rx0) / rounds / 1e6}
+                for (tx, rx), (tx0, rx0) in zip(links.counters(), counted, strict=True)
+            ]
         for proc in procs:
             _send(proc, {"op": "stop"})
         finished = True
         expected = float(np.sum(expected_mean(peers, floats), dtype=np.float64))
-        return summarize(arm, per_round, expected)
+        summary = summarize(arm, per_round, expected)
+        if moved is not None:
+            summary["moved_mb"] = moved
+        return summary
     finally:
         _end_all(procs, grace=10.0 if finished else 0.0)
 
@@ -579,10 +788,15 @@ _BUILTINS: dict[str, str] = {
     " objects>": "Ed25519 sign + verify",
     "<method 'verify' of 'cryptography.hazmat.bindings._rust.openssl.ed25519.Ed25519PublicKey'"
     " objects>": "Ed25519 sign + verify",
+    **{
+        f"<method '{op}' of 'cryptography.hazmat.bindings._rust.openssl.aead.AESGCM' objects>": (
+            "AES-256-GCM encrypt + decrypt"
+        )
+        for op in ("encrypt", "encrypt_into", "decrypt", "decrypt_into")
+    },
 }
 # (category, path fragment, function name or "" for any), first match wins
 _FILES: list[tuple[str, str, str]] = [
-    ("blake3 payload hash", "moshpit_trio/wire/envelope.py", "_hash"),
     ("stream read_all (join chunks)", "moshpit_trio/wire/connection.py", "read_all"),
     ("envelope seal/open (headers, checks)", "moshpit_trio/wire/envelope.py", ""),
     ("codec encode/decode", "moshpit_trio/averaging/compression.py", ""),
@@ -683,8 +897,11 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 
 def _table(results: dict[str, dict[str, Any]], summary: dict[str, Any]) -> str:
+    links = summary.get("links")
     head = f"{'arm':<10}{'round s':>10}{'matchmk s':>11}{'allred s':>10}{'vs gloo':>9}"
     head += f"{'CPU s':>8}{'failed':>8}{'max err':>10}"
+    if links:
+        head += f"{'bound s':>9}{'x bound':>9}{'max MB/link':>13}"
     lines = [head, "-" * len(head)]
     gloo = summary["gloo_s"]
     for arm, res in results.items():
@@ -692,12 +909,21 @@ def _table(results: dict[str, dict[str, Any]], summary: dict[str, Any]) -> str:
             lines.append(f"{arm:<10}  {res['error']}")
             continue
         ratio = res["seconds"] / gloo if gloo else None
-        lines.append(
+        line = (
             f"{arm:<10}{res['seconds']:>10.3f}{_fmt(res.get('matchmaking')):>11}"
             f"{_fmt(res.get('allreduce')):>10}{_fmt(ratio, 2):>9}"
             f"{_fmt(res.get('cpu_sum'), 2):>8}{res['failures']:>8}"
             f"{res['max_error']:>10.1e}"
         )
+        if links:
+            bound = links.get(f"{arm}_bound_s")
+            moved = res.get("moved_mb") or []
+            busiest = max((max(m["up"], m["down"]) for m in moved), default=None)
+            line += (
+                f"{_fmt(bound):>9}{_fmt(res['seconds'] / bound if bound else None, 2):>9}"
+                f"{_fmt(busiest, 1):>13}"
+            )
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -721,6 +947,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--window-mib", type=int, help="moshpit stream window (MiB; default: the library's)"
     )
+    parser.add_argument(
+        "--links",
+        help="each process in its own netns behind tbf links: one rate, or one per peer "
+        "(e.g. 1gbit or 100mbit,250mbit,500mbit,1gbit); needs root",
+    )
     parser.add_argument("--lead", type=float, default=0.2, help="round start notice (s)")
     parser.add_argument("--step-timeout", type=float, default=60.0, help="per round (s)")
     parser.add_argument("--timeout", type=float, default=600.0, help="whole benchmark (s)")
@@ -738,6 +969,18 @@ def main(argv: list[str] | None = None) -> int:
     arms = [a for a in args.arms.split(",") if a]
     if any(a not in ARMS for a in arms):
         parser.error(f"unknown arm in {args.arms!r}; choose from {', '.join(ARMS)}")
+    rates: list[float] | None = None
+    if args.links:
+        try:
+            rates = parse_links(args.links, args.peers)
+        except ValueError as exc:
+            parser.error(f"--links: {exc}")
+        if args.with_hivemind or "hivemind" in arms:
+            parser.error("--links runs moshpit and gloo only (hivemind listens on 127.0.0.1)")
+        why = links_unusable()
+        if why is not None:
+            print(f"allreduce.py: {why}", file=sys.stderr)
+            return 2
     hivemind_note: str | None = None
     if args.with_hivemind and "hivemind" not in arms:
         hivemind_note = _hivemind_available(args.hivemind_python)
@@ -749,6 +992,28 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     deadline = started + args.timeout
     results: dict[str, dict[str, Any]] = {}
+    links = Links(rates) if rates is not None else None
+    try:
+        if links is not None:
+            links.open()
+        _run_arms(args, arms, results, started, deadline, links)
+    except LinksFailed as exc:
+        print(f"allreduce.py: could not set up --links: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if links is not None:
+            links.close()
+    return _report(args, results, started, hivemind_note, rates)
+
+
+def _run_arms(
+    args: argparse.Namespace,
+    arms: list[str],
+    results: dict[str, dict[str, Any]],
+    started: float,
+    deadline: float,
+    links: Links | None,
+) -> None:
     for arm in arms:
         if time.monotonic() >= deadline:
             results[arm] = {"error": "not run: --timeout reached"}
@@ -769,12 +1034,21 @@ def main(argv: list[str] | None = None) -> int:
                 python=args.hivemind_python if arm == "hivemind" else sys.executable,
                 chunk=args.chunk_kib * 1024 if args.chunk_kib else None,
                 window=args.window_mib * 1024 * 1024 if args.window_mib else None,
+                links=links,
             )
         except ArmFailed as exc:
             results[arm] = {"error": str(exc)}
         if not args.json:
             print(f"  {arm}: done ({time.monotonic() - started:.0f}s)", file=sys.stderr)
 
+
+def _report(
+    args: argparse.Namespace,
+    results: dict[str, dict[str, Any]],
+    started: float,
+    hivemind_note: str | None,
+    rates: list[float] | None,
+) -> int:
     def seconds(arm: str, key: str = "seconds") -> float | None:
         value = results.get(arm, {}).get(key)
         return None if value is None else round(float(value), 4)
@@ -820,6 +1094,18 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.monotonic() - started, 1),
         "arms": results,
     }
+    if rates is not None:
+        bounds = lower_bounds(args.peers, args.floats, rates)
+        summary["links"] = {
+            "spec": args.links,
+            "rates_bit_s": rates,
+            "moshpit_bound_s": round(bounds["moshpit"], 4),
+            "moshpit_phased_bound_s": round(bounds["moshpit_phased"], 4),
+            "gloo_bound_s": round(bounds["gloo"], 4),
+        }
+        target = _TARGET_LINKS_EQUAL if len(set(rates)) == 1 else _TARGET_LINKS_MIXED
+        summary["targets"]["links_ratio_max"] = target
+        summary["targets"]["links_ratio_met"] = None if ratio is None else ratio <= target
     breakdown = None
     prof = args.profile / "moshpit-0.prof" if args.profile else None
     if prof is not None and prof.exists() and "error" not in results.get("moshpit", {"error": 1}):
@@ -838,6 +1124,14 @@ def main(argv: list[str] | None = None) -> int:
             "(each time: median over rounds of the slowest process, timed from a shared start; "
             f"CPU s: all {args.peers} processes' CPU seconds per round, on {os.cpu_count()} cores)"
         )
+        if rates is not None:
+            link = summary["links"]
+            print(
+                f"links {args.links}: bound s = the payload the slowest peer must move over its "
+                "own link (full duplex; TCP/IP headers not counted). moshpit's butterfly moves "
+                "it in two phases, one after the other (a reducer averages once every part is "
+                f"in): with that, its bound is {link['moshpit_phased_bound_s']:.3f} s"
+            )
         if breakdown is not None:
             print("\n" + _profile_table(breakdown, args.rounds))
     failed = any("error" in res for res in results.values())

@@ -22,7 +22,7 @@ shard, with three methods on identical data, model, initialisation, optimizer an
   two ring neighbours (a call to their ``gossip.RUN`` handler, under ``--gossip-timeout``; a
   dead neighbour fails or times out and is skipped) and sets its own to the mean of the three.
 
-Every peer runs the real protocol code (websockets, handshakes, signed envelopes, DHT,
+Every peer runs the real protocol code (websockets, handshakes, encrypted envelopes, DHT,
 matchmaking, all-reduce, state transfer) on the in-memory network (``moshpit_trio.testing``)
 under trio's virtual clock, all in one process: every link has ``--latency-ms`` one-way latency
 (5 ms) and every host ``--bandwidth`` bytes/s of upload and download (1 GB/s; see below). A
@@ -122,7 +122,7 @@ seed 0 homo was 25.5 s against 23.0 s (see above).
 Wall time: the default run (2 scenarios x 3 methods) took 3.7 CPU-minutes with seed 1 and 5.1
 with seed 0 (whose All-Reduce took longer to the target); 4 to 8 minutes of wall time, with the
 2 cores shared with other jobs; ``--scenario hetero`` about half of that. Nearly all of it is
-the protocol's CPU work (MACs and hashes, websocket frames, the DHT), All-Reduce's 16-member rounds
+the protocol's CPU work (envelope crypto, websocket frames, the DHT), All-Reduce's 16-member rounds
 and Moshpit's once-a-second rounds most of all.
 
     python benchmarks/training.py                        # both scenarios, table

@@ -9,7 +9,7 @@ the median. Arms (``--arms``, comma separated):
 ``ws-stock``   bare trio-websocket exactly as it comes: 4 KiB receive buffer, wsproto's masker.
 ``ws-fast``    bare trio-websocket with ``moshpit_trio.wire.speedups.install()`` and
                ``receive_buffer_size=RECEIVE_BUFFER_SIZE``.
-``auth``       our transport: handshake, signed envelopes, credit-based stream; also measures
+``auth``       our transport: handshake, encrypted envelopes, credit-based stream; also measures
                sequential signed RPC round trips (``signed_calls_per_s``).
 Ablations, not run by default: ``tcp-stock`` (no malloc tuning), ``ws-bigbuf`` (large receive
 buffer only), and ``ws-nomask`` / ``ws-noframes`` / ``ws-nobuffer`` / ``ws-nomalloc`` /
@@ -417,7 +417,7 @@ async def _dial(job: Job) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
-# AUTHENTICATED ARM: our transport (handshake, signed envelopes, credit-based streams).
+# AUTHENTICATED ARM: our transport (handshake, encrypted envelopes, credit-based streams).
 #
 # up:   the dialer opens a stream to the listener's "bench.sink" and sends the payloads.
 # down: the dialer calls "bench.source"; the listener's handler opens a stream back to the

@@ -1,4 +1,4 @@
-"""moshpit-trio: Moshpit SGD across unreliable peers, over a signed websocket protocol, on trio."""
+"""moshpit-trio: Moshpit SGD across unreliable peers, over an encrypted websocket protocol."""
 
 from __future__ import annotations
 

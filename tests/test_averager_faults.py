@@ -332,12 +332,12 @@ async def test_streams_with_malformed_headers_are_rejected(autojump_clock: Any, 
                 await stream.finish()
 
 
-async def test_a_part_stream_cut_short_leaves_its_buffer_behind(autojump_clock: Any) -> None:
-    """Parts go out straight from the averager's flat buffer, without a copy. A part stream to
-    a frozen reducer does not finish, and its sealed chunks can wait in the connection's queue
-    past the end of the round, still pointing into that buffer. The averager must then
-    flatten the next round into a new buffer: chunks changed after they were hashed would
-    reach the reducer off the hash their MAC covers (a protocol violation)."""
+async def test_a_part_stream_cut_short_leaves_nothing_in_its_buffer(autojump_clock: Any) -> None:
+    """Parts are encrypted straight from the averager's flat buffer, without a copy. A part
+    stream to a frozen reducer does not finish, and its sealed chunks can wait in the
+    connection's queue past the end of the round; they hold ciphertext of their own, so the
+    next round flattens into the same buffer and is exact, and the chunks that go out when the
+    reducer thaws are the ones sealed (else the reducer would refuse them: "mac")."""
     net = MemoryNetwork(seed=3, latency=0.005, bandwidth=2e6)
     rng = np.random.default_rng(1)
     async with swarm(net, 4) as peers, AsyncExitStack() as stack:
@@ -368,8 +368,8 @@ async def test_a_part_stream_cut_short_leaves_its_buffer_behind(autojump_clock: 
         for i in survivors:
             span = next(s for s in reports[i].spans if s.reducer == frozen_id)
             assert span.included is None  # it kept local values there
-            assert averagers[i]._flat is not buffers[i]  # and left the buffer behind
-        # The survivors go on with new values, in their new buffers (and the frozen peer
+            assert averagers[i]._flat is buffers[i]  # and kept its buffer
+        # The survivors go on with new values, in the same buffers (and the frozen peer
         # thaws: whatever waited for it goes out now).
         net.thaw("h2")
         before = {}

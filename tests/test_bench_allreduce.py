@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -55,3 +57,86 @@ def test_moshpit_arm_two_processes_average_exactly() -> None:
     assert row["checksums_agree"]  # both processes hold exactly the same vector
     assert row["max_error"] <= 1e-6
     assert row["checksum"] == pytest.approx(float(np.sum(mean, dtype=np.float64)), rel=1e-9)
+
+
+def _bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("allreduce_bench", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_links_rates_parse_like_tc() -> None:
+    bench = _bench()
+    assert bench.parse_links("1gbit", 4) == [1e9] * 4
+    assert bench.parse_links("100mbit, 250mbit,500mbit,1.5gbit", 4) == [1e8, 2.5e8, 5e8, 1.5e9]
+    assert bench.parse_links("800kbit", 2) == [8e5, 8e5]
+    for bad in ("1gbps", "fast", "0mbit", "-1mbit", "1gbit,2gbit", ""):
+        with pytest.raises(ValueError):
+            bench.parse_links(bad, 4)
+
+
+def test_links_lower_bounds() -> None:
+    bench = _bench()
+    floats, mbit = 10_000_000, 1e6
+    # equal links: both arms move 1.5x the vector (40 MB) each way per peer at 1 Gbit/s
+    equal = bench.lower_bounds(4, floats, [1000 * mbit] * 4)
+    assert equal["moshpit"] == pytest.approx(0.48)
+    assert equal["gloo"] == pytest.approx(0.48)
+    # mixed links: the ring goes at 100 Mbit/s; the 100 Mbit/s peer reduces 100/1850 of the
+    # vector, so it moves 40 MB * (1 + 2 * 100/1850) each way
+    mixed = bench.lower_bounds(4, floats, [100 * mbit, 250 * mbit, 500 * mbit, 1000 * mbit])
+    assert mixed["gloo"] == pytest.approx(4.8)
+    assert mixed["moshpit"] == pytest.approx(3.2 * (1 + 2 * 100 / 1850), rel=1e-6)
+    # in two phases: the slow peer uploads its parts (all but its span), then downloads the
+    # results (as much); on equal links the two phases cost nothing more
+    assert mixed["moshpit_phased"] == pytest.approx(2 * 3.2 * (1 - 100 / 1850), rel=1e-6)
+    assert equal["moshpit_phased"] == pytest.approx(0.48)
+
+
+def test_links_say_clearly_when_they_cannot_run(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bench = _bench()
+    monkeypatch.setattr(bench.os, "geteuid", lambda: 1000)
+    assert bench.main(["--links", "1gbit"]) == 2
+    assert "--links needs root (this is uid 1000)" in capsys.readouterr().err
+    monkeypatch.setattr(bench.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(bench.shutil, "which", lambda tool: None if tool == "tc" else "/x")
+    assert bench.main(["--links", "1gbit"]) == 2
+    assert "--links needs tc (iproute2)" in capsys.readouterr().err
+
+
+def _namespaces() -> str:
+    return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+
+def test_links_make_namespaces_and_remove_every_one() -> None:
+    bench = _bench()
+    why = bench.links_unusable()
+    if why is not None:
+        pytest.skip(why)
+    links = bench.Links([1e9, 1e8])
+    try:
+        links.open()
+        listed = _namespaces()
+        assert all(name in listed for name in (links.hub, *links.names))
+        assert all(tx >= 0 and rx >= 0 for tx, rx in links.counters())
+        shaped = subprocess.run(
+            ["ip", "netns", "exec", links.names[1], "tc", "qdisc", "show", "dev", links.ifnames[1]],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert "tbf" in shaped and "100Mbit" in shaped
+    finally:
+        links.close()
+    listed = _namespaces()
+    assert not any(name in listed for name in (links.hub, *links.names))
+    # A set-up that fails half-way (tc refuses a zero rate) removes what it made, then raises.
+    broken = bench.Links([1e9, 0.0])
+    with pytest.raises(bench.LinksFailed):
+        broken.open()
+    listed = _namespaces()
+    assert not any(name in listed for name in (broken.hub, *broken.names))

@@ -6,10 +6,11 @@ import hashlib
 from collections.abc import Callable
 from typing import Any
 
-import blake3
 import msgspec
 import pytest
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -95,15 +96,17 @@ def test_message_layout_signatures_and_keys() -> None:
     ]
     proto, mtype, key, nonce, sig_r = msgspec.msgpack.decode(response)
     assert (proto, mtype, key, nonce) == ("moshpit/1", 2, BOB.public_key, _x25519_public(r_secret))
-    # the MAC keys: blake3 key derivation from the X25519 secret and the session id
+    # the envelope keys: HKDF-SHA256 of the X25519 secret, salted with the session id
     shared = X25519PrivateKey.from_private_bytes(i_secret).exchange(
         X25519PrivateKey.from_private_bytes(r_secret).public_key()
     )
-    derive = lambda context: blake3.blake3(  # noqa: E731
-        shared + result.session, derive_key_context=context
-    ).digest()
-    assert result.keys.receive == derive("moshpit/1 envelope mac initiator to responder")
-    assert result.keys.send == derive("moshpit/1 envelope mac responder to initiator")
+
+    def derive(info: bytes) -> bytes:
+        kdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=result.session, info=info)
+        return kdf.derive(shared)
+
+    assert result.keys.receive == derive(b"moshpit/1 envelope key initiator to responder")
+    assert result.keys.send == derive(b"moshpit/1 envelope key responder to initiator")
     assert verify_signature(
         BOB.public_key, sig_r, b"moshpit/1 handshake responder\x00" + hello + key + nonce
     )

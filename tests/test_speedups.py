@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 import trio
 import trio.testing
@@ -403,6 +404,27 @@ async def test_message_writer_writes_what_wsproto_writes(
     assert len(writes) == (1 if n < speedups.INLINE_PAYLOAD else 2)
     if len(writes) == 2 and not client:
         assert writes[1] is payload  # the server's payload goes out as it was given
+
+
+@pytest.mark.parametrize("client", [True, False])
+@pytest.mark.parametrize(("h", "n"), [(14, 100), (13, 70_001), (15, (4 << 20) + 16)])
+async def test_message_writer_masks_a_writable_payload_in_place(
+    monkeypatch: pytest.MonkeyPatch, client: bool, h: int, n: int
+) -> None:
+    """A writable view (an encrypted envelope body, the caller's to give away) is masked where
+    it is: the same frame as wsproto's, and no new buffer for the payload."""
+    head, original, key = os.urandom(h), os.urandom(n), os.urandom(4)
+    monkeypatch.setattr(os, "urandom", lambda k: key[:k])
+    owned = np.frombuffer(bytearray(original), dtype=np.uint8)
+    ws = _FakeSocket(client)
+    await speedups.MessageWriter(ws).send(head, owned.data)
+    want = ws._wsproto.connection.send(BytesMessage(data=head + original))
+    writes = ws._stream.writes
+    assert b"".join(bytes(w) for w in writes) == want
+    if n >= speedups.INLINE_PAYLOAD:
+        assert np.shares_memory(np.frombuffer(writes[1], dtype=np.uint8), owned)
+    # masked in place by a client; a server's frames are not masked, so it stays as it was
+    assert (owned.tobytes() == original) == (not client)
 
 
 async def test_message_writer_refuses_a_closed_socket_and_aborts_a_broken_one() -> None:

@@ -20,7 +20,7 @@ from moshpit_trio.identity import Identity
 from moshpit_trio.testing import MemoryNetwork
 from moshpit_trio.wire.address import PeerAddress
 from moshpit_trio.wire.connection import ConnectionLimits, Request, StreamRequest
-from moshpit_trio.wire.envelope import DEFAULT_LIMITS, EnvelopeSealer, Kind
+from moshpit_trio.wire.envelope import DEFAULT_LIMITS, Direction, EnvelopeSealer, Kind
 from moshpit_trio.wire.handshake import HandshakeInitiator
 from moshpit_trio.wire.transport import SUBPROTOCOL, Transport, TransportLimits, open_transport
 
@@ -56,10 +56,18 @@ class RawClient:
         self.receive_key = result.keys.receive  # the other direction's
 
     def sealer(
-        self, recipient: Any, session: bytes | None = None, key: bytes | None = None
+        self,
+        recipient: Any,
+        session: bytes | None = None,
+        key: bytes | None = None,
+        direction: Direction = Direction.INITIATOR_TO_RESPONDER,  # the raw client dialed
     ) -> EnvelopeSealer:
         return EnvelopeSealer(
-            self.identity.peer_id, session or self.session, recipient, key or self.key
+            self.identity.peer_id,
+            session or self.session,
+            recipient,
+            key or self.key,
+            direction=direction,
         )
 
 
@@ -115,22 +123,31 @@ Craft = Callable[[RawClient, Transport, Identity], list[bytes | str]]
 
 # (scenario, what the raw peer sends, the reason the server must log)
 VIOLATIONS: list[tuple[str, Craft, str]] = [
-    ("tampered payload", lambda r, s, o: [_flip(_request(r, s), -1)], "hash"),
+    ("tampered payload", lambda r, s, o: [_flip(_request(r, s), -20)], "mac"),
+    ("tampered tag", lambda r, s, o: [_flip(_request(r, s), -1)], "mac"),
+    (
+        "tampered name",
+        # the first sealed byte: the name "echo", encrypted
+        lambda r, s, o: [_flip(m, 2 + _header_len(m)) for m in [_request(r, s)]],
+        "mac",
+    ),
     (
         "tampered header",
-        # flip a bit in the name "echo" (the header ends with it, payload_len and the 34-byte
-        # hash): still valid msgpack, no longer what the MAC covers
-        lambda r, s, o: [_flip(m, 2 + _header_len(m) - 37) for m in [_request(r, s)]],
+        # the header's last field, payload_len 2 -> 3, with one byte more to match
+        lambda r, s, o: [_flip(m, 1 + _header_len(m)) + b"\x00" for m in [_request(r, s)]],
         "mac",
     ),
+    ("truncated envelope", lambda r, s, o: [_request(r, s)[:-1]], "truncated"),
     (
-        "tampered MAC",
-        lambda r, s, o: [_flip(m, 2 + _header_len(m) + 3) for m in [_request(r, s)]],
-        "mac",
-    ),
-    (
-        "MAC under the other direction's key",
+        "sealed under the other direction's key",
         lambda r, s, o: [r.sealer(s.peer_id, key=r.receive_key).seal(Kind.CANCEL, 7)],
+        "mac",
+    ),
+    (
+        "reflected: the other direction's nonce",
+        lambda r, s, o: [
+            r.sealer(s.peer_id, direction=Direction.RESPONDER_TO_INITIATOR).seal(Kind.CANCEL, 7)
+        ],
         "mac",
     ),
     ("replayed envelope", lambda r, s, o: [m := _request(r, s), m], "seq"),
@@ -146,14 +163,14 @@ VIOLATIONS: list[tuple[str, Craft, str]] = [
         lambda r, s, o: [
             r.sealer(o.peer_id).seal(Kind.REQUEST, 1, b"x", deadline_ms=100, name="echo")
         ],
-        "recipient",
+        "mac",
     ),
     (
         "envelope from another session",
         lambda r, s, o: [
             r.sealer(s.peer_id, bytes(32)).seal(Kind.REQUEST, 1, b"", deadline_ms=9, name="echo")
         ],
-        "session",
+        "mac",
     ),
     ("garbage bytes", lambda r, s, o: [b"\x00\x40" + b"\xff" * 200], "malformed"),
     ("huge header length", lambda r, s, o: [b"\xff" * 100], "too-large"),

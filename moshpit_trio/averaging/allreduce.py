@@ -130,11 +130,10 @@ class AllReduce:
         self.excluded: dict[int, str] = {}
         self.bytes_sent = 0
         self.bytes_received = 0
-        # With borrow_flat, parts go out straight from `flat` (no copy) when the codec's bytes
-        # are the values' own. Sealed envelopes of a part stream that did not finish may still
-        # be queued on their connection afterwards; `flat` must then never change again.
+        # With borrow_flat, parts are encrypted straight from `flat` (no copy) when the codec's
+        # bytes are the values' own. Each chunk is read as it is sealed; what waits in a queue
+        # is ciphertext of its own, so `flat` is free again once its sends have returned.
         self._borrow = borrow_flat and self.codec.name == "none" and _NATIVE_IS_WIRE
-        self._borrowed_in_flight = False
         # in_place: the round's values are written into `flat`; else only listed in `pieces`.
         self._in_place = in_place
         #: after run(): ``(start, values)`` for every span whose average this member now holds
@@ -176,10 +175,6 @@ class AllReduce:
             await self._exchange(transport, run_id, reduce_deadline, deadline)
             # Everything we send and wait for is over: nobody needs watching any more.
             watchers.cancel_scope.cancel()
-        if self._borrowed_in_flight and self._in_place:
-            # Some part's envelopes may still be waiting to be written from `flat`: leave that
-            # memory alone, and write the results into a copy (the caller reads `self.flat`).
-            self.flat = self.flat.copy()
         return self._apply()
 
     async def _exchange(
@@ -250,13 +245,6 @@ class AllReduce:
             if self._expected_results <= set(self.results):
                 self.all_results.set()
 
-    @property
-    def flat_released(self) -> bool:
-        """False when envelopes sealed from the caller's ``flat`` (``borrow_flat``) may still
-        be queued: the caller must then never write to that array again (and should take the
-        round's values from :attr:`flat`, a copy). True otherwise."""
-        return not self._borrowed_in_flight
-
     def _reduce(self) -> None:
         assert self.accumulator is not None
         for i in range(len(self.members)):
@@ -268,10 +256,10 @@ class AllReduce:
         except ValueError:
             self.reduced = None
             return
-        # Encoded (and each chunk hashed) once for every member. Everyone else gets the average
-        # through the codec, so keep exactly what they get: members holding span j's result
-        # hold the same values. Uncompressed, the average itself goes out (nothing writes to
-        # it: it is ours alone and only ever read).
+        # Encoded once for every member (and encrypted for each as it is sent). Everyone else
+        # gets the average through the codec, so keep exactly what they get: members holding
+        # span j's result hold the same values. Uncompressed, the average itself goes out
+        # (nothing writes to it: it is ours alone and only ever read).
         if self.codec.name == "none" and _NATIVE_IS_WIRE:
             self._result_payload = SharedPayload.borrow(average.data)
         else:
@@ -313,21 +301,13 @@ class AllReduce:
             self.group.group_id, self.index, start, end, self.weight, self.codec.name
         )
         # If reducer j fails or refuses us, its span keeps our values (and the report says so).
-        if not self._borrow:
-            payload = self.codec.encode(self.flat[start:end])
-            await self._stream_to(
-                transport, j, f"avg.{run_id}.part", _encode(header), payload, deadline
-            )
-            return
-        borrowed = SharedPayload.borrow(self.flat[start:end].data)
-        finished = False
-        try:
-            finished = await self._stream_to(
-                transport, j, f"avg.{run_id}.part", _encode(header), borrowed, deadline
-            )
-        finally:
-            if not finished:
-                self._borrowed_in_flight = True
+        payload = (
+            SharedPayload.borrow(self.flat[start:end].data)
+            if self._borrow
+            else self.codec.encode(self.flat[start:end])
+        )
+        name = f"avg.{run_id}.part"
+        await self._stream_to(transport, j, name, _encode(header), payload, deadline)
 
     async def _send_result(self, transport: Any, run_id: str, i: int, deadline: float) -> None:
         assert self.reduced is not None and self._result_payload is not None

@@ -237,10 +237,6 @@ class MoshpitAverager:
                 )
             finally:
                 self._rounds.remove(reduce)
-                if not reduce.flat_released:
-                    # Envelopes sealed from this buffer may still be queued (a part stream
-                    # that did not finish): the next round flattens into a new one.
-                    self._flat = np.empty_like(self._flat)
             ids = group.peer_ids
             excluded = {ids[i]: why for i, why in reduce.excluded.items()}
             lost = {ids[i]: why for i, why in reduce.lost.items()}

@@ -42,6 +42,7 @@ from ..identity import Identity, PeerID
 from . import speedups
 from .envelope import (
     DEFAULT_LIMITS,
+    Direction,
     Envelope,
     EnvelopeLimits,
     EnvelopeOpener,
@@ -285,11 +286,17 @@ class Connection:
         self._ws = ws
         # Writes (head, payload) as one websocket message without joining them (speedups).
         self._write_message = speedups.message_writer(ws)
+        sending, receiving = (
+            (Direction.INITIATOR_TO_RESPONDER, Direction.RESPONDER_TO_INITIATOR)
+            if initiator
+            else (Direction.RESPONDER_TO_INITIATOR, Direction.INITIATOR_TO_RESPONDER)
+        )
         self._sealer = EnvelopeSealer(
             identity.peer_id,
             handshake.session,
             handshake.remote_peer_id,
             handshake.keys.send,
+            direction=sending,
             limits=limits.envelope,
         )
         self._opener = EnvelopeOpener(
@@ -298,9 +305,11 @@ class Connection:
             handshake.remote_peer_id,
             identity.peer_id,
             limits.envelope,
+            direction=receiving,
         )
-        # (sealed head, payload, whether it holds a queue slot); unbounded because the slots
-        # bound it. The payload is immutable (seal_parts sees to it) and sent as it is.
+        # (sealed head, encrypted body, whether it holds a queue slot); unbounded because the
+        # slots bound it. The body is the envelope's own buffer (seal_parts made it), so the
+        # writer may mask it in place.
         self._outbox_send, self._outbox = trio.open_memory_channel[
             tuple[bytes, bytes | memoryview, bool]
         ](math.inf)
@@ -762,9 +771,9 @@ class SendStream:
     async def send(self, data: bytes | bytearray | memoryview | SharedPayload) -> None:
         """Send ``data``, cut into chunks; returns when all of it is queued for the wire.
 
-        ``bytes`` go out without a copy; anything its owner could change is copied chunk by
-        chunk as it is sealed. A :class:`SharedPayload` (the same bytes sent to several peers)
-        is hashed once per chunk for all of them."""
+        Each chunk is encrypted as it is sealed, straight from ``data`` (no copy before): the
+        caller leaves ``data`` alone until this returns, and may reuse it after. A
+        :class:`SharedPayload` is sent the same way (e.g. one average to several peers)."""
         chunk = self._conn.limits.stream_chunk
         if isinstance(data, SharedPayload):
             for start in range(0, len(data), chunk):

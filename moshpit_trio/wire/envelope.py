@@ -1,34 +1,39 @@
-"""Envelopes: the authenticated framing of every message after the handshake (sans-IO).
+"""Envelopes: the encrypted, authenticated framing of every message after the handshake (sans-IO).
 
 One envelope is one binary websocket message::
 
-    u16 big-endian H | header (H bytes, msgpack) | mac (32 bytes) | payload (raw bytes)
+    u16 big-endian H | header (H bytes, msgpack) | sealed (name + payload, encrypted) | tag (16)
 
-The header is the msgpack array ``[version, kind, session, sender, recipient, seq, call_id,
-deadline_ms, name, payload_len, payload_hash]`` and the MAC is keyed blake3 over
-``b"moshpit/1 envelope\\x00" + header``, under the sending direction's key from the handshake
-(both ends hold it, nobody else does). The payload is covered through its blake3 hash in the
-header, so a multi-megabyte tensor chunk is never copied through the serializer and is
-authenticated at the cost of one hash. protocol/SPEC.md ("Envelope") is the contract; this module
-follows it check for check.
+The header is the msgpack array ``[version, kind, seq, call_id, deadline_ms, name_len,
+payload_len]``. Everything after it is AES-256-GCM under the sending direction's key from the
+handshake (both ends hold it, nobody else does), with the nonce ``u32be(direction) + u64be(seq)``
+and, as associated data, ``"moshpit/1 envelope\\x00" + session + sender + recipient + u16be H +
+header``. So one pass over the payload encrypts it and authenticates it together with the
+header; the session and both PeerIDs are bound in without being sent. protocol/SPEC.md
+("Envelope") is the contract; this module follows it check for check.
 
-Why a MAC and not an Ed25519 signature per envelope: the handshake already signs both ends'
-ephemeral keys, so the session keys prove who sent an envelope to the one peer that receives it,
-which is all an envelope is for (DHT records, which are passed on, carry their own signatures).
-A signature and its check cost about 175 microseconds per envelope here, the MAC about 2.
+What an observer of the wire still sees (the header, in the clear but authenticated): that
+envelopes of some kind, call and size pass, in what order, with what deadline. What it does not
+see: the called handler's name (it names the run and what is asked), and every payload.
+
+Why a session key and not an Ed25519 signature per envelope: the handshake already signs both
+ends' ephemeral keys, so the session keys prove who sent an envelope to the one peer that
+receives it, which is all an envelope is for (DHT records, which are passed on, carry their own
+signatures). A signature and its check cost about 175 microseconds per envelope here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-import hmac
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import NoReturn
+from typing import Annotated, NoReturn
 
-import blake3
 import msgspec
+import numpy as np
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ..errors import ConfigError, ProtocolError
 from ..identity import PeerID
@@ -36,8 +41,9 @@ from ..identity import PeerID
 __all__ = [
     "DEFAULT_LIMITS",
     "ENVELOPE_DOMAIN",
-    "MAC_SIZE",
+    "TAG_SIZE",
     "VERSION",
+    "Direction",
     "Envelope",
     "EnvelopeLimits",
     "EnvelopeOpener",
@@ -47,16 +53,29 @@ __all__ = [
     "SharedSlice",
 ]
 
-VERSION = 1
+VERSION = 2
 ENVELOPE_DOMAIN = b"moshpit/1 envelope\x00"
 SESSION_SIZE = 32
-HASH_SIZE = 32
-MAC_SIZE = 32
 KEY_SIZE = 32
+TAG_SIZE = 16
 U64_MAX = 2**64 - 1
 _PREFIX_SIZE = 2
 KiB = 1024
 MiB = 1024 * KiB
+# Sealed parts at least this long are encrypted into (and decrypted into) an uninitialised numpy
+# buffer: no zero-filling pass before the cipher's own, and a writable body the websocket writer
+# may mask in place. Shorter ones go through AESGCM.encrypt / decrypt, which cost less per call.
+_INTO_THRESHOLD = 64 * KiB
+
+
+class Direction(enum.IntEnum):
+    """Which way an envelope travels; the first four bytes of its nonce (u32 big-endian).
+
+    Each direction also has its own key, so this is defence in depth: a reflected envelope
+    fails even if both keys were ever the same."""
+
+    INITIATOR_TO_RESPONDER = 1
+    RESPONDER_TO_INITIATOR = 2
 
 
 class Kind(enum.IntEnum):
@@ -102,7 +121,8 @@ class EnvelopeLimits:
     """Size caps. ``max_payload[STREAM_CREDIT]`` is an exact size, the others are maxima."""
 
     max_payload: Mapping[Kind, int] = dataclasses.field(default_factory=_default_max_payload)
-    max_header: int = 512
+    #: the clear header: seven small ints, at most 45 bytes of msgpack
+    max_header: int = 64
     max_name: int = 128  # bytes of utf-8
 
     def __post_init__(self) -> None:
@@ -119,7 +139,11 @@ class EnvelopeLimits:
     @property
     def max_message(self) -> int:
         """The largest envelope these limits admit; the websocket layer's max message size."""
-        return _PREFIX_SIZE + self.max_header + MAC_SIZE + max(self.max_payload.values())
+        largest = max(
+            cap + (self.max_name if kind in NAMED_KINDS else 0)
+            for kind, cap in self.max_payload.items()
+        )
+        return _PREFIX_SIZE + self.max_header + largest + TAG_SIZE
 
 
 DEFAULT_LIMITS = EnvelopeLimits()
@@ -129,8 +153,8 @@ DEFAULT_LIMITS = EnvelopeLimits()
 class Envelope:
     """An opened, fully checked envelope.
 
-    ``payload`` is a view into the received message (no copy); take ``bytes(payload)`` to keep
-    it independently of that buffer.
+    ``payload`` is a view of the decrypted bytes, which belong to this envelope alone (no other
+    reference to them exists): a receiver may keep it, or a numpy array over it, without a copy.
     """
 
     kind: Kind
@@ -141,42 +165,32 @@ class Envelope:
     payload: memoryview
 
 
-def _hash(data: bytes | memoryview) -> bytes:
-    digest: bytes = blake3.blake3(data).digest()
-    return digest
-
-
 class SharedPayload:
-    """``bytes`` that several envelopes carry, e.g. a reducer's average sent to every member of
-    its group: the digest of each slice is computed once, however many envelopes (on however
-    many connections) carry that slice.
+    """A payload that several envelopes carry, e.g. a reducer's average sent to every member of
+    its group, or a part sent straight from the averager's flat vector (:meth:`borrow`).
+
+    Each envelope is encrypted under its own connection's key as it is sealed, so its slice is
+    read then (once per envelope) and never copied before: the envelope that waits in a queue
+    holds its own ciphertext, not a reference to this memory.
 
     >>> shared = SharedPayload(bytes(100))
-    >>> a, b = shared.slice(0, 50), shared.slice(0, 50)
-    >>> a.digest() is b.digest(), len(a)
-    (True, 50)
+    >>> len(shared.slice(0, 50)), len(shared.slice(90, 120))
+    (50, 10)
     """
 
-    __slots__ = ("_digests", "data")
+    __slots__ = ("data",)
 
     def __init__(self, data: bytes) -> None:
         if type(data) is not bytes:
-            raise ConfigError("a SharedPayload holds bytes (nothing may change them)")
+            raise ConfigError("a SharedPayload holds bytes; borrow() takes other buffers")
         self.data: bytes | memoryview = data
-        self._digests: dict[tuple[int, int], bytes] = {}
 
     @classmethod
     def borrow(cls, buffer: memoryview) -> SharedPayload:
         """Carry ``buffer`` (a flat, contiguous byte view of memory the caller owns) without
-        copying it: its slices are hashed and written to the socket straight from that memory.
-
-        The caller promises that nothing changes those bytes until every envelope carrying
-        them has been written: a stream that ended with ``finish()`` returning has been
-        (the receiver answered after the last chunk); after any other ending, envelopes may
-        still wait in the connection's queue, so the caller must then leave the memory alone
-        for good. Bytes changed in between would no longer match the hash under the MAC, and the
-        receiver would close the connection as a protocol violation.
-        """
+        copying it. Each chunk is read when its envelope is sealed (in ``SendStream.send``), so
+        the caller leaves the memory alone until the send that carries it has returned; after
+        that the queued envelopes hold ciphertext of their own."""
         view = buffer if isinstance(buffer, memoryview) else memoryview(buffer)
         if not view.c_contiguous:
             raise ConfigError("a borrowed payload must be contiguous memory")
@@ -184,7 +198,6 @@ class SharedPayload:
             view = view.cast("B")
         shared = cls.__new__(cls)
         shared.data = view
-        shared._digests = {}
         return shared
 
     def __len__(self) -> int:
@@ -198,7 +211,7 @@ class SharedPayload:
 
 class SharedSlice:
     """A slice of a :class:`SharedPayload`; :meth:`EnvelopeSealer.seal_parts` takes one as a
-    payload and uses the slice's remembered digest."""
+    payload."""
 
     __slots__ = ("end", "shared", "start")
 
@@ -212,24 +225,19 @@ class SharedSlice:
     def view(self) -> memoryview:
         return memoryview(self.shared.data)[self.start : self.end]
 
-    def digest(self) -> bytes:
-        key = (self.start, self.end)
-        digests = self.shared._digests
-        found = digests.get(key)
-        if found is None:
-            found = digests[key] = _hash(self.view)
-        return found
-
 
 _encode = msgspec.msgpack.Encoder().encode
-_HeaderTuple = tuple[int, int, bytes, bytes, bytes, int, int, int, str, int, bytes]
+# msgspec refuses ints past 2**64-1 itself; Meta(ge=0) refuses negative ones, so every field
+# that decodes is a u64 (a negative version still reads as "version", see _raise_undecodable).
+_U64 = Annotated[int, msgspec.Meta(ge=0)]
+_HeaderTuple = tuple[_U64, _U64, _U64, _U64, _U64, _U64, _U64]
 _decode_header = msgspec.msgpack.Decoder(_HeaderTuple).decode
 # Used only when the typed decode failed, to tell a header of another version (whose layout may
 # differ) from garbage; Raw elements keep it from recursing into nested attacker data.
 _decode_raw_array = msgspec.msgpack.Decoder(list[msgspec.Raw]).decode
 _decode_int = msgspec.msgpack.Decoder(int).decode
 # Everything msgspec's C decoder raises on hostile input: its own errors, UnicodeDecodeError (a
-# ValueError) for a str that is not utf-8, RecursionError for deep nesting.
+# ValueError), RecursionError for deep nesting.
 _DECODE_ERRORS = (msgspec.MsgspecError, ValueError, RecursionError)
 
 
@@ -238,29 +246,43 @@ def _check_u64(what: str, value: int) -> None:
         raise ConfigError(f"{what} must be an int in 0..2**64-1, got {value!r}")
 
 
+def _cipher(key: bytes) -> AESGCM:
+    if type(key) is not bytes or len(key) != KEY_SIZE:
+        raise ConfigError(f"an envelope key is {KEY_SIZE} bytes")
+    return AESGCM(key)
+
+
+def _direction(direction: Direction) -> bytes:
+    if type(direction) is not Direction:
+        raise ConfigError(f"direction must be a Direction, got {direction!r}")
+    return int(direction).to_bytes(4, "big")
+
+
+def _associated_prefix(session: bytes, sender: PeerID, recipient: PeerID) -> bytes:
+    if len(session) != SESSION_SIZE:
+        raise ConfigError(f"a session id is {SESSION_SIZE} bytes, got {len(session)}")
+    return ENVELOPE_DOMAIN + bytes(session) + sender.to_bytes() + recipient.to_bytes()
+
+
 class EnvelopeSealer:
     """Seals outgoing envelopes for one direction of one session; numbers them 1, 2, 3, ..."""
 
-    __slots__ = ("_key", "_limits", "_prefix_fields", "_seq")
+    __slots__ = ("_aad", "_aead", "_limits", "_nonce", "_seq")
 
     def __init__(
         self,
         sender: PeerID,
         session: bytes,
         recipient: PeerID,
-        mac_key: bytes,
+        key: bytes,
         *,
+        direction: Direction,
         limits: EnvelopeLimits = DEFAULT_LIMITS,
     ) -> None:
-        if len(session) != SESSION_SIZE:
-            raise ConfigError(f"a session id is {SESSION_SIZE} bytes, got {len(session)}")
-        self._key = _mac_key(mac_key)
+        self._aad = _associated_prefix(session, sender, recipient)
+        self._aead = _cipher(key)
+        self._nonce = _direction(direction)
         self._limits = limits
-        self._prefix_fields = (
-            bytes(session),
-            sender.to_bytes(),
-            recipient.to_bytes(),
-        )
         self._seq = 0
 
     @property
@@ -272,7 +294,7 @@ class EnvelopeSealer:
         self,
         kind: Kind,
         call_id: int = 0,
-        payload: bytes | memoryview = b"",
+        payload: bytes | bytearray | memoryview = b"",
         *,
         deadline_ms: int = 0,
         name: str = "",
@@ -282,7 +304,7 @@ class EnvelopeSealer:
         Raises ConfigError for arguments the receiver would refuse (unknown kind, oversize
         payload or name, a name on a kind that takes none), so that a local bug fails here
         instead of closing the connection at the other end. :meth:`seal_parts` is the same
-        envelope in two pieces, without copying the payload.
+        envelope in two pieces.
         """
         head, body = self.seal_parts(kind, call_id, payload, deadline_ms=deadline_ms, name=name)
         return b"".join((head, body))
@@ -296,35 +318,32 @@ class EnvelopeSealer:
         deadline_ms: int = 0,
         name: str = "",
     ) -> tuple[bytes, bytes | memoryview]:
-        """The envelope as ``(head, payload)``: ``head`` is ``u16 H | header | mac`` and
-        the message is ``head + payload``. Same checks and errors as :meth:`seal`.
+        """The envelope as ``(head, body)``: ``head`` is ``u16 H | header`` and ``body`` the
+        encrypted name and payload with their tag; the message is ``head + body``. Same checks
+        and errors as :meth:`seal`.
 
-        The payload that comes back is the one given when nothing can change it afterwards
-        (``bytes``, or a read-only view of ``bytes``), otherwise a copy taken before hashing:
-        what was hashed is what will be sent, whatever the caller does with its buffer next.
-        A sender can thus write the two pieces to the socket one after the other and a
-        multi-megabyte payload is never copied on its way there. A :class:`SharedSlice` goes
-        out as a view of its bytes, under the digest its :class:`SharedPayload` remembers.
+        The payload is read once, here (encrypting it is the only pass over it), so the caller
+        may change its buffer as soon as this returns. ``body`` is a new buffer that belongs to
+        the caller: bytes when short, else a writable view of its own memory, which a writer
+        may change in place once it no longer needs the envelope (a websocket client masks it
+        there instead of into a copy).
 
         >>> from moshpit_trio.identity import Identity
         >>> me, you = Identity.generate(), Identity.generate()
-        >>> sealer = EnvelopeSealer(me.peer_id, bytes(32), you.peer_id, bytes(32))
-        >>> data = bytes(1000)
-        >>> head, body = sealer.seal_parts(Kind.STREAM_DATA, 1, data)
-        >>> body is data, len(head) < 300
-        (True, True)
+        >>> sealer = EnvelopeSealer(
+        ...     me.peer_id, bytes(32), you.peer_id, bytes(32),
+        ...     direction=Direction.INITIATOR_TO_RESPONDER)
+        >>> head, body = sealer.seal_parts(Kind.STREAM_DATA, 1, bytes(1000))
+        >>> len(body), len(head) < 20
+        (1016, True)
         """
         k = _KIND_BY_VALUE.get(kind) if type(kind) in (int, Kind) else None
         if k is None:
             raise ConfigError(f"unknown envelope kind {kind!r}")
         _check_u64("call_id", call_id)
         _check_u64("deadline_ms", deadline_ms)
-        digest: bytes | None = None
-        if isinstance(payload, SharedSlice):
-            digest, payload = payload.digest(), payload.view
-        elif type(payload) is not bytes:
-            payload = _frozen(payload)
-        size = len(payload)
+        view = payload.view if isinstance(payload, SharedSlice) else _flat(payload)
+        size = len(view)
         cap = self._limits.max_payload[k]
         if size > cap or (k in EXACT_SIZE_KINDS and size != cap):
             raise ConfigError(f"a {k.name} payload may be {cap} bytes at most, got {size}")
@@ -341,75 +360,54 @@ class EnvelopeSealer:
         if self._seq >= U64_MAX:
             raise ConfigError("this session has sealed 2**64-1 envelopes; open a new one")
         seq = self._seq + 1
-        session, sender, recipient = self._prefix_fields
-        header = _encode(
-            (
-                VERSION,
-                int(k),
-                session,
-                sender,
-                recipient,
-                seq,
-                call_id,
-                deadline_ms,
-                name,
-                size,
-                _hash(payload) if digest is None else digest,
-            )
-        )
+        header = _encode((VERSION, int(k), seq, call_id, deadline_ms, len(name_bytes), size))
         if len(header) > self._limits.max_header:
             raise ConfigError(
                 f"header is {len(header)} bytes; the cap is {self._limits.max_header}"
             )
-        mac = _mac(self._key, header)
+        head = len(header).to_bytes(2, "big") + header
+        nonce = self._nonce + seq.to_bytes(8, "big")
+        aad = self._aad + head
+        plain: bytes | memoryview = b"".join((name_bytes, view)) if name_bytes else view
+        body: bytes | memoryview
+        if len(plain) < _INTO_THRESHOLD:
+            body = self._aead.encrypt(nonce, plain, aad)
+        else:
+            body = np.empty(len(plain) + TAG_SIZE, dtype=np.uint8).data
+            self._aead.encrypt_into(nonce, plain, aad, body)
         self._seq = seq
-        return b"".join((len(header).to_bytes(2, "big"), header, mac)), payload
+        return head, body
 
 
-def _mac_key(key: bytes) -> bytes:
-    if type(key) is not bytes or len(key) != KEY_SIZE:
-        raise ConfigError(f"an envelope MAC key is {KEY_SIZE} bytes")
-    return key
-
-
-def _mac(key: bytes, header: bytes | memoryview) -> bytes:
-    """Keyed blake3 of the domain-separated header: the envelope's MAC."""
-    hasher = blake3.blake3(ENVELOPE_DOMAIN, key=key)
-    hasher.update(header)
-    mac: bytes = hasher.digest()
-    return mac
-
-
-def _frozen(payload: bytes | bytearray | memoryview) -> bytes | memoryview:
-    """``payload`` as a flat byte view that nobody can change: as it is when it is a read-only
-    view of ``bytes``, else a copy. ConfigError for a buffer that is not flat bytes."""
-    view = payload if isinstance(payload, memoryview) else memoryview(payload)
+def _flat(payload: bytes | bytearray | memoryview) -> memoryview:
+    """``payload`` as a flat byte view; ConfigError for a buffer that is not flat bytes."""
+    try:
+        view = payload if isinstance(payload, memoryview) else memoryview(payload)
+    except TypeError:
+        raise ConfigError(f"a payload is a buffer of bytes, not {type(payload).__name__}") from None
     if view.nbytes != len(payload) or not view.c_contiguous:
         raise ConfigError("the payload memoryview must be a flat view of bytes")
-    if view.readonly and type(view.obj) is bytes:
-        return view if view.format == "B" and view.ndim == 1 else view.cast("B")
-    return view.tobytes()
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
 class EnvelopeOpener:
     """Opens incoming envelopes for one direction of one session, checking everything."""
 
-    __slots__ = ("_key", "_last_seq", "_limits", "_recipient", "_sender", "_session")
+    __slots__ = ("_aad", "_aead", "_last_seq", "_limits", "_nonce")
 
     def __init__(
         self,
-        mac_key: bytes,
+        key: bytes,
         session: bytes,
         sender: PeerID,
         recipient: PeerID,
         limits: EnvelopeLimits = DEFAULT_LIMITS,
+        *,
+        direction: Direction,
     ) -> None:
-        if len(session) != SESSION_SIZE:
-            raise ConfigError(f"a session id is {SESSION_SIZE} bytes, got {len(session)}")
-        self._key = _mac_key(mac_key)
-        self._session = bytes(session)
-        self._sender = sender.to_bytes()
-        self._recipient = recipient.to_bytes()
+        self._aad = _associated_prefix(session, sender, recipient)
+        self._aead = _cipher(key)
+        self._nonce = _direction(direction)
         self._limits = limits
         self._last_seq = 0
 
@@ -419,12 +417,13 @@ class EnvelopeOpener:
         return self._last_seq
 
     def open(self, message: bytes | bytearray | memoryview) -> Envelope:
-        """Check one received message and return its envelope; raise ProtocolError if bad.
+        """Check one received message, decrypt it and return its envelope; raise ProtocolError
+        if anything is wrong.
 
-        The order of the checks is the spec's: framing and sizes first, then the header's
-        fields, then the MAC, and only then the payload hash (the one check that costs
-        in proportion to the payload). The expected seq advances only for an envelope that
-        passed every check.
+        The order of the checks is the spec's: framing and the header's fields first (sizes,
+        the sequence number) and only then the one pass over the payload that decrypts and
+        authenticates it. The expected seq advances only for an envelope that passed every
+        check.
         """
         try:
             mv = memoryview(message)
@@ -441,98 +440,76 @@ class EnvelopeOpener:
             raise ProtocolError(
                 "too-large", f"header of {header_size} bytes; the cap is {limits.max_header}"
             )
-        payload_start = _PREFIX_SIZE + header_size + MAC_SIZE
-        if total < payload_start:
+        sealed_start = _PREFIX_SIZE + header_size
+        if total < sealed_start:
             raise ProtocolError(
-                "malformed",
-                f"message of {total} bytes is shorter than its {header_size}-byte header and MAC",
+                "truncated", f"message of {total} bytes ends inside its {header_size}-byte header"
             )
-        header_view = mv[_PREFIX_SIZE : _PREFIX_SIZE + header_size]
+        header_view = mv[_PREFIX_SIZE:sealed_start]
         try:
             header = _decode_header(header_view)
         except _DECODE_ERRORS as exc:
             self._raise_undecodable(header_view, exc)
-        (
-            version,
-            kind_value,
-            session,
-            sender,
-            recipient,
-            seq,
-            call_id,
-            deadline_ms,
-            name,
-            payload_len,
-            payload_hash,
-        ) = header
+        version, kind_value, seq, call_id, deadline_ms, name_len, payload_len = header
         if version != VERSION:
-            raise ProtocolError("version", f"envelope version {version}; this peer speaks 1")
-        if not (
-            0 <= seq <= U64_MAX
-            and 0 <= call_id <= U64_MAX
-            and 0 <= deadline_ms <= U64_MAX
-            and 0 <= payload_len <= U64_MAX
-            and 0 <= kind_value <= U64_MAX
-        ):
-            raise ProtocolError("malformed", "an integer field is outside 0..2**64-1")
-        if (
-            len(session) != SESSION_SIZE
-            or len(sender) != 32
-            or len(recipient) != 32
-            or len(payload_hash) != HASH_SIZE
-        ):
             raise ProtocolError(
-                "malformed", "session, sender, recipient and payload_hash are 32 bytes each"
+                "version", f"envelope version {version}; this peer speaks {VERSION}"
             )
         kind = _KIND_BY_VALUE.get(kind_value)
         if kind is None:
             raise ProtocolError("kind", f"unknown envelope kind {kind_value}")
-        if session != self._session:
-            raise ProtocolError("session", "the envelope belongs to another session")
-        if sender != self._sender:
-            raise ProtocolError(
-                "sender", f"the envelope claims sender {PeerID(sender)}, not this connection's"
-            )
-        if recipient != self._recipient:
-            raise ProtocolError("recipient", f"the envelope is addressed to {PeerID(recipient)}")
         expected_seq = self._last_seq + 1
         if seq != expected_seq:
             raise ProtocolError(
                 "seq", f"envelope seq {seq}, expected {expected_seq} (replayed, lost or reordered)"
             )
         if kind in NAMED_KINDS:
-            name_size = len(name.encode())
-            if name_size > limits.max_name:
+            if name_len > limits.max_name:
                 raise ProtocolError(
-                    "too-large", f"call name of {name_size} bytes; the cap is {limits.max_name}"
+                    "too-large", f"call name of {name_len} bytes; the cap is {limits.max_name}"
                 )
-            if not name:
+            if not name_len:
                 raise ProtocolError("malformed", f"a {kind.name} without a name")
-        elif name or deadline_ms:
+        elif name_len or deadline_ms:
             raise ProtocolError("malformed", f"a {kind.name} carries no name and no deadline")
-        payload_size = total - payload_start
         cap = limits.max_payload[kind]
-        if payload_size > cap:
+        if payload_len > cap:
             raise ProtocolError(
-                "too-large", f"{kind.name} payload of {payload_size} bytes; the cap is {cap}"
+                "too-large", f"{kind.name} payload of {payload_len} bytes; the cap is {cap}"
             )
-        if payload_len != payload_size:
+        if kind in EXACT_SIZE_KINDS and payload_len != cap:
             raise ProtocolError(
-                "malformed", f"header says {payload_len} payload bytes, message has {payload_size}"
+                "malformed", f"a {kind.name} payload is exactly {cap} bytes, got {payload_len}"
             )
-        if kind in EXACT_SIZE_KINDS and payload_size != cap:
+        plain_size = name_len + payload_len
+        expected_total = sealed_start + plain_size + TAG_SIZE
+        if total != expected_total:
             raise ProtocolError(
-                "malformed", f"a {kind.name} payload is exactly {cap} bytes, got {payload_size}"
+                "truncated" if total < expected_total else "malformed",
+                f"message of {total} bytes; its header says {expected_total}",
             )
-        if not hmac.compare_digest(
-            mv[payload_start - MAC_SIZE : payload_start], _mac(self._key, header_view)
-        ):
-            raise ProtocolError("mac", "the envelope's MAC does not match")
-        payload = mv[payload_start:]
-        if _hash(payload) != payload_hash:
-            raise ProtocolError("hash", "the payload does not match the hash in its header")
+        nonce = self._nonce + seq.to_bytes(8, "big")
+        aad = self._aad + mv[:sealed_start]
+        sealed = mv[sealed_start:]
+        view: memoryview
+        try:
+            if plain_size < _INTO_THRESHOLD:
+                view = memoryview(self._aead.decrypt(nonce, sealed, aad))
+            else:
+                view = np.empty(plain_size, dtype=np.uint8).data
+                self._aead.decrypt_into(nonce, sealed, aad, view)
+        except InvalidTag:
+            raise ProtocolError(
+                "mac", "the envelope does not authenticate (tampered, or another key)"
+            ) from None
+        name = ""
+        if name_len:
+            try:
+                name = str(view[:name_len], "utf-8")
+            except UnicodeDecodeError:
+                raise ProtocolError("malformed", "the call name is not utf-8") from None
         self._last_seq = seq
-        return Envelope(kind, seq, call_id, deadline_ms, name, payload)
+        return Envelope(kind, seq, call_id, deadline_ms, name, view[name_len:])
 
     @staticmethod
     def _raise_undecodable(header_view: memoryview, exc: Exception) -> NoReturn:

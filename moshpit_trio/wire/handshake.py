@@ -14,8 +14,8 @@ session id is the sha256 of the whole transcript. protocol/SPEC.md ("Handshake")
 
 Each nonce is an ephemeral X25519 public key, drawn fresh for this handshake. Both are signed, so
 the X25519 secret the two sides then share is known to them alone, and each direction's envelope
-MAC key is derived from it (:class:`SessionKeys`): after the handshake, envelopes are
-authenticated with a keyed blake3 MAC instead of one Ed25519 signature each.
+key is derived from it with HKDF-SHA256 (:class:`SessionKeys`): after the handshake, envelopes
+are encrypted and authenticated with AES-256-GCM instead of carrying an Ed25519 signature each.
 
 Both classes are small state machines; their ``_TRANSITIONS`` tables list every allowed call.
 Any error, including a call out of order, leaves the object FAILED for good: a handshake that
@@ -31,11 +31,12 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, TypeVar
 
-import blake3
 import msgspec
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from ..errors import ConfigError, ProtocolError
@@ -62,9 +63,9 @@ MAX_REJECT_REASON = 512
 RESPONDER_DOMAIN = b"moshpit/1 handshake responder\x00"
 INITIATOR_DOMAIN = b"moshpit/1 handshake initiator\x00"
 SESSION_DOMAIN = b"moshpit/1 session\x00"
-# blake3 key-derivation contexts for the two directions' envelope MAC keys.
-MAC_CONTEXT_INITIATOR = "moshpit/1 envelope mac initiator to responder"
-MAC_CONTEXT_RESPONDER = "moshpit/1 envelope mac responder to initiator"
+# HKDF-SHA256 ``info`` strings for the two directions' envelope keys (the salt is the session id).
+KEY_INFO_INITIATOR = b"moshpit/1 envelope key initiator to responder"
+KEY_INFO_RESPONDER = b"moshpit/1 envelope key responder to initiator"
 
 
 class MessageType(enum.IntEnum):
@@ -76,7 +77,7 @@ class MessageType(enum.IntEnum):
 
 @dataclasses.dataclass(frozen=True, slots=True, repr=False)
 class SessionKeys:
-    """This side's envelope MAC keys: one for what it sends, one for what it receives."""
+    """This side's AES-256-GCM envelope keys: one for what it sends, one for what it receives."""
 
     send: bytes
     receive: bytes
@@ -214,18 +215,22 @@ def _ephemeral(secret: bytes | None) -> tuple[X25519PrivateKey, bytes]:
 def _session_keys(
     ephemeral: X25519PrivateKey, remote_nonce: bytes, session: bytes, *, initiator: bool
 ) -> SessionKeys:
-    """Both directions' MAC keys, from the X25519 secret shared with the remote nonce."""
+    """Both directions' envelope keys, from the X25519 secret shared with the remote nonce."""
     try:
         shared = ephemeral.exchange(X25519PublicKey.from_public_bytes(remote_nonce))
     except ValueError:
         # A low-order point gives the all-zero secret: nothing would be secret about it.
         raise ProtocolError("key-exchange", "the remote nonce is not a usable X25519 key") from None
-    material = shared + session
-    to_responder = blake3.blake3(material, derive_key_context=MAC_CONTEXT_INITIATOR).digest()
-    to_initiator = blake3.blake3(material, derive_key_context=MAC_CONTEXT_RESPONDER).digest()
+    to_responder = _hkdf(shared, session, KEY_INFO_INITIATOR)
+    to_initiator = _hkdf(shared, session, KEY_INFO_RESPONDER)
     if initiator:
         return SessionKeys(send=to_responder, receive=to_initiator)
     return SessionKeys(send=to_initiator, receive=to_responder)
+
+
+def _hkdf(secret: bytes, salt: bytes, info: bytes) -> bytes:
+    """HKDF-SHA256 (RFC 5869), 32 bytes: one direction's AES-256 key."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(secret)
 
 
 _T = TypeVar("_T")

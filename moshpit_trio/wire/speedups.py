@@ -114,7 +114,7 @@ WHOLE_FRAME_LIMIT: Final = 4 * 1024 * 1024 + 64 * 1024
 _SMALL: Final = 512
 
 
-def xor_mask(data: bytearray, key: bytes) -> None:
+def xor_mask(data: bytearray | memoryview, key: bytes) -> None:
     """XOR ``data`` in place with the 4-byte ``key`` repeated (key byte ``i % 4`` at offset i)."""
     n = len(data)
     if n == 0:
@@ -437,6 +437,9 @@ class MessageWriter:
         self._ws = ws
 
     async def send(self, head: bytes, payload: bytes | memoryview) -> None:
+        """Send ``head + payload`` as one message. A writable ``payload`` view is taken to be
+        the caller's to give away (``EnvelopeSealer.seal_parts`` makes every large body so): a
+        client masks it in place, so its bytes are not the caller's afterwards."""
         from trio_websocket import ConnectionClosed
         from wsproto.connection import ConnectionState
 
@@ -465,9 +468,16 @@ class MessageWriter:
             first = frame + key + masked_head
             # The mask runs on across the frame's payload: the payload starts len(head) in.
             turn = len(head) % 4
-            out = np.empty(len(payload), dtype=np.uint8)
-            _masked_into(out, payload, key[turn:] + key[:turn])
-            rest = out.data
+            turned = key[turn:] + key[:turn]
+            if isinstance(payload, memoryview) and not payload.readonly:
+                # A buffer that is writable here is the envelope's own (an encrypted body):
+                # mask it where it is, one pass and no new buffer.
+                xor_mask(payload, turned)
+                rest = payload
+            else:
+                out = np.empty(len(payload), dtype=np.uint8)
+                _masked_into(out, payload, turned)
+                rest = out.data
         else:
             first, rest = frame + head, payload
         pieces = [first + bytes(rest)] if len(rest) < INLINE_PAYLOAD else [first, rest]

@@ -334,8 +334,8 @@ class Transport:
 
     def _after(self, conn: Connection) -> None:
         """A connection ended: ban its peer if it broke the protocol (the handshake proved who
-        it is, and every envelope carries a MAC only it and we can make, so the violation is its
-        own, or that of whoever tampers with the bytes between us)."""
+        it is, and every envelope is sealed under a key only it and we hold, so the violation is
+        its own, or that of whoever tampers with the bytes between us)."""
         error = conn.protocol_error
         if error is not None and self.access.policy.ban_on_protocol_error:
             self.ban(conn.remote_peer_id, f"protocol violation ({error.reason})")

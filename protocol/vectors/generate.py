@@ -1,9 +1,10 @@
 """Write the moshpit/1 test vectors (keys.json, handshake.json, envelopes.json) next to this file.
 
 Run ``python protocol/vectors/generate.py``. Everything is deterministic (keys from fixed seeds,
-ephemeral X25519 keys from fixed secrets, and Ed25519 signatures and blake3 are deterministic), so
-running it again rewrites the same bytes; tests/test_vectors.py checks both that the files are
-current and that the code reproduces and accepts every vector. See protocol/SPEC.md for what
+ephemeral X25519 keys from fixed secrets, Ed25519 signatures and HKDF are deterministic, and
+AES-GCM's nonces are the envelopes' sequence numbers), so running it again rewrites the same
+bytes; tests/test_vectors.py checks both that the files are current and that the code
+reproduces and accepts every vector. See protocol/SPEC.md for what
 the bytes mean.
 """
 
@@ -18,11 +19,17 @@ _ROOT = Path(__file__).resolve().parents[2]
 if str(_ROOT) not in sys.path:  # runnable from a checkout without installing the package
     sys.path.insert(0, str(_ROOT))
 
-import blake3  # noqa: E402
 import msgspec  # noqa: E402
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
 
 from moshpit_trio.identity import Identity  # noqa: E402
-from moshpit_trio.wire.envelope import ENVELOPE_DOMAIN, EnvelopeSealer, Kind  # noqa: E402
+from moshpit_trio.wire.envelope import (  # noqa: E402
+    ENVELOPE_DOMAIN,
+    VERSION,
+    Direction,
+    EnvelopeSealer,
+    Kind,
+)
 from moshpit_trio.wire.handshake import (  # noqa: E402
     HandshakeInitiator,
     HandshakeRejected,
@@ -36,7 +43,7 @@ SEEDS = {"alice": bytes([1]) * 32, "bob": bytes([2]) * 32, "carol": bytes([3]) *
 # The ephemeral X25519 private keys; the nonces on the wire are their public keys.
 INITIATOR_EPHEMERAL = bytes(range(32))
 RESPONDER_EPHEMERAL = bytes(range(32, 64))
-# A key nobody in the handshake holds: MACs under it must be refused.
+# A key nobody in the handshake holds: envelopes sealed under it must be refused.
 STRANGER_KEY = bytes([9]) * 32
 
 
@@ -93,8 +100,8 @@ def handshake() -> dict[str, Any]:
     busy_reject = HandshakeResponder(bob, ephemeral_secret=RESPONDER_EPHEMERAL).reject("busy")
     return {
         "description": "alice (initiator) authenticates bob (responder); byte strings are hex. "
-        "The nonces are X25519 public keys of the ephemeral secrets; the MAC keys are derived "
-        "from their shared secret and the session id",
+        "The nonces are X25519 public keys of the ephemeral secrets; the envelope keys are "
+        "HKDF-SHA256 of their shared secret, salted with the session id",
         "initiator": "alice",
         "responder": "bob",
         "initiator_ephemeral_secret": INITIATOR_EPHEMERAL.hex(),
@@ -103,8 +110,8 @@ def handshake() -> dict[str, Any]:
         "response": response.hex(),
         "finish": finish.hex(),
         "session": result.session.hex(),
-        "mac_key_initiator_to_responder": result.keys.receive.hex(),
-        "mac_key_responder_to_initiator": result.keys.send.hex(),
+        "key_initiator_to_responder": result.keys.receive.hex(),
+        "key_responder_to_initiator": result.keys.send.hex(),
         "wrong_peer": {
             "description": "alice expects carol but reaches bob; bob answers with this REJECT",
             "hello": wrong_hello.hex(),
@@ -139,18 +146,21 @@ ENVELOPES: list[dict[str, Any]] = [
 ]
 
 
-def _forge(key: bytes, fields: list[Any], payload: bytes) -> bytes:
-    """An envelope with an arbitrary header and its MAC under ``key``: for the must-reject
-    vectors."""
-    header = msgspec.msgpack.encode(fields)
-    mac = blake3.blake3(ENVELOPE_DOMAIN + header, key=key).digest()
-    return len(header).to_bytes(2, "big") + header + mac + payload
+def _nonce(seq: int, direction: Direction = Direction.INITIATOR_TO_RESPONDER) -> bytes:
+    return int(direction).to_bytes(4, "big") + seq.to_bytes(8, "big")
+
+
+def _associated(session: bytes, sender: bytes, recipient: bytes, head: bytes) -> bytes:
+    return ENVELOPE_DOMAIN + session + sender + recipient + head
 
 
 def envelopes(session: bytes, key: bytes, reverse_key: bytes) -> dict[str, Any]:
-    """``key``: alice -> bob's MAC key; ``reverse_key``: bob -> alice's."""
+    """``key``: alice -> bob's envelope key; ``reverse_key``: bob -> alice's."""
     alice, bob, carol = _ident("alice"), _ident("bob"), _ident("carol")
-    sealer = EnvelopeSealer(alice.peer_id, session, bob.peer_id, key)
+    a_id, b_id = alice.peer_id.to_bytes(), bob.peer_id.to_bytes()
+    sealer = EnvelopeSealer(
+        alice.peer_id, session, bob.peer_id, key, direction=Direction.INITIATOR_TO_RESPONDER
+    )
     valid = []
     for spec in ENVELOPES:
         message = sealer.seal(
@@ -160,6 +170,7 @@ def envelopes(session: bytes, key: bytes, reverse_key: bytes) -> dict[str, Any]:
             deadline_ms=spec.get("deadline_ms", 0),
             name=spec.get("name", ""),
         )
+        head_size = 2 + int.from_bytes(message[:2], "big")
         valid.append(
             {
                 "kind": spec["kind"],
@@ -169,86 +180,116 @@ def envelopes(session: bytes, key: bytes, reverse_key: bytes) -> dict[str, Any]:
                 "deadline_ms": spec.get("deadline_ms", 0),
                 "name": spec.get("name", ""),
                 "payload": spec["payload"].hex(),
-                "payload_hash": blake3.blake3(spec["payload"]).digest().hex(),
+                "head": message[:head_size].hex(),
+                "nonce": _nonce(sealer.last_seq).hex(),
+                "associated_data": _associated(session, a_id, b_id, message[:head_size]).hex(),
                 "message": message.hex(),
             }
         )
 
+    def forge(
+        fields: list[Any],
+        plain: bytes = b"ok",
+        *,
+        seal_key: bytes = key,
+        seq: int = 1,
+        direction: Direction = Direction.INITIATOR_TO_RESPONDER,
+        sender: bytes = a_id,
+        in_session: bytes = session,
+    ) -> bytes:
+        """An envelope with an arbitrary header, sealing ``plain`` (name + payload): for the
+        must-refuse vectors."""
+        header = msgspec.msgpack.encode(fields)
+        head = len(header).to_bytes(2, "big") + header
+        aad = _associated(in_session, sender, b_id, head)
+        return head + AESGCM(seal_key).encrypt(_nonce(seq, direction), plain, aad)
+
     def fields(**changes: Any) -> list[Any]:
         base: dict[str, Any] = {
-            "version": 1,
+            "version": VERSION,
             "kind": int(Kind.RESPONSE),
-            "session": session,
-            "sender": alice.peer_id.to_bytes(),
-            "recipient": bob.peer_id.to_bytes(),
             "seq": 1,
             "call_id": 5,
             "deadline_ms": 0,
-            "name": "",
+            "name_len": 0,
             "payload_len": 2,
-            "payload_hash": blake3.blake3(b"ok").digest(),
         }
+        assert set(changes) <= set(base)
         base.update(changes)
         return list(base.values())
 
-    good = _forge(key, fields(), b"ok")
-    header_size = int.from_bytes(good[:2], "big")
-    flipped_mac = bytearray(good)
-    flipped_mac[2 + header_size] ^= 0x01
-    long_name = "n" * 129
+    def flipped(message: bytes, index: int) -> bytes:
+        out = bytearray(message)
+        out[index] ^= 0x01
+        return bytes(out)
+
+    good = forge(fields())
+    head_size = 2 + int.from_bytes(good[:2], "big")
+    other_call = msgspec.msgpack.encode(fields(call_id=6))
+    request = {"kind": int(Kind.REQUEST), "deadline_ms": 100}
     invalid = [
         ("a correct envelope, for reference", good, None),
-        ("payload changed after sealing", good[:-2] + b"OK", "hash"),
-        ("one MAC bit flipped", bytes(flipped_mac), "mac"),
-        ("MAC under a key outside the session", _forge(STRANGER_KEY, fields(), b"ok"), "mac"),
+        ("one ciphertext bit flipped", flipped(good, head_size), "mac"),
+        ("one tag bit flipped", flipped(good, -1), "mac"),
         (
-            "MAC under bob -> alice's key (reflected)",
-            _forge(reverse_key, fields(), b"ok"),
+            "call_id changed in the header (same size)",
+            len(other_call).to_bytes(2, "big") + other_call + good[head_size:],
+            "mac",
+        ),
+        ("sealed under a key outside the session", forge(fields(), seal_key=STRANGER_KEY), "mac"),
+        (
+            "sealed under bob -> alice's key (reflected)",
+            forge(fields(), seal_key=reverse_key),
             "mac",
         ),
         (
+            "the nonce of the other direction",
+            forge(fields(), direction=Direction.RESPONDER_TO_INITIATOR),
+            "mac",
+        ),
+        ("the nonce of seq 2 under seq 1", forge(fields(), seq=2), "mac"),
+        ("sealed for another session", forge(fields(), in_session=bytes(32)), "mac"),
+        (
             "carol's envelope on alice's connection",
-            _forge(key, fields(sender=carol.peer_id.to_bytes()), b"ok"),
-            "sender",
+            forge(fields(), sender=carol.peer_id.to_bytes()),
+            "mac",
         ),
+        ("seq 2 where 1 is expected", forge(fields(seq=2), seq=2), "seq"),
+        ("seq 0", forge(fields(seq=0), seq=0), "seq"),
+        ("version 1", forge(fields(version=1)), "version"),
+        ("kind 10", forge(fields(kind=10)), "kind"),
+        ("the last byte cut off", good[:-1], "truncated"),
+        ("cut inside the header", good[:5], "truncated"),
+        ("one byte too many", good + b"\x00", "malformed"),
+        ("negative call_id", forge(fields(call_id=-1)), "malformed"),
+        ("name_len on a RESPONSE", forge(fields(name_len=1), b"xok"), "malformed"),
+        ("header of 6 fields", forge(fields()[:6]), "malformed"),
         (
-            "addressed to carol",
-            _forge(key, fields(recipient=carol.peer_id.to_bytes()), b"ok"),
-            "recipient",
-        ),
-        ("from another session", _forge(key, fields(session=bytes(32)), b"ok"), "session"),
-        ("seq 2 where 1 is expected", _forge(key, fields(seq=2), b"ok"), "seq"),
-        ("seq 0", _forge(key, fields(seq=0), b"ok"), "seq"),
-        ("version 2", _forge(key, fields(version=2), b"ok"), "version"),
-        ("kind 10", _forge(key, fields(kind=10), b"ok"), "kind"),
-        ("payload_len 3 for 2 bytes", _forge(key, fields(payload_len=3), b"ok"), "malformed"),
-        ("negative call_id", _forge(key, fields(call_id=-1), b"ok"), "malformed"),
-        ("name on a RESPONSE", _forge(key, fields(name="x"), b"ok"), "malformed"),
-        ("header of 10 fields", _forge(key, fields()[:10], b"ok"), "malformed"),
-        (
-            "call name of 129 bytes",
-            _forge(key, fields(kind=int(Kind.REQUEST), name=long_name), b"ok"),
-            "too-large",
-        ),
-        (
-            "CANCEL with a payload",
-            _forge(key, fields(kind=int(Kind.CANCEL)), b"ok"),
-            "too-large",
-        ),
-        (
-            "STREAM_CREDIT of 2 bytes",
-            _forge(key, fields(kind=int(Kind.STREAM_CREDIT)), b"ok"),
+            "REQUEST without a name",
+            forge(fields(**request)),
             "malformed",
         ),
-        ("header length 600 (over 512)", (600).to_bytes(2, "big") + bytes(700), "too-large"),
+        (
+            "call name of 129 bytes",
+            forge(fields(**request, name_len=129), b"n" * 129 + b"ok"),
+            "too-large",
+        ),
+        (
+            "call name that is not UTF-8",
+            forge(fields(**request, name_len=2), b"\xff\xfe" + b"ok"),
+            "malformed",
+        ),
+        ("CANCEL with a payload", forge(fields(kind=int(Kind.CANCEL))), "too-large"),
+        ("STREAM_CREDIT of 2 bytes", forge(fields(kind=int(Kind.STREAM_CREDIT))), "malformed"),
+        ("header length 600 (over 64)", (600).to_bytes(2, "big") + bytes(700), "too-large"),
         ("one byte", b"\x00", "malformed"),
-        ("header length past the end", good[:20], "malformed"),
     ]
     return {
         "description": "alice -> bob envelopes in the session of handshake.json, under its "
-        "mac_key_initiator_to_responder. 'valid' must "
-        "open in order with one opener and reproduce byte for byte; each 'invalid' message is "
-        "opened by a fresh opener (expecting seq 1) and must fail with 'reason' (null: opens)",
+        "key_initiator_to_responder (AES-256-GCM; nonce and associated data given for each "
+        "valid one). 'valid' must open in order with one opener and reproduce byte for byte; "
+        "each 'invalid' message is opened by a fresh opener (expecting seq 1) and must fail "
+        "with 'reason' (null: opens)",
         "sender": "alice",
         "recipient": "bob",
         "session": session.hex(),
@@ -265,8 +306,8 @@ def build() -> dict[str, str]:
         "handshake.json": hs,
         "envelopes.json": envelopes(
             bytes.fromhex(hs["session"]),
-            bytes.fromhex(hs["mac_key_initiator_to_responder"]),
-            bytes.fromhex(hs["mac_key_responder_to_initiator"]),
+            bytes.fromhex(hs["key_initiator_to_responder"]),
+            bytes.fromhex(hs["key_responder_to_initiator"]),
         ),
     }
     return {
