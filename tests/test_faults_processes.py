@@ -34,10 +34,10 @@ from .test_daemon_chaos import (
 pytestmark = pytest.mark.slow
 
 PERIOD, TIMEOUT = 5.0, 4.0
-# 2M float32 (8 MB) under a 16 MB/s upload cap: the scatter alone takes about 0.4 s, so a kill
+# 1M float32 (4 MB) under an 8 MB/s upload cap: the scatter alone takes about 0.4 s, so a kill
 # a moment after "group formed" lands in the middle of the all-reduce.
-SIZE = 2_000_000
-LIMITS = 'upload_rate = "16 MB/s"'
+SIZE = 1_000_000
+LIMITS = 'upload_rate = "8 MB/s"'
 
 
 def finished_at(line: dict[str, Any]) -> float:
