@@ -438,3 +438,58 @@ async def test_two_peers_closing_toward_each_other_take_one_round_trip(
         close_now.set()
     assert set(took) == {"a", "b"}
     assert all(t <= 2 * latency for t in took.values()), took
+
+
+# -- a member taken for frozen while it is alive -----------------------------------------------
+
+
+async def test_a_member_given_up_by_mistake_is_told_by_the_cut_stream_and_does_not_wait(
+    autojump_clock: Any,
+) -> None:
+    """A reducer takes a live member for frozen (a stall on a loaded machine can look like
+    that) and gives it up mid-part. The member learns it from the reducer cutting off its
+    stream, stops waiting for that reducer's result, and its round ends with the others', not
+    at its deadline; every report stays true."""
+    clean = await _fault_free_round_seconds()
+    weights = [1.0 + i for i in range(N)]
+    async with _swarm() as s:
+        before = {p.id: v.copy() for p, v in zip(s.peers, s.values, strict=True)}
+        reports: dict[int, RoundReport] = {}
+        ended: dict[int, float] = {}
+        start = trio.current_time()
+
+        async def step(i: int) -> None:
+            reports[i] = await s.averagers[i].step(weight=weights[i], timeout=TIMEOUT)
+            ended[i] = trio.current_time() - start
+
+        async with trio.open_nursery() as nursery:
+            for i in range(N):
+                nursery.start_soon(step, i)
+            for _ in range(int(TIMEOUT * 1000)):
+                pair = _reducer_receiving_a_part(s)
+                if pair is not None:
+                    break
+                await trio.sleep(0.001)
+            else:
+                raise AssertionError("no part was ever half-way")
+            reducer, member = pair
+            r = _round(s, reducer)
+            r._lose(r.group.index_of(s.peers[member].id), "unresponsive")  # the mistake
+        _check(s, reports, before)
+        gave_up = s.peers[reducer].id
+        assert reports[reducer].lost == {s.peers[member].id: "unresponsive"}
+        assert reports[member].lost.get(gave_up) == "withdrew", reports[member]
+        for i in range(N):
+            assert ended[i] <= clean + KILL_SLACK, (i, ended[i], clean)
+
+
+def _reducer_receiving_a_part(s: Swarm) -> tuple[int, int] | None:
+    for j in range(N):
+        r = _round(s, j)
+        if r is None or r.accumulator is None or r.reduced is not None:
+            continue
+        for i in range(N):
+            k = r.group.index_of(s.peers[i].id)
+            if i != j and r.accumulator.delivered(k) > 0 and not r.accumulator.complete(k):
+                return j, i
+    return None

@@ -398,6 +398,13 @@ class AllReduce:
                 self.accumulator.exclude(sender, exc.reason)
             self._check_delivered()
             raise Rejected(f"bad contribution ({exc.reason}): {exc.detail}") from None
+        except trio.Cancelled:
+            # Cut off before its deadline: the sender gave up on us (say after taking us for
+            # frozen) or its connection ended, so the rest of this part is not coming. (At
+            # the deadline it is merely late, and the reduce leaves it out as such.)
+            if trio.current_time() < request.deadline:
+                self._lose(sender, "withdrew")
+            raise
         return b""
 
     async def _values(
@@ -463,6 +470,12 @@ class AllReduce:
                     pieces.append((offset, values))
         except BadContribution as exc:
             raise Rejected(f"bad result: {exc}") from None
+        except trio.Cancelled:
+            # Cut off before its deadline (the reducer gave up on us, say after taking us for
+            # frozen): its result is not coming, and waiting would hold us to our deadline.
+            if trio.current_time() < request.deadline:
+                self._lose(j, "withdrew")
+            raise
         self.results[j] = (pieces, tuple(sorted(header.included)))
         if self._expected_results <= set(self.results):
             self.all_results.set()

@@ -65,7 +65,8 @@ class RoundReport:
     #: seconds per stage: "matchmaking", "allreduce", "total"
     seconds: dict[str, float]
     #: members this peer lost mid-round, and how: "lost" (the connection ended),
-    #: "unresponsive" (silent for the progress timeout); it stopped waiting for them then
+    #: "unresponsive" (silent for the progress timeout), "withdrew" (it cut off its stream to
+    #: us before its deadline); it stopped waiting for them then
     lost: dict[PeerID, str] = dataclasses.field(default_factory=dict)
 
     @property
