@@ -649,17 +649,49 @@ def run_scenario(
     return out, full
 
 
-def check_reports(swarm: Swarm) -> dict[int, tuple[int, int]]:
-    """Per round: (elements that differ from what their reports name, reports checked)."""
+def mismatches(
+    spans: list[Any],
+    now: np.ndarray,
+    own: np.ndarray,
+    values_of: Callable[[str], np.ndarray],
+    weight: Callable[[str], float],
+) -> int:
+    """Elements of ``now`` that differ from what a report's ``spans`` name: per span
+    ``[start, end, included]``, the weighted average of the ``included`` members' values before
+    the round (``values_of``, ``weight``), or this member's ``own`` values where ``included`` is
+    None and wherever no span reaches (as tests/test_averager.py::check_report_is_true)."""
+    bad = 0
+    covered = np.zeros(len(now), dtype=bool)
+    for start, end, included in spans:
+        part = slice(start, end)
+        covered[part] = True
+        if included is None:
+            bad += int(np.count_nonzero(now[part] != own[part]))
+            continue
+        w = [weight(p) for p in included]
+        expect = sum(
+            wi * values_of(p)[part].astype(np.float64) for wi, p in zip(w, included, strict=True)
+        ) / sum(w)
+        bad += int(np.count_nonzero(~np.isclose(now[part], expect, rtol=RTOL, atol=ATOL)))
+    bad += int(np.count_nonzero(now[~covered] != own[~covered]))
+    return bad
+
+
+def check_reports(swarm: Swarm) -> dict[tuple[int, int], int]:
+    """Per (round, process): elements that differ from what its report names."""
     cfg = swarm.cfg
-    weights = {peer_id: weight_of(rank) for peer_id, rank in swarm.rank_of.items()}
-    per_round: dict[int, tuple[int, int]] = {}
+    found: dict[tuple[int, int], int] = {}
     cache: dict[tuple[int, int], np.ndarray] = {}
 
     def before(rank: int, round_: int) -> np.ndarray:
         if (rank, round_) not in cache:
             cache[(rank, round_)] = before_values(cfg.seed, rank, round_, cfg.floats)
         return cache[(rank, round_)]
+
+    def rank_of(peer_id: str) -> int:
+        if peer_id not in swarm.rank_of:
+            raise BenchFailed(f"a report names a peer that is none of ours: {peer_id}")
+        return swarm.rank_of[peer_id]
 
     lines = sorted(
         ((e["round"], c.rank, e) for c in swarm.children for e in c.events if _is_round(e)),
@@ -670,32 +702,14 @@ def check_reports(swarm: Swarm) -> dict[int, tuple[int, int]]:
             del cache[key]
         now = np.load(line["file"])
         os.unlink(line["file"])
-        own = before(rank, round_)
-        bad = 0
-        covered = np.zeros(cfg.floats, dtype=bool)
-        for start, end, included in line["spans"]:
-            part = slice(start, end)
-            covered[part] = True
-            if included is None:
-                bad += int(np.count_nonzero(now[part] != own[part]))
-                continue
-            unknown = [p for p in included if p not in weights]
-            if unknown:
-                raise BenchFailed(f"round {round_}: process {rank} names unknown peers {unknown}")
-            w = np.array([weights[p] for p in included])
-            expect = (
-                sum(
-                    wi * before(swarm.rank_of[p], round_)[part].astype(np.float64)
-                    for wi, p in zip(w, included, strict=True)
-                )
-                / w.sum()
-            )
-            bad += int(np.count_nonzero(~np.isclose(now[part], expect, rtol=RTOL, atol=ATOL)))
-        # what no span names must be this process's own values
-        bad += int(np.count_nonzero(now[~covered] != own[~covered]))
-        old = per_round.get(round_, (0, 0))
-        per_round[round_] = (old[0] + bad, old[1] + 1)
-    return per_round
+        found[(round_, rank)] = mismatches(
+            line["spans"],
+            now,
+            before(rank, round_),
+            lambda p, r=round_: before(rank_of(p), r),
+            lambda p: weight_of(rank_of(p)),
+        )
+    return found
 
 
 def run_arm(arm: str, cfg: argparse.Namespace, python: str) -> dict[str, Any]:
@@ -719,6 +733,7 @@ def run_arm(arm: str, cfg: argparse.Namespace, python: str) -> dict[str, Any]:
                 "round": base,
                 "round_s": _slowest(lines, "total"),
                 "allreduce_s": _slowest(lines, "allreduce"),
+                "matchmaking_s": _slowest(lines, "matchmaking"),
             }
             allreduce = result["baseline"]["allreduce_s"] or 0.0
             mid = cfg.mid_delay if cfg.mid_delay is not None else allreduce / 2
@@ -746,23 +761,26 @@ def run_arm(arm: str, cfg: argparse.Namespace, python: str) -> dict[str, Any]:
         finally:
             swarm.close()
         try:
-            per_round = check_reports(swarm)
+            found = check_reports(swarm)
         except BenchFailed as exc:
             result["error"] = f"{result['error'] or ''} checking: {exc}".strip()
-            per_round = {}
+            found = {}
         totals = {name: [0, 0] for name, _ in windows}
-        for round_, (bad, count) in per_round.items():
+        for (round_, _rank), bad in found.items():
             name = next((n for n, r in reversed(windows) if round_ >= r), "baseline")
             totals.setdefault(name, [0, 0])
             totals[name][0] += bad
-            totals[name][1] += count
+            totals[name][1] += 1
         for name, figures in result["scenarios"].items():
             figures["mismatched_elements"], figures["reports_checked"] = totals[name]
+            for rank, survivor in (figures.get("survivors") or {}).items():
+                if survivor is not None:
+                    survivor["mismatched"] = found.get((figures["fault_round"], int(rank)))
         if "baseline" in result:
             bad, count = totals["baseline"]
             result["baseline"].update(mismatched_elements=bad, reports_checked=count)
-        result["mismatched_elements"] = sum(bad for bad, _ in per_round.values())
-        result["reports_checked"] = sum(count for _, count in per_round.values())
+        result["mismatched_elements"] = sum(found.values())
+        result["reports_checked"] = len(found)
     finally:
         swarm.close()
         shutil.rmtree(work, ignore_errors=True)
@@ -835,12 +853,15 @@ def _table(out: dict[str, Any]) -> str:
         base = res.get("baseline") or {}
         lines.append(
             f"{arm:<9}{'(no fault)':<13}{_fmt(base.get('round_s')):>8}{'':>8}{'':>9}{'':>8}"
-            f"{'':>10}{'':>7}{'':>5}{'':>10}{'':>8}   all-reduce {_fmt(base.get('allreduce_s'))} s"
+            f"{_fmt(base.get('matchmaking_s')):>10}{'':>7}{'':>5}"
+            f"{_fmt(base.get('mismatched_elements')):>10}{_fmt(base.get('reports_checked')):>8}"
+            f"   all-reduce {_fmt(base.get('allreduce_s'))} s (a healthy round, slowest peer)"
         )
         for name, r in res["scenarios"].items():
             lost = "; ".join(
                 f"{rank}: group {s['group']}{' ok' if s['succeeded'] else ''}"
                 + (f" lost {s['lost']}" if s["lost"] else "")
+                + (f" {s['mismatched']} wrong" if s.get("mismatched") else "")
                 for rank, s in (r.get("survivors") or {}).items()
                 if s is not None
             )
