@@ -10,14 +10,15 @@ hivemind (``--with-hivemind``): each is a ``hivemind.DHT`` and ``DecentralizedAv
 (``target_group_size`` N) whose ``step`` is called at the same slot boundaries, with the same
 budget split: ``min_matchmaking_time`` = 40% of the timeout (moshpit's matchmaking share),
 ``allreduce_timeout`` = the rest, ``request_timeout`` = half of ``min_matchmaking_time`` (below
-it, as hivemind recommends); everything else as it comes.
+it, as hivemind recommends); everything else as it comes (``allow_retries`` included: a step
+whose all-reduce fails before its deadline looks for a group again).
 
 The victim is always the last process (never the bootstrap). Scenarios, in this order
 (``--scenarios``), each after a round in which all N averaged together:
 
 ``stop_mid``     SIGSTOP the victim mid all-reduce (a laptop that sleeps: connections stay
-                 open, nothing answers); SIGCONT once every survivor has finished the round
-                 after the fault round; then count the victim's rounds until it averages again.
+                 open, nothing answers); SIGCONT once every survivor has finished its next
+                 round; then count the victim's rounds until it averages again.
 ``kill_mid``     SIGKILL the victim mid all-reduce.
 ``kill_formed``  SIGKILL the victim the moment its "group formed" line reaches this process.
 
@@ -38,29 +39,33 @@ kept values must be exact).
 
 Per scenario: ``fault_round_s`` (the survivors' fault round, from its slot start to the end of
 their step, slowest survivor), ``s_after_fault`` (from the signal to the end of the slowest
-survivor's fault round), ``next_round_averaged`` (1 when every survivor's next round was a group
-of exactly the survivors, every span averaged over all of them; else 0), ``next_round_s`` and
-``next_round_matchmaking_s`` (slowest survivor), ``rounds_to_rejoin`` (the victim's rounds after
-SIGCONT, or after its restart, up to and including the first in which it averaged with others;
-1 = the first), ``rounds_to_full`` (rounds from then until all N averaged together),
-``mismatched_elements`` and ``reports_checked`` (every report of every process from the fault
-round until the next scenario's), ``fault_after_formed_s``, and each survivor's fault round
-(group size, whether it succeeded, whom it lost and how).
+survivor's fault round), ``next_round_averaged`` (1 when every survivor's next round, i.e. its
+next step, was a group of exactly the survivors with every span averaged over all of them;
+else 0), ``next_round_offset`` (in which slot that next step was: 1 = the very next; a fault
+round that overran the period pushes it later), ``next_round_s`` and ``next_round_matchmaking_s``
+(slowest survivor), ``rounds_to_rejoin`` (the victim's rounds after SIGCONT, or after its
+restart, up to and including the first in which it averaged with others; 1 = the first),
+``rounds_to_full`` (rounds from then until all N averaged together), ``mismatched_elements`` and
+``reports_checked`` (every report of every process from the fault round until the next
+scenario's), ``fault_after_formed_s``, and each survivor's fault round (group size, whether it
+succeeded, whom it lost and how, its mismatched elements).
 
     python benchmarks/faults.py                               # table
     python benchmarks/faults.py --json                        # one JSON object on stdout
-    python benchmarks/faults.py --floats 100000 --period 2 --timeout 1.6     # about 45 s
+    python benchmarks/faults.py --floats 100000 --period 2 --timeout 1.6     # about 25 s
     python benchmarks/faults.py --with-hivemind --hivemind-python /path/to/venv/bin/python
 
 hivemind is never a dependency of this project; see ``benchmarks/allreduce.py`` for a venv that
 sees this one's torch. Without it the hivemind figures are null and ``hivemind_note`` says why.
 
 JSON keys: ``peers``, ``floats``, ``period``, ``timeout``, ``cores``, ``scenarios`` (names),
-``moshpit`` and ``hivemind`` (null when not run): each ``{"baseline": {round_s, allreduce_s,
-round}, "mid_delay_s", "scenarios": {name: figures}, "mismatched_elements", "reports_checked",
-"error"}``; summaries ``worst_fault_round_s``, ``worst_s_after_fault``, ``next_rounds_averaged``
+``moshpit`` and ``hivemind`` (null when not run): each ``{"baseline": {round, round_s,
+allreduce_s, matchmaking_s, mismatched_elements, reports_checked}, "mid_delay_s",
+"scenarios": {name: figures}, "mismatched_elements", "reports_checked", "error"}``;
+summaries ``worst_fault_round_s``, ``worst_s_after_fault``, ``next_rounds_averaged``
 (scenarios whose next round averaged the survivors), ``mismatched_elements`` (every report of
 the run), and the same with a ``hivemind_`` prefix, ``hivemind_note``, ``seconds``.
+``--keep-logs`` keeps every process's log (JSON lines for moshpit) and prints where.
 """
 
 from __future__ import annotations
@@ -462,11 +467,18 @@ class Swarm:
 
     def round_line(self, child: Child, round_: int) -> dict[str, Any] | None:
         """``child``'s report of round ``round_``; None if it skipped it or never ends it."""
-        deadline = round_ * self.cfg.period + self.cfg.timeout + max(self.cfg.period, 5.0)
+        # a step that overruns its timeout is measured too, up to three more periods
+        deadline = round_ * self.cfg.period + self.cfg.timeout + 3 * self.cfg.period
         line = self.wait_event(
             child, lambda e: _is_round(e) and e["round"] >= round_, deadline=deadline
         )
         return line if line is not None and line["round"] == round_ else None
+
+    def next_line(self, child: Child, after: int) -> dict[str, Any] | None:
+        """``child``'s first report of a round after ``after``; None if none within three
+        periods of the next round's timeout."""
+        deadline = (after + 1) * self.cfg.period + self.cfg.timeout + 3 * self.cfg.period
+        return self.wait_event(child, lambda e: _is_round(e) and e["round"] > after, deadline)
 
     def wait_full_round(self, after: int, rounds: int) -> int | None:
         """The first round after ``after`` that all N averaged together (within ``rounds``
@@ -602,7 +614,11 @@ def run_scenario(
             }
             for s, line in zip(survivors, fault, strict=True)
         }
-        nxt = [swarm.round_line(s, f + 1) for s in survivors]
+        # a survivor's next round: its next step, normally in the very next slot (a fault round
+        # that overran the period makes it skip slots: next_round_offset says how many)
+        nxt = [swarm.next_line(s, f) for s in survivors]
+        offsets = [line["round"] - f for line in nxt if line is not None]
+        out["next_round_offset"] = max(offsets) if len(offsets) == len(nxt) else None
         them = sorted(s.peer_id for s in survivors)
         out["next_round_averaged"] = int(
             all(
@@ -617,7 +633,7 @@ def run_scenario(
         if sig == signal.SIGSTOP:
             victim.signal(signal.SIGCONT)
     back = time.time()
-    last = f + 1
+    last = max([f + 1, *(line["round"] for line in nxt if line is not None)])
     out["rounds_to_rejoin"] = out["rounds_to_full"] = None
     if sig == signal.SIGKILL and not restart:
         return out, last
@@ -783,7 +799,11 @@ def run_arm(arm: str, cfg: argparse.Namespace, python: str) -> dict[str, Any]:
         result["reports_checked"] = len(found)
     finally:
         swarm.close()
-        shutil.rmtree(work, ignore_errors=True)
+        if cfg.keep_logs:
+            shutil.rmtree(work / f"{arm}-vectors", ignore_errors=True)
+            print(f"{arm}: process logs kept in {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     return result
 
 
@@ -872,6 +892,11 @@ def _table(out: dict[str, Any]) -> str:
                 f"{_fmt(r.get('rounds_to_rejoin')):>7}{_fmt(r.get('rounds_to_full')):>5}"
                 f"{_fmt(r.get('mismatched_elements')):>10}{_fmt(r.get('reports_checked')):>8}"
                 f"   signal {_fmt(r.get('fault_after_formed_s'), 3)} s after formed; {lost}"
+                + (
+                    f"; next round {r['next_round_offset']} slots later"
+                    if (r.get("next_round_offset") or 1) > 1
+                    else ""
+                )
             )
         if res.get("error"):
             lines.append(f"{arm:<9}error: {res['error']}")
@@ -905,6 +930,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--budget", type=float, default=900.0, help="whole benchmark (s)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--keep-logs", action="store_true", help="keep the processes' logs (path on stderr)"
+    )
     parser.add_argument("--quiet", action="store_true", help="no process log tails on errors")
     parser.add_argument("--role", choices=ARMS, help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
