@@ -65,7 +65,8 @@ allreduce_s, matchmaking_s, mismatched_elements, reports_checked}, "mid_delay_s"
 summaries ``worst_fault_round_s``, ``worst_s_after_fault``, ``next_rounds_averaged``
 (scenarios whose next round averaged the survivors), ``mismatched_elements`` (every report of
 the run), and the same with a ``hivemind_`` prefix, ``hivemind_note``, ``seconds``.
-``--keep-logs`` keeps every process's log (JSON lines for moshpit) and prints where.
+``--out FILE`` also writes the JSON object to FILE; ``--keep-logs`` keeps every process's log
+(JSON lines for moshpit) and prints where.
 """
 
 from __future__ import annotations
@@ -930,6 +931,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--budget", type=float, default=900.0, help="whole benchmark (s)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--out", type=Path, help="also write the JSON object to this file")
     parser.add_argument(
         "--keep-logs", action="store_true", help="keep the processes' logs (path on stderr)"
     )
@@ -980,6 +982,8 @@ def main(argv: list[str] | None = None) -> int:
         "hivemind": results.get("hivemind"),
         "seconds": round(time.monotonic() - started, 1),
     }
+    if args.out is not None:
+        args.out.write_text(json.dumps(out, indent=1) + "\n")
     if args.json:
         print(json.dumps(out))
     else:
