@@ -51,6 +51,19 @@ def _training(out: Any) -> Figures:
     return figures
 
 
+def _faults(out: Any) -> Figures:
+    figures = _keys(
+        "worst_fault_round_s", "worst_s_after_fault", "next_rounds_averaged", "mismatched_elements"
+    )(out)
+    for name, row in out["moshpit"]["scenarios"].items():
+        for key in ("fault_round_s", "s_after_fault", "next_round_averaged", "mismatched_elements"):
+            figures[f"{name}: {key}"] = row.get(key)
+    figures["stop_mid: rounds_to_rejoin"] = out["moshpit"]["scenarios"]["stop_mid"].get(
+        "rounds_to_rejoin"
+    )
+    return figures
+
+
 @dataclasses.dataclass(frozen=True)
 class Bench:
     args: tuple[str, ...]
@@ -99,6 +112,16 @@ TABLE: dict[str, Bench] = {
             "mean_hops",
             "wall_s",
         ),
+    ),
+    "faults.py": Bench(
+        ("--floats", "100000", "--period", "2", "--timeout", "1.6", "--quiet"),
+        _faults,
+        timeout=120.0,
+        # hivemind is never our dependency: without it the JSON says why it is missing
+        optional={
+            "hivemind_worst_s_after_fault": "hivemind_note",
+            "hivemind_mismatched_elements": "hivemind_note",
+        },
     ),
     "training.py": Bench(
         (
