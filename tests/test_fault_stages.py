@@ -95,6 +95,15 @@ def joining(s: Swarm) -> int | None:
     return None
 
 
+def leader_answering_joins(s: Swarm) -> int | None:
+    """A leader that fixed its group and started its round while its answers to the joins
+    are still on their way (no follower has the group yet)."""
+    have = [i for i in range(N) if _round(s, i) is not None]
+    if len(have) == 1 and _round(s, have[0]).group.leader == s.peers[have[0]].id.to_bytes():
+        return have[0]
+    return None
+
+
 def leader_after_assembling(s: Swarm) -> int | None:
     """The leader of a fixed group, once a member has started the all-reduce."""
     for i in range(N):
@@ -171,6 +180,9 @@ LOOKUP = 2 * 0.25
 SCENARIOS: list[tuple[str, Victim, str, float]] = [
     ("kill when announced", member(announced, 3), "kill", POLL),
     ("kill when joining", joining, "kill", POLL),
+    # its answers die with it: the followers' joins fail at once and they regroup, at the
+    # cost of one more join and its answer (a couple of round trips)
+    ("kill the leader answering the joins", leader_answering_joins, "kill", 10 * LATENCY),
     ("kill the leader after assembling", leader_after_assembling, "kill", 0.0),
     ("kill while sending parts", anyone(sending_parts), "kill", 0.0),
     ("kill while reducing", anyone(reducing), "kill", 0.0),
