@@ -440,6 +440,9 @@ class MemoryNetwork:
         # The transmissions in progress, sharing the link directions and the hosts' uploads
         # and downloads max-min fairly.
         self._fair: FairShare[_Resource] = FairShare(self._capacity)
+        # Whether any bandwidth was ever limited: if not, no transmission takes time and the
+        # model is skipped (most tests and the DHT benchmark).
+        self._limited = not math.isinf(self._default.bandwidth)
         self._hosts: dict[str, MemoryHost] = {}
         self._stats: dict[str, HostStats] = {}
         self._dead: set[str] = set()
@@ -483,6 +486,7 @@ class MemoryNetwork:
             s.latency = _check_latency(latency)
         if bandwidth is not None:
             s.bandwidth = _check_bandwidth(bandwidth)
+            self._limited |= not math.isinf(s.bandwidth)
             self._capacity_changed((("link", a, b), ("link", b, a)))
         if drop is not None:
             s.drop = _check_drop(drop)
@@ -497,9 +501,11 @@ class MemoryNetwork:
         """
         if upload is not None:
             self._upload[name] = _check_bandwidth(upload)
+            self._limited |= not math.isinf(self._upload[name])
             self._capacity_changed([("up", name, "")])
         if download is not None:
             self._download[name] = _check_bandwidth(download)
+            self._limited |= not math.isinf(self._download[name])
             self._capacity_changed([("down", name, "")])
 
     def stream_pair(self, a: str, b: str, port: int = 0) -> tuple[MemoryStream, MemoryStream]:
@@ -608,6 +614,8 @@ class MemoryNetwork:
     def _start_flow(self, d: _Direction, n: int) -> Flow[_Resource] | None:
         """A transmission of ``n`` bytes on ``d`` in the fair-share model; ``None`` when
         nothing it crosses is limited (it takes no time)."""
+        if not self._limited:
+            return None
         resources = (("link", d.src, d.dst), ("up", d.src, ""), ("down", d.dst, ""))
         if all(math.isinf(self._capacity(r)) for r in resources):
             return None
