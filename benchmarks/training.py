@@ -133,6 +133,7 @@ and Moshpit's once-a-second rounds most of all.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import hashlib
@@ -179,6 +180,8 @@ FEATURES, CLASSES = 64, 10
 HETERO_VS_GOSSIP = 1.3
 HETERO_VS_ALLREDUCE = 1.5
 HOMO_SLOWER_AT_MOST = 1.1
+# the wire's cap on one RPC response (EnvelopeLimits' default)
+GOSSIP_REPLY_MAX = 4 << 20
 
 
 @dataclasses.dataclass
@@ -198,17 +201,26 @@ class Config:
     step_time: float = 1.0  # virtual seconds of compute per local step (fast peers)
     jitter: float = 0.05  # each step's compute time varies uniformly by ± this fraction
     latency_ms: float = 5.0
-    bandwidth: float = 1e9  # bytes/s of every host's upload and of its download
+    # bytes/s of a host's upload and of its download: the fastest host's in hetero (where they
+    # spread down to bandwidth / link_spread), every host's in homo
+    bandwidth: float = 12.5e6  # 100 Mbit/s
+    link_spread: float = 4.0
+    # the averaged state (and the state a returning peer downloads), padded with zeros to this
+    # many floats, so that its bytes weigh like a larger model's; 0: the model's own size
+    pad_to: int = 1_000_000
     hidden: int = 1024
     batch: int = 32
     lr: float = 0.15
     momentum: float = 0.9
-    round_period: float = 1.0  # Moshpit: one round per this many seconds of the swarm clock
+    round_period: float = 4.0  # Moshpit: one round per this many seconds of the swarm clock
     grid: tuple[int, ...] | None = None  # Moshpit's grid; None: the squarest 2-D grid that fits
     eval_every: float = 0.5
     allreduce_patience: float = 3.0  # All-Reduce: a round's deadline, in slowest steps
-    gossip_timeout: float = 2.0
-    state_timeout: float = 10.0
+    # All-Reduce: the part of a step's compute its communication may overlap (the backward
+    # pass, during which DDP all-reduces gradient buckets)
+    allreduce_overlap: float = 2 / 3
+    gossip_timeout: float = 10.0
+    state_timeout: float = 30.0
 
     def check(self) -> None:
         if self.peers < 2:
@@ -237,6 +249,17 @@ class Config:
             raise SystemExit("--jitter and --momentum are in [0, 1), --latency-ms >= 0")
         if self.hidden < 1 or self.batch < 1 or self.after_target < 0:
             raise SystemExit("--hidden and --batch must be >= 1, --after-target >= 0")
+        if not self.link_spread >= 1 or self.pad_to < 0:
+            raise SystemExit("--link-spread must be >= 1 and --pad-to >= 0")
+        if not 0 <= self.allreduce_overlap < 1:
+            raise SystemExit("--allreduce-overlap is in [0, 1)")
+        floats = max(self.pad_to, model_size(self))
+        if 4 * floats + 64 > GOSSIP_REPLY_MAX:
+            raise SystemExit(
+                f"a gossip reply carries the whole state in one response, capped at "
+                f"{GOSSIP_REPLY_MAX} bytes: at most {(GOSSIP_REPLY_MAX - 64) // 4} floats, "
+                f"got {floats}"
+            )
         if self.grid is not None:
             Grid.parse(self.grid)
 
@@ -253,20 +276,39 @@ class Scenario:
     slow_fraction: float
     slowdown: float
     preempt_rate: float
+    link_spread: float  # host bandwidths spread from bandwidth / link_spread to bandwidth
 
     def describe(self, cfg: Config) -> str:
+        links = _links(cfg.bandwidth, self.link_spread)
         if self.name == "homo":
-            return "every peer equally fast, no preemption"
+            return f"every peer equally fast, no preemption; {links}"
         slow = round(self.slow_fraction * cfg.peers)
         return (
             f"{slow} of {cfg.peers} peers {self.slowdown:g}x slower; preemption "
-            f"{self.preempt_rate:g} per peer per virtual minute, {cfg.downtime:g} s down"
+            f"{self.preempt_rate:g} per peer per virtual minute, {cfg.downtime:g} s down; {links}"
         )
 
 
+def _links(bandwidth: float, spread: float) -> str:
+    top = f"{bandwidth * 8 / 1e6:g} Mbit/s"
+    if spread == 1:
+        return f"every host {top} up and down"
+    return f"hosts {bandwidth * 8 / 1e6 / spread:g}-{top} up and down (uneven)"
+
+
+def host_bandwidths(cfg: Config, spread: float) -> list[float]:
+    """Each host's upload (= download) in bytes/s: log-evenly spaced from bandwidth / spread to
+    bandwidth, dealt to the hosts in an order seeded by the seed alone (the same for every
+    method, and drawn apart from which peers are slow)."""
+    n = cfg.peers
+    levels = [cfg.bandwidth * spread ** (-k / max(n - 1, 1)) for k in range(n)]
+    random.Random(f"links/{cfg.seed}").shuffle(levels)
+    return levels
+
+
 def scenarios(cfg: Config, which: str) -> list[Scenario]:
-    hetero = Scenario("hetero", cfg.slow_fraction, cfg.slowdown, cfg.preempt_rate)
-    homo = Scenario("homo", 0.0, 1.0, 0.0)
+    hetero = Scenario("hetero", cfg.slow_fraction, cfg.slowdown, cfg.preempt_rate, cfg.link_spread)
+    homo = Scenario("homo", 0.0, 1.0, 0.0, 1.0)
     return {"hetero": [hetero], "homo": [homo], "both": [hetero, homo]}[which]
 
 
@@ -306,18 +348,26 @@ def make_model(cfg: Config) -> torch.nn.Module:
     )
 
 
+def model_size(cfg: Config) -> int:
+    return sum(p.numel() for p in make_model(cfg).parameters())
+
+
 def initial_vector(cfg: Config) -> np.ndarray:
-    """The parameters every peer starts from (seeded), as one flat float32 vector."""
+    """The parameters every peer starts from (seeded), as one flat float32 vector, followed by
+    zeros up to ``cfg.pad_to`` floats (padding: averaged and sent like parameters, never
+    trained; averages of zeros stay zeros)."""
     torch.manual_seed(cfg.seed)
     model = make_model(cfg)
-    return np.concatenate([p.detach().numpy().ravel() for p in model.parameters()]).astype(
-        np.float32
-    )
+    params = np.concatenate([p.detach().numpy().ravel() for p in model.parameters()])
+    flat = np.zeros(max(len(params), cfg.pad_to), dtype=np.float32)
+    flat[: len(params)] = params
+    return flat
 
 
 class FlatModel:
-    """A model whose parameters are views into one flat float32 vector (``flat``): the
-    averager, the all-reduce and the gossip handler read and write them in place."""
+    """A model whose parameters are views into the start of one flat float32 vector
+    (``flat``, padding after them): the averager, the all-reduce and the gossip handler read
+    and write it in place."""
 
     def __init__(self, cfg: Config, init: np.ndarray) -> None:
         self.module = make_model(cfg)
@@ -327,7 +377,7 @@ class FlatModel:
             n = p.numel()
             p.data = torch.from_numpy(self.flat[offset : offset + n]).view(p.shape)
             offset += n
-        if offset != len(self.flat):
+        if offset > len(self.flat):
             raise ValueError("the vector does not match the model")
 
     def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -372,13 +422,16 @@ class Trainer:
         self.samples_since_round += self.cfg.batch
 
     def momentum(self) -> np.ndarray:
-        parts = []
+        """The momentum buffers as one vector shaped like ``flat`` (zeros for the padding)."""
+        out = np.zeros(len(self.flat), np.float32)
+        offset = 0
         for p in self.params:
+            n = p.numel()
             buf = self.opt.state.get(p, {}).get("momentum_buffer")
-            parts.append(
-                np.zeros(p.numel(), np.float32) if buf is None else buf.detach().numpy().ravel()
-            )
-        return np.concatenate(parts).astype(np.float32)
+            if buf is not None:
+                out[offset : offset + n] = buf.detach().numpy().ravel()
+            offset += n
+        return out
 
     def set_momentum(self, flat: np.ndarray) -> None:
         offset = 0
@@ -441,6 +494,8 @@ class Slot:
     trainer: Trainer | None = None
     live: bool = False  # training now (a returning peer only once it has the state)
     incarnation: int = 0
+    bandwidth: float = math.inf  # its host's upload and download, bytes/s
+    live_since: float = 0.0
     ar_round: int = 0  # All-Reduce: the attempt this peer is at
     member_from: int = 0  # All-Reduce: the first attempt this incarnation takes part in
 
@@ -472,6 +527,11 @@ class Stats:
     kills: int = 0
     restarts: int = 0
     downloads_failed: int = 0
+    # peer-seconds: training (live), communicating for training (a round, an all-reduce, a
+    # gossip exchange; overlapped with compute or not), and stalled waiting for communication
+    live_time: float = 0.0
+    comm_time: float = 0.0
+    wait_time: float = 0.0
 
 
 class Run:
@@ -485,7 +545,8 @@ class Run:
         self.run_id = f"train-{method}"
         self.net = MemoryNetwork(seed=cfg.seed, latency=cfg.latency_ms / 1000)
         self.init = initial_vector(cfg)
-        self.n_params = len(self.init)
+        self.n_params = len(self.init)  # floats averaged and sent: the model's and padding
+        self.bandwidths = host_bandwidths(cfg, scenario.link_spread)
         self.stats = Stats()
         self.curve: list[tuple[float, float, int]] = []  # (t, accuracy, live peers)
         self.spread: list[float] = []  # at each evaluation: mean |x_i - mean|^2 / |mean|^2
@@ -498,13 +559,15 @@ class Run:
         self.slots: list[Slot] = []
         for i in range(cfg.peers):
             name = f"p{i}"
-            self.net.set_host(name, upload=cfg.bandwidth, download=cfg.bandwidth)
+            bw = self.bandwidths[i]
+            self.net.set_host(name, upload=bw, download=bw)
             self.slots.append(
                 Slot(
                     index=i,
                     name=name,
                     identity=_identity(cfg.seed, i),
                     slow=i in slow,
+                    bandwidth=bw,
                     shard=data.shards[i],
                     gen=torch.Generator().manual_seed(cfg.seed * 100_003 + i),
                     step_rng=random.Random(f"steps/{cfg.seed}/{i}"),
@@ -533,6 +596,11 @@ class Run:
     def now(self) -> float:
         return trio.current_time() - self.t0
 
+    def _leave(self, slot: Slot) -> None:
+        if slot.live:
+            self.stats.live_time += trio.current_time() - slot.live_since
+        slot.live = False
+
     def live(self) -> list[Slot]:
         return [s for s in self.slots if s.live and s.trainer is not None]
 
@@ -548,9 +616,12 @@ class Run:
             for slot in self.slots:
                 await nursery.start(self._slot_life, slot)
             self.t0 = trio.current_time()
+            for slot in self.slots:
+                slot.live_since = self.t0
             self.started.set()
             await self._evaluate_until_done()
             for slot in self.slots:
+                self._leave(slot)
                 self.net.kill(slot.name)  # a crash ends a swarm quicker than goodbyes
             nursery.cancel_scope.cancel()
         return self._summary(time.perf_counter() - wall0, time.process_time() - cpu0)
@@ -598,7 +669,7 @@ class Run:
                 # Preempted: the host vanishes (every connection reset), its tasks end and its
                 # state is lost.
                 self.net.kill(slot.name)
-                slot.live = False
+                self._leave(slot)
                 slot.trainer = None
                 self.stats.kills += 1
                 for rdv in self._attempts.values():
@@ -629,12 +700,18 @@ class Run:
             slot.peer = peer
             trainer = Trainer(self.cfg, self.init, slot.shard, slot.gen)
             async with StateServer(peer, self.run_id, lambda: self._state_of(slot)):
+                if not restarted:
+                    # Live from the start, so that the evaluation at t=0 sees every peer
+                    # whatever order trio wakes the tasks in (run() sets live_since).
+                    slot.trainer = trainer
+                    slot.live = True
                 task_status.started()
                 await self.started.wait()
                 if restarted:
                     await self._download_state(slot, peer, trainer)
-                slot.trainer = trainer
-                slot.live = True
+                    slot.trainer = trainer
+                    slot.live = True
+                    slot.live_since = trio.current_time()
                 if self.method == "moshpit":
                     await self._train_moshpit(slot, peer, trainer)
                 elif self.method == "allreduce":
@@ -723,7 +800,7 @@ class Run:
             [snapshot],
             grid=self.grid.shape,
             initial_key=self.keys[slot.index],
-            bandwidth=self.cfg.bandwidth,
+            bandwidth=slot.bandwidth,
             round_period=self.cfg.round_period,
         )
         async with averager, trio.open_nursery() as nursery:
@@ -744,7 +821,11 @@ class Run:
             snapshot[:] = before
             weight = max(trainer.samples_since_round, 1)
             trainer.samples_since_round = 0
-            report = await averager.step(weight=weight, timeout=timeout)
+            start = trio.current_time()
+            try:
+                report = await averager.step(weight=weight, timeout=timeout)
+            finally:
+                self.stats.comm_time += trio.current_time() - start
             self.stats.rounds += 1
             self.stats.rounds_ok += report.succeeded
             self.stats.group_sizes.append(len(report.members))
@@ -766,7 +847,7 @@ class Run:
             MemberInfo(
                 peer_id=s.identity.peer_id.to_bytes(),
                 address=str(s.peer.address) if s.peer is not None else "",
-                bandwidth=self.cfg.bandwidth,
+                bandwidth=s.bandwidth,  # spans in proportion, as Moshpit's groups get
                 client_mode=False,
             )
             for s in members
@@ -789,20 +870,35 @@ class Run:
     async def _train_allreduce(self, slot: Slot, peer: Peer, trainer: Trainer) -> None:
         """After every local step, a butterfly all-reduce over the attempt's group; the step
         counts only if every span averaged every member, else it is discarded (parameters and
-        momentum restored) and done again."""
+        momentum restored) and done again.
+
+        Communication overlaps the step's compute as data-parallel training overlaps it with
+        the backward pass (DDP all-reduces gradient buckets as they are ready): the all-reduce
+        starts once the forward part of the step's time (1 - ``allreduce_overlap``) has passed,
+        and the step ends when both its compute and the all-reduce are done. Treating the
+        whole vector as ready at the start of the backward pass is generous to All-Reduce."""
         registry = RoundRegistry()
         peer.transport.register_stream(f"avg.{self.run_id}.part", registry.on_part)
         peer.transport.register_stream(f"avg.{self.run_id}.result", registry.on_result)
         snapshot = np.empty_like(trainer.flat)
         timeout = self.allreduce_timeout
+        overlap = self.cfg.allreduce_overlap
         while True:
             attempt = slot.ar_round
             saved = trainer.save()
-            await self._local_step(slot, trainer)
+            # The step's gradient and update, computed at once; its compute time is charged
+            # below, around the all-reduce.
+            trainer.compute_gradient()
+            duration = self.step_duration(slot)
+            trainer.apply()
+            self.stats.steps += 1
+            await trio.sleep(duration * (1 - overlap))
+            compute_end = trio.current_time() + duration * overlap
             rdv = self._rendezvous(attempt)
             group = rdv.group
             if slot.index not in rdv.members:
                 # Back from preemption after this attempt's group was fixed: the next one.
+                await trio.sleep_until(compute_end)
                 trainer.restore(saved)
                 slot.ar_round = slot.member_from = attempt + 1
                 continue
@@ -822,14 +918,18 @@ class Run:
                     registry.remove(reduce)
                     if scope in rdv.scopes:
                         rdv.scopes.remove(scope)
+                    end = trio.current_time()
+                    self.stats.comm_time += end - start
+                    self.stats.wait_time += max(0.0, end - compute_end)
                 ok = not scope.cancelled_caught and all(
                     s.included is not None and len(s.included) == len(group.members) for s in spans
                 )
                 self.stats.rounds += 1
                 self.stats.rounds_ok += ok
                 self.stats.group_sizes.append(len(group.members))
-                if ok:
-                    trainer.flat[:] = snapshot
+            await trio.sleep_until(compute_end)  # the rest of the backward pass, if any
+            if ok and len(group.members) > 1:
+                trainer.flat[:] = snapshot
             if not ok:
                 # Not every member averaged: the step is discarded and done again.
                 trainer.restore(saved)
@@ -839,6 +939,11 @@ class Run:
     # -- Gossip SGD --------------------------------------------------------------------------
 
     async def _train_gossip(self, slot: Slot, peer: Peer, trainer: Trainer) -> None:
+        """Local steps that never wait; in the background, after each local step (at most one
+        exchange per step, as AD-PSGD averages once per iteration), pull both ring neighbours'
+        parameters and mix: params += mean(snapshot, theirs) - snapshot, which keeps the local
+        steps made while the pulls were in flight (the overlap the paper's gossip baselines
+        have, like Moshpit's rounds)."""
         name = f"gossip.{self.run_id}"
 
         async def answer(request: Request) -> bytes:
@@ -847,14 +952,29 @@ class Run:
         peer.transport.register(name, answer)
         n = self.cfg.peers
         ring = sorted({(slot.index - 1) % n, (slot.index + 1) % n} - {slot.index})
-        while True:
-            await self._local_step(slot, trainer)
-            got: list[np.ndarray] = []
-            async with trio.open_nursery() as nursery:
-                for j in ring:
-                    nursery.start_soon(self._pull, peer, self.slots[j], name, got)
-            if got:
-                trainer.flat[:] = np.mean(np.stack([trainer.flat, *got]), axis=0)
+        stepped, step_seen = trio.open_memory_channel[None](1)
+
+        async def mix() -> None:
+            async for _ in step_seen:
+                before = trainer.flat.copy()
+                got: list[np.ndarray] = []
+                start = trio.current_time()
+                try:
+                    async with trio.open_nursery() as nursery:
+                        for j in ring:
+                            nursery.start_soon(self._pull, peer, self.slots[j], name, got)
+                finally:
+                    self.stats.comm_time += trio.current_time() - start
+                if got:
+                    flat = trainer.flat
+                    flat += np.mean(np.stack([before, *got]), axis=0) - before
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(mix)
+            while True:
+                await self._local_step(slot, trainer)
+                with contextlib.suppress(trio.WouldBlock):
+                    stepped.send_nowait(None)  # one exchange pending at most
 
     async def _pull(self, peer: Peer, other: Slot, name: str, got: list[np.ndarray]) -> None:
         """A neighbour's parameters, from its last known address (a dead one fails at once or
@@ -881,6 +1001,7 @@ class Run:
 
     def _summary(self, wall_s: float, cpu_s: float) -> dict[str, Any]:
         st = self.stats
+        sent = sum(s.bytes_sent for s in self.net.stats().values())
         reached = next((t for t, acc, _ in self.curve if acc >= self.cfg.target_acc), None)
         return {
             "time_to_target_s": reached,
@@ -898,7 +1019,10 @@ class Run:
             "preemptions": st.kills,
             "restarts": st.restarts,
             "state_downloads_failed": st.downloads_failed,
-            "bytes_sent": sum(s.bytes_sent for s in self.net.stats().values()),
+            "bytes_sent": sent,
+            "bytes_per_peer": sent / self.cfg.peers,
+            "comm_share": st.comm_time / st.live_time if st.live_time else None,
+            "wait_share": st.wait_time / st.live_time if st.live_time else None,
             "wall_s": wall_s,
             "cpu_s": cpu_s,
             "curve": [[t, a, n] for t, a, n in self.curve],
@@ -986,7 +1110,6 @@ def benchmark(
     cfg.check()
     wall0, cpu0 = time.perf_counter(), time.process_time()
     data = load_data(cfg)
-    n_params = len(initial_vector(cfg))
     result: dict[str, Any] = {"scenarios": {}}
     for sc in scenarios(cfg, which):
         ran: dict[str, dict[str, Any]] = {}
@@ -1006,6 +1129,8 @@ def benchmark(
             "slow_fraction": sc.slow_fraction,
             "slowdown": sc.slowdown,
             "preempt_rate": sc.preempt_rate,
+            "link_spread": sc.link_spread,
+            "host_bandwidths": host_bandwidths(cfg, sc.link_spread),
             "methods": ran,
             **sp,
             "targets": _scenario_targets(sc.name, sp, tuple(ran)),
@@ -1024,8 +1149,9 @@ def benchmark(
     }
     config = dataclasses.asdict(cfg)
     config["grid"] = list(cfg.moshpit_grid())
-    config["model_params"] = n_params
-    config["model_bytes"] = 4 * n_params
+    config["model_params"] = model_size(cfg)
+    config["averaged_floats"] = len(initial_vector(cfg))  # the model's and the padding
+    config["averaged_bytes"] = 4 * config["averaged_floats"]
     result["config"] = config
     result["time"] = "virtual"
     result["wall_s"] = time.perf_counter() - wall0
@@ -1042,11 +1168,18 @@ def _fmt(value: Any, spec: str = ".1f", suffix: str = "") -> str:
 def print_table(r: dict[str, Any], out: Any = None) -> None:
     out = out or sys.stdout
     c = r["config"]
+    padding = c["averaged_floats"] - c["model_params"]
+    padded = (
+        f", padded with {padding} zeros: {c['averaged_bytes'] / 1e6:.2f} MB averaged and sent"
+        if padding
+        else ""
+    )
     print(
         f"Training on digits: {c['peers']} peers, MLP 64-{c['hidden']}-10 "
-        f"({c['model_params']} parameters), SGD lr {c['lr']:g} Nesterov {c['momentum']:g}, "
-        f"batch {c['batch']}/peer; step {c['step_time']:g} s ± {c['jitter']:.0%}; links "
-        f"{c['latency_ms']:g} ms, {c['bandwidth'] / 1e6:g} MB/s per host; Moshpit grid "
+        f"({c['model_params']} parameters{padded}), SGD lr {c['lr']:g} Nesterov "
+        f"{c['momentum']:g}, batch {c['batch']}/peer; step {c['step_time']:g} s ± "
+        f"{c['jitter']:.0%}; links {c['latency_ms']:g} ms; All-Reduce overlaps "
+        f"{c['allreduce_overlap']:.0%} of a step; Moshpit grid "
         f"{'x'.join(map(str, c['grid']))}, a round every {c['round_period']:g} s; seed "
         f"{c['seed']}. Times are virtual seconds (in-memory network, MockClock).",
         file=out,
@@ -1056,7 +1189,7 @@ def print_table(r: dict[str, Any], out: Any = None) -> None:
         header = (
             f"{'method':>9} {'to ' + format(c['target_acc'], 'g'):>9} {'final':>6} "
             f"{'at':>6} {'best':>6} {'steps':>6} {'redone':>6} {'rounds ok':>11} "
-            f"{'group':>5} {'preempted':>9} {'wall':>6}"
+            f"{'group':>5} {'preempted':>9} {'MB/peer':>8} {'comm':>5} {'wait':>5} {'wall':>6}"
         )
         print(header, file=out)
         print("-" * len(header), file=out)
@@ -1069,7 +1202,9 @@ def print_table(r: dict[str, Any], out: Any = None) -> None:
                 f"{_fmt(row['final_accuracy'], '.3f'):>6} {_fmt(row['stopped_at_s'], '.0f'):>6} "
                 f"{_fmt(row['best_accuracy'], '.3f'):>6} {row['local_steps']:>6} "
                 f"{row['redone_steps']:>6} {rounds:>11} {_fmt(row['mean_group_size'], '.1f'):>5} "
-                f"{row['preemptions']:>9} {_fmt(row['wall_s'], '.0f', ' s'):>6}",
+                f"{row['preemptions']:>9} {row['bytes_per_peer'] / 1e6:>8.1f} "
+                f"{_fmt(row['comm_share'], '.0%'):>5} {_fmt(row['wait_share'], '.0%'):>5} "
+                f"{_fmt(row['wall_s'], '.0f', ' s'):>6}",
                 file=out,
             )
         for other in ("gossip", "allreduce"):
@@ -1081,7 +1216,10 @@ def print_table(r: dict[str, Any], out: Any = None) -> None:
                       file=out)  # fmt: skip
     print(
         "\n(rounds ok: rounds in which every span averaged every member of the group (Moshpit, "
-        "All-Reduce) / gossip pulls answered; group: mean group size; at: when the run stopped)",
+        "All-Reduce) / gossip pulls answered; group: mean group size; at: when the run stopped; "
+        "MB/peer: bytes each peer sent, on average, over the run; comm: share of the peers' "
+        "training time spent communicating for training (overlapped with compute or not); "
+        "wait: share in which the training loop stood waiting for communication)",
         file=out,
     )
     print("\ntargets:", file=out)
@@ -1137,7 +1275,12 @@ def main(argv: list[str] | None = None, out: Any = None) -> int:
     p.add_argument("--step-time", type=float, default=d.step_time)
     p.add_argument("--jitter", type=float, default=d.jitter)
     p.add_argument("--latency-ms", type=float, default=d.latency_ms)
-    p.add_argument("--bandwidth", type=float, default=d.bandwidth, help="bytes/s per host")
+    p.add_argument("--bandwidth", type=float, default=d.bandwidth,
+                   help="bytes/s up and down per host (the fastest host's in hetero)")  # fmt: skip
+    p.add_argument("--link-spread", type=float, default=d.link_spread,
+                   help="hetero: host bandwidths spread down to bandwidth / this")  # fmt: skip
+    p.add_argument("--pad-to", type=int, default=d.pad_to,
+                   help="pad the averaged state with zeros to this many floats")  # fmt: skip
     p.add_argument("--hidden", type=int, default=d.hidden)
     p.add_argument("--batch", type=int, default=d.batch)
     p.add_argument("--lr", type=float, default=d.lr)
@@ -1146,6 +1289,8 @@ def main(argv: list[str] | None = None, out: Any = None) -> int:
     p.add_argument("--grid", help="Moshpit's grid, e.g. 4x4 (default: squarest 2-D fit)")
     p.add_argument("--eval-every", type=float, default=d.eval_every)
     p.add_argument("--allreduce-patience", type=float, default=d.allreduce_patience)
+    p.add_argument("--allreduce-overlap", type=float, default=d.allreduce_overlap,
+                   help="part of a step's compute All-Reduce's communication overlaps")  # fmt: skip
     p.add_argument("--gossip-timeout", type=float, default=d.gossip_timeout)
     p.add_argument("--scenario", choices=["hetero", "homo", "both"], default="both")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
@@ -1172,6 +1317,8 @@ def main(argv: list[str] | None = None, out: Any = None) -> int:
         jitter=args.jitter,
         latency_ms=args.latency_ms,
         bandwidth=args.bandwidth,
+        link_spread=args.link_spread,
+        pad_to=args.pad_to,
         hidden=args.hidden,
         batch=args.batch,
         lr=args.lr,
@@ -1180,6 +1327,7 @@ def main(argv: list[str] | None = None, out: Any = None) -> int:
         grid=Grid.parse(args.grid).shape if args.grid else None,
         eval_every=args.eval_every,
         allreduce_patience=args.allreduce_patience,
+        allreduce_overlap=args.allreduce_overlap,
         gossip_timeout=args.gossip_timeout,
     )
     # The library logs warnings when peers die, as they do here on purpose: errors only.
