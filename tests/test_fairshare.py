@@ -261,3 +261,19 @@ def test_one_resource_is_work_conserving(
         total = sum(f.rate for f in running if f.finish > now)
         assert total == pytest.approx(capacity if any(f.finish > now for f in running) else 0)
     assert now == pytest.approx(busy_until, rel=1e-9)
+
+
+def test_a_resource_that_becomes_limited_or_unlimited_mid_flow() -> None:
+    caps = {"link": math.inf, "up": 100.0}
+    fs = model(caps)
+    a = fs.start(["link", "up"], 100, now=0.0)
+    fs.settle(0.0)
+    assert a.rate == 100.0
+    caps["link"] = 20.0
+    fs.touch(["link"])
+    fs.settle(0.5)
+    assert a.rate == 20.0 and a.finish == near(0.5 + 50 / 20)
+    caps["link"] = math.inf
+    fs.touch(["link"])
+    assert fs.settle(1.0) == [a]  # due sooner: its waiter must wake
+    assert a.rate == 100.0 and a.finish == near(1.0 + 40 / 100)

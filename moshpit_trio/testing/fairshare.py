@@ -19,6 +19,7 @@ and :meth:`FairShare.settle` recomputes once.
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Generic, TypeVar
@@ -40,11 +41,9 @@ def max_min_rates(flows: Mapping[F, Iterable[R]], capacity: Mapping[R, float]) -
 
     Raises ``ValueError`` for a capacity that is not > 0 or a resource without one.
     """
-    uses: dict[F, list[R]] = {}
-    users: dict[R, list[F]] = {}
-    rates: dict[F, float] = {}
+    limited: dict[F, tuple[R, ...]] = {}
     for f, resources in flows.items():
-        limited: list[R] = []
+        mine: list[R] = []
         for r in dict.fromkeys(resources):  # a resource named twice is crossed once
             try:
                 c = capacity[r]
@@ -52,31 +51,54 @@ def max_min_rates(flows: Mapping[F, Iterable[R]], capacity: Mapping[R, float]) -
                 raise ValueError(f"no capacity given for resource {r!r}") from None
             if not c > 0:
                 raise ValueError(f"capacity of {r!r} must be > 0, got {c}")
-            if math.isinf(c):
-                continue
-            limited.append(r)
-            users.setdefault(r, []).append(f)
-        uses[f] = limited
-        if not limited:
+            if not math.isinf(c):
+                mine.append(r)
+        limited[f] = tuple(mine)
+    return _allocate(limited, capacity)
+
+
+def _allocate(flows: Mapping[F, tuple[R, ...]], capacity: Mapping[R, float]) -> dict[F, float]:
+    """:func:`max_min_rates` for flows given only their limited resources, each once, with
+    capacities known to be > 0 (FairShare keeps its flows that way)."""
+    users: dict[R, list[F]] = {}
+    rates: dict[F, float] = {}
+    for f, resources in flows.items():
+        if not resources:
             rates[f] = math.inf
+        for r in resources:
+            fs = users.get(r)
+            if fs is None:
+                users[r] = [f]
+            else:
+                fs.append(f)
     left = {r: float(capacity[r]) for r in users}  # capacity not yet given to frozen flows
     count = {r: len(fs) for r, fs in users.items()}  # flows on it not yet frozen
-    while count:
-        # The resource that fills up first as every unfrozen flow speeds up together: the
-        # smallest fair share of what is left. Ties go to the first (dict order), which only
-        # decides the order of equal steps, not the result.
-        bottleneck = min(count, key=lambda r: left[r] / count[r])
-        share = left[bottleneck] / count[bottleneck]
+    # Each resource's fair share of what is left, smallest first. As flows freeze, a share can
+    # only grow (a flow freezes at the smallest share, no more than this resource's), so an
+    # entry is a lower bound: one popped that is still exact is the next bottleneck, one that
+    # went stale goes back with its new value. The index breaks ties (and never compares R).
+    heap = [(left[r] / n, i, r) for i, (r, n) in enumerate(count.items())]
+    heapq.heapify(heap)
+    while heap:
+        share, i, bottleneck = heapq.heappop(heap)
+        n = count.get(bottleneck)
+        if not n:
+            continue  # every flow on it froze elsewhere
+        current = left[bottleneck] / n
+        if current > share:
+            heapq.heappush(heap, (current, i, bottleneck))
+            continue
         for f in users[bottleneck]:
             if f in rates:
                 continue
-            rates[f] = share
-            for r in uses[f]:
-                n = count[r] - 1
-                if n:
-                    count[r] = n
+            rates[f] = current
+            for r in flows[f]:
+                m = count[r] - 1
+                if m:
+                    count[r] = m
                     # never below zero through rounding, so no later share turns negative
-                    left[r] = max(left[r] - share, 0.0)
+                    x = left[r] - current
+                    left[r] = x if x > 0.0 else 0.0
                 else:
                     del count[r]
     return rates
@@ -97,6 +119,7 @@ class Flow(Generic[R]):
         "_since",
         "active",
         "finish",
+        "limited",
         "rate",
         "resources",
         "size",
@@ -106,6 +129,9 @@ class Flow(Generic[R]):
 
     def __init__(self, resources: tuple[R, ...], size: float, now: float, tag: object) -> None:
         self.resources = resources
+        # Those of its resources with a finite capacity: the only ones that couple it to
+        # other flows (kept by FairShare as capacities change).
+        self.limited = resources
         self.size = size
         self.tag = tag
         self.rate = 0.0
@@ -130,13 +156,14 @@ class Flow(Generic[R]):
 class FairShare(Generic[R]):
     """Flows sharing resources max-min fairly over time (see the module's docstring).
 
-    ``capacity(resource)`` is read at every recomputation, so a capacity may change between
-    events: call :meth:`touch` with the resources whose capacity changed, then :meth:`settle`.
-    Times must never go backwards from one call to the next.
+    ``capacity(resource)`` is read once per resource and kept; when a capacity changes, call
+    :meth:`touch` with the resources whose capacity changed, then :meth:`settle`. Times must
+    never go backwards from one call to the next.
     """
 
     def __init__(self, capacity: Callable[[R], float]) -> None:
         self._capacity = capacity
+        self._cap: dict[R, float] = {}
         # resource -> the active flows crossing it (dicts as ordered sets: reproducible order)
         self._users: dict[R, dict[Flow[R], None]] = {}
         self._dirty: dict[R, None] = {}
@@ -155,6 +182,7 @@ class FairShare(Generic[R]):
         if not size > 0 or math.isinf(size):
             raise ValueError(f"a flow's size must be finite and > 0, got {size}")
         flow = Flow(tuple(dict.fromkeys(resources)), size, now, tag)
+        flow.limited = self._limited(flow.resources)
         for r in flow.resources:
             self._users.setdefault(r, {})[flow] = None
             self._dirty[r] = None
@@ -177,7 +205,11 @@ class FairShare(Generic[R]):
         """The capacity of these resources changed: their flows are recomputed at the next
         :meth:`settle`."""
         for r in resources:
-            if r in self._users:
+            self._cap.pop(r, None)
+            users = self._users.get(r)
+            if users is not None:
+                for flow in users:
+                    flow.limited = self._limited(flow.resources)
                 self._dirty[r] = None
 
     def settle(self, now: float) -> list[Flow[R]]:
@@ -196,9 +228,8 @@ class FairShare(Generic[R]):
             if flow.finish <= now:
                 self._deactivate(flow)  # done: its sender will stop it at this instant
             else:
-                running[flow] = flow.resources
-        capacity = {r: self._capacity(r) for rs in running.values() for r in rs}
-        rates = max_min_rates(running, capacity)
+                running[flow] = flow.limited
+        rates = _allocate(running, self._cap)
         woken: list[Flow[R]] = []
         for flow, rate in rates.items():
             if rate == flow.rate:
@@ -211,6 +242,16 @@ class FairShare(Generic[R]):
         return woken
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _limited(self, resources: tuple[R, ...]) -> tuple[R, ...]:
+        cap = self._cap
+        for r in resources:
+            if r not in cap:
+                c = self._capacity(r)
+                if not c > 0:
+                    raise ValueError(f"capacity of {r!r} must be > 0, got {c}")
+                cap[r] = c
+        return tuple(r for r in resources if cap[r] != math.inf)
 
     def _rebase(self, flow: Flow[R], now: float) -> None:
         flow._left = flow.left(now)
@@ -226,18 +267,18 @@ class FairShare(Generic[R]):
                     del self._users[r]
 
     def _component(self, resources: Iterable[R]) -> list[Flow[R]]:
-        """Every active flow connected to these resources through shared resources: the only
-        ones whose max-min rate an event on them can change."""
-        seen_r: dict[R, None] = {}
+        """Every active flow on these resources or connected to them through shared limited
+        resources: the only ones whose max-min rate an event on them can change."""
+        users = self._users
+        seen_r = set(resources)
         seen_f: dict[Flow[R], None] = {}
-        todo = list(resources)
+        todo = list(seen_r)
         while todo:
-            r = todo.pop()
-            if r in seen_r:
-                continue
-            seen_r[r] = None
-            for flow in self._users.get(r, ()):
+            for flow in users.get(todo.pop(), ()):
                 if flow not in seen_f:
                     seen_f[flow] = None
-                    todo.extend(flow.resources)
+                    for r in flow.limited:
+                        if r not in seen_r:
+                            seen_r.add(r)
+                            todo.append(r)
         return list(seen_f)
