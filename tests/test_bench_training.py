@@ -15,6 +15,7 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "training.py"
 PEERS = 4
 MAX_TIME = 12.0
+PAD_TO = 50_000
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +30,15 @@ def bench() -> ModuleType:
 
 @pytest.fixture(scope="module")
 def tiny(bench: ModuleType) -> dict[str, Any]:
-    """One --json run, shared by the tests below: 4 peers, a small model, 12 virtual seconds,
-    a low target (so times to it exist), and preemption often enough to happen."""
+    """One --json run, shared by the tests below: 4 peers, a small model padded to 50,000
+    floats on 16 Mbit/s links (2-16 in hetero), 12 virtual seconds, a low target (so times to
+    it exist), and preemption often enough to happen."""
     out = io.StringIO()
     argv = [
         *("--peers", str(PEERS), "--max-time", str(MAX_TIME), "--hidden", "64"),
         *("--lr", "0.2", "--target-acc", "0.6", "--after-target", "2"),
         *("--preempt-rate", "8", "--downtime", "2", "--json", "--quiet"),
+        *("--pad-to", str(PAD_TO), "--bandwidth", "2e6", "--link-spread", "8"),
     ]
     assert bench.main(argv, out=out) == 0
     result: dict[str, Any] = json.loads(out.getvalue())
@@ -67,6 +70,15 @@ def test_json_has_every_method_and_sane_numbers(tiny: dict[str, Any]) -> None:
             assert row["local_steps"] > 0, where
             assert row["peer_spread"] >= 0.0, where
             assert row["wall_s"] > 0, where
+            # every method sends at least one copy of the padded state per peer here
+            assert row["bytes_per_peer"] > 4 * PAD_TO, where
+            assert row["bytes_per_peer"] == row["bytes_sent"] / PEERS, where
+            assert 0.0 < row["comm_share"] <= 1.0, where
+            # only All-Reduce's training loop waits for communication; the others overlap it
+            if method == "allreduce":
+                assert 0.0 <= row["wait_share"] <= row["comm_share"], where
+            else:
+                assert row["wait_share"] == 0.0, where
         for other in ("gossip", "allreduce"):
             value = sc[f"speedup_vs_{other}"]
             bound = sc[f"speedup_vs_{other}_at_least"]
@@ -78,6 +90,20 @@ def test_json_has_every_method_and_sane_numbers(tiny: dict[str, Any]) -> None:
                 assert value is None
     for t in tiny["targets"].values():
         assert t["pass"] == (t["value"] is not None and t["value"] >= t["limit"])
+
+
+def test_links_and_padding(bench: ModuleType, tiny: dict[str, Any]) -> None:
+    config = tiny["config"]
+    assert config["averaged_floats"] == PAD_TO and config["model_params"] < PAD_TO
+    assert config["averaged_bytes"] == 4 * PAD_TO
+    hetero = tiny["scenarios"]["hetero"]["host_bandwidths"]
+    homo = tiny["scenarios"]["homo"]["host_bandwidths"]
+    assert homo == [2e6] * PEERS
+    # log-evenly spread from bandwidth / spread to bandwidth, dealt in a seeded order
+    assert sorted(hetero) == pytest.approx([2e6 / 8, 2e6 / 4, 2e6 / 2, 2e6])
+    cfg = bench.Config(peers=PEERS, bandwidth=2e6, seed=0)
+    assert bench.host_bandwidths(cfg, 8.0) == hetero
+    assert bench.host_bandwidths(bench.Config(peers=PEERS, bandwidth=2e6, seed=1), 8.0) != hetero
 
 
 def test_the_methods_do_what_they_claim(tiny: dict[str, Any]) -> None:
@@ -143,3 +169,18 @@ def test_table(bench: ModuleType, tiny: dict[str, Any]) -> None:
     assert "virtual seconds" in text and "targets:" in text
     for method in ("moshpit", "allreduce", "gossip"):
         assert method in text
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--pad-to", "2000000"],  # a gossip reply could not carry it
+        ["--pad-to", "-1"],
+        ["--link-spread", "0.5"],
+        ["--allreduce-overlap", "1"],
+        ["--bandwidth", "0"],
+    ],
+)
+def test_bad_settings_are_refused(bench: ModuleType, argv: list[str]) -> None:
+    with pytest.raises(SystemExit):
+        bench.main([*argv, "--quiet"], out=io.StringIO())

@@ -46,7 +46,7 @@ def _training(out: Any) -> Figures:
     figures = _keys("speedup_vs_gossip", "speedup_vs_allreduce", "wall_s")(out)
     for name, scenario in out["scenarios"].items():
         for method, row in scenario["methods"].items():
-            for key in ("time_to_target_s", "final_accuracy", "bytes_sent"):
+            for key in ("time_to_target_s", "final_accuracy", "bytes_per_peer", "comm_share"):
                 figures[f"{name}/{method}: {key}"] = row.get(key)
     return figures
 
@@ -125,9 +125,11 @@ TABLE: dict[str, Bench] = {
     ),
     "training.py": Bench(
         (
-            *("--peers", "4", "--max-time", "20", "--hidden", "64", "--lr", "0.2"),
+            *("--peers", "4", "--max-time", "60", "--hidden", "64", "--lr", "0.2"),
             *("--target-acc", "0.3", "--after-target", "1", "--preempt-rate", "8"),
-            *("--downtime", "2", "--quiet"),
+            # constrained, uneven links and a small padded state: communication matters
+            *("--downtime", "2", "--pad-to", "50000", "--bandwidth", "2e6"),
+            *("--link-spread", "8", "--quiet"),
         ),
         _training,
     ),

@@ -234,12 +234,13 @@ def _limit_two_links(net: MemoryNetwork) -> None:
 @pytest.mark.parametrize(
     ("setup", "first", "second", "finish_times"),
     [
-        # Two connections on one link share its bandwidth: first come, first served.
-        pytest.param(_limit_link, ("a", "b"), ("a", "b"), [0.1, 0.2], id="one-link"),
+        # Two connections on one link share its bandwidth: half each, so both finish when the
+        # bytes of both have crossed it (not one after the other).
+        pytest.param(_limit_link, ("a", "b"), ("a", "b"), [0.2, 0.2], id="one-link"),
         # Two links out of one host share its upload...
-        pytest.param(_limit_upload, ("a", "b"), ("a", "c"), [0.1, 0.2], id="upload"),
+        pytest.param(_limit_upload, ("a", "b"), ("a", "c"), [0.2, 0.2], id="upload"),
         # ... and two links into one host its download.
-        pytest.param(_limit_download, ("a", "c"), ("b", "c"), [0.1, 0.2], id="download"),
+        pytest.param(_limit_download, ("a", "c"), ("b", "c"), [0.2, 0.2], id="download"),
         # Nothing in common: both go at full speed.
         pytest.param(_limit_two_links, ("a", "b"), ("a", "c"), [0.1, 0.1], id="two-links"),
     ],
@@ -264,6 +265,196 @@ async def test_shared_capacity(
         nursery.start_soon(send, *first)
         nursery.start_soon(send, *second)
     assert sorted(done) == [at(t) for t in finish_times]
+
+
+# -- fair sharing: max-min, recomputed as flows start, end and abort ------------------------------
+
+
+async def _send_at(
+    net: MemoryNetwork, stream: trio.abc.SendStream, size: int, start: float, done: list[float]
+) -> None:
+    await trio.sleep_until(start)
+    await stream.send_all(b"x" * size)
+    done.append(trio.current_time())
+
+
+async def test_two_flows_sharing_an_uplink(autojump_clock: trio.testing.MockClock) -> None:
+    net = MemoryNetwork(latency=0.01)
+    net.set_host("a", upload=1e6)
+    ab, ba = net.stream_pair("a", "b")
+    ac, ca = net.stream_pair("a", "c")
+    done: dict[str, float] = {}
+
+    async def send(stream: trio.abc.SendStream, size: int, name: str) -> None:
+        await stream.send_all(b"x" * size)
+        done[name] = trio.current_time()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send, ab, 100_000, "ab")
+        nursery.start_soon(send, ac, 300_000, "ac")
+    # 0.5 MB/s each until the 100 KB are out (t=0.2); then the other has 200 KB left, alone
+    # at 1 MB/s
+    assert done == {"ab": at(0.2), "ac": at(0.4)}
+    assert len(await ba.receive_some()) == 100_000
+    assert len(await ca.receive_some()) == 300_000
+    assert trio.current_time() == at(0.41)  # the later one arrived a latency after it left
+
+
+async def test_all_to_all_takes_what_its_bytes_need(autojump_clock: trio.testing.MockClock) -> None:
+    # 16 hosts each send 20 KB to each of the 15 others at once, every upload and download at
+    # 10 MB/s: each host has 300 KB to send and to receive, 0.030 s of its link. (First come,
+    # first served, holding sender and receiver, this took 0.058 s.)
+    n, size, rate = 16, 20_000, 10e6
+    net = MemoryNetwork()
+    for i in range(n):
+        net.set_host(f"h{i}", upload=rate, download=rate)
+    pairs = [net.stream_pair(f"h{i}", f"h{j}") for i in range(n) for j in range(n) if i != j]
+    done: list[float] = []
+    async with trio.open_nursery() as nursery:
+        for send, _ in pairs:
+            nursery.start_soon(_send_at, net, send, size, 0.0, done)
+    assert done == [at((n - 1) * size / rate)] * len(pairs)
+    for _, receive in pairs:
+        assert len(await receive.receive_some()) == size
+    stats = net.stats()
+    assert {s.bytes_sent for s in stats.values()} == {(n - 1) * size}
+
+
+async def test_a_flow_that_starts_while_another_is_half_done(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    net = MemoryNetwork()
+    net.set_host("a", upload=1e6)
+    ab, _ = net.stream_pair("a", "b")
+    ac, _ = net.stream_pair("a", "c")
+    first: list[float] = []
+    second: list[float] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_send_at, net, ab, 100_000, 0.0, first)
+        nursery.start_soon(_send_at, net, ac, 100_000, 0.05, second)
+    # a->b alone for 0.05 s (50 KB), then both at 0.5 MB/s: a->b's last 50 KB by 0.15; a->c
+    # has 50 KB left then, alone at 1 MB/s: done at 0.2
+    assert (first, second) == ([at(0.15)], [at(0.2)])
+
+
+async def _abort_by_kill(net: MemoryNetwork, stream: trio.abc.SendStream) -> None:
+    async def kill() -> None:
+        await trio.sleep_until(0.1)
+        net.kill("c")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(kill)
+        with pytest.raises(trio.BrokenResourceError):
+            await stream.send_all(b"x" * 200_000)
+
+
+async def _abort_by_cancel(net: MemoryNetwork, stream: trio.abc.SendStream) -> None:
+    with trio.move_on_at(0.1) as scope:
+        await stream.send_all(b"x" * 200_000)
+    assert scope.cancelled_caught
+
+
+@pytest.mark.parametrize("abort", [_abort_by_kill, _abort_by_cancel])
+async def test_an_aborted_flow_gives_its_share_back(
+    autojump_clock: trio.testing.MockClock,
+    abort: Callable[[MemoryNetwork, trio.abc.SendStream], Awaitable[None]],
+) -> None:
+    net = MemoryNetwork()
+    net.set_host("a", upload=1e6)
+    ab, _ = net.stream_pair("a", "b")
+    ac, _ = net.stream_pair("a", "c")
+    done: list[float] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_send_at, net, ab, 200_000, 0.0, done)
+        await abort(net, ac)
+        assert trio.current_time() == at(0.1)
+    # 50 KB of a->b out by 0.1 at half the upload, the other 150 KB at all of it: 0.25 (0.4
+    # had a->c gone on)
+    assert done == [at(0.25)]
+
+
+async def test_a_flow_held_back_elsewhere_leaves_the_rest_to_the_others(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    net = MemoryNetwork(buffer_size=4 << 20)  # nobody reads: room for all of it
+    net.set_host("a", upload=3e6)
+    net.set_host("c", download=1e6)
+    done: dict[str, list[float]] = {"ab": [], "ac": [], "dc": []}
+    async with trio.open_nursery() as nursery:
+        for name, size in (("ab", 2_500_000), ("ac", 1_000_000), ("dc", 1_000_000)):
+            stream, _ = net.stream_pair(name[0], name[1])
+            nursery.start_soon(_send_at, net, stream, size, 0.0, done[name])
+    # c's download holds a->c and d->c to 0.5 MB/s each; a->b gets the 2.5 MB/s a has left
+    # (first come, first served, a->c would have waited for a->b's 2.5 MB)
+    assert done == {"ab": [at(1.0)], "ac": [at(2.0)], "dc": [at(2.0)]}
+
+
+async def test_a_link_caps_its_flows(autojump_clock: trio.testing.MockClock) -> None:
+    net = MemoryNetwork()
+    net.set_host("a", upload=1e6)
+    net.set_link("a", "b", bandwidth=2e5)
+    done: dict[str, list[float]] = {"ab": [], "ac": []}
+    async with trio.open_nursery() as nursery:
+        for name, size in (("ab", 100_000), ("ac", 400_000)):
+            stream, _ = net.stream_pair(name[0], name[1])
+            nursery.start_soon(_send_at, net, stream, size, 0.0, done[name])
+    # a->b at its link's 0.2 MB/s, a->c at the 0.8 MB/s left of a's upload
+    assert done == {"ab": [at(0.5)], "ac": [at(0.5)]}
+
+
+async def test_a_bandwidth_change_applies_mid_transfer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    net = MemoryNetwork(bandwidth=1e6)
+    a, _ = net.stream_pair("a", "b")
+
+    async def slow_down() -> None:
+        await trio.sleep_until(0.5)
+        net.set_link("a", "b", bandwidth=0.5e6)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(slow_down)
+        await a.send_all(b"x" * 1_000_000)
+    assert trio.current_time() == at(1.5)  # half at 1 MB/s, half at 0.5 MB/s
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    flows=st.lists(
+        st.tuples(st.integers(0, 3), st.integers(0, 3), st.integers(1, 50_000)).filter(
+            lambda f: f[0] != f[1]
+        ),
+        min_size=1,
+        max_size=10,
+    ),
+    uploads=st.lists(st.sampled_from([1e5, 1e6, 3e6]), min_size=4, max_size=4),
+)
+def test_flows_out_of_one_upload_share_it_like_processor_sharing(
+    flows: list[tuple[int, int, int]], uploads: list[float]
+) -> None:
+    # Flows that start together and are limited by their sender's upload only: each upload
+    # is shared equally by the flows still going, so a flow of s bytes ends when every flow
+    # of its host has sent min(its size, s): at sum(min(s_j, s)) / upload.
+    async def main() -> dict[int, float]:
+        net = MemoryNetwork()
+        for h, up in enumerate(uploads):
+            net.set_host(f"h{h}", upload=up)
+        done: dict[int, float] = {}
+
+        async def send(i: int, stream: trio.abc.SendStream, size: int) -> None:
+            await stream.send_all(b"x" * size)
+            done[i] = trio.current_time()
+
+        async with trio.open_nursery() as nursery:
+            for i, (a, b, size) in enumerate(flows):
+                stream, _ = net.stream_pair(f"h{a}", f"h{b}")
+                nursery.start_soon(send, i, stream, size)
+        return done
+
+    done = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    for i, (a, _, size) in enumerate(flows):
+        ahead = sum(min(s, size) for h, _, s in flows if h == a)
+        assert done[i] == pytest.approx(ahead / uploads[a], rel=1e-9, abs=1e-12), i
 
 
 async def test_buffer_size_back_pressure(autojump_clock: trio.testing.MockClock) -> None:

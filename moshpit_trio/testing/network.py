@@ -8,11 +8,16 @@ global random generator, and every wait is a trio wait, so under ``trio.testing.
 
 Timing model, per direction of a connection (exact under MockClock):
 
-* ``send_all`` of ``n`` bytes holds the sender for ``n / rate`` seconds, where ``rate`` is the
-  smallest of the link's bandwidth, the sender's upload and the receiver's download (all infinite
-  by default). Transmissions that share a link direction or a host's upload/download are
-  serialized first come, first served, so concurrent connections share the capacity rather than
-  each getting all of it.
+* ``send_all`` of ``n`` bytes is a *flow* that holds the sender until its last byte has left.
+  Three resources may limit it: the link's bandwidth in that direction, the sender's upload and
+  the receiver's download (all infinite by default; a flow that crosses no limited one takes no
+  time). At every moment the flows in progress share these max-min fairly, as long-lived TCP
+  connections roughly do (``fairshare.py``): on a full resource every flow that it holds back
+  gets an equal share, and a flow held back elsewhere leaves the rest to the others. Rates are
+  recomputed whenever a flow starts, finishes or is aborted (its share goes back at once) and
+  when a bandwidth changes, so a flow's time is exactly its bytes integrated over the rates it
+  had: two equal flows out of one upload both take twice as long as one alone, and all-to-all
+  traffic among hosts takes what their bytes need, never more.
 * The bytes become readable ``latency`` seconds after their transmission ends, never before bytes
   sent earlier on the same connection (delivery is in order, like TCP).
 * A direction holds at most ``buffer_size`` bytes that were sent but not yet read (like a TCP
@@ -47,12 +52,13 @@ import math
 import operator
 import random
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import trio
 
+from moshpit_trio.testing.fairshare import FairShare, Flow
 from moshpit_trio.wire.streams import StreamHandler
 
 if TYPE_CHECKING:
@@ -65,6 +71,11 @@ _FIRST_LISTEN_PORT = 10000
 # Ports given to the client end of a connection; only used in reprs and ``local``/``remote``.
 _FIRST_EPHEMERAL_PORT = 40000
 _MAX_PORT = 65535
+
+
+# A shared resource of the bandwidth model: ("link", src, dst) for one direction of a link,
+# ("up", host, "") and ("down", host, "") for a host's upload and download.
+_Resource = tuple[str, str, str]
 
 
 @dataclass
@@ -270,33 +281,36 @@ class MemoryStream(trio.abc.HalfCloseableStream):
             pos = 0
             while pos < len(payload):
                 while d.held >= net.buffer_size:
+                    if net._fair.dirty:
+                        # Before waiting (see _settle_soon); it yields, so look again after.
+                        await net._settle_soon()
+                        continue
                     await d.writers.park()
                     self._check_send()
                 n = min(len(payload) - pos, net.buffer_size - d.held)
                 chunk = payload if n == len(payload) else bytes(view[pos : pos + n])
                 d.held += n  # reserve the window before waiting, so it can never overfill
-                booking = net._book(d.src, d.dst, n)
-                end = trio.current_time() if booking is None else booking.end
+                flow = net._start_flow(d, n)
                 pushed = False
                 try:
-                    # Transmitting: parked rather than asleep, so that a reset or a close
-                    # interrupts the sender at once instead of at the end of the transmission.
-                    while trio.current_time() < end:
-                        self._check_send()
-                        with trio.move_on_at(end):
-                            await d.writers.park()
+                    if flow is not None:
+                        # Transmitting: parked rather than asleep, so that a reset or a close
+                        # interrupts the sender at once instead of at the end of the
+                        # transmission.
+                        await net._transmit(flow, self._check_send, d.writers)
                     self._check_send()
+                    end = trio.current_time() if flow is None else flow.finish
                     d.push(chunk, end + net._settings(d.src, d.dst).latency)
                     net._stats_of(d.src).bytes_sent += n
                     pushed = True
                 finally:
-                    if not pushed:
-                        if booking is not None:
-                            booking.release()
-                        if not d.discarded:
-                            d.held -= n
-                            d.writers.unpark_all()
+                    if flow is not None:
+                        net._end_flow(flow, finished=pushed)
+                    if not pushed and not d.discarded:
+                        d.held -= n
+                        d.writers.unpark_all()
                 pos += n
+            await net._settle_soon()
         finally:
             self._sending = False
 
@@ -386,29 +400,6 @@ class _Listener:
         self.nursery = nursery
 
 
-class _Booking:
-    """A transmission's slot on the shared resources, so an aborted one can give it back."""
-
-    def __init__(
-        self,
-        busy_until: dict[tuple[str, str, str], float],
-        previous: dict[tuple[str, str, str], float | None],
-        end: float,
-    ) -> None:
-        self._busy_until = busy_until
-        self._previous = previous
-        self.end = end
-
-    def release(self) -> None:
-        # Only if nobody booked after us; otherwise the slot stays an idle gap.
-        for key, before in self._previous.items():
-            if self._busy_until.get(key) == self.end:
-                if before is None:
-                    del self._busy_until[key]
-                else:
-                    self._busy_until[key] = before
-
-
 class _LinkView:
     """Effective settings of one host pair (defaults filled in)."""
 
@@ -446,9 +437,12 @@ class MemoryNetwork:
         self._links: dict[tuple[str, str], _LinkSettings] = {}
         self._upload: dict[str, float] = {}
         self._download: dict[str, float] = {}
-        # Virtual time at which each shared resource (a link direction, a host's upload or
-        # download) finishes the transmissions already booked on it.
-        self._busy_until: dict[tuple[str, str, str], float] = {}
+        # The transmissions in progress, sharing the link directions and the hosts' uploads
+        # and downloads max-min fairly.
+        self._fair: FairShare[_Resource] = FairShare(self._capacity)
+        # Whether any bandwidth was ever limited: if not, no transmission takes time and the
+        # model is skipped (most tests and the DHT benchmark).
+        self._limited = not math.isinf(self._default.bandwidth)
         self._hosts: dict[str, MemoryHost] = {}
         self._stats: dict[str, HostStats] = {}
         self._dead: set[str] = set()
@@ -483,28 +477,36 @@ class MemoryNetwork:
     ) -> None:
         """Override the settings of the link between ``a`` and ``b`` (both directions).
 
-        ``None`` leaves a setting as it is; pass ``math.inf`` for unlimited bandwidth. Changes
-        apply to live connections from their next transmission on.
+        ``None`` leaves a setting as it is; pass ``math.inf`` for unlimited bandwidth. A new
+        bandwidth applies at once, to transmissions in progress too; latency and drop apply to
+        live connections from their next transmission on.
         """
         s = self._links.setdefault(_pair(a, b), _LinkSettings())
         if latency is not None:
             s.latency = _check_latency(latency)
         if bandwidth is not None:
             s.bandwidth = _check_bandwidth(bandwidth)
+            self._limited |= not math.isinf(s.bandwidth)
+            self._capacity_changed((("link", a, b), ("link", b, a)))
         if drop is not None:
             s.drop = _check_drop(drop)
 
     def set_host(
         self, name: str, *, upload: float | None = None, download: float | None = None
     ) -> None:
-        """Limit a host's total upload / download (bytes/s, shared by all its links).
+        """Limit a host's total upload / download (bytes/s, shared fairly by all its flows).
 
-        ``None`` leaves a limit as it is; ``math.inf`` removes it.
+        ``None`` leaves a limit as it is; ``math.inf`` removes it. It applies at once, to
+        transmissions in progress too.
         """
         if upload is not None:
             self._upload[name] = _check_bandwidth(upload)
+            self._limited |= not math.isinf(self._upload[name])
+            self._capacity_changed([("up", name, "")])
         if download is not None:
             self._download[name] = _check_bandwidth(download)
+            self._limited |= not math.isinf(self._download[name])
+            self._capacity_changed([("down", name, "")])
 
     def stream_pair(self, a: str, b: str, port: int = 0) -> tuple[MemoryStream, MemoryStream]:
         """A connection from ``a`` to ``b`` that is already open: no listener, no handshake
@@ -600,24 +602,79 @@ class MemoryNetwork:
             s = self._stats[name] = HostStats()
         return s
 
-    def _book(self, src: str, dst: str, n: int) -> _Booking | None:
-        """Book the transmission of ``n`` bytes from ``src`` to ``dst`` on every finite
-        resource it crosses; ``None`` when all of them are unlimited."""
-        limits = [
-            (("link", src, dst), self._settings(src, dst).bandwidth),
-            (("up", src, ""), self._upload.get(src, math.inf)),
-            (("down", dst, ""), self._download.get(dst, math.inf)),
-        ]
-        booked = [(key, rate) for key, rate in limits if not math.isinf(rate)]
-        if not booked:
+    # -- bandwidth ---------------------------------------------------------------------------
+
+    def _capacity(self, resource: _Resource) -> float:
+        kind, a, b = resource
+        if kind == "link":
+            return self._settings(a, b).bandwidth
+        limits = self._upload if kind == "up" else self._download
+        return limits.get(a, math.inf)
+
+    def _start_flow(self, d: _Direction, n: int) -> Flow[_Resource] | None:
+        """A transmission of ``n`` bytes on ``d`` in the fair-share model; ``None`` when
+        nothing it crosses is limited (it takes no time)."""
+        if not self._limited:
             return None
+        resources = (("link", d.src, d.dst), ("up", d.src, ""), ("down", d.dst, ""))
+        if all(math.isinf(self._capacity(r)) for r in resources):
+            return None
+        return self._fair.start(resources, n, trio.current_time(), d)
+
+    async def _transmit(
+        self, flow: Flow[_Resource], check: Callable[[], None], lot: trio.lowlevel.ParkingLot
+    ) -> None:
+        """Wait until the flow's last byte has left, at whatever rates it gets meanwhile.
+
+        ``check`` raises if the stream broke; ``lot`` is where the sender parks, unparked by a
+        fault and by a recomputation that brings the flow's finish forward.
+        """
+        fair = self._fair
+        yielded = False
+        while True:
+            check()
+            now = trio.current_time()
+            if flow.finish <= now:
+                return
+            if fair.dirty and not yielded:
+                # Let every task due at this instant start or end its flows first, so that
+                # they all cost one recomputation. (Time cannot pass meanwhile: this task is
+                # ready to run again.)
+                yielded = True
+                await trio.lowlevel.checkpoint()
+                continue
+            self._reallocate(now)
+            if flow.finish <= now:
+                return
+            yielded = False
+            flow.wake_at = flow.finish
+            with trio.move_on_at(flow.finish):
+                await lot.park()
+
+    def _end_flow(self, flow: Flow[_Resource], *, finished: bool) -> None:
         now = trio.current_time()
-        start = max([now, *(self._busy_until.get(key, now) for key, _ in booked)])
-        end = start + n / min(rate for _, rate in booked)
-        previous = {key: self._busy_until.get(key) for key, _ in booked}
-        for key, _ in booked:
-            self._busy_until[key] = end
-        return _Booking(self._busy_until, previous, end)
+        self._fair.stop(flow, now)
+        if not finished:
+            self._reallocate(now)  # aborted: its share goes back to the others at once
+
+    async def _settle_soon(self) -> None:
+        """After a flow ended, before the sender waits or returns: the flows that get its share
+        must learn their new finish times at this instant. One checkpoint first, so that every
+        flow ending at this instant is counted in one recomputation."""
+        if self._fair.dirty:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            self._reallocate(trio.current_time())
+
+    def _reallocate(self, now: float) -> None:
+        for flow in self._fair.settle(now):
+            direction = flow.tag
+            assert isinstance(direction, _Direction)
+            direction.writers.unpark_all()
+
+    def _capacity_changed(self, resources: Iterable[_Resource]) -> None:
+        self._fair.touch(resources)
+        if self._fair.dirty:  # only with flows in progress, so inside trio.run
+            self._reallocate(trio.current_time())
 
     async def _wait_open(self, src: str, dst: str) -> None:
         while True:
