@@ -466,7 +466,10 @@ class DHTNode:
                 answer = (self._parse_contacts(found.contacts, contact), [])
         except (MoshpitError, RecordRejected) as exc:
             answer = exc
-        send.send_nowait((contact, answer))
+        # The lookup may be over (this query ran on in the node's nursery): its answer then
+        # goes unread.
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            send.send_nowait((contact, answer))
 
     def _check_records(self, records: list[Record], target: bytes, sender: Contact) -> list[Record]:
         """Keep the records that belong to ``target`` and pass validation; log forgeries."""
