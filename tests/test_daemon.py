@@ -333,14 +333,16 @@ async def test_stop_abandons_a_round_past_the_bound_and_groupmates_see_it_missin
     for line in logged.values():
         # the victim was in the group, and is named as missing where its part did not come
         assert vid in line["members"] and line["outcome"] == "partial"
-        assert set(line["excluded"].items()) <= {(vid, "late")}
+        # late, or cut off at once: its streams cancelled ("withdrew"), its connections
+        # closed ("lost")
+        assert set(line["excluded"].items()) <= {(vid, "late"), (vid, "withdrew"), (vid, "lost")}
         for _, _, reducer, included in line["spans"]:
             if reducer == vid:
                 assert included is None  # its span's result never came: own values kept
             else:
                 assert included is not None and len(included) >= 2
     # (Whether the victim's own parts arrived depends on how far its writer got: data it had
-    # queued still leaves during its goodbye. Where they did not, it is excluded as "late".)
+    # queued still leaves during its goodbye. Where they did not, it is excluded.)
     # and the next round is a whole one, of the two that are left
     after = rounds_logged(logs, slot + 1)
     assert len(after) == 2

@@ -403,7 +403,7 @@ class AllReduce:
             # frozen) or its connection ended, so the rest of this part is not coming. (At
             # the deadline it is merely late, and the reduce leaves it out as such.)
             if trio.current_time() < request.deadline:
-                self._lose(sender, "withdrew")
+                self._lose(sender, _cut_off_by(request))
             raise
         return b""
 
@@ -474,7 +474,7 @@ class AllReduce:
             # Cut off before its deadline (the reducer gave up on us, say after taking us for
             # frozen): its result is not coming, and waiting would hold us to our deadline.
             if trio.current_time() < request.deadline:
-                self._lose(j, "withdrew")
+                self._lose(j, _cut_off_by(request))
             raise
         self.results[j] = (pieces, tuple(sorted(header.included)))
         if self._expected_results <= set(self.results):
@@ -485,6 +485,12 @@ class AllReduce:
 # The "none" codec's bytes are little-endian float32: the flat vector's own bytes on a
 # little-endian machine, so they can go out as they are.
 _NATIVE_IS_WIRE = sys.byteorder == "little"
+
+
+def _cut_off_by(request: StreamRequest) -> str:
+    """Why an incoming stream ended early: its connection ended ("lost"), or its sender
+    cancelled it ("withdrew")."""
+    return "lost" if request.connection.closed else "withdrew"
 
 
 def _all_finite(values: np.ndarray) -> bool:
