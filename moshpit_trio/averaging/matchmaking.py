@@ -192,7 +192,7 @@ class Matchmaker:
         if self.me.client_mode:
             # We never lead, so we wait on nobody's decision but a leader's: any listening
             # announcer may take us, the earliest first.
-            candidates = [m for _, m in announced if not m.client_mode and m != self.me]
+            candidates = [m for _, m in announced if not m.client_mode]
         else:
             candidates = [m for _, m in announced[:place] if not m.client_mode]
         # Decided, as far as peers asking us to lead are concerned: we follow (or try to). If

@@ -624,13 +624,14 @@ class DHTNode:
                 answer = self._decode_answer(_Stored, raw, contact)
                 if answer.stored and answer.stored[0]:
                     wave.held += 1
-                    wave.some_held.set()
+                    wave.settled.set()
             except MoshpitError:
                 pass  # one replica fewer; the count says so
             finally:
                 wave.pending -= 1
                 if wave.pending == 0:
                     wave.done.set()
+                    wave.settled.set()
 
         # The replicas' stores run in the node's own nursery: once another peer holds the
         # record, a replica that has not answered within slow_after (a frozen one looks
@@ -643,11 +644,9 @@ class DHTNode:
             if targets:
                 with trio.move_on_after(self.settings.slow_after):
                     await wave.done.wait()
-                if not wave.done.is_set() and not wave.some_held.is_set():
-                    with trio.move_on_after(self.settings.rpc_timeout):
-                        async with trio.open_nursery() as first:
-                            for event in (wave.done, wave.some_held):
-                                first.start_soon(_set_then_cancel, event, first.cancel_scope)
+                # Nobody else holds it yet: wait for the first that does (or for them all).
+                with trio.move_on_after(self.settings.rpc_timeout):
+                    await wave.settled.wait()
         return wave.held
 
     def _make(
@@ -789,15 +788,12 @@ class _StoreWave:
         self.held = held
         self.pending = pending
         self.done = trio.Event()
-        #: set by the first replica that accepted the record (this node does not count)
-        self.some_held = trio.Event()
+        #: set once another replica accepted the record (this node does not count), or all
+        #: the stores are done
+        self.settled = trio.Event()
         if not pending:
             self.done.set()
-
-
-async def _set_then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:
-    await event.wait()
-    scope.cancel()
+            self.settled.set()
 
 
 _EPOCH_OFFSET: trio.lowlevel.RunVar[float] = trio.lowlevel.RunVar("moshpit_dht_epoch_offset")

@@ -219,7 +219,6 @@ class Transport:
         address = self._resolve(target)
         peer = address.peer_id if isinstance(address, PeerAddress) else address
         start = trio.current_time()
-        answered = False
         failure = "no answer"
         with trio.move_on_after(timeout):
             async with trio.open_nursery() as nursery:
