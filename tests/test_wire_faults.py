@@ -537,3 +537,33 @@ async def test_many_concurrent_calls_on_one_connection(
                 nursery.start_soon(one, i)
         assert answers == {i: str(i).encode() for i in range(40)}
         assert len(client.connections()) == 1
+
+
+async def test_goodbye_behind_a_backlog_takes_one_close_timeout(
+    autojump_clock: Any, identities: list[Identity]
+) -> None:
+    # A peer leaving with a stream's chunks still queued on a slow link (a round it abandoned)
+    # says goodbye within one close_timeout in all: the wait for its writer to drain the queue
+    # and the websocket's close handshake share that budget instead of each taking it whole.
+    net = MemoryNetwork(seed=1, bandwidth=50e3)  # 256 KiB (a window) takes about 5 s
+    close_timeout = SMALL.connection.close_timeout
+
+    async def sink(request: StreamRequest) -> bytes:
+        async for _ in request:
+            pass
+        return b""
+
+    async with peer(net, "s", identities[0]) as server:
+        server.register_stream("sink", sink)
+        assert server.address is not None
+        async with peer(net, "c", identities[1]) as client:
+            await client.connect(server.address)
+            with trio.move_on_after(0.5):
+                async with client.open_stream(server.address, "sink", timeout=60) as stream:
+                    await stream.send(bytes(SMALL.connection.stream_window))
+                    await stream.finish()
+            leaving = trio.current_time()
+        # leaving the block closed the client's transport
+        took = trio.current_time() - leaving
+        assert took == pytest.approx(close_timeout, abs=0.01)
+        assert client.connections() == []

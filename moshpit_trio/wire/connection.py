@@ -316,6 +316,9 @@ class Connection:
         self._writer_done = trio.Event()
         self._finished = trio.Event()
         self._closing = False
+        # When a graceful close must be over: set by aclose(), so its wait for the writer and
+        # run()'s websocket close share one close_timeout between them.
+        self._close_by: float | None = None
         self._close_code = 1000
         self._queue_slots = trio.Semaphore(limits.max_queued)
         self._next_call_id = 1
@@ -360,9 +363,10 @@ class Connection:
         finally:
             self._mark_closed(self._close_reason or "closed")
             # A frozen peer never answers the websocket close handshake; don't wait for it.
-            with trio.CancelScope(
-                shield=True, deadline=trio.current_time() + self.limits.close_timeout
-            ):
+            close_by = self._close_by
+            if close_by is None:
+                close_by = trio.current_time() + self.limits.close_timeout
+            with trio.CancelScope(shield=True, deadline=close_by):
                 await self._ws.aclose(code=self._close_code, reason=self._close_reason[:100])
             self._finished.set()
 
@@ -374,12 +378,15 @@ class Connection:
         # Closing the outbox lets the writer send what is queued, GOODBYE last, and stop.
         self._closing = True
         self._outbox_send.close()
-        with trio.move_on_after(self.limits.close_timeout):
+        # One budget for the whole goodbye: a writer still working through megabytes queued
+        # on a slow link (a round this peer abandoned) must not double how long it takes.
+        self._close_by = trio.current_time() + self.limits.close_timeout
+        with trio.move_on_at(self._close_by):
             await self._writer_done.wait()
         self._shutdown(reason)
         # Wait for run() to finish the websocket close while the websocket's own reader task
         # still runs: it is the one that sees the remote's answer to our close frame.
-        with trio.move_on_after(self.limits.close_timeout):
+        with trio.move_on_at(self._close_by):
             await self._finished.wait()
 
     def _shutdown(self, reason: str, code: int = 1000) -> None:
