@@ -31,7 +31,7 @@ run's ``kind`` and ``run_id``, and an averaging run's ``size`` or a training run
     [[runs]]
     kind = "averaging"             # average a vector this daemon owns, round after round
     run_id = "exp1"
-    grid = [4, 4]
+    grid = "auto"                  # groups from the live peers (or a fixed grid: [4, 4])
     size = 1_000_000               # float32 elements
     round_period = 5.0
 
@@ -144,7 +144,8 @@ class AveragingRun:
     """Average a vector of ``size`` float32 elements that the daemon owns, every round."""
 
     run_id: str
-    grid: tuple[int, ...]
+    #: "auto" (groups from the live peers) or a fixed grid's axis sizes
+    grid: tuple[int, ...] | Literal["auto"]
     size: int
     round_period: float
     round_timeout: float
@@ -155,6 +156,8 @@ class AveragingRun:
     min_group_size: int
     #: the vector's first values: "zeros", or "random" (normal, seeded by the PeerID)
     init: Literal["zeros", "random"]
+    #: grid "auto": the largest group a round forms
+    max_group_size: int = 32
     kind: Literal["averaging"] = "averaging"
 
 
@@ -164,7 +167,7 @@ class TrainingRun:
 
     run_id: str
     entry: str
-    grid: tuple[int, ...]
+    grid: tuple[int, ...] | Literal["auto"]
     round_period: float
     round_timeout: float
     compression: str
@@ -176,6 +179,8 @@ class TrainingRun:
     listen: str | None
     #: free-form settings handed to the entry point as ``context.options``
     options: Mapping[str, Any]
+    #: grid "auto": the largest group a round forms
+    max_group_size: int = 32
     kind: Literal["training"] = "training"
 
 
@@ -454,8 +459,10 @@ def parse_rate(value: object) -> float:
     return rate
 
 
-def _grid(value: Any, where: _Where) -> tuple[int, ...]:
-    expected = "grid axis sizes, like [4, 4] or '4x4' (each 1..1024, at most 8 axes)"
+def _grid(value: Any, where: _Where) -> tuple[int, ...] | Literal["auto"]:
+    expected = "'auto', or grid axis sizes like [4, 4] or '4x4' (each 1..1024, at most 8 axes)"
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
     if isinstance(value, str):
         parts = re.split(r"\s*[xX×]\s*", value.strip())
         if not all(p.isdecimal() and p.isascii() for p in parts):
@@ -561,7 +568,8 @@ def _run_schema(base: Path, kind: str) -> dict[str, _Key]:
     common = {
         "kind": _Key(_choice("averaging", "training"), "str", required=True),
         "run_id": _Key(_run_id, "str", required=True),
-        "grid": _Key(_grid, "list", [4, 4]),
+        "grid": _Key(_grid, "list", "auto"),
+        "max_group_size": _Key(_integer(2, 256), "int", 32),
         "round_period": _Key(_seconds(allow_zero=False), "float", 5.0),
         "round_timeout": _Key(_seconds(allow_zero=False), "float", None),
         "compression": _Key(_choice("none", "fp16", "8bit"), "str", "none"),
@@ -806,6 +814,16 @@ def _runs(source: str, raw: Any, base: Path) -> tuple[RunConfig, ...]:
             raise _Where(source, f"{label}.round_timeout").fail(
                 f"seconds shorter than round_period ({period:g} s), or rounds skip slots",
                 values["round_timeout"],
+            )
+        if values["grid"] != "auto" and "max_group_size" in table:
+            raise _Where(source, f"{label}.max_group_size").fail(
+                "no max_group_size with a fixed grid (its axes size the groups); "
+                'set grid = "auto" or remove max_group_size',
+                values["max_group_size"],
+            )
+        if values["min_group_size"] > values["max_group_size"]:
+            raise _Where(source, f"{label}.min_group_size").fail(
+                f"at most max_group_size ({values['max_group_size']})", values["min_group_size"]
             )
         if values["run_id"] in seen:
             raise _Where(source, f"{label}.run_id").fail(

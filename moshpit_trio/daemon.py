@@ -48,8 +48,8 @@ import trio
 
 from . import __version__
 from .averaging.allreduce import SpanReport
+from .averaging.auto_grid import DEFAULT_MAX_GROUP_SIZE
 from .averaging.averager import MoshpitAverager, RoundReport
-from .averaging.grid import group_key_name
 from .config import AccessConfig, AveragingRun, DaemonConfig, LimitsConfig, TrainingRun
 from .errors import (
     ConfigError,
@@ -554,7 +554,7 @@ class _AveragingService(_RunService):
             self.vector = np.zeros(spec.size, np.float32)
         self._stopping = False
         self._waiting: trio.CancelScope | None = None
-        self._announcement: str | None = None  # the DHT key of the round in progress
+        self._averager: MoshpitAverager | None = None  # while a round is in progress
         self._idle = trio.Event()
         self._idle.set()
 
@@ -576,11 +576,12 @@ class _AveragingService(_RunService):
             peer,
             spec.run_id,
             [self.vector],
-            grid=spec.grid,
+            grid="auto" if spec.grid == "auto" else spec.grid,
             compression=spec.compression,
             bandwidth=spec.bandwidth,
             min_group_size=spec.min_group_size,
             round_period=spec.round_period,
+            max_group_size=(spec.max_group_size if spec.grid == "auto" else DEFAULT_MAX_GROUP_SIZE),
         )
         async with averager:
             self.state = "running"
@@ -592,12 +593,12 @@ class _AveragingService(_RunService):
                 self._waiting = None
                 if self.stopping():
                     break
-                self._announcement = group_key_name(spec.run_id, averager.key, averager.round)
+                self._averager = averager
                 self._idle = trio.Event()
                 try:
                     report = await averager.step(weight=spec.weight, timeout=spec.round_timeout)
                 finally:
-                    self._announcement = None
+                    self._averager = None
                     self._idle.set()
                 self.record(report)
         self.state = "stopped"
@@ -611,7 +612,7 @@ class _AveragingService(_RunService):
         self.state = "stopping"
         if self._waiting is not None:
             self._waiting.cancel()
-        key = self._announcement
+        key = None if self._averager is None else self._averager.announcement
         if key is not None:
             with suppress(MoshpitError):  # best effort: the announcement expires anyway
                 await self.daemon.peer.dht.withdraw(key)
@@ -731,6 +732,7 @@ class _TrainingService(_RunService):
             announce_host=peer_config.announce_host,
             optimizer_options={
                 "grid": spec.grid,
+                **({"max_group_size": spec.max_group_size} if spec.grid == "auto" else {}),
                 "round_period": spec.round_period,
                 "round_timeout": spec.round_timeout,
                 "compression": spec.compression,

@@ -132,7 +132,8 @@ def test_defaults() -> None:
     assert config.dht_only
     run = parse_config('[[runs]]\nkind = "averaging"\nrun_id = "r"\nsize = 3\n').runs[0]
     assert isinstance(run, AveragingRun)
-    assert (run.grid, run.round_period, run.round_timeout) == ((4, 4), 5.0, 4.0)
+    assert (run.grid, run.round_period, run.round_timeout) == ("auto", 5.0, 4.0)
+    assert run.max_group_size == 32
     assert (run.compression, run.bandwidth, run.weight, run.init) == ("none", 1e8, 1.0, "zeros")
 
 
@@ -192,7 +193,25 @@ def test_status_allow() -> None:
         ),
         (
             "[[runs]]\nkind = 'averaging'\nrun_id = 'a'\nsize = 1\ngrid = [0]",
-            r"runs\[0\].grid: expected grid axis sizes",
+            r"runs\[0\].grid: expected 'auto', or grid axis sizes",
+        ),
+        (
+            "[[runs]]\nkind = 'averaging'\nrun_id = 'a'\nsize = 1\ngrid = 'autox'",
+            r"runs\[0\].grid: expected 'auto', or grid axis sizes",
+        ),
+        (
+            "[[runs]]\nkind = 'averaging'\nrun_id = 'a'\nsize = 1\nmax_group_size = 1",
+            r"runs\[0\].max_group_size: expected",
+        ),
+        (
+            "[[runs]]\nkind = 'averaging'\nrun_id = 'a'\nsize = 1\ngrid = [4, 4]\n"
+            "max_group_size = 8",
+            r"runs\[0\].max_group_size: expected no max_group_size with a fixed grid",
+        ),
+        (
+            "[[runs]]\nkind = 'averaging'\nrun_id = 'a'\nsize = 1\nmax_group_size = 4\n"
+            "min_group_size = 5",
+            r"runs\[0\].min_group_size: expected at most max_group_size \(4\)",
         ),
         (
             "[[runs]]\nkind = 'averaging'\nrun_id = 'a'\nsize = 1\nround_period = 2\n"

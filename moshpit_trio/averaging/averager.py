@@ -175,7 +175,7 @@ class MoshpitAverager:
         self.row: int | None = None
         self._row_group: tuple[bytes, int] | None = None
         self._rng = random.Random(peer.id.to_bytes())
-        #: the DHT key this peer announces under in the round in progress (None between rounds)
+        #: the DHT key this peer announced under in the round in progress (None between rounds)
         self.announcement: str | None = None
         self.matchmaker = Matchmaker(
             peer, run_id, bandwidth=bandwidth, min_group_size=min_group_size
@@ -306,26 +306,29 @@ class MoshpitAverager:
             raise ConfigError(f"timeout must be positive seconds, got {timeout!r}")
         await self.wait_for_round()
         self._slot_reached = False
+        try:
+            return await self._step(weight, timeout)
+        finally:
+            self.announcement = None
+
+    async def _step(self, weight: float, timeout: float) -> RoundReport:
         start = trio.current_time()
         deadline = start + timeout
         round_ = self.round
         matchmaking_deadline = start + self.matchmaking_fraction * timeout
         group: GroupInfo | None = None
-        try:
-            with trio.move_on_at(deadline):
-                if self.grid is None:
-                    group = await self._auto_group(round_, matchmaking_deadline)
-                else:
-                    self.announcement = group_key_name(self.run_id, self.key, round_)
-                    group = await self.matchmaker.form_group(
-                        self.announcement,
-                        round_,
-                        self.key,
-                        self.grid.shape[round_ % self.grid.d],
-                        matchmaking_deadline,
-                    )
-        finally:
-            self.announcement = None
+        with trio.move_on_at(deadline):
+            if self.grid is None:
+                group = await self._auto_group(round_, matchmaking_deadline)
+            else:
+                self.announcement = group_key_name(self.run_id, self.key, round_)
+                group = await self.matchmaker.form_group(
+                    self.announcement,
+                    round_,
+                    self.key,
+                    self.grid.shape[round_ % self.grid.d],
+                    matchmaking_deadline,
+                )
         key = self.key
         formed = trio.current_time()
         if group is not None and len(group.members) > 1:

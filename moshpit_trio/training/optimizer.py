@@ -1,7 +1,7 @@
 """MoshpitOptimizer: Moshpit SGD (MOSHPIT.md §2) for ordinary synchronous PyTorch loops.
 
     opt = MoshpitOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-                           run_id="digits", bootstrap=["ws://..."], grid=(4, 4), average_every=4)
+                           run_id="digits", bootstrap=["ws://..."], average_every=4)
     for x, y in data:
         loss_fn(model(x), y).backward(); opt.step(); opt.zero_grad()
     opt.close()        # or `with MoshpitOptimizer(...) as opt:`
@@ -83,7 +83,8 @@ class MoshpitOptimizer:
         listen: str | None = "127.0.0.1:0",
         announce_host: str | None = None,
         client_mode: bool = False,
-        grid: Sequence[int] = (4, 4),
+        grid: Sequence[int] | str = "auto",
+        max_group_size: int = 32,
         average_every: int | Literal["background"] = 4,
         average_state: bool = False,
         round_period: float | None = None,
@@ -154,7 +155,8 @@ class MoshpitOptimizer:
             client_mode=client_mode,
             peer_options={"limits": limits, "access": access},
             averager_options={
-                "grid": tuple(grid),
+                "grid": grid if isinstance(grid, str) else tuple(grid),
+                **({"max_group_size": max_group_size} if isinstance(grid, str) else {}),
                 "compression": compression,
                 "bandwidth": bandwidth,
                 "min_group_size": min_group_size,
