@@ -148,7 +148,8 @@ def plan_rows(n: int, max_group_size: int = DEFAULT_MAX_GROUP_SIZE) -> int:
         return lo
     candidates = [s for s in range(lo, max_group_size + 1) if feasible(n, s, max_group_size)]
     exact = [s for s in candidates if n % s == 0]
-    pool = exact or candidates
+    # Nothing feasible (3 peers, groups of at most 2): the shortest rows; one is short of 2.
+    pool = exact or candidates or [lo]
     # Rows about as long as there are rows: the smallest groups on both kinds of round.
     return min(pool, key=lambda s: (abs(s - n / s), s))
 
