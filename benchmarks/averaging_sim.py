@@ -89,7 +89,7 @@ Choices, where the issue leaves them open:
 Seeds and generators are numpy's PCG64 from SeedSequence((seed, N, p in ppm, stream)), so a row
 reproduces alone (``--n 768 --p 0.005 --seeds 3``) exactly as inside the full run.
 
-    python benchmarks/averaging_sim.py                        # the full table (about 80 s)
+    python benchmarks/averaging_sim.py                        # the full table (about 40 s)
     python benchmarks/averaging_sim.py --n 1024 --p 0,0.005 --methods moshpit-paper,gossip
     python benchmarks/averaging_sim.py --json > benchmarks/results/averaging.json
     python benchmarks/averaging_sim.py --plot benchmarks/results/figure3.png
