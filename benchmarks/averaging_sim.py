@@ -34,6 +34,19 @@ Methods (``--methods``):
                          show what an unbalanced start costs), groups = the live peers with the
                          same key, the within-group index by the seeded ``random`` rule or the
                          ``rank`` rule, then ``next_key()``.
+``moshpit-auto``         ``grid="auto"`` (moshpit_trio.averaging.auto_grid), the very functions
+                         the averager calls, run for every simulated peer: each round each live
+                         peer reads the run's directory (``Layout.from_records``), computes the
+                         ``Plan`` and announces under its row (row rounds: ``Plan.place``, a
+                         peer with no row ``Plan.row_for_joiner``, with an empty directory row 0
+                         then ``overflow_row``) or its column (``Plan.column``; a peer with no
+                         row picks a column at random); announcers under one key are cut into
+                         groups of ``balanced_capacity``; after a row round each group's
+                         lowest-id member stores its ``RowRecord``. The grid is ignored (rows
+                         and columns follow the live count, groups of at most 32), so it runs
+                         once per (N, p), shown in the first grid's block. Its JSON rows add
+                         ``solo_rounds`` (live peer-rounds spent in a group of one, over all
+                         seeds) and ``rounds_run``.
 
 Opt-in (not in the default run): ``moshpit-grid-balanced``, the random rule from
 ``balanced_initial_keys()`` dealt to the peers in random order, which shows what the key
@@ -60,20 +73,32 @@ Choices, where the issue leaves them open:
   still advances its key); under the rank rule that puts every failed peer at index 0.
 * The grid side M for random groups is the grid's first axis (32 on 32x32, 8 on 8x8x8).
 * ``moshpit-paper`` needs N <= cells; the paper's pairs satisfy that (8x8x8 only for N = 512).
+* ``moshpit-auto`` models the DHT and the matchmaker as follows. A directory entry is
+  stored at once and everyone reads all of them next round (no lost or late stores). A key
+  takes at most 256 announcers (the DHT's cap): a peer that finds its cold-start row full tries
+  the next ``overflow_row``; past the cap on any other key it is refused and counted alone. The
+  announcers under a key arrive in a random order, and the matchmaker's order is arbitrary
+  (a shuffle). Group ids are sha256 of the sorted members' 16-byte ids and the round, cut to
+  16 bytes. Every peer is reachable (no client-mode peers). A failed peer does not announce,
+  so its row's next entry leaves it out; when it is back its old group is no longer in the
+  directory and its place is unknown: it stays in its row (``Plan.place(row, None)``).
+* The solo check (``--solo-n``, default 2-64; only when moshpit-auto runs): moshpit-auto at
+  p = 0 for each N, 10 whole rounds (not stopped at 1e-9) per seed, solo rounds counted; one
+  table line, and one JSON row per N.
 
 Seeds and generators are numpy's PCG64 from SeedSequence((seed, N, p in ppm, stream)), so a row
 reproduces alone (``--n 768 --p 0.005 --seeds 3``) exactly as inside the full run.
 
-    python benchmarks/averaging_sim.py                        # the full table (about 1 minute)
+    python benchmarks/averaging_sim.py                        # the full table (about 40 s)
     python benchmarks/averaging_sim.py --n 1024 --p 0,0.005 --methods moshpit-paper,gossip
     python benchmarks/averaging_sim.py --json > benchmarks/results/averaging.json
     python benchmarks/averaging_sim.py --plot benchmarks/results/figure3.png
 
 ``--json`` prints a list of rows ``{n, p, grid, method, rounds_1e9, rounds_1e4, seeds,
-unreached_1e9, unreached_1e4}`` on stdout (the table then goes to stderr). ``--plot`` draws the
-paper's Figure 3 panels (32x32: N=1024 p=0, N=1024 p=0.005, N=768 p=0.005): variance against
-round on a log scale, the mean over the seeds, one line per method; it needs matplotlib
-(``pip install -e .[bench]``).
+unreached_1e9, unreached_1e4}`` (moshpit-auto's also ``solo_rounds, rounds_run``) on stdout
+(the table then goes to stderr). ``--plot`` draws the paper's Figure 3 panels (32x32:
+N=1024 p=0, N=1024 p=0.005, N=768 p=0.005): variance against round on a log scale, the mean
+over the seeds, one line per method; it needs matplotlib (``pip install -e .[bench]``).
 """
 
 from __future__ import annotations
@@ -81,6 +106,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import random
 import sys
 import time
 from collections import defaultdict
@@ -95,6 +121,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from moshpit_trio.averaging.auto_grid import (  # noqa: E402
+    DEFAULT_MAX_GROUP_SIZE,
+    Layout,
+    Plan,
+    RowRecord,
+    balanced_capacity,
+    overflow_row,
+)
 from moshpit_trio.averaging.grid import (  # noqa: E402
     Grid,
     GroupKey,
@@ -117,6 +151,12 @@ DEFAULT_P = (0.0, 0.001, 0.005, 0.01)
 DEFAULT_SEEDS = tuple(range(10))
 PAPER_GRID = "32x32"
 EXTRA_GRIDS = {512: "8x8x8"}  # the paper's 3-D grid is run for N = 512 only
+# Methods that ignore the grid: run once per (N, p), in the first grid's block.
+AUTO_METHODS = frozenset({"moshpit-auto"})
+AUTO_GRID = f"auto (max group {DEFAULT_MAX_GROUP_SIZE})"
+# The solo check: moshpit-auto at p = 0 for every N here, SOLO_ROUNDS rounds each, never stopped.
+SOLO_N = range(2, 65)
+SOLO_ROUNDS = 10
 # The paper's Figure 3: (N, p) on 32x32.
 PLOT_PANELS = ((1024, 0.0), (1024, 0.005), (768, 0.005))
 
@@ -307,6 +347,108 @@ class MoshpitGrid:
         return self.x
 
 
+class MoshpitAuto:
+    """``grid="auto"``: every round runs moshpit_trio.averaging.auto_grid as each peer would.
+
+    Each round every live peer reads the directory (``Layout.from_records``), computes the same
+    ``Plan`` and announces under the key it names: ``("row", r)`` on a row round, ``("column",
+    c)`` on a column round. The announcers under one key are cut into groups of
+    ``balanced_capacity``; after a row round each group's lowest-id member stores its
+    ``RowRecord``. The grid passed in is ignored: the layout follows the live count.
+    """
+
+    #: the DHT keeps at most this many announcers under one key
+    KEY_CAP = 256
+
+    def __init__(
+        self,
+        x0: FloatArray,
+        grid: Grid,
+        rng: np.random.Generator,
+        *,
+        max_group_size: int = DEFAULT_MAX_GROUP_SIZE,
+    ) -> None:
+        n = len(x0)
+        self.x = x0.copy()
+        self.m = max_group_size
+        self.rng = rng
+        # The library draws from a random.Random (a joiner's row, an unknown place's column).
+        self.draw = random.Random(int(rng.integers(2**63)))
+        self.ids = [rng.bytes(16) for _ in range(n)]
+        # Where each peer last averaged on a row round: its row, and (group id, index in it).
+        self.row: list[int | None] = [None] * n
+        self.group: list[tuple[bytes, int] | None] = [None] * n
+        # The run's directory: one entry per storing peer, replaced when it stores again.
+        self.directory: dict[bytes, RowRecord] = {}
+        #: live peer-rounds in which the peer's group was itself alone
+        self.solo_rounds = 0
+        #: the size of every group formed (one entry per group per round)
+        self.group_sizes: list[int] = []
+
+    def _cold_row(self, counts: dict[tuple[str, int], int]) -> int:
+        # No directory yet: row 0, then overflow rows while the tried key is full.
+        attempt = 0
+        row = overflow_row(attempt, self.draw)
+        while counts.get(("row", row), 0) >= self.KEY_CAP:
+            attempt += 1
+            row = overflow_row(attempt, self.draw)
+        return row
+
+    def step(self, t: int, live: BoolArray) -> None:
+        layout = Layout.from_records(self.directory.values())
+        plan = Plan.of(layout, self.m)
+        kind = plan.kind(t)
+        keys: dict[tuple[str, int], list[int]] = defaultdict(list)
+        counts: dict[tuple[str, int], int] = defaultdict(int)
+        # Announce in a random arrival order (it decides who finds a key full).
+        for i in self.rng.permutation(np.flatnonzero(live)).tolist():
+            row, group = self.row[i], self.group[i]
+            position = None if row is None or group is None else layout.position(row, *group)
+            key: tuple[str, int]
+            if kind == "row":
+                if row is None:
+                    r = plan.row_for_joiner(self.draw) if layout.rows else self._cold_row(counts)
+                else:
+                    r = plan.place(row, position)[0]
+                key = ("row", r)
+            elif row is None:
+                key = ("column", self.draw.randrange(plan.columns))
+            else:
+                key = ("column", plan.column(row, position, self.draw))
+            counts[key] += 1
+            keys[key].append(i)
+        for key, members in keys.items():
+            # The DHT refuses announcers past its cap: they find nobody this round.
+            refused = max(0, len(members) - self.KEY_CAP)
+            self.solo_rounds += refused
+            self.group_sizes.extend([1] * refused)
+            members = members[: self.KEY_CAP]
+            # The matchmaker's order (record expiry, then PeerID) is arbitrary: shuffle.
+            members = [members[j] for j in self.rng.permutation(len(members))]
+            capacity = balanced_capacity(len(members), self.m)
+            for start in range(0, len(members), capacity):
+                group = members[start : start + capacity]
+                self.group_sizes.append(len(group))
+                if len(group) == 1:
+                    self.solo_rounds += 1
+                else:
+                    self.x[group] = self.x[group].mean()
+                if key[0] == "row":
+                    self._record(key[1], t, group)
+
+    def _record(self, row: int, t: int, group: list[int]) -> None:
+        order = sorted(group, key=self.ids.__getitem__)
+        tail = t.to_bytes(8, "big")
+        group_id = hashlib.sha256(b"".join(self.ids[i] for i in order) + tail).digest()[:16]
+        for index, i in enumerate(order):
+            self.row[i], self.group[i] = row, (group_id, index)
+        # Every member is reachable here (no client-mode peers in this simulation).
+        self.directory[self.ids[order[0]]] = RowRecord(row, t, group_id, len(order), len(order))
+
+    def estimates(self) -> FloatArray:
+        return self.x
+
+
 Factory = Callable[[FloatArray, Grid, np.random.Generator], Averaging]
 
 METHODS: dict[str, Factory] = {
@@ -317,6 +459,7 @@ METHODS: dict[str, Factory] = {
     "moshpit-paper": MoshpitPaper,
     "moshpit-grid-random": lambda x, g, r: MoshpitGrid(x, g, r, rule="random"),
     "moshpit-grid-rank": lambda x, g, r: MoshpitGrid(x, g, r, rule="rank"),
+    "moshpit-auto": MoshpitAuto,
 }
 EXTRA_METHODS: dict[str, Factory] = {
     "moshpit-grid-balanced": lambda x, g, r: MoshpitGrid(x, g, r, rule="random", balanced=True),
@@ -347,6 +490,20 @@ def run(
     stop: float | None = min(THRESHOLDS),
 ) -> FloatArray:
     """Variance after 0, 1, ... rounds; ends early once it is at most ``stop`` (None: never)."""
+    return run_sim(method, n, p, grid, seed, rounds=rounds, stop=stop)[0]
+
+
+def run_sim(
+    method: str,
+    n: int,
+    p: float,
+    grid: Grid,
+    seed: int,
+    *,
+    rounds: int = CAP,
+    stop: float | None = min(THRESHOLDS),
+) -> tuple[FloatArray, Averaging]:
+    """As :func:`run`, and the method's state at the end (moshpit-auto counts solo rounds)."""
     x0 = _generator(seed, n, p, 0).normal(size=n)
     failures = _generator(seed, n, p, 1)
     sim = ALL_METHODS[method](x0, grid, _generator(seed, n, p, _STREAM[method]))
@@ -358,7 +515,7 @@ def run(
         variances.append(float(np.var(sim.estimates())))
         if stop is not None and variances[-1] <= stop:
             break
-    return np.asarray(variances)
+    return np.asarray(variances), sim
 
 
 def rounds_to(
@@ -383,6 +540,8 @@ class Row:
     config: Config
     method: str
     curves: list[FloatArray]
+    #: moshpit-auto: per seed, live peer-rounds spent alone (None for the other methods)
+    solos: list[int] | None = None
 
     def stats(self, threshold: float, cap: int = CAP) -> tuple[float, int]:
         """Mean rounds (unreached counted as the cap) and the number of unreached seeds."""
@@ -393,10 +552,10 @@ class Row:
     def as_json(self, cap: int = CAP) -> dict[str, Any]:
         r9, u9 = self.stats(1e-9, cap)
         r4, u4 = self.stats(1e-4, cap)
-        return {
+        row: dict[str, Any] = {
             "n": self.config.n,
             "p": self.config.p,
-            "grid": str(self.config.grid),
+            "grid": AUTO_GRID if self.method in AUTO_METHODS else str(self.config.grid),
             "method": self.method,
             "rounds_1e9": r9,
             "rounds_1e4": r4,
@@ -404,6 +563,10 @@ class Row:
             "unreached_1e9": u9,
             "unreached_1e4": u4,
         }
+        if self.solos is not None:
+            row["solo_rounds"] = sum(self.solos)
+            row["rounds_run"] = sum(len(c) - 1 for c in self.curves)
+        return row
 
 
 def default_configs(
@@ -421,6 +584,10 @@ def default_configs(
     return configs
 
 
+def _solos(sim: Averaging) -> int:
+    return int(getattr(sim, "solo_rounds", 0))
+
+
 def simulate(
     configs: Sequence[Config],
     methods: Sequence[str],
@@ -431,22 +598,58 @@ def simulate(
     progress: Callable[[str], None] | None = None,
 ) -> list[Row]:
     rows = []
+    done_auto: set[tuple[str, int, float]] = set()
     for config in configs:
         started = time.perf_counter()
         stop = None if full_curves(config) else min(THRESHOLDS)
         for method in methods:
             if method == "moshpit-paper" and config.n > config.grid.size:
                 continue  # distinct cells are impossible; said in the docstring
-            curves = [
-                run(method, config.n, config.p, config.grid, s, rounds=rounds, stop=stop)
+            if method in AUTO_METHODS:
+                if (method, config.n, config.p) in done_auto:
+                    continue  # the grid is ignored: once per (N, p) is enough
+                done_auto.add((method, config.n, config.p))
+            runs = [
+                run_sim(method, config.n, config.p, config.grid, s, rounds=rounds, stop=stop)
                 for s in seeds
             ]
-            rows.append(Row(config, method, curves))
+            solos = [_solos(sim) for _, sim in runs] if method in AUTO_METHODS else None
+            rows.append(Row(config, method, [curve for curve, _ in runs], solos))
         if progress:
             progress(
                 f"N={config.n} p={config.p} {config.grid}: {time.perf_counter() - started:.1f}s"
             )
     return rows
+
+
+def solo_check(ns: Sequence[int], seeds: Sequence[int], *, rounds: int = SOLO_ROUNDS) -> list[Row]:
+    """moshpit-auto at p = 0 for each N in ``ns``: ``rounds`` whole rounds (not stopped at the
+    threshold, so that later rounds are counted too), solo rounds counted per seed."""
+    rows = []
+    for n in ns:
+        runs = [
+            run_sim("moshpit-auto", n, 0.0, Grid((n,)), s, rounds=rounds, stop=None) for s in seeds
+        ]
+        config = Config(n, 0.0, Grid((n,)))
+        rows.append(Row(config, "moshpit-auto", [c for c, _ in runs], [_solos(r) for _, r in runs]))
+    return rows
+
+
+def format_solo_check(rows: Sequence[Row], cap: int = CAP) -> str:
+    """One line: the solo rounds over the whole range of N, and the slowest N to 1e-9."""
+    if not rows:
+        return ""
+    ns = [r.config.n for r in rows]
+    solos = sum(sum(r.solos or ()) for r in rows)
+    with_solos = [r.config.n for r in rows if sum(r.solos or ())]
+    slowest = max(rows, key=lambda r: r.stats(1e-9, cap)[0])
+    r9, u9 = slowest.stats(1e-9, cap)
+    return (
+        f"moshpit-auto, p = 0, N = {min(ns)}..{max(ns)}, {len(rows[0].curves[0]) - 1} rounds x "
+        f"{len(rows[0].curves)} seeds each: {solos} solo peer-rounds"
+        + (f" (at N = {', '.join(map(str, with_solos))})" if with_solos else "")
+        + f"; slowest to 1e-9: N = {slowest.config.n}, {r9:.1f}{'+' if u9 else ''} rounds"
+    )
 
 
 def format_table(rows: Sequence[Row], cap: int = CAP) -> str:
@@ -477,6 +680,14 @@ def format_table(rows: Sequence[Row], cap: int = CAP) -> str:
             lines.append(
                 f"  {method:<{width}}" + "".join(f"  {cells.get(p, '-'):>15}" for p in columns)
             )
+    auto = [row for row in rows if row.solos is not None]
+    if auto:
+        lines.append("")
+        lines.append(
+            f"moshpit-auto ignores the grid ({AUTO_GRID}: rows and columns follow the live "
+            f"count); solo peer-rounds, all seeds: "
+            + ", ".join(f"N={r.config.n} p={r.config.p}: {sum(r.solos or ())}" for r in auto)
+        )
     return "\n".join(lines)
 
 
@@ -546,6 +757,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seeds", default="0-9", help="e.g. 0-9, or 0,3,5")
     parser.add_argument("--rounds", type=int, default=CAP, help="the cap on rounds")
+    parser.add_argument(
+        "--solo-n",
+        default=f"{SOLO_N.start}-{SOLO_N.stop - 1}",
+        help="peer counts for moshpit-auto's solo check at p = 0 (e.g. 2-64; '' to skip)",
+    )
     parser.add_argument("--json", action="store_true", help="print the rows as JSON on stdout")
     parser.add_argument("--plot", type=Path, metavar="FILE.png", help="draw the Figure 3 panels")
     args = parser.parse_args(argv)
@@ -555,6 +771,7 @@ def main(argv: list[str] | None = None) -> int:
         ps = _numbers(args.p, float)
         seeds = _seeds(args.seeds)
         grids = _numbers(args.grids, str) if args.grids else None
+        solo_ns = _seeds(args.solo_n) if "moshpit-auto" in args.methods.split(",") else []
         configs = default_configs(ns, ps, grids)
     except ValueError as exc:
         parser.error(str(exc))
@@ -562,8 +779,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown or not methods or not seeds or args.rounds < 1:
         parser.error(f"unknown method(s) {unknown}, or no methods, no seeds, or --rounds < 1")
-    if any(not 0 <= p < 1 for p in ps) or any(n < 2 for n in ns):
-        parser.error("--p must be in [0, 1) and --n at least 2")
+    if any(not 0 <= p < 1 for p in ps) or any(n < 2 for n in [*ns, *solo_ns]):
+        parser.error("--p must be in [0, 1) and --n and --solo-n at least 2")
 
     def in_plot(config: Config) -> bool:
         return (
@@ -595,6 +812,7 @@ def main(argv: list[str] | None = None) -> int:
         full_curves=in_plot,
         progress=lambda line: print(f"  {line}", file=sys.stderr, flush=True),
     )
+    solo_rows = solo_check(solo_ns, seeds)
     elapsed = time.perf_counter() - started
     table_rows = [
         r
@@ -602,10 +820,14 @@ def main(argv: list[str] | None = None) -> int:
         if not ((r.config.n, r.config.p) in plotted_only and str(r.config.grid) == PAPER_GRID)
     ]
     print(format_table(table_rows, args.rounds), file=out)
+    if solo_rows:
+        print(format_solo_check(solo_rows, args.rounds), file=out)
     runs = f"{len(configs)} settings x {len(methods)} methods x {len(seeds)} seeds"
+    if solo_rows:
+        runs += f", and the solo check ({len(solo_rows)} N)"
     print(f"\n{runs} in {elapsed:.1f}s", file=out, flush=True)
     if args.json:
-        print(json.dumps([r.as_json(args.rounds) for r in table_rows], indent=1))
+        print(json.dumps([r.as_json(args.rounds) for r in [*table_rows, *solo_rows]], indent=1))
     if args.plot is not None:
         plot(rows, args.plot)
         print(f"plot written to {args.plot}", file=sys.stderr)

@@ -69,7 +69,8 @@ def test_every_method_converges_under_failures(method: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "method", ["random-groups", "moshpit-paper", "moshpit-grid-random", "moshpit-grid-rank"]
+    "method",
+    ["random-groups", "moshpit-paper", "moshpit-grid-random", "moshpit-grid-rank", "moshpit-auto"],
 )
 def test_group_averaging_keeps_the_sum_and_never_raises_the_variance(method: str) -> None:
     rng = np.random.default_rng(5)
@@ -111,3 +112,40 @@ def test_main_prints_json_rows(capsys: pytest.CaptureFixture[str]) -> None:
 def test_main_rejects_unknown_methods(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         sim.main(["--methods", "moshpit,nope"])
+
+
+@pytest.mark.parametrize(("n", "expected"), [(2, 1), (32, 1), (64, 2), (100, 3), (512, 2)])
+def test_auto_grid_reaches_the_mean_in_a_few_rounds_with_nobody_alone(
+    n: int, expected: int
+) -> None:
+    """grid="auto" at p = 0: one group of all up to 32 peers; a column round on planned places
+    and a row round beyond (64 = 2 x 32 and 512 = 16 x 32 are already exact after the first
+    row round's groups, which become the planned rows); never a peer alone."""
+    for seed in SEEDS:
+        curve, state = sim.run_sim("moshpit-auto", n, 0.0, Grid((n,)), seed, rounds=8, stop=None)
+        assert sim.rounds_to(curve, 1e-9) == expected
+        assert state.solo_rounds == 0
+        assert max(state.group_sizes) <= 32
+
+
+def test_auto_grid_rows_report_solo_rounds(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--n", "40", "--p", "0,0.1", "--grids", "8x8", "--seeds", "0-1", "--solo-n", "2-5"]
+    assert sim.main([*argv, "--methods", "moshpit-paper,moshpit-auto", "--json"]) == 0
+    captured = capsys.readouterr()
+    rows = json.loads(captured.out)
+    auto = [r for r in rows if r["method"] == "moshpit-auto"]
+    assert {(r["n"], r["p"]) for r in auto} == {
+        (40, 0.0),
+        (40, 0.1),
+        (2, 0),
+        (3, 0),
+        (4, 0),
+        (5, 0),
+    }
+    for row in auto:
+        assert row["grid"].startswith("auto") and row["solo_rounds"] >= 0
+        assert row["rounds_run"] >= row["seeds"]
+    check = [r for r in auto if r["n"] <= 5]
+    assert all(r["solo_rounds"] == 0 and r["rounds_run"] == 10 * 2 for r in check)
+    assert "solo peer-rounds" in captured.err and "N = 2..5" in captured.err
+    assert all("solo_rounds" not in r for r in rows if r["method"] != "moshpit-auto")

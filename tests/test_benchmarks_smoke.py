@@ -39,6 +39,8 @@ def _averaging_sim(rows: Any) -> Figures:
     for row in rows:
         for key in ("rounds_1e9", "rounds_1e4"):
             figures[f"{row['method']} N={row['n']} p={row['p']}: {key}"] = row.get(key)
+        if row["method"] == "moshpit-auto":  # its solo check: N = 2..64 at p = 0 among them
+            figures[f"moshpit-auto N={row['n']} p={row['p']}: solo_rounds"] = row.get("solo_rounds")
     return figures
 
 

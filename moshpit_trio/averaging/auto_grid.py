@@ -5,8 +5,10 @@ fill its lines unevenly: small swarms go solo, large ones need extra rounds. The
 instead lays the live peers out as *rows* that persist from round to round and *columns* that
 cross them, with both sizes following the live count ``N``:
 
-* ``S`` rows (ids ``0 .. S-1``); row ``r`` should hold ``L_r = N // S + (r < N % S)`` peers
-  (:func:`row_targets`), so row sizes differ by at most one. ``N <= max_group_size``: one row,
+* ``S`` rows (ids ``0 .. S-1``); ``N`` is dealt to them as evenly as possible
+  (:func:`row_targets`), so row sizes differ by at most one; the longer targets go to the rows
+  that hold the most already, so a row short by a failed peer is not refilled from elsewhere
+  (its peer, back, fills it again). ``N <= max_group_size``: one row,
   the whole swarm in one group every round. Larger: :func:`plan_rows` picks ``S`` so that rows
   are at most ``max_group_size`` long, preferring an ``S`` that divides ``N`` (every row full)
   and, among those, rows about as long as there are rows.
@@ -14,8 +16,10 @@ cross them, with both sizes following the live count ``N``:
   formed it (members by PeerID; a row too long for one group forms several, ordered by group
   id). Positions are thus dense: nobody who left holds one.
 * Even rounds average along rows, odd rounds along columns: the peers at the same position in
-  every row (:func:`column_of`; a row's one extra peer goes to column ``r mod C``, so column
-  sizes differ by at most one too). With one row, every round is a row round.
+  every row. There are as many columns as the longer rows are long; the k-th shorter row leaves
+  column ``k mod C`` out (its positions from there on shift one right), so no row puts two
+  peers in one column, column sizes differ by at most one, and no column holds more peers than
+  there are rows. With one row, every round is a row round.
 
 When ``N = S * L`` and every row holds ``L``, a row round then a column round give every peer
 the exact mean: the paper's 2-D grid, with ``M`` following ``N`` instead of configuration.
@@ -44,7 +48,9 @@ Everything here is plain functions of plain values, so the simulator
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 import math
 import random
 from collections.abc import Iterable, Mapping, Sequence
@@ -156,7 +162,8 @@ def plan_rows(n: int, max_group_size: int = DEFAULT_MAX_GROUP_SIZE) -> int:
         return lo
     candidates = [s for s in range(lo, max_group_size + 1) if feasible(n, s, max_group_size)]
     exact = [s for s in candidates if n % s == 0]
-    pool = exact or candidates
+    # Nothing feasible (3 peers, groups of at most 2): the shortest rows; one is short of 2.
+    pool = exact or candidates or [lo]
     # Rows about as long as there are rows: the smallest groups on both kinds of round.
     return min(pool, key=lambda s: (abs(s - n / s), s))
 
@@ -179,7 +186,9 @@ def round_kind(round: int, rows: int) -> RoundKind:
 
 def column_of(position: int, row: int, columns: int) -> int:
     """The column of the peer at ``position`` in ``row`` when rows hold ``columns`` or one more:
-    a row's extra peer goes to column ``row mod columns``, spreading the extras.
+    a row's extra peer goes to column ``row mod columns``, spreading the extras. (No longer what
+    :meth:`Plan.column` does: with rows as long as a group may be, those columns got one peer
+    too many and split in two halves. Kept for callers of the old rule.)
 
     >>> [column_of(p, 0, 3) for p in range(4)], column_of(3, 1, 3)
     ([0, 1, 2, 0], 1)
@@ -251,15 +260,20 @@ class Layout:
             round=newest,
         )
 
+    @functools.cached_property
+    def _sizes(self) -> dict[int, int]:
+        # every plan asks for each row's size many times (once per peer placed)
+        return {row: sum(size for _, size, _ in groups) for row, groups in self.rows.items()}
+
     def size(self, row: int) -> int:
-        return sum(size for _, size, _ in self.rows.get(row, ()))
+        return self._sizes.get(row, 0)
 
     def reachable(self, row: int) -> int:
         return sum(r for _, _, r in self.rows.get(row, ()))
 
     @property
     def total(self) -> int:
-        return sum(self.size(row) for row in self.rows)
+        return sum(self._sizes.values())
 
     def position(self, row: int, group_id: bytes, index: int) -> int | None:
         """The position of the member at ``index`` of group ``group_id`` in ``row``; None when
@@ -292,7 +306,17 @@ class Plan:
             rows = current  # churn alone does not reshuffle the swarm
         else:
             rows = plan_rows(n, max_group_size)
-        return cls(layout, rows, tuple(row_targets(max(n, 0), rows)), max_group_size)
+        # The even targets, the longer ones dealt to the rows that hold the most already (ties:
+        # the lower row): a row that lost a peer to a failure keeps the shorter target, so
+        # nobody moves in and the peer, back, fits in its own row again. Dealt in row order
+        # instead, a long target on such a row drew a peer in from elsewhere, and with rows as
+        # long as a group may be the returning peer then made one too many: two half groups.
+        dealt = row_targets(max(n, 0), rows)
+        by_size = sorted(range(rows), key=lambda r: (-layout.size(r), r))
+        targets = [0] * rows
+        for r, target in zip(by_size, dealt, strict=True):
+            targets[r] = target
+        return cls(layout, rows, tuple(targets), max_group_size)
 
     @property
     def total(self) -> int:
@@ -300,8 +324,25 @@ class Plan:
 
     @property
     def columns(self) -> int:
-        """How many columns a column round has: the shorter rows' target length."""
-        return max(1, min(self.targets, default=1))
+        """How many columns a column round has: the longer rows' target length. A shorter row
+        leaves one column out (:meth:`column`), so a column never holds more peers than there
+        are rows, and no row puts two peers in one column."""
+        return max(1, max(self.targets, default=1))
+
+    @functools.cached_property
+    def _skipped(self) -> dict[int, int]:
+        """The column each shorter row leaves out: the k-th shorter row (in row order) skips
+        column ``k mod columns``, so columns differ in size by at most one."""
+        columns = self.columns
+        short = [r for r, target in enumerate(self.targets) if target < columns]
+        return {r: k % columns for k, r in enumerate(short)}
+
+    @functools.cached_property
+    def _emptiest(self) -> list[int]:
+        """The columns with the fewest planned members."""
+        counts = collections.Counter(self._skipped.values())
+        most = max(counts.values(), default=0)
+        return [c for c in range(self.columns) if counts.get(c, 0) == most]
 
     def kind(self, round: int) -> RoundKind:
         return round_kind(round, self.rows)
@@ -341,12 +382,19 @@ class Plan:
         return found
 
     def column(self, row: int, position: int | None, rng: random.Random) -> int:
-        """The column a peer averages in on a column round (at random when its place is not
-        known: it is new, or its group's entry is missing)."""
+        """The column a peer averages in on a column round: its place's position, a shorter
+        row's positions from its left-out column on shifted one right. A peer whose place is
+        not known (it was away, or its group's entry is missing) takes its row's left-out
+        column, or one of the emptiest columns."""
         dest, place = self.place(row, position)
+        skipped = self._skipped.get(dest)
         if place is None:
-            return rng.randrange(self.columns)
-        return column_of(place, dest, self.columns)
+            # Most often a peer back from a failure: its row left its place empty (and, being
+            # short, a column out), so it takes that column; else one of the emptiest.
+            return skipped if skipped is not None else rng.choice(self._emptiest)
+        if skipped is None or place < skipped:
+            return place
+        return place + 1
 
     def _least_full(self) -> int:
         fill = [self.layout.size(r) - t for r, t in enumerate(self.targets)]

@@ -1,0 +1,367 @@
+"""averaging.auto_grid: row counts, targets, columns, the plan's moves, the directory's records,
+and the exactness of a row round after a column round on the planned places."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter, defaultdict
+
+import msgspec
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from moshpit_trio.averaging.auto_grid import (
+    DEFAULT_MAX_GROUP_SIZE,
+    STALE_ROUNDS,
+    Layout,
+    Plan,
+    RowRecord,
+    balanced_capacity,
+    column_of,
+    decode_record,
+    encode_record,
+    feasible,
+    overflow_row,
+    plan_rows,
+    round_kind,
+    row_targets,
+)
+from moshpit_trio.errors import ConfigError
+
+MAXES = st.integers(min_value=2, max_value=40)
+
+
+def gid(k: int) -> bytes:
+    return k.to_bytes(16, "big")
+
+
+def layout_of(rows: dict[int, list[int]], round: int = 7, reachable: bool = True) -> Layout:
+    """A layout whose row ``r`` holds groups of the given sizes (ids in order)."""
+    records = []
+    k = 0
+    for row, sizes in rows.items():
+        for size in sizes:
+            records.append(RowRecord(row, round, gid(k), size, size if reachable else 0))
+            k += 1
+    return Layout.from_records(records)
+
+
+@st.composite
+def layouts(draw: st.DrawFn, max_total: int = 700) -> tuple[Layout, int]:
+    """Any layout: rows with gaps, several groups per row of any size; and a max group size."""
+    m = draw(st.integers(min_value=2, max_value=33))
+    row_ids = draw(st.lists(st.integers(0, 40), min_size=1, max_size=12, unique=True))
+    rows = {r: draw(st.lists(st.integers(1, 70), min_size=1, max_size=4)) for r in sorted(row_ids)}
+    assume(sum(map(sum, rows.values())) <= max_total)
+    return layout_of(rows), m
+
+
+# -- plan_rows, row_targets ---------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(n=st.integers(1, 2000), m=MAXES)
+def test_plan_rows_is_feasible(n: int, m: int) -> None:
+    rows = plan_rows(n, m)
+    targets = row_targets(n, rows)
+    assert (rows == 1) == (n <= m)
+    assert max(targets) <= m  # no row longer than a group may be
+    if n > m * m:
+        assert rows == math.ceil(n / m)  # the longest rows; columns then form several groups
+    elif any(feasible(n, s, m) for s in range(1, m + 1)):
+        assert feasible(n, rows, m)
+        assert rows <= m and (rows == 1 or min(targets) >= 2)
+        divisors = [s for s in range(1, m + 1) if feasible(n, s, m) and n % s == 0]
+        if divisors:
+            assert n % rows == 0, (n, m, rows, divisors)
+
+
+def test_plan_rows_examples() -> None:
+    assert [plan_rows(n) for n in (2, 32, 33, 512, 768, 900, 1024)] == [1, 1, 3, 16, 24, 30, 32]
+    assert plan_rows(3, 2) == 2  # nothing is feasible (3 > 2, and a row of one): shortest rows
+    assert plan_rows(32 * 32 + 1) == 33
+
+
+@given(n=st.integers(0, 5000), rows=st.integers(1, 200))
+def test_row_targets_deal_evenly(n: int, rows: int) -> None:
+    targets = row_targets(n, rows)
+    assert len(targets) == rows and sum(targets) == n
+    assert max(targets) - min(targets) <= 1
+    assert targets == sorted(targets, reverse=True)
+
+
+@pytest.mark.parametrize("bad", [0, 1, -3, 2.5, "32", True, None])
+def test_bad_max_group_size_is_a_config_error(bad: object) -> None:
+    with pytest.raises(ConfigError):
+        plan_rows(100, bad)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError):
+        Plan.of(layout_of({0: [3]}), bad)  # type: ignore[arg-type]
+
+
+def test_column_of_refuses_no_columns() -> None:
+    with pytest.raises(ConfigError):
+        column_of(0, 0, 0)
+
+
+def test_round_kind() -> None:
+    assert [round_kind(t, 1) for t in range(3)] == ["row"] * 3
+    assert [round_kind(t, 5) for t in range(4)] == ["row", "column", "row", "column"]
+
+
+@given(announced=st.integers(1, 5000), m=MAXES)
+def test_balanced_capacity_cuts_into_fewest_even_groups(announced: int, m: int) -> None:
+    cap = balanced_capacity(announced, m)
+    sizes = [min(cap, announced - s) for s in range(0, announced, cap)]
+    assert len(sizes) == math.ceil(announced / m)
+    assert max(sizes) <= m
+    if len(sizes) <= 2:  # 33 under a cap of 32: 17 + 16, not 32 + a solo peer
+        assert max(sizes) - min(sizes) <= 1
+
+
+# -- columns ------------------------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(2, 1024), m=st.integers(2, 32))
+def test_columns_at_targets_are_balanced_and_cross_every_row_once(n: int, m: int) -> None:
+    """With every row at its target: no row puts two peers in one column (row-mates are spread
+    over different groups next round), column sizes differ by at most one, and no column holds
+    more peers than there are rows (so none exceeds the group size while rows <= m)."""
+    rows = plan_rows(n, m)
+    plan = Plan.of(layout_of({r: [t] for r, t in enumerate(row_targets(n, rows))}), m)
+    assert plan.rows == rows
+    rng = random.Random(0)
+    sizes: Counter[int] = Counter()
+    for r, target in enumerate(plan.targets):
+        in_row = Counter(plan.column(r, q, rng) for q in range(target))
+        assert max(in_row.values()) == 1
+        sizes.update(in_row)
+    assert set(sizes) == set(range(plan.columns))
+    assert max(sizes.values()) - min(sizes.values()) <= 1
+    assert max(sizes.values()) <= plan.rows
+
+
+def test_a_row_short_by_a_failure_keeps_the_short_target_and_its_peer_its_column() -> None:
+    # 32 rows of 32, two of them (5 and 9) short by one: a failed peer each. Nobody moves; the
+    # short rows leave different columns out; a peer back (place unknown) fills its row's.
+    sizes = {r: [32] for r in range(32)}
+    sizes[5], sizes[9] = [31], [31]
+    plan = Plan.of(layout_of(sizes), 32)
+    assert plan.targets == tuple(31 if r in (5, 9) else 32 for r in range(32))
+    assert plan.columns == 32
+    rng = random.Random(0)
+    assert all(plan.place(r, q) == (r, q) for r in range(32) for q in range(sizes[r][0]))
+    left_out = {r: set(range(32)) - {plan.column(r, q, rng) for q in range(31)} for r in (5, 9)}
+    assert left_out[5] != left_out[9] and all(len(c) == 1 for c in left_out.values())
+    assert {plan.column(5, None, rng)} == left_out[5]
+    # A peer with no known place in a full row: one of the columns left out.
+    assert plan.column(0, None, rng) in left_out[5] | left_out[9]
+
+
+# -- the plan's moves ---------------------------------------------------------------------------
+
+
+@settings(max_examples=150, deadline=None)
+@given(drawn=layouts())
+def test_places_are_exactly_the_planned_places(drawn: tuple[Layout, int]) -> None:
+    """For any layout, the peers' places after the moves fill every planned place exactly once,
+    and a peer already within its row's target stays where it is."""
+    layout, m = drawn
+    plan = Plan.of(layout, m)
+    assert sum(plan.targets) == layout.total and len(plan.targets) == plan.rows
+    assert max(plan.targets) - min(plan.targets) <= 1
+    places = []
+    for row in layout.rows:
+        for position in range(layout.size(row)):
+            place = plan.place(row, position)
+            if row < plan.rows and position < plan.targets[row]:
+                assert place == (row, position)
+            places.append(place)
+    wanted = [(r, q) for r, target in enumerate(plan.targets) for q in range(target)]
+    assert sorted(places) == wanted  # type: ignore[type-var]
+
+
+def test_place_examples() -> None:
+    # 40 peers in one row of three groups: not feasible with rows of 32, planned as 5 rows of 8
+    # (a divisor, rows about as long as there are rows); the excess fills rows 1-4 in order.
+    plan = Plan.of(layout_of({0: [16, 16, 8]}), 32)
+    assert (plan.rows, plan.targets) == (5, (8,) * 5)
+    assert plan.place(0, 7) == (0, 7)
+    assert [plan.place(0, q) for q in (8, 15, 16, 39)] == [(1, 0), (1, 7), (2, 0), (4, 7)]
+    # Churn alone keeps the rows: 3 rows stay 3 (feasible) though plan_rows(61) would say 8.
+    plan = Plan.of(layout_of({0: [21], 1: [20], 2: [20]}), 32)
+    assert plan.rows == 3 and plan.targets == (21, 20, 20)
+    # Unknown places: stay in the row; a row past the plan goes to the least full one.
+    assert plan.place(1, None) == (1, None)
+    plan = Plan.of(layout_of({0: [20], 1: [20], 40: [2]}), 32)
+    assert plan.rows == 6 and plan.place(40, None) == (2, None)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    side=st.tuples(st.integers(2, 12), st.integers(2, 12)),
+    cuts=st.lists(st.integers(1, 40), min_size=1, max_size=30),
+    seed=st.integers(0, 2**32),
+)
+def test_a_column_round_then_a_row_round_is_exact(
+    side: tuple[int, int], cuts: list[int], seed: int
+) -> None:
+    """N = S * L peers from any starting layout: a column round on the planned places, then a
+    row round, leaves every peer with the exact mean (when the plan's row count divides N)."""
+    s, length = side
+    n, m = s * length, max(s, length)
+    assume(n > m)
+    # A random starting layout of n peers: groups of random sizes dealt to random rows.
+    rng = random.Random(seed)
+    rows: dict[int, list[int]] = defaultdict(list)
+    left = n
+    for cut in cuts:
+        if left == 0:
+            break
+        size = min(cut, left)
+        rows[rng.randrange(2 * s)].append(size)
+        left -= size
+    if left:
+        rows[0].append(left)
+    layout = layout_of(dict(rows))
+    plan = Plan.of(layout, m)
+    assume(n % plan.rows == 0)
+    peers = [(r, q) for r in layout.rows for q in range(layout.size(r))]
+    x = np.random.default_rng(seed).normal(size=n)
+    mean = x.mean()
+    for kind in ("column", "row"):
+        keys: dict[int, list[int]] = defaultdict(list)
+        for i, (r, q) in enumerate(peers):
+            key = plan.column(r, q, rng) if kind == "column" else plan.place(r, q)[0]
+            keys[key].append(i)
+        for members in keys.values():
+            rng.shuffle(members)
+            cap = balanced_capacity(len(members), m)
+            for start in range(0, len(members), cap):
+                group = members[start : start + cap]
+                x[group] = x[group].mean()
+    np.testing.assert_allclose(x, mean, rtol=0, atol=1e-12)
+
+
+# -- the directory ------------------------------------------------------------------------------
+
+
+def test_records_round_trip() -> None:
+    record = RowRecord(3, 12, gid(9), 31, 30)
+    assert decode_record(encode_record(record)) == record
+    assert decode_record(memoryview(encode_record(record))) == record
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        [-1, 0, gid(1), 3, 3],  # negative row
+        [1 << 20, 0, gid(1), 3, 3],  # row out of range
+        [0, -1, gid(1), 3, 3],  # negative round
+        [0, 0, gid(1), 0, 0],  # empty group
+        [0, 0, gid(1), (1 << 16) + 1, 0],  # too big a group
+        [0, 0, gid(1), 3, 4],  # more reachable than members
+        [0, 0, gid(1), 3, -1],
+        [0, 0, b"short", 3, 3],  # group id not 16 bytes
+        [0, 0, "text", 3, 3],  # wrong types
+        [True, 0, gid(1), 3, 3],
+        [0, 0, gid(1), 3.0, 3],
+        [0, 0, gid(1), 3],  # a field missing
+        [0, 0, gid(1), 3, 3, 0],  # a field too many
+        {"row": 0},
+        None,
+    ],
+)
+def test_malformed_records_are_dropped(fields: object) -> None:
+    assert decode_record(msgspec.msgpack.encode(fields)) is None
+
+
+@given(raw=st.binary(max_size=64))
+def test_decoding_any_bytes_never_raises(raw: bytes) -> None:
+    record = decode_record(raw)
+    assert record is None or isinstance(record, RowRecord)
+
+
+def test_layout_keeps_each_rows_latest_round_and_drops_stale_rows() -> None:
+    newest = 20
+    records = [
+        RowRecord(0, newest, gid(1), 10, 10),
+        RowRecord(0, newest - 2, gid(2), 32, 32),  # row 0's older round: superseded
+        RowRecord(1, newest - STALE_ROUNDS, gid(4), 7, 0),  # old, but not stale
+        RowRecord(1, newest - STALE_ROUNDS, gid(3), 5, 2),
+        RowRecord(2, newest - STALE_ROUNDS - 1, gid(5), 9, 9),  # stale: its row is gone
+    ]
+    layout = Layout.from_records(records)
+    assert layout.round == newest
+    assert dict(layout.rows) == {0: [(gid(1), 10, 10)], 1: [(gid(3), 5, 2), (gid(4), 7, 0)]}
+    assert (layout.size(1), layout.reachable(1), layout.total) == (12, 2, 22)
+    assert layout.size(2) == 0
+    # Positions: group offset (groups by id) plus the index inside the group.
+    assert layout.position(1, gid(3), 4) == 4
+    assert layout.position(1, gid(4), 0) == 5
+    assert layout.position(1, gid(4), 7) is None  # past the group's size
+    assert layout.position(0, gid(2), 0) is None  # superseded: not shown
+    assert layout.position(2, gid(5), 0) is None  # stale
+
+
+def test_empty_directory() -> None:
+    layout = Layout.from_records([])
+    plan = Plan.of(layout)
+    assert (layout.round, layout.total, plan.rows, plan.targets) == (-1, 0, 1, (0,))
+    assert plan.row_for_joiner(random.Random(0)) == 0
+
+
+# -- joiners ------------------------------------------------------------------------------------
+
+
+def test_overflow_rows_double_in_range() -> None:
+    rng = random.Random(3)
+    assert overflow_row(0, rng) == 0 and overflow_row(-2, rng) == 0
+    for attempt in range(1, 12):
+        seen = {overflow_row(attempt, rng) for _ in range(400)}
+        low = 1 << (attempt - 1)
+        assert seen <= set(range(low, 2 * low))
+        assert len(seen) >= min(low, 50)
+
+
+def test_joiners_go_to_missing_places_weighted_by_how_many() -> None:
+    # 3 rows planned with targets (20, 20, 20); row 0 misses 1 place, row 2 misses 3.
+    plan = Plan.of(layout_of({0: [19], 1: [20, 1], 2: [17]}), 32)
+    # 57 peers: targets (19, 19, 19); missing: row 0 none, row 2 two (row 1 has 2 excess).
+    assert plan.targets == (19, 19, 19)
+    rng = random.Random(5)
+    picks = Counter(plan.row_for_joiner(rng) for _ in range(300))
+    assert set(picks) == {2}
+    plan = Plan.of(layout_of({0: [17], 1: [20], 2: [20], 3: [15]}), 32)
+    assert plan.targets == (18, 18, 18, 18)
+    picks = Counter(plan.row_for_joiner(rng) for _ in range(4000))
+    assert set(picks) == {0, 3}
+    assert 2.4 < picks[3] / picks[0] < 3.6  # three missing places against one
+
+
+def test_with_every_row_at_its_target_joiners_spread_over_all() -> None:
+    plan = Plan.of(layout_of({0: [20], 1: [20], 2: [20]}), 32)
+    rng = random.Random(1)
+    assert {plan.row_for_joiner(rng) for _ in range(100)} == {0, 1, 2}
+
+
+def test_client_mode_joiners_prefer_rows_with_a_reachable_member() -> None:
+    records = [
+        RowRecord(0, 4, gid(0), 15, 0),
+        RowRecord(1, 4, gid(1), 15, 3),
+        RowRecord(2, 4, gid(2), 13, 0),  # misses a place, but nobody there can lead
+    ]
+    plan = Plan.of(Layout.from_records(records), 32)
+    rng = random.Random(2)
+    assert {plan.row_for_joiner(rng, reachable=False) for _ in range(200)} == {1}
+    assert 2 in {plan.row_for_joiner(rng) for _ in range(200)}
+    # Nobody reachable anywhere: any row will do, missing places first.
+    plan = Plan.of(layout_of({0: [20], 1: [18]}, reachable=False), 32)
+    assert {plan.row_for_joiner(rng, reachable=False) for _ in range(200)} == {1}
+
+
+def test_default_max_group_size() -> None:
+    assert DEFAULT_MAX_GROUP_SIZE == 32 and plan_rows(DEFAULT_MAX_GROUP_SIZE) == 1
