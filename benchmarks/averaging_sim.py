@@ -41,7 +41,7 @@ Methods (``--methods``):
                          peer with no row ``Plan.row_for_joiner``, with an empty directory row 0
                          then ``overflow_row``) or its column (``Plan.column``; a peer with no
                          row picks a column at random); announcers under one key are cut into
-                         groups of ``balanced_capacity``; after a row round each group's
+                         groups as ``group_sizes`` cuts them; after a row round each group's
                          lowest-id member stores its ``RowRecord``. The grid is ignored (rows
                          and columns follow the live count, groups of at most 32), so it runs
                          once per (N, p), shown in the first grid's block. Its JSON rows add
@@ -126,7 +126,7 @@ from moshpit_trio.averaging.auto_grid import (  # noqa: E402
     Layout,
     Plan,
     RowRecord,
-    balanced_capacity,
+    group_sizes,
     overflow_row,
 )
 from moshpit_trio.averaging.grid import (  # noqa: E402
@@ -353,7 +353,7 @@ class MoshpitAuto:
     Each round every live peer reads the directory (``Layout.from_records``), computes the same
     ``Plan`` and announces under the key it names: ``("row", r)`` on a row round, ``("column",
     c)`` on a column round. The announcers under one key are cut into groups of
-    ``balanced_capacity``; after a row round each group's lowest-id member stores its
+    ``group_sizes``; after a row round each group's lowest-id member stores its
     ``RowRecord``. The grid passed in is ignored: the layout follows the live count.
     """
 
@@ -425,9 +425,10 @@ class MoshpitAuto:
             members = members[: self.KEY_CAP]
             # The matchmaker's order (record expiry, then PeerID) is arbitrary: shuffle.
             members = [members[j] for j in self.rng.permutation(len(members))]
-            capacity = balanced_capacity(len(members), self.m)
-            for start in range(0, len(members), capacity):
-                group = members[start : start + capacity]
+            start = 0
+            for size in group_sizes(len(members), self.m):
+                group = members[start : start + size]
+                start += size
                 self.group_sizes.append(len(group))
                 if len(group) == 1:
                     self.solo_rounds += 1

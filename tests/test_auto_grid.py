@@ -19,11 +19,12 @@ from moshpit_trio.averaging.auto_grid import (
     Layout,
     Plan,
     RowRecord,
-    balanced_capacity,
+    capacity_at,
     column_of,
     decode_record,
     encode_record,
     feasible,
+    group_sizes,
     overflow_row,
     plan_rows,
     round_kind,
@@ -111,14 +112,20 @@ def test_round_kind() -> None:
     assert [round_kind(t, 5) for t in range(4)] == ["row", "column", "row", "column"]
 
 
-@given(announced=st.integers(1, 5000), m=MAXES)
-def test_balanced_capacity_cuts_into_fewest_even_groups(announced: int, m: int) -> None:
-    cap = balanced_capacity(announced, m)
-    sizes = [min(cap, announced - s) for s in range(0, announced, cap)]
+@given(announced=st.integers(0, 600), m=MAXES)  # a DHT key holds 256 announcers
+def test_group_sizes_cut_into_the_fewest_even_groups(announced: int, m: int) -> None:
+    sizes = group_sizes(announced, m)
+    assert sum(sizes) == announced
     assert len(sizes) == math.ceil(announced / m)
-    assert max(sizes) <= m
-    if len(sizes) <= 2:  # 33 under a cap of 32: 17 + 16, not 32 + a solo peer
-        assert max(sizes) - min(sizes) <= 1
+    if sizes:
+        assert max(sizes) <= m and max(sizes) - min(sizes) <= 1
+        assert sizes == sorted(sizes, reverse=True)
+        # a leader at each group's first place fills exactly that group
+        offset = 0
+        for size in sizes:
+            assert capacity_at(offset, announced, m) == size
+            assert capacity_at(offset + size - 1, announced, m) == size
+            offset += size
 
 
 # -- columns ------------------------------------------------------------------------------------
@@ -239,9 +246,10 @@ def test_a_column_round_then_a_row_round_is_exact(
             keys[key].append(i)
         for members in keys.values():
             rng.shuffle(members)
-            cap = balanced_capacity(len(members), m)
-            for start in range(0, len(members), cap):
-                group = members[start : start + cap]
+            start = 0
+            for size in group_sizes(len(members), m):
+                group = members[start : start + size]
+                start += size
                 x[group] = x[group].mean()
     np.testing.assert_allclose(x, mean, rtol=0, atol=1e-12)
 

@@ -67,9 +67,10 @@ __all__ = [
     "Plan",
     "RoundKind",
     "RowRecord",
-    "balanced_capacity",
+    "capacity_at",
     "column_of",
     "directory_key",
+    "group_sizes",
     "overflow_row",
     "plan_rows",
     "round_kind",
@@ -200,18 +201,34 @@ def column_of(position: int, row: int, columns: int) -> int:
     return (row + position - columns) % columns
 
 
-def balanced_capacity(announced: int, max_group_size: int) -> int:
-    """The group size that cuts ``announced`` peers under one key into as few groups of at most
-    ``max_group_size`` as possible, sizes differing by at most one (33 and 32: 17 + 16, not
-    32 + a solo peer).
+def group_sizes(announced: int, max_group_size: int) -> list[int]:
+    """How ``announced`` peers under one key are cut into groups: as few groups of at most
+    ``max_group_size`` as possible, sizes differing by at most one, the larger ones first
+    (33 under 32: 17 + 16, not 32 + a solo peer; 97: 25 + 24 + 24 + 24).
 
-    >>> balanced_capacity(33, 32), balanced_capacity(64, 32), balanced_capacity(5, 32)
-    (17, 32, 5)
+    >>> group_sizes(33, 32), group_sizes(97, 32), group_sizes(5, 32), group_sizes(0, 32)
+    ([17, 16], [25, 24, 24, 24], [5], [])
     """
-    if announced <= max_group_size:
-        return max(announced, 1)
+    if announced <= 0:
+        return []
     groups = math.ceil(announced / max_group_size)
-    return math.ceil(announced / groups)
+    base, extra = divmod(announced, groups)
+    return [base + (1 if k < extra else 0) for k in range(groups)]
+
+
+def capacity_at(place: int, announced: int, max_group_size: int) -> int:
+    """The size of the group that starts at ``place`` when the announcers, in their agreed
+    order, are cut as :func:`group_sizes` says (a leader at ``place`` fills that many).
+
+    >>> capacity_at(0, 97, 32), capacity_at(25, 97, 32), capacity_at(5, 5, 32)
+    (25, 24, 5)
+    """
+    offset = 0
+    for size in group_sizes(announced, max_group_size):
+        if place < offset + size:
+            return size
+        offset += size
+    return max(1, min(max_group_size, announced))
 
 
 def overflow_row(attempt: int, rng: random.Random) -> int:

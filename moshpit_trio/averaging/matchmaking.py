@@ -42,7 +42,7 @@ from ..log import get_logger
 from ..wire.address import InvalidAddress, PeerAddress
 from ..wire.connection import Request
 from ..wire.liveness import MIN_PROGRESS_TIMEOUT
-from .auto_grid import balanced_capacity
+from .auto_grid import capacity_at
 
 __all__ = ["GroupInfo", "KeyFull", "Matchmaker", "MemberInfo"]
 
@@ -173,9 +173,10 @@ class Matchmaker:
         (trio time); ``None`` when none formed (a solo round).
 
         ``balance``: cut the announcers into groups of sizes differing by at most one
-        (``auto_grid.balanced_capacity``: 33 announcers and a capacity of 32 make 17 + 16,
-        not 32 and a solo peer). ``raise_if_unseen``: raise :class:`KeyFull` when no other
-        peer kept our announcement, instead of waiting for a group nobody can see us in."""
+        (``auto_grid.group_sizes``: 33 announcers and a capacity of 32 make 17 + 16, not 32
+        and a solo peer): a leader fills the group that starts at its place in the order.
+        ``raise_if_unseen``: raise :class:`KeyFull` when no other peer kept our announcement,
+        instead of waiting for a group nobody can see us in."""
         attempt = _Attempt(round, key, capacity, max_capacity=capacity)
         self._attempt = attempt
         self._balance = balance
@@ -213,11 +214,12 @@ class Matchmaker:
                 break
             seen = now_seen
             await trio.sleep(min(self.poll_interval, max(gather_until - trio.current_time(), 0)))
-        if self._balance:
-            attempt.capacity = balanced_capacity(len(announced), attempt.max_capacity)
         # Our own place in the order is where our record stands, as everyone else sees it.
         mine = [i for i, (_, m) in enumerate(announced) if m.peer_id == self.me.peer_id]
         place = mine[0] if mine else len(announced)
+        if self._balance:
+            # Should we lead, the peers before us filled the groups before ours.
+            attempt.capacity = capacity_at(place, len(announced), attempt.max_capacity)
         if self.me.client_mode:
             # We never lead, so we wait on nobody's decision but a leader's: any listening
             # announcer may take us, the earliest first.
