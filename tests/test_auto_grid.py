@@ -25,6 +25,7 @@ from moshpit_trio.averaging.auto_grid import (
     encode_record,
     feasible,
     group_sizes,
+    listening_bits,
     overflow_row,
     plan_rows,
     round_kind,
@@ -373,3 +374,66 @@ def test_client_mode_joiners_prefer_rows_with_a_reachable_member() -> None:
 
 def test_default_max_group_size() -> None:
     assert DEFAULT_MAX_GROUP_SIZE == 32 and plan_rows(DEFAULT_MAX_GROUP_SIZE) == 1
+
+
+# -- client-mode peers are never placed where nobody listens --------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 32), min_size=2, max_size=12),
+    listeners=st.data(),
+    m=st.integers(8, 32),
+)
+def test_a_client_mode_peer_always_lands_with_a_listener(
+    sizes: list[int], listeners: st.DataObject, m: int
+) -> None:
+    records = []
+    flags_of: dict[tuple[int, int], bool] = {}
+    for row, size in enumerate(sizes):
+        flags = listeners.draw(st.lists(st.booleans(), min_size=size, max_size=size))
+        for index, flag in enumerate(flags):
+            flags_of[(row, index)] = flag
+        records.append(RowRecord(row, 9, gid(row), size, sum(flags), listening_bits(flags)))
+    layout = Layout.from_records(records)
+    plan = Plan.of(layout, m)
+    rng = random.Random(3)
+    # Where everyone ends up on the next row round and on a column round (rows being one group
+    # per key here, the few over m aside, which split by group_sizes).
+    rows: dict[int, list[bool]] = defaultdict(list)
+    columns: dict[int, list[bool]] = defaultdict(list)
+    for (row, index), listens in flags_of.items():
+        rows[plan.row(row, index, reachable=listens)].append(listens)
+        columns[plan.column_for(row, index, rng, reachable=listens)].append(listens)
+    if not any(flags_of.values()):
+        return  # nobody listens: nothing to lead anyone
+    for members in [*rows.values(), *columns.values()]:
+        assert any(members), "a group of client-mode peers only"
+    # peers that listen are placed as before: the plan's places
+    for (row, index), listens in flags_of.items():
+        if listens:
+            assert plan.row(row, index) == plan.place(row, index)[0]
+
+
+def test_a_client_mode_joiner_in_a_column_round_takes_a_column_with_a_listener() -> None:
+    # rows of 4 where only the member at index 0 of each listens: column 0 alone has listeners
+    flags = [True, False, False, False]
+    records = [RowRecord(r, 3, gid(r), 4, 1, listening_bits(flags)) for r in range(10)]
+    plan = Plan.of(Layout.from_records(records), 32)
+    assert plan.rows == 10 and plan.columns == 4
+    rng = random.Random(0)
+    assert {plan.column_for(None, None, rng, reachable=False) for _ in range(50)} == {0}
+    assert {plan.column_for(3, 2, rng, reachable=False) for _ in range(5)} == {0}
+    assert plan.column_for(3, 2, rng) == 2
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        RowRecord(0, 1, bytes(16), 3, 2, b"\x07"),  # three bits for a count of two
+        RowRecord(0, 1, bytes(16), 3, 1, b"\x08"),  # a bit past the group's size
+        RowRecord(0, 1, bytes(16), 9, 1, b"\x01"),  # one byte for nine members
+    ],
+)
+def test_a_listening_bitmap_that_disagrees_is_refused(record: RowRecord) -> None:
+    assert decode_record(encode_record(record)) is None

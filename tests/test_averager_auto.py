@@ -15,9 +15,10 @@ import trio
 
 from moshpit_trio.averaging.averager import MoshpitAverager, RoundReport
 from moshpit_trio.errors import ConfigError
+from moshpit_trio.peer import open_peer
 from moshpit_trio.testing import MemoryNetwork
 
-from .test_averager import LATENCY, swarm
+from .test_averager import LATENCY, ident, swarm
 
 PERIOD = 4.0
 TIMEOUT = 3.0
@@ -116,3 +117,44 @@ async def test_bad_arguments_are_refused(autojump_clock: Any) -> None:
             MoshpitAverager(peer, "r", [v], initial_key=(1,))
         with pytest.raises(ConfigError, match="min_group_size"):
             MoshpitAverager(peer, "r", [v], max_group_size=4, min_group_size=5)
+
+
+async def test_client_mode_peers_always_average_with_a_member_that_listens(
+    autojump_clock: Any,
+) -> None:
+    # 40 peers, 8 of them listening: cold start, then rows and columns. A client-mode peer's
+    # group always has a listener, who leads it and reduces the spans.
+    net = MemoryNetwork(seed=3, latency=LATENCY)
+    n, listening = 40, 8
+    values = [np.full(16, float(i), dtype=np.float32) for i in range(n)]
+    async with AsyncExitStack() as stack:
+        peers = []
+        for i in range(n):
+            public = i < listening
+            boot = [peers[j].address for j in range(min(len(peers), 3))]
+            peers.append(
+                await stack.enter_async_context(
+                    open_peer(
+                        ident(100 + i),
+                        listen=f"h{i}:0" if public else None,
+                        client_mode=not public,
+                        network=net.host(f"h{i}"),
+                        bootstrap=boot,  # type: ignore[arg-type]
+                    )
+                )
+            )
+        averagers = [
+            await stack.enter_async_context(MoshpitAverager(p, "nat", [v], round_period=PERIOD))
+            for p, v in zip(peers, values, strict=True)
+        ]
+        by_round = await run_rounds(averagers, 5)
+    listeners = {p.id for p in peers[:listening]}
+    for round_, reports in enumerate(by_round):
+        for report in reports:
+            if round_ > 0:
+                assert len(report.members) >= 2, (round_, report)
+            if len(report.members) >= 2:
+                assert listeners & set(report.members)
+    mean = np.mean([float(i) for i in range(n)])
+    spread = max(abs(float(v[0]) - mean) for v in values)
+    assert spread < 1e-3, spread

@@ -71,6 +71,7 @@ __all__ = [
     "column_of",
     "directory_key",
     "group_sizes",
+    "listening_bits",
     "overflow_row",
     "plan_rows",
     "round_kind",
@@ -93,6 +94,9 @@ class RowRecord(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fie
     size: int
     #: members that listen (not client-mode): the ones that can lead and reduce
     reachable: int
+    #: which ones: bit i (of byte i // 8, least significant first) for the member at index i
+    #: by PeerID; empty: the first ``reachable`` ones (all or none are the common cases)
+    listening: bytes = b""
 
 
 _record_decoder = msgspec.msgpack.Decoder(RowRecord)
@@ -117,7 +121,29 @@ def decode_record(raw: bytes | memoryview) -> RowRecord | None:
         or len(record.group_id) != 16
     ):
         return None
+    if record.listening and (
+        len(record.listening) != (record.size + 7) // 8
+        or int.from_bytes(record.listening, "little") >> record.size
+        or int.from_bytes(record.listening, "little").bit_count() != record.reachable
+    ):
+        return None
     return record
+
+
+def listening_bits(flags: Sequence[bool]) -> bytes:
+    """The ``listening`` bitmap of a group whose members, by PeerID, listen or not.
+
+    >>> listening_bits([True, False, True]), listening_bits([False] * 9)
+    (b'\\x05', b'\\x00\\x00')
+    """
+    value = sum(1 << i for i, flag in enumerate(flags) if flag)
+    return value.to_bytes((len(flags) + 7) // 8, "little")
+
+
+def _listens(record_bits: bytes, reachable: int, index: int) -> bool:
+    if record_bits:
+        return bool(record_bits[index // 8] >> (index % 8) & 1)
+    return index < reachable
 
 
 def directory_key(run_id: str) -> str:
@@ -255,6 +281,8 @@ class Layout:
     rows: Mapping[int, Sequence[tuple[bytes, int, int]]]
     #: the newest round any entry is from (-1: an empty directory)
     round: int = -1
+    #: group id -> its ``RowRecord.listening`` bitmap
+    listening: Mapping[bytes, bytes] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_records(cls, records: Iterable[RowRecord]) -> Layout:
@@ -265,17 +293,31 @@ class Layout:
             latest[record.row] = max(latest.get(record.row, -1), record.round)
         newest = max(latest.values(), default=-1)
         rows: dict[int, dict[bytes, tuple[int, int]]] = {}
+        bits: dict[bytes, bytes] = {}
         for record in kept:
             if record.round != latest[record.row] or record.round < newest - STALE_ROUNDS:
                 continue
             rows.setdefault(record.row, {})[record.group_id] = (record.size, record.reachable)
+            bits[record.group_id] = record.listening
         return cls(
             rows={
                 row: [(gid, *groups[gid]) for gid in sorted(groups)]
                 for row, groups in sorted(rows.items())
             },
             round=newest,
+            listening=bits,
         )
+
+    def listeners(self) -> Iterable[tuple[int, int]]:
+        """The (row, position) of every member that listens (can lead and reduce)."""
+        for row, groups in self.rows.items():
+            offset = 0
+            for gid, size, reachable in groups:
+                if reachable:
+                    for index in range(size):
+                        if _listens(self.listening.get(gid, b""), reachable, index):
+                            yield row, offset + index
+                offset += size
 
     @functools.cached_property
     def _sizes(self) -> dict[int, int]:
@@ -416,6 +458,50 @@ class Plan:
     def _least_full(self) -> int:
         fill = [self.layout.size(r) - t for r, t in enumerate(self.targets)]
         return fill.index(min(fill))
+
+    # -- client-mode peers: never in a group without a member that listens -------------------
+
+    @functools.cached_property
+    def _led(self) -> tuple[frozenset[int], frozenset[int]]:
+        """The rows and the columns that will hold a listening member once the moves are made
+        (empty when nobody listens: then any place will do)."""
+        rows: set[int] = set()
+        columns: set[int] = set()
+        rng = random.Random(0)  # unused: listeners' places are known
+        for row, position in self.layout.listeners():
+            dest, place = self.place(row, position)
+            rows.add(dest)
+            if place is not None:
+                columns.add(self.column(row, position, rng))
+        return frozenset(rows), frozenset(columns)
+
+    def row(self, row: int, position: int | None, *, reachable: bool = True) -> int:
+        """The row the peer at ``position`` of ``row`` averages in on a row round: its place's
+        (:meth:`place`). A client-mode peer (``reachable=False``) whose row would have nobody
+        who listens (nobody to lead it) takes the least full row that has one instead."""
+        dest = self.place(row, position)[0]
+        if reachable:
+            return dest
+        led = self._led[0]
+        if not led or dest in led:
+            return dest
+        fill = {r: self.layout.size(r) - self.targets[r] for r in sorted(led) if r < self.rows}
+        if not fill:
+            return dest
+        low = min(fill.values())
+        return next(r for r, f in fill.items() if f == low)
+
+    def column_for(
+        self, row: int | None, position: int | None, rng: random.Random, *, reachable: bool = True
+    ) -> int:
+        """The column a peer averages in on a column round: :meth:`column`, or for a peer in no
+        row one of the emptiest columns. A client-mode peer (``reachable=False``) whose column
+        would have nobody who listens takes the next column (in order, wrapping) that has one."""
+        column = rng.choice(self._emptiest) if row is None else self.column(row, position, rng)
+        led = self._led[1]
+        if reachable or not led or column in led:
+            return column
+        return min(led, key=lambda c: (c - column) % self.columns)
 
     def row_for_joiner(self, rng: random.Random, *, reachable: bool = True) -> int:
         """A row for a peer not in any: one with a missing place, at random weighted by how many

@@ -35,6 +35,7 @@ from .auto_grid import (
     decode_record,
     directory_key,
     encode_record,
+    listening_bits,
     overflow_row,
 )
 from .compression import codec as find_codec
@@ -236,16 +237,15 @@ class MoshpitAverager:
         position = None
         if self.row is not None and self._row_group is not None:
             position = layout.position(self.row, *self._row_group)
+        # A client-mode peer never lands where nobody listens: nobody there could lead it.
+        reachable = self.peer.address is not None
         if plan.kind(round_) == "column":
-            if self.row is None:
-                column = self._rng.randrange(plan.columns)
-            else:
-                column = plan.column(self.row, position, self._rng)
+            column = plan.column_for(self.row, position, self._rng, reachable=reachable)
             return await self._form((1, column), round_, deadline)
         if self.row is not None:
-            return await self._form((0, plan.place(self.row, position)[0]), round_, deadline)
+            row = plan.row(self.row, position, reachable=reachable)
+            return await self._form((0, row), round_, deadline)
         if layout.rows:
-            reachable = self.peer.address is not None
             return await self._form(
                 (0, plan.row_for_joiner(self._rng, reachable=reachable)), round_, deadline
             )
@@ -284,12 +284,9 @@ class MoshpitAverager:
         self._row_group = (group_id, ids.index(me))
         if ids[0] != me:
             return
-        reachable = (
-            sum(1 for m in members if not m.client_mode)
-            if members
-            else int(self.peer.address is not None)
-        )
-        record = RowRecord(row, round_, group_id, len(ids), reachable)
+        by_id = {m.peer_id: not m.client_mode for m in members}
+        listens = [by_id.get(i, self.peer.address is not None) for i in ids]
+        record = RowRecord(row, round_, group_id, len(ids), sum(listens), listening_bits(listens))
         ttl = min(300.0, max(30.0, 8 * (self.round_period or 0.0)))
         try:
             await self.peer.dht.store(directory_key(self.run_id), encode_record(record), ttl=ttl)
