@@ -409,12 +409,10 @@ class MoshpitAuto:
                 if row is None:
                     r = plan.row_for_joiner(self.draw) if layout.rows else self._cold_row(counts)
                 else:
-                    r = plan.place(row, position)[0]
+                    r = plan.row(row, position)
                 key = ("row", r)
-            elif row is None:
-                key = ("column", self.draw.randrange(plan.columns))
             else:
-                key = ("column", plan.column(row, position, self.draw))
+                key = ("column", plan.column_for(row, position, self.draw))
             counts[key] += 1
             keys[key].append(i)
         for key, members in keys.items():

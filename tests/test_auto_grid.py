@@ -326,12 +326,13 @@ def test_empty_directory() -> None:
 # -- joiners ------------------------------------------------------------------------------------
 
 
-def test_overflow_rows_double_in_range() -> None:
+def test_overflow_rows_go_in_turn_then_double_in_range() -> None:
     rng = random.Random(3)
-    assert overflow_row(0, rng) == 0 and overflow_row(-2, rng) == 0
-    for attempt in range(1, 12):
+    assert overflow_row(-2, rng) == 0
+    assert [overflow_row(attempt, rng) for attempt in range(8)] == list(range(8))
+    for attempt in range(8, 14):
         seen = {overflow_row(attempt, rng) for _ in range(400)}
-        low = 1 << (attempt - 1)
+        low = 1 << (attempt - 5)
         assert seen <= set(range(low, 2 * low))
         assert len(seen) >= min(low, 50)
 

@@ -259,16 +259,18 @@ def capacity_at(place: int, announced: int, max_group_size: int) -> int:
 
 def overflow_row(attempt: int, rng: random.Random) -> int:
     """The row to try next when a joiner with no directory to go by found the row it tried
-    full (the DHT keeps at most 256 entries under a key): row 0 first, then one of rows 1,
-    2-3, 4-7, ... at random, so that a swarm starting all at once spreads over a few rows
-    in a few tries instead of all piling into one.
+    full (the DHT keeps at most 256 entries under a key): rows 0, 1, ..., 7 in turn (each fills
+    before the next is tried, so no row is left with a straggler alone), then one of rows
+    8-15, 16-31, ... at random, so that even a huge swarm starting all at once spreads out in
+    a few more tries.
 
-    >>> overflow_row(0, random.Random(1)), overflow_row(1, random.Random(1))
-    (0, 1)
+    >>> rng = random.Random(1)
+    >>> [overflow_row(a, rng) for a in range(8)], 8 <= overflow_row(8, rng) < 16
+    ([0, 1, 2, 3, 4, 5, 6, 7], True)
     """
-    if attempt <= 0:
-        return 0
-    low = 1 << (attempt - 1)
+    if attempt < 8:
+        return max(attempt, 0)
+    low = 1 << (attempt - 5)
     return rng.randrange(low, 2 * low)
 
 

@@ -251,10 +251,14 @@ class MoshpitAverager:
             )
         # Nobody is in the directory yet: a swarm starting all at once. Row 0 first; while a
         # row's key is full (nobody else kept our announcement), one of the overflow rows.
-        for attempt in range(8):
+        attempts = 10  # rows 0-7 in turn, then 8-15 and 16-31: 256 announcers a key each
+        for attempt in range(attempts):
             try:
                 return await self._form(
-                    (0, overflow_row(attempt, self._rng)), round_, deadline, overflow=attempt < 7
+                    (0, overflow_row(attempt, self._rng)),
+                    round_,
+                    deadline,
+                    overflow=attempt < attempts - 1,
                 )
             except KeyFull:
                 continue
