@@ -461,6 +461,15 @@ class Plan:
         fill = [self.layout.size(r) - t for r, t in enumerate(self.targets)]
         return fill.index(min(fill))
 
+    def expected(self, kind: RoundKind, index: int) -> int:
+        """How many peers the plan puts in row ``index`` (``kind="row"``) or column ``index``:
+        once that many have announced there, nobody else is expected."""
+        if kind == "row":
+            return self.targets[index] if 0 <= index < self.rows else 0
+        if not 0 <= index < self.columns:
+            return 0
+        return sum(1 for r in range(self.rows) if self._skipped.get(r) != index)
+
     # -- client-mode peers: never in a group without a member that listens -------------------
 
     @functools.cached_property

@@ -241,10 +241,12 @@ class MoshpitAverager:
         reachable = self.peer.address is not None
         if plan.kind(round_) == "column":
             column = plan.column_for(self.row, position, self._rng, reachable=reachable)
-            return await self._form((1, column), round_, deadline)
+            expect = plan.expected("column", column)
+            return await self._form((1, column), round_, deadline, expected=expect)
         if self.row is not None:
             row = plan.row(self.row, position, reachable=reachable)
-            return await self._form((0, row), round_, deadline)
+            expect = plan.expected("row", row)
+            return await self._form((0, row), round_, deadline, expected=expect)
         if layout.rows:
             return await self._form(
                 (0, plan.row_for_joiner(self._rng, reachable=reachable)), round_, deadline
@@ -265,7 +267,13 @@ class MoshpitAverager:
         return None
 
     async def _form(
-        self, key: GroupKey, round_: int, deadline: float, *, overflow: bool = False
+        self,
+        key: GroupKey,
+        round_: int,
+        deadline: float,
+        *,
+        overflow: bool = False,
+        expected: int | None = None,
     ) -> GroupInfo | None:
         self.key = key
         self.announcement = group_key_name(self.run_id, key, round_)
@@ -277,6 +285,8 @@ class MoshpitAverager:
             deadline,
             balance=True,
             raise_if_unseen=overflow,
+            # (a plan that expects nobody here, as for a peer it has not placed: no hint)
+            expected=expected or None,
         )
 
     async def _record_row(

@@ -149,6 +149,7 @@ class Matchmaker:
         self._attempt: _Attempt | None = None
         self._balance = False
         self._raise_if_unseen = False
+        self._expected = 0
 
     def register(self) -> None:
         self.peer.transport.register(self.join_name, self._on_join)
@@ -168,6 +169,7 @@ class Matchmaker:
         *,
         balance: bool = False,
         raise_if_unseen: bool = False,
+        expected: int | None = None,
     ) -> GroupInfo | None:
         """Find or lead a group of at most ``capacity`` under ``dht_key`` by ``deadline``
         (trio time); ``None`` when none formed (a solo round).
@@ -176,11 +178,14 @@ class Matchmaker:
         (``auto_grid.group_sizes``: 33 announcers and a capacity of 32 make 17 + 16, not 32
         and a solo peer): a leader fills the group that starts at its place in the order.
         ``raise_if_unseen``: raise :class:`KeyFull` when no other peer kept our announcement,
-        instead of waiting for a group nobody can see us in."""
+        instead of waiting for a group nobody can see us in. ``expected``: how many peers are
+        expected under the key (``auto_grid``'s plan knows): once that many have announced, the
+        gathering is over without waiting for a second read to agree."""
         attempt = _Attempt(round, key, capacity, max_capacity=capacity)
         self._attempt = attempt
         self._balance = balance
         self._raise_if_unseen = raise_if_unseen
+        self._expected = capacity if expected is None else max(1, min(expected, capacity))
         try:
             with trio.move_on_at(deadline):
                 return await self._form(attempt, dht_key, deadline)
@@ -207,7 +212,7 @@ class Matchmaker:
             announced = await self._announced(dht_key)
             now_seen = {m.peer_id for _, m in announced}
             if (
-                len(announced) >= attempt.capacity
+                len(announced) >= min(attempt.capacity, self._expected)
                 or trio.current_time() >= gather_until
                 or (now_seen == seen and len(announced) >= 2)
             ):
@@ -217,8 +222,9 @@ class Matchmaker:
         # Our own place in the order is where our record stands, as everyone else sees it.
         mine = [i for i, (_, m) in enumerate(announced) if m.peer_id == self.me.peer_id]
         place = mine[0] if mine else len(announced)
-        if self._balance:
-            # Should we lead, the peers before us filled the groups before ours.
+        if self._balance and len(announced) > attempt.max_capacity:
+            # More than one group here: should we lead, the peers before us filled the groups
+            # before ours. (One group: room up to the maximum, for a late announcer too.)
             attempt.capacity = capacity_at(place, len(announced), attempt.max_capacity)
         if self.me.client_mode:
             # We never lead, so we wait on nobody's decision but a leader's: any listening
