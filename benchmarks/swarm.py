@@ -43,6 +43,8 @@ Per round (table row and ``--json`` ``rows``):
                 ``bytes_received``). Both count *all* of a peer's traffic from one snapshot to
                 the next (DHT lookups and maintenance included, not only averaging), divided
                 by the peers live at the round's start (killed ones' traffic included).
+``dials``       connections a peer dialed in the round (each a websocket upgrade and a signed
+                handshake), per peer; ``connections_per_peer`` below says how many stay open.
 ``step_s``      the slowest step (virtual seconds, start of the slot to return) and
                 ``mm_s`` the slowest matchmaking.
 ``wall_s``      wall seconds from the previous snapshot to this one.
@@ -221,16 +223,19 @@ class Swarm:
         if m.scope is not None:
             m.scope.cancel()
 
-    def counters(self) -> dict[int, tuple[int, int, int, int]]:
+    def counters(self) -> dict[int, tuple[int, int, int, int, int]]:
+        stats = self.net.stats()
         out = {}
         for m in self.members:
             if m.peer is not None:
                 t = m.peer.transport
+                dialed = stats[m.host].connects if m.host in stats else 0
                 out[m.index] = (
                     t.messages_sent,
                     t.messages_received,
                     t.bytes_sent,
                     t.bytes_received,
+                    dialed,
                 )
         return out
 
@@ -252,8 +257,8 @@ def _round_row(
     round_: int,
     live_at_start: list[Member],
     killed: int,
-    before: dict[int, tuple[int, int, int, int]],
-    after: dict[int, tuple[int, int, int, int]],
+    before: dict[int, tuple[int, int, int, int, int]],
+    after: dict[int, tuple[int, int, int, int, int]],
     m0: np.ndarray,
     v0: float,
 ) -> dict[str, Any]:
@@ -268,10 +273,10 @@ def _round_row(
             groups[r.group_id] = len(r.members)
     sizes = list(groups.values())
     n = max(1, len(live_at_start))
-    totals = [0, 0, 0, 0]
+    totals = [0, 0, 0, 0, 0]
     for m in live_at_start:
-        b, a = before.get(m.index, (0, 0, 0, 0)), after.get(m.index, (0, 0, 0, 0))
-        for k in range(4):
+        b, a = before.get(m.index, (0,) * 5), after.get(m.index, (0,) * 5)
+        for k in range(5):
             totals[k] += a[k] - b[k]
     return {
         "round": round_,
@@ -292,6 +297,7 @@ def _round_row(
         "msgs_received": totals[1] / n,
         "bytes_sent": totals[2] / n,
         "bytes_received": totals[3] / n,
+        "dials": totals[4] / n,
         "step_s": max((r.seconds["total"] for r in reports), default=None),
         "matchmaking_s": max((r.seconds["matchmaking"] for r in reports), default=None),
     }
@@ -490,7 +496,8 @@ def print_table(r: dict[str, Any], out: Any = None) -> None:
     print(
         f"{'round':>5} {'live':>5} {'kill':>4} {'var_global':>10} {'var_live':>10} "
         f"{'groups':>6} {'min/mean/max':>14} {'solo':>4} {'fail':>4} "
-        f"{'msgs out/in':>13} {'kB out/in':>15} {'step_s':>6} {'mm_s':>5} {'wall_s':>6}",
+        f"{'msgs out/in':>13} {'kB out/in':>15} {'dials':>5} "
+        f"{'step_s':>6} {'mm_s':>5} {'wall_s':>6}",
         file=out,
     )
     for row in r["rows"]:
@@ -505,6 +512,7 @@ def print_table(r: dict[str, Any], out: Any = None) -> None:
             f"{row['groups']:>6} {sizes:>14} {row['solo']:>4} {row['failed']:>4} "
             f"{row['msgs_sent']:>6.0f}/{row['msgs_received']:<6.0f} "
             f"{row['bytes_sent'] / 1e3:>7.1f}/{row['bytes_received'] / 1e3:<7.1f} "
+            f"{row['dials']:>5.1f} "
             f"{_fmt(row['step_s'], '6.2f')} {_fmt(row['matchmaking_s'], '5.2f')} "
             f"{row['wall_s']:>6.1f}",
             file=out,
