@@ -53,6 +53,7 @@ from typing import Literal
 import msgspec
 
 from ..errors import ConfigError
+from .grid import GROUP_KEY_NAMESPACE
 
 __all__ = [
     "DEFAULT_MAX_GROUP_SIZE",
@@ -62,6 +63,7 @@ __all__ = [
     "RowRecord",
     "balanced_capacity",
     "column_of",
+    "directory_key",
     "overflow_row",
     "plan_rows",
     "round_kind",
@@ -109,6 +111,12 @@ def decode_record(raw: bytes | memoryview) -> RowRecord | None:
     ):
         return None
     return record
+
+
+def directory_key(run_id: str) -> str:
+    """The DHT key of run ``run_id``'s directory of row groups (an owned key: one entry per
+    writer, the first member of a row group)."""
+    return f"{GROUP_KEY_NAMESPACE}/{run_id}/rows"
 
 
 def _check_max(max_group_size: int) -> int:

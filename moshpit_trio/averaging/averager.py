@@ -15,17 +15,28 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import random
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
 import trio
 
-from ..errors import ConfigError
+from ..errors import ConfigError, MoshpitError
 from ..identity import PeerID
 from ..log import get_logger
 from ..wire.liveness import progress_timeout
 from .allreduce import AllReduce, RoundRegistry, SpanReport
+from .auto_grid import (
+    DEFAULT_MAX_GROUP_SIZE,
+    Layout,
+    Plan,
+    RowRecord,
+    decode_record,
+    directory_key,
+    encode_record,
+    overflow_row,
+)
 from .compression import codec as find_codec
 from .grid import (
     Grid,
@@ -38,7 +49,7 @@ from .grid import (
 from .grid import (
     initial_key as default_initial_key,
 )
-from .matchmaking import GroupInfo, Matchmaker
+from .matchmaking import GroupInfo, KeyFull, Matchmaker, MemberInfo
 from .partition import TensorLayout, flatten, write_pieces
 
 __all__ = ["MoshpitAverager", "RoundReport"]
@@ -99,10 +110,11 @@ class MoshpitAverager:
         peer: Any,
         run_id: str,
         tensors: Sequence[Any],
-        grid: Sequence[int] | str = (4, 4),
+        grid: Sequence[int] | str = "auto",
         *,
         initial_key: Sequence[int] | None = None,
         min_group_size: int = 2,
+        max_group_size: int = DEFAULT_MAX_GROUP_SIZE,
         compression: str = "none",
         bandwidth: float = 1e8,
         index_rule: Literal["random", "rank"] = "random",
@@ -111,8 +123,25 @@ class MoshpitAverager:
         round_period: float | None = None,
     ) -> None:
         self.peer = peer
-        self.grid = Grid.parse(grid)  # type: ignore[arg-type]
-        group_key_name(run_id, (0,) * (self.grid.d - 1), 0)  # validates run_id
+        #: None for grid="auto" (groups from the live peers: ``auto_grid``)
+        self.grid: Grid | None = (
+            None if isinstance(grid, str) and grid.strip().lower() == "auto" else Grid.parse(grid)  # type: ignore[arg-type]
+        )
+        if self.grid is not None and max_group_size != DEFAULT_MAX_GROUP_SIZE:
+            raise ConfigError("max_group_size is for grid='auto'; a fixed grid's axes size groups")
+        if self.grid is None and initial_key is not None:
+            raise ConfigError("initial_key is for a fixed grid; grid='auto' places peers itself")
+        if isinstance(max_group_size, bool) or not isinstance(max_group_size, int):
+            raise ConfigError(f"max_group_size must be an integer, got {max_group_size!r}")
+        if not 2 <= max_group_size <= 256:
+            raise ConfigError(
+                f"max_group_size must be in 2..256 (a DHT key holds 256 entries), "
+                f"got {max_group_size}"
+            )
+        if min_group_size > max_group_size:
+            raise ConfigError("min_group_size cannot exceed max_group_size")
+        self.max_group_size = max_group_size
+        group_key_name(run_id, (0,) * (1 if self.grid is None else self.grid.d - 1), 0)
         self.run_id = run_id
         self.tensors = list(tensors)
         self.layout = TensorLayout.of(self.tensors)
@@ -135,11 +164,19 @@ class MoshpitAverager:
         self.round_period = round_period
         #: the next round's number (with ``round_period``: the lowest the next slot may have)
         self.round = 0
-        self.key: GroupKey = (
-            check_key(self.grid, initial_key, 0)
-            if initial_key is not None
-            else default_initial_key(self.grid, peer.id)
-        )
+        if self.grid is None:
+            self.key: GroupKey = ()
+        elif initial_key is not None:
+            self.key = check_key(self.grid, initial_key, 0)
+        else:
+            self.key = default_initial_key(self.grid, peer.id)
+        #: grid="auto": this peer's row (None until it joins one) and its last row group as
+        #: (group id, index among the members by PeerID): its place in the directory
+        self.row: int | None = None
+        self._row_group: tuple[bytes, int] | None = None
+        self._rng = random.Random(peer.id.to_bytes())
+        #: the DHT key this peer announces under in the round in progress (None between rounds)
+        self.announcement: str | None = None
         self.matchmaker = Matchmaker(
             peer, run_id, bandwidth=bandwidth, min_group_size=min_group_size
         )
@@ -179,6 +216,86 @@ class MoshpitAverager:
             self._slot_reached = True
         return self.round
 
+    # -- grid="auto" ---------------------------------------------------------------------------
+
+    async def _read_directory(self) -> Layout:
+        records = await self.peer.dht.get_records(directory_key(self.run_id))
+        entries = []
+        for record in records.values():
+            if record.value:
+                entry = decode_record(record.value)
+                if entry is not None:
+                    entries.append(entry)
+        return Layout.from_records(entries)
+
+    async def _auto_group(self, round_: int, deadline: float) -> GroupInfo | None:
+        """Read the directory, take this round's place in the plan (a row, or a column), and
+        form a group there (``auto_grid``)."""
+        layout = await self._read_directory()
+        plan = Plan.of(layout, self.max_group_size)
+        position = None
+        if self.row is not None and self._row_group is not None:
+            position = layout.position(self.row, *self._row_group)
+        if plan.kind(round_) == "column":
+            if self.row is None:
+                column = self._rng.randrange(plan.columns)
+            else:
+                column = plan.column(self.row, position, self._rng)
+            return await self._form((1, column), round_, deadline)
+        if self.row is not None:
+            return await self._form((0, plan.place(self.row, position)[0]), round_, deadline)
+        if layout.rows:
+            reachable = self.peer.address is not None
+            return await self._form(
+                (0, plan.row_for_joiner(self._rng, reachable=reachable)), round_, deadline
+            )
+        # Nobody is in the directory yet: a swarm starting all at once. Row 0 first; while a
+        # row's key is full (nobody else kept our announcement), one of the overflow rows.
+        for attempt in range(8):
+            try:
+                return await self._form(
+                    (0, overflow_row(attempt, self._rng)), round_, deadline, overflow=attempt < 7
+                )
+            except KeyFull:
+                continue
+        return None
+
+    async def _form(
+        self, key: GroupKey, round_: int, deadline: float, *, overflow: bool = False
+    ) -> GroupInfo | None:
+        self.key = key
+        self.announcement = group_key_name(self.run_id, key, round_)
+        return await self.matchmaker.form_group(
+            self.announcement,
+            round_,
+            key,
+            self.max_group_size,
+            deadline,
+            balance=True,
+            raise_if_unseen=overflow,
+        )
+
+    async def _record_row(
+        self, row: int, round_: int, group_id: bytes, members: list[MemberInfo]
+    ) -> None:
+        self.row = row
+        me = self.peer.id.to_bytes()
+        ids = sorted(m.peer_id for m in members) or [me]
+        self._row_group = (group_id, ids.index(me))
+        if ids[0] != me:
+            return
+        reachable = (
+            sum(1 for m in members if not m.client_mode)
+            if members
+            else int(self.peer.address is not None)
+        )
+        record = RowRecord(row, round_, group_id, len(ids), reachable)
+        ttl = min(300.0, max(30.0, 8 * (self.round_period or 0.0)))
+        try:
+            await self.peer.dht.store(directory_key(self.run_id), encode_record(record), ttl=ttl)
+        except MoshpitError as exc:
+            self.log.info("could not record the row group", error=str(exc))
+
     async def step(self, weight: float = 1.0, timeout: float = 30.0) -> RoundReport:
         """One round: form a group, average with it, rotate the key. Returns by ``timeout``."""
         if not self._entered:
@@ -191,14 +308,25 @@ class MoshpitAverager:
         self._slot_reached = False
         start = trio.current_time()
         deadline = start + timeout
-        round_, key = self.round, self.key
-        dht_key = group_key_name(self.run_id, key, round_)
-        capacity = self.grid.shape[round_ % self.grid.d]
+        round_ = self.round
+        matchmaking_deadline = start + self.matchmaking_fraction * timeout
         group: GroupInfo | None = None
-        with trio.move_on_at(deadline):
-            group = await self.matchmaker.form_group(
-                dht_key, round_, key, capacity, start + self.matchmaking_fraction * timeout
-            )
+        try:
+            with trio.move_on_at(deadline):
+                if self.grid is None:
+                    group = await self._auto_group(round_, matchmaking_deadline)
+                else:
+                    self.announcement = group_key_name(self.run_id, self.key, round_)
+                    group = await self.matchmaker.form_group(
+                        self.announcement,
+                        round_,
+                        self.key,
+                        self.grid.shape[round_ % self.grid.d],
+                        matchmaking_deadline,
+                    )
+        finally:
+            self.announcement = None
+        key = self.key
         formed = trio.current_time()
         if group is not None and len(group.members) > 1:
             # Daemons and their tests watch for this line: from here on the peer is in a group.
@@ -246,22 +374,30 @@ class MoshpitAverager:
             write_pieces(self.tensors, self.layout, reduce.pieces)
             members = tuple(ids)
             index = group.index_of(self.peer.id)
-            c = within_group_index(
-                group.group_id, ids, self.peer.id, self.grid, round_, rule=self.index_rule
-            )
             group_id: bytes | None = group.group_id
         else:
             members, index, group_id = (self.peer.id,), 0, None
-            solo_id = hashlib.sha256(b"solo" + self.peer.id.to_bytes() + round_.to_bytes(8, "big"))
+        solo_id = hashlib.sha256(b"solo" + self.peer.id.to_bytes() + round_.to_bytes(8, "big"))
+        if self.grid is not None:
             c = within_group_index(
-                solo_id.digest(),
-                [self.peer.id],
+                solo_id.digest() if group_id is None else group_id,
+                list(members),
                 self.peer.id,
                 self.grid,
                 round_,
                 rule=self.index_rule,
             )
-        self.key = next_key(self.grid, key, c, round_)
+            self.key = next_key(self.grid, key, c, round_)
+        elif key[:1] == (0,):
+            # A row round: our place in the row is where this group put us; the group's first
+            # member writes the group into the run's directory, which next rounds read.
+            with trio.move_on_at(deadline):
+                await self._record_row(
+                    key[1],
+                    round_,
+                    solo_id.digest()[:16] if group is None or len(members) < 2 else group.group_id,
+                    [] if group is None or len(members) < 2 else list(group.members),
+                )
         self.round = round_ + 1
         end = trio.current_time()
         report = RoundReport(
@@ -270,7 +406,7 @@ class MoshpitAverager:
             members=members,
             index=index,
             key_before=key,
-            key_after=self.key,
+            key_after=self.key if self.grid is not None else (0, self.row or 0),
             spans=spans,
             excluded=excluded,
             bytes_sent=sent,

@@ -42,8 +42,14 @@ from ..log import get_logger
 from ..wire.address import InvalidAddress, PeerAddress
 from ..wire.connection import Request
 from ..wire.liveness import MIN_PROGRESS_TIMEOUT
+from .auto_grid import balanced_capacity
 
-__all__ = ["GroupInfo", "Matchmaker", "MemberInfo"]
+__all__ = ["GroupInfo", "KeyFull", "Matchmaker", "MemberInfo"]
+
+
+class KeyFull(MoshpitError):
+    """Nobody else kept our announcement (the key holds as many entries as the DHT allows, or
+    no replica answered): nobody reading the key would see us. Raised only when asked to."""
 
 
 class MemberInfo(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fields=True):
@@ -95,6 +101,8 @@ class _Attempt:
     round: int
     key: tuple[int, ...]
     capacity: int
+    #: the largest group this peer accepts (capacity may shrink to balance a key's groups)
+    max_capacity: int = 0
     decided: trio.Event = dataclasses.field(default_factory=trio.Event)
     leading: bool = False
     closed: bool = False
@@ -139,6 +147,8 @@ class Matchmaker:
         )
         self.log = get_logger(peer=peer.id.short, run=run_id)
         self._attempt: _Attempt | None = None
+        self._balance = False
+        self._raise_if_unseen = False
 
     def register(self) -> None:
         self.peer.transport.register(self.join_name, self._on_join)
@@ -149,12 +159,27 @@ class Matchmaker:
     # -- one round ---------------------------------------------------------------------------
 
     async def form_group(
-        self, dht_key: str, round: int, key: tuple[int, ...], capacity: int, deadline: float
+        self,
+        dht_key: str,
+        round: int,
+        key: tuple[int, ...],
+        capacity: int,
+        deadline: float,
+        *,
+        balance: bool = False,
+        raise_if_unseen: bool = False,
     ) -> GroupInfo | None:
         """Find or lead a group of at most ``capacity`` under ``dht_key`` by ``deadline``
-        (trio time); ``None`` when none formed (a solo round)."""
-        attempt = _Attempt(round, key, capacity)
+        (trio time); ``None`` when none formed (a solo round).
+
+        ``balance``: cut the announcers into groups of sizes differing by at most one
+        (``auto_grid.balanced_capacity``: 33 announcers and a capacity of 32 make 17 + 16,
+        not 32 and a solo peer). ``raise_if_unseen``: raise :class:`KeyFull` when no other
+        peer kept our announcement, instead of waiting for a group nobody can see us in."""
+        attempt = _Attempt(round, key, capacity, max_capacity=capacity)
         self._attempt = attempt
+        self._balance = balance
+        self._raise_if_unseen = raise_if_unseen
         try:
             with trio.move_on_at(deadline):
                 return await self._form(attempt, dht_key, deadline)
@@ -169,7 +194,9 @@ class Matchmaker:
     async def _form(self, attempt: _Attempt, dht_key: str, deadline: float) -> GroupInfo | None:
         dht = self.peer.dht
         ttl = max(deadline - trio.current_time(), 0.5)
-        await dht.store(dht_key, _encode(self.me), ttl=ttl)
+        held = await dht.store(dht_key, _encode(self.me), ttl=ttl)
+        if self._raise_if_unseen and held <= (0 if self.me.client_mode else 1) and len(dht.table):
+            raise KeyFull(f"nobody else kept our announcement under {dht_key!r}")
         # Gather: read until a full group has announced, or the announcers stopped changing
         # (peers of a run start on the same clock slot, so the ones coming are there within a
         # store's time), or half the time is gone.
@@ -186,6 +213,8 @@ class Matchmaker:
                 break
             seen = now_seen
             await trio.sleep(min(self.poll_interval, max(gather_until - trio.current_time(), 0)))
+        if self._balance:
+            attempt.capacity = balanced_capacity(len(announced), attempt.max_capacity)
         # Our own place in the order is where our record stands, as everyone else sees it.
         mine = [i for i, (_, m) in enumerate(announced) if m.peer_id == self.me.peer_id]
         place = mine[0] if mine else len(announced)
@@ -316,7 +345,7 @@ class Matchmaker:
             and tuple(group.key) == attempt.key
             and group.leader == leader.peer_id
             and len(group.group_id) == 16
-            and 1 <= len(ids) <= attempt.capacity
+            and 1 <= len(ids) <= attempt.max_capacity
             and len(set(ids)) == len(ids)
             and self.me.peer_id in ids
             and leader.peer_id in ids
