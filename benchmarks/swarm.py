@@ -101,6 +101,7 @@ import trio.testing  # noqa: E402
 
 from moshpit_trio.averaging.averager import MoshpitAverager, RoundReport  # noqa: E402
 from moshpit_trio.averaging.grid import Grid, balanced_initial_keys  # noqa: E402
+from moshpit_trio.errors import ConfigError  # noqa: E402
 from moshpit_trio.identity import Identity  # noqa: E402
 from moshpit_trio.peer import Peer, open_peer  # noqa: E402
 from moshpit_trio.testing import MemoryNetwork  # noqa: E402
@@ -138,7 +139,10 @@ class Config:
         if self.latency_ms < 0:
             raise SystemExit("--latency-ms must be non-negative")
         if not self.is_auto:
-            Grid.parse(self.grid)  # a clear ConfigError for a bad shape
+            try:
+                Grid.parse(self.grid)
+            except ConfigError as exc:
+                raise SystemExit(f"--grid: {exc}") from None
         elif self.balanced_keys:
             raise SystemExit("--balanced-keys is for an explicit --grid")
 
