@@ -66,6 +66,16 @@ def _faults(out: Any) -> Figures:
     return figures
 
 
+def _swarm(out: Any) -> Figures:
+    figures = _keys(
+        "peers", "rounds_to_1e9", "rounds_to_1e9_live", "solo_rounds", "wall_s", "peak_rss_mb"
+    )(out)
+    for row in out["rows"]:
+        for key in ("var_global", "group_mean", "msgs_sent", "bytes_received", "step_s"):
+            figures[f"round {row['index']}: {key}"] = row.get(key)
+    return figures
+
+
 @dataclasses.dataclass(frozen=True)
 class Bench:
     args: tuple[str, ...]
@@ -124,6 +134,14 @@ TABLE: dict[str, Bench] = {
             "hivemind_worst_s_after_fault": "hivemind_note",
             "hivemind_mismatched_elements": "hivemind_note",
         },
+    ),
+    "swarm.py": Bench(
+        # 8 peers: grid "auto" puts them in one group, so round 1 already holds the mean
+        ("--peers", "8", "--rounds", "3"),
+        _swarm,
+        # the numpy reference needs averaging_sim.py's method for the grid; sim_note says
+        # when it is missing
+        optional={"sim_rounds_to_1e9": "sim_note", "rounds_vs_sim": "sim_note"},
     ),
     "training.py": Bench(
         (

@@ -30,7 +30,11 @@ async def test_transport_counts_bytes_of_live_and_ended_connections(autojump_clo
         # Both ends count the same envelopes (the handshake's messages are not envelopes).
         assert a.bytes_received == b.bytes_sent > 10_000
         assert a.bytes_sent == b.bytes_received > 10_000
+        # and one envelope each way: the REQUEST, then its RESPONSE
+        assert (a.messages_received, b.messages_sent) == (1, 1)
+        assert (a.messages_sent, b.messages_received) == (1, 1)
         before = a.bytes_received
+        before_messages = a.messages_received
         # A second client comes and goes: its connection's bytes stay counted once it ended.
         async with open_transport(c_id, listen=None, network=net.host("c")) as c:
             await c.call(a.address, "echo", b"y" * 5_000, timeout=5)
@@ -41,3 +45,4 @@ async def test_transport_counts_bytes_of_live_and_ended_connections(autojump_clo
         # is still in a's total, counted once.
         assert c.bytes_sent > 5_000
         assert a.bytes_received == before + c.bytes_sent
+        assert a.messages_received == before_messages + c.messages_sent

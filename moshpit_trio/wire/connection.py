@@ -339,6 +339,10 @@ class Connection:
         self._on_closed = on_closed
         self.bytes_sent = 0
         self.bytes_received = 0
+        # Envelopes written and read (requests, responses, stream chunks, credits, control):
+        # the protocol's messages, counted where the bytes are.
+        self.messages_sent = 0
+        self.messages_received = 0
         #: the violation that closed this connection, if one did
         self.protocol_error: ProtocolError | None = None
 
@@ -421,6 +425,7 @@ class Connection:
             async for head, payload, counted in self._outbox:
                 await self._write_message(head, payload)
                 self.bytes_sent += len(head) + len(payload)
+                self.messages_sent += 1
                 if counted:
                     self._queue_slots.release()
         except ConnectionClosed:
@@ -501,6 +506,7 @@ class Connection:
                 if not isinstance(message, bytes):
                     raise ProtocolError("malformed", "text message on a binary protocol")
                 self.bytes_received += len(message)
+                self.messages_received += 1
                 envelope = self._opener.open(message)
                 if self._on_heard is not None:
                     self._on_heard()

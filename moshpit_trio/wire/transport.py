@@ -131,6 +131,8 @@ class Transport:
         # bytes moved by connections that have ended (the live ones count their own)
         self._ended_sent = 0
         self._ended_received = 0
+        self._ended_messages_sent = 0
+        self._ended_messages_received = 0
 
     # -- handlers ----------------------------------------------------------------------------
 
@@ -284,6 +286,18 @@ class Transport:
         live = sum(c.bytes_received for cs in self._conns.values() for c in cs)
         return self._ended_received + live
 
+    @property
+    def messages_sent(self) -> int:
+        """Envelopes written by every connection so far, ended ones included."""
+        live = sum(c.messages_sent for cs in self._conns.values() for c in cs)
+        return self._ended_messages_sent + live
+
+    @property
+    def messages_received(self) -> int:
+        """Envelopes read by every connection so far, ended ones included."""
+        live = sum(c.messages_received for cs in self._conns.values() for c in cs)
+        return self._ended_messages_received + live
+
     # -- access control ----------------------------------------------------------------------
 
     @property
@@ -345,6 +359,8 @@ class Transport:
             conns.remove(conn)
             self._ended_sent += conn.bytes_sent
             self._ended_received += conn.bytes_received
+            self._ended_messages_sent += conn.messages_sent
+            self._ended_messages_received += conn.messages_received
         if not conns:
             self._conns.pop(conn.remote_peer_id, None)
 

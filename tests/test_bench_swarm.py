@@ -1,0 +1,73 @@
+"""benchmarks/swarm.py on a tiny swarm under the virtual clock: the figures mean what they say."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "swarm.py"
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("moshpit_bench_swarm", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while being made
+    spec.loader.exec_module(module)
+    return module
+
+
+async def test_balanced_grid_holds_the_exact_mean_after_d_rounds(
+    autojump_clock: Any, bench: ModuleType
+) -> None:
+    # 16 peers dealt one per cell of 4x4: two rounds give every peer the global mean
+    cfg = bench.Config(peers=16, rounds=3, grid="4x4", balanced_keys=True)
+    out = await bench.swarm_benchmark(cfg)
+    rows = out["rows"]
+    assert [r["group_min"] for r in rows] == [4, 4, 4]
+    assert [r["group_max"] for r in rows] == [4, 4, 4]
+    assert rows[0]["var_global"] > 1e-3 and rows[1]["var_global"] < 1e-12
+    assert out["rounds_to_1e9"] == out["rounds_to_1e9_live"] == 2
+    assert out["solo_rounds"] == 0 and out["killed"] == 0
+    for r in rows:
+        assert r["live"] == r["reported"] == 16 and r["missing"] == 0
+        # a round's traffic: at least the all-reduce's parts and results, both ways
+        assert r["msgs_sent"] == pytest.approx(r["msgs_received"])
+        assert r["msgs_sent"] >= 2 * 3 and r["bytes_sent"] > 0
+        # every step returns by its timeout, and the matchmaking is part of it
+        assert 0 < r["matchmaking_s"] <= r["step_s"] <= cfg.timeout
+    text = io.StringIO()
+    bench.print_table(
+        {**out, **bench._reference(cfg, 2), "peak_rss_mb": 0.0, "library_warnings": {}}, text
+    )
+    assert "rounds to 1e-9: 2" in text.getvalue()
+
+
+async def test_killed_peers_leave_the_statistics(autojump_clock: Any, bench: ModuleType) -> None:
+    cfg = bench.Config(peers=12, rounds=3, grid="auto", fail=0.3, seed=1)
+    out = await bench.swarm_benchmark(cfg)
+    rows = out["rows"]
+    assert out["killed"] == sum(r["killed"] for r in rows) > 0
+    live = 12
+    for r in rows:
+        live -= r["killed"]
+        assert r["live"] == live  # killed peers stay dead
+        assert r["missing"] == 0  # every survivor's step returned by the snapshot
+
+
+def test_bad_arguments_are_refused(bench: ModuleType) -> None:
+    with pytest.raises(SystemExit, match="--grid"):
+        bench.Config(grid="4y4").check()
+    with pytest.raises(SystemExit, match="--fail"):
+        bench.Config(fail=1.0).check()
+    with pytest.raises(SystemExit, match="--timeout"):
+        bench.Config(timeout=10.0, period=10.0).check()
+    with pytest.raises(SystemExit, match="--balanced-keys"):
+        bench.Config(balanced_keys=True).check()
