@@ -67,6 +67,7 @@ __all__ = [
     "Plan",
     "RoundKind",
     "RowRecord",
+    "block_of",
     "capacity_at",
     "column_of",
     "directory_key",
@@ -240,6 +241,21 @@ def group_sizes(announced: int, max_group_size: int) -> list[int]:
     groups = math.ceil(announced / max_group_size)
     base, extra = divmod(announced, groups)
     return [base + (1 if k < extra else 0) for k in range(groups)]
+
+
+def block_of(place: int, announced: int, max_group_size: int) -> tuple[int, int]:
+    """The places ``[first, end)`` of the group that ``place`` falls in when ``announced``
+    peers are cut as :func:`group_sizes` says.
+
+    >>> block_of(30, 97, 32), block_of(0, 5, 32)
+    ((25, 49), (0, 5))
+    """
+    offset = 0
+    for size in group_sizes(announced, max_group_size):
+        if place < offset + size:
+            return offset, offset + size
+        offset += size
+    return offset, offset + 1
 
 
 def capacity_at(place: int, announced: int, max_group_size: int) -> int:

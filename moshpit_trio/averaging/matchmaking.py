@@ -42,7 +42,7 @@ from ..log import get_logger
 from ..wire.address import InvalidAddress, PeerAddress
 from ..wire.connection import Request
 from ..wire.liveness import MIN_PROGRESS_TIMEOUT
-from .auto_grid import capacity_at
+from .auto_grid import block_of, capacity_at
 
 __all__ = ["GroupInfo", "KeyFull", "Matchmaker", "MemberInfo"]
 
@@ -185,7 +185,13 @@ class Matchmaker:
         self._attempt = attempt
         self._balance = balance
         self._raise_if_unseen = raise_if_unseen
-        self._expected = capacity if expected is None else max(1, min(expected, capacity))
+        # When to stop gathering: a full group (a fixed grid's key holds one), the number the
+        # plan expects; with balance and no expectation, only reads that agree (a key may hold
+        # several groups, and every reader must see all of them to cut them alike).
+        if expected is not None:
+            self._expected = max(1, min(expected, capacity))
+        else:
+            self._expected = 1 << 30 if balance else capacity
         try:
             with trio.move_on_at(deadline):
                 return await self._form(attempt, dht_key, deadline)
@@ -212,7 +218,7 @@ class Matchmaker:
             announced = await self._announced(dht_key)
             now_seen = {m.peer_id for _, m in announced}
             if (
-                len(announced) >= min(attempt.capacity, self._expected)
+                len(announced) >= self._expected
                 or trio.current_time() >= gather_until
                 or (now_seen == seen and len(announced) >= 2)
             ):
@@ -222,16 +228,25 @@ class Matchmaker:
         # Our own place in the order is where our record stands, as everyone else sees it.
         mine = [i for i, (_, m) in enumerate(announced) if m.peer_id == self.me.peer_id]
         place = mine[0] if mine else len(announced)
+        # Our block: with one group under the key, all of it; with more (balance), the group
+        # that our place falls in when the announcers are cut as group_sizes says.
+        block = (0, len(announced) + 1)
         if self._balance and len(announced) > attempt.max_capacity:
-            # More than one group here: should we lead, the peers before us filled the groups
-            # before ours. (One group: room up to the maximum, for a late announcer too.)
+            # Should we lead, the peers before us filled the groups before ours. (One group:
+            # room up to the maximum, for a late announcer too.)
             attempt.capacity = capacity_at(place, len(announced), attempt.max_capacity)
+            block = block_of(place, len(announced), attempt.max_capacity)
+        first, end = block
         if self.me.client_mode:
             # We never lead, so we wait on nobody's decision but a leader's: any listening
-            # announcer may take us, the earliest first.
-            candidates = [m for _, m in announced if not m.client_mode]
+            # announcer may take us, our block's first, then the earliest.
+            order = [*announced[first:end], *announced[:first], *announced[end:]]
+            candidates = [m for _, m in order if not m.client_mode]
         else:
-            candidates = [m for _, m in announced[:place] if not m.client_mode]
+            # Only our block's earlier members: the blocks before ours are other groups (full,
+            # when we all see the same announcers), and asking each of their members in turn
+            # would cost a round trip each, hundreds at a cold start.
+            candidates = [m for _, m in announced[first:place] if not m.client_mode]
         # Decided, as far as peers asking us to lead are concerned: we follow (or try to). If
         # every earlier candidate turns us away we lead after all, and take joins from then on.
         attempt.decided.set()
@@ -250,7 +265,7 @@ class Matchmaker:
         attempt.expected = {
             m.peer_id
             for k, (_, m) in enumerate(announced)
-            if m.peer_id != self.me.peer_id and (k > place or m.client_mode)
+            if m.peer_id != self.me.peer_id and (place < k < end or m.client_mode)
         } - {f.peer_id for f in attempt.followers}
         self._check_ready(attempt)
         # Fix the group a little before the deadline, so that the answer reaches followers
