@@ -19,6 +19,12 @@ it wants its group to start. Then:
    joined or is found gone (it probes them), or its deadline comes. Then it fixes the group (a
    fresh id, a shuffled member order) and answers every waiting join with it.
 
+With ``balance`` (``grid="auto"``) a key may hold more announcers than one group takes: the
+order is then cut into blocks of sizes differing by at most one (``auto_grid.group_sizes``), and
+a peer asks only the earlier members of its own block; a block's first member leads it. The
+gathering then ends only when reads agree, or when as many as the plan expects are in, so that
+every reader cuts the same announcers alike.
+
 Nobody ever waits on a later peer, so two peers can never wait on each other. A peer asked to
 lead while it has not decided yet answers once it has. A leader that dies or freezes is given
 up by its followers within the progress timeout, and they go on down the order, or lead, or
