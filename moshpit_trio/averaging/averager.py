@@ -176,6 +176,7 @@ class MoshpitAverager:
         self.row: int | None = None
         self._row_group: tuple[bytes, int] | None = None
         self._rng = random.Random(peer.id.to_bytes())
+        self._layout = Layout(rows={})
         #: the DHT key this peer announced under in the round in progress (None between rounds)
         self.announcement: str | None = None
         self.matchmaker = Matchmaker(
@@ -220,14 +221,23 @@ class MoshpitAverager:
     # -- grid="auto" ---------------------------------------------------------------------------
 
     async def _read_directory(self) -> Layout:
-        records = await self.peer.dht.get_records(directory_key(self.run_id))
+        try:
+            records = await self.peer.dht.get_records(directory_key(self.run_id))
+        except MoshpitError as exc:
+            # Nobody answered this time: go by the last directory read (an empty one would
+            # send this peer back to a cold start).
+            self.log.info("could not read the run's directory", error=str(exc))
+            return self._layout
         entries = []
         for record in records.values():
             if record.value:
                 entry = decode_record(record.value)
-                if entry is not None:
+                # No group of this run is larger than its maximum: a larger entry is a lie
+                # that would skew everyone's count of the swarm.
+                if entry is not None and entry.size <= self.max_group_size:
                     entries.append(entry)
-        return Layout.from_records(entries)
+        self._layout = Layout.from_records(entries)
+        return self._layout
 
     async def _auto_group(self, round_: int, deadline: float) -> GroupInfo | None:
         """Read the directory, take this round's place in the plan (a row, or a column), and
