@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import trio
 
+from moshpit_trio.averaging.auto_grid import RowRecord, directory_key, encode_record
 from moshpit_trio.averaging.averager import MoshpitAverager, RoundReport
 from moshpit_trio.errors import ConfigError
 from moshpit_trio.peer import open_peer
@@ -158,3 +159,26 @@ async def test_client_mode_peers_always_average_with_a_member_that_listens(
     mean = np.mean([float(i) for i in range(n)])
     spread = max(abs(float(v[0]) - mean) for v in values)
     assert spread < 1e-3, spread
+
+
+async def test_lies_in_the_directory_do_not_skew_the_plan(autojump_clock: Any) -> None:
+    # A peer of the swarm (not averaging) writes a row group of 500 (no group is larger than 32)
+    # and a malformed entry under the run's directory: the five averaging peers ignore both.
+    net = MemoryNetwork(seed=11, latency=LATENCY)
+    n = 5
+    values = [np.full(4, float(i), dtype=np.float32) for i in range(n)]
+    async with swarm(net, n + 2) as peers, AsyncExitStack() as stack:
+        liar, garbler = peers[n], peers[n + 1]
+        await liar.dht.store(
+            directory_key("auto"), encode_record(RowRecord(3, 0, bytes(16), 500, 500)), ttl=60
+        )
+        await garbler.dht.store(directory_key("auto"), b"\xc1 not msgpack", ttl=60)
+        averagers = [
+            await stack.enter_async_context(MoshpitAverager(p, "auto", [v], round_period=PERIOD))
+            for p, v in zip(peers[:n], values, strict=True)
+        ]
+        by_round = await run_rounds(averagers, 3)
+    for reports in by_round:
+        assert all(r.succeeded and len(r.members) == n for r in reports)
+    for v in values:
+        np.testing.assert_allclose(v, 2.0, rtol=1e-6)
