@@ -6,8 +6,9 @@ and nothing else of the peer is disturbed (an honest peer's calls go on over its
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import pytest
@@ -567,3 +568,31 @@ async def test_goodbye_behind_a_backlog_takes_one_close_timeout(
         took = trio.current_time() - leaving
         assert took == pytest.approx(close_timeout, abs=0.01)
         assert client.connections() == []
+
+
+async def test_idle_connections_beyond_the_cap_close_the_least_recently_used_first(
+    autojump_clock: Any, identities: list[Identity]
+) -> None:
+    # A hub met four peers; it keeps one idle connection. Recent ones are never cut.
+    limits = dataclasses.replace(SMALL, idle_connections=1, idle_after=30.0)
+    net = MemoryNetwork(seed=3, latency=0.005)
+    async with AsyncExitStack() as stack:
+        hub = await stack.enter_async_context(peer(net, "hub", identities[0], limits=limits))
+        assert hub.address is not None
+        others = [
+            await stack.enter_async_context(peer(net, f"p{i}", identities[1 + i])) for i in range(4)
+        ]
+        for other in others:  # p0 used first (least recently), p3 last
+            await other.call(hub.address, "echo", b"x", timeout=5)
+            await trio.sleep(10.0)
+        # now: p0 silent for 40 s, p1 30 s, p2 20 s, p3 10 s: p0 and p1 count as idle
+        assert len(hub.connections()) == 4
+        late = await stack.enter_async_context(peer(net, "late", identities[5]))
+        await late.call(hub.address, "echo", b"x", timeout=5)  # a new connection: trim
+        await trio.sleep(1.0)
+        remote = {c.remote_peer_id for c in hub.connections()}
+        ids = [o.peer_id for o in others]
+        assert ids[0] not in remote and ids[1] in remote  # one idle kept: the more recent
+        assert {ids[2], ids[3], late.peer_id} <= remote
+        # a closed idle connection is dialed again when needed
+        await others[0].call(hub.address, "echo", b"y", timeout=5)

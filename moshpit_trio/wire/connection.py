@@ -337,6 +337,9 @@ class Connection:
         # peer sends none); the end of the connection is news to whoever waits on the peer.
         self._on_heard = on_heard
         self._on_closed = on_closed
+        #: trio time of the last message written or read (the transport closes the least
+        #: recently used idle connections when it holds too many)
+        self.last_active = trio.current_time()
         self.bytes_sent = 0
         self.bytes_received = 0
         # Envelopes written and read (requests, responses, stream chunks, credits, control):
@@ -355,6 +358,11 @@ class Connection:
     @property
     def close_reason(self) -> str:
         return self._close_reason
+
+    @property
+    def busy(self) -> bool:
+        """Calls or streams in flight, either way: closing it now would cut them off."""
+        return bool(self._waiters or self._incoming)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve the connection until it ends; the caller's nursery owns this."""
@@ -426,6 +434,7 @@ class Connection:
                 await self._write_message(head, payload)
                 self.bytes_sent += len(head) + len(payload)
                 self.messages_sent += 1
+                self.last_active = trio.current_time()
                 if counted:
                     self._queue_slots.release()
         except ConnectionClosed:
@@ -507,6 +516,7 @@ class Connection:
                     raise ProtocolError("malformed", "text message on a binary protocol")
                 self.bytes_received += len(message)
                 self.messages_received += 1
+                self.last_active = trio.current_time()
                 envelope = self._opener.open(message)
                 if self._on_heard is not None:
                     self._on_heard()

@@ -79,10 +79,17 @@ class TransportLimits:
     max_connections_per_peer: int = 2
     #: the websocket upgrade plus our handshake must finish within this, both ways
     handshake_timeout: float = 10.0
+    #: idle connections kept open (no call or stream in flight, no message for ``idle_after``
+    #: seconds); beyond that the least recently used close, so that a peer of a large swarm
+    #: holds connections to the peers it works with, not to everyone it ever met
+    idle_connections: int = 64
+    idle_after: float = 30.0
 
     def __post_init__(self) -> None:
         if self.max_connections < 1 or self.max_connections_per_peer < 1:
             raise ConfigError("connection limits must be at least 1")
+        if self.idle_connections < 0 or not self.idle_after > 0:
+            raise ConfigError("idle_connections must be >= 0 and idle_after positive")
         if not self.handshake_timeout > 0:
             raise ConfigError("handshake_timeout must be positive")
 
@@ -165,6 +172,31 @@ class Transport:
         event = self._connected_events.pop(conn.remote_peer_id, None)
         if event is not None:
             event.set()
+        self._trim(self.limits.idle_connections)
+
+    def _idle(self) -> list[Connection]:
+        """Open connections with nothing in flight and no message for ``idle_after``, the least
+        recently used first."""
+        since = trio.current_time() - self.limits.idle_after
+        idle = [
+            c
+            for conns in self._conns.values()
+            for c in conns
+            if not c.closed and not c.busy and c.last_active <= since
+        ]
+        idle.sort(key=lambda c: c.last_active)
+        return idle
+
+    def _trim(self, keep: int) -> int:
+        """Close the least recently used idle connections beyond ``keep``; how many."""
+        idle = self._idle()
+        excess = idle[: max(0, len(idle) - keep)]
+        for conn in excess:
+            # aclose waits (bounded) for the GOODBYE to leave; the pool's nursery owns it.
+            self._nursery.start_soon(conn.aclose, "idle")
+        if excess:
+            self.log.debug("closed idle connections", count=len(excess))
+        return len(excess)
 
     # -- liveness ----------------------------------------------------------------------------
 
@@ -504,7 +536,12 @@ class Transport:
     async def _accept(self, stream: trio.abc.Stream) -> None:
         """Serve one incoming stream. Never raises (but Cancelled): whatever a remote does to
         one connection, the listener and every other connection go on."""
-        if self._open_streams >= self.limits.max_connections or self._closing:
+        at_limit = self._open_streams >= self.limits.max_connections
+        if at_limit and not self._closing and self._idle():
+            # Make room: the least recently used idle connection closes for this one.
+            self._trim(len(self._idle()) - 1)
+            at_limit = False
+        if at_limit or self._closing:
             self.log.warning("connection refused: at the limit", limit=self.limits.max_connections)
             await self._refuse(stream, 503, b"too many connections; try again later")
             return
