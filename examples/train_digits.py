@@ -52,7 +52,6 @@ def main() -> None:
         run_id="digits-example",
         bootstrap=args.bootstrap,
         identity=args.key,
-        grid=(4, 4),
         average_every=4,  # one averaging round every 4 local steps
         round_period=1.0,  # rounds on a shared 1 s clock, so peers of any speed meet
         batch_size=32,
