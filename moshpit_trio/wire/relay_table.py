@@ -89,26 +89,23 @@ class Pacer:
     (0.0, 0.5, 1.0)
     """
 
-    __slots__ = ("_last", "_tokens", "burst", "rate")
+    __slots__ = ("_paid_until", "burst", "rate")
 
     def __init__(self, rate: float, burst: float, now: float) -> None:
         _positive("rate", rate)
         _positive("burst", burst)
         self.rate = float(rate)
         self.burst = float(burst)
-        self._tokens = self.burst
-        self._last = now
+        # When every booking so far is paid for (at ``rate``); the bucket is full from then on.
+        # Kept as a time rather than as tokens: release times computed from it never go
+        # backwards, even by a rounding error.
+        self._paid_until = now
 
     def reserve(self, n: int, now: float) -> float:
         if n < 0:
             raise ValueError("cannot reserve a negative number of bytes")
-        if now > self._last:
-            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
-            self._last = now
-        self._tokens -= n
-        if self._tokens >= 0:
-            return self._last
-        return self._last + (-self._tokens) / self.rate
+        self._paid_until = max(self._paid_until, now) + n / self.rate
+        return max(now, self._paid_until - self.burst / self.rate)
 
 
 @dataclasses.dataclass(slots=True)
