@@ -12,13 +12,21 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 
+import msgspec
 import pytest
 import trio
 import trio.testing
 
-from moshpit_trio.errors import ConnectionLost, DeadlineExceeded, RelayRefused
+from moshpit_trio.errors import (
+    ConnectionLost,
+    DeadlineExceeded,
+    HandshakeFailed,
+    Rejected,
+    RelayRefused,
+)
 from moshpit_trio.identity import Identity
 from moshpit_trio.testing import MemoryNetwork
+from moshpit_trio.wire.access import AccessPolicy, RateLimits
 from moshpit_trio.wire.connection import Request, SendStream, StreamRequest
 from moshpit_trio.wire.relay import RelayService
 from moshpit_trio.wire.relay_table import Circuit, RelayLimits
@@ -39,6 +47,10 @@ class Swarm:
     seen: list[tuple[str, bytes]] = field(default_factory=list)
 
 
+def msgpack(value: object) -> bytes:
+    return msgspec.msgpack.encode(value)
+
+
 def _ids() -> list[Identity]:
     return [Identity.from_seed(bytes([i]) * 32) for i in range(1, 9)]
 
@@ -49,13 +61,14 @@ async def swarm(
     limits: RelayLimits | None = None,
     *,
     reserve: bool = True,
+    access: AccessPolicy | None = None,
 ) -> AsyncIterator[Swarm]:
     net = MemoryNetwork(latency=LATENCY)
     ids = _ids()
     started = trio.current_time()
     async with AsyncExitStack() as stack:
         r = await stack.enter_async_context(
-            open_transport(ids[0], listen="r:0", network=net.host("r"))
+            open_transport(ids[0], listen="r:0", network=net.host("r"), access=access)
         )
         c = await stack.enter_async_context(
             open_transport(ids[1], listen=None, network=net.host("c"))
@@ -412,3 +425,97 @@ async def test_a_direct_connection_is_preferred_once_there_is_one(
         assert conn is not None and conn.via is None
         back = s.c.connection_to(s.a.peer_id)
         assert back is not None and back.via is None
+
+
+async def test_a_flood_of_refused_circuit_requests_gets_the_requester_banned(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    policy = AccessPolicy(rates=RateLimits(ban_after_refusals=3, refusal_window=10.0))
+    async with swarm(access=policy) as s:
+        assert s.r.address is not None
+        nobody = Identity.from_seed(b"\x77" * 32).peer_id
+        s.a.relay.add_route(nobody, s.r.address)
+        codes: list[str] = []
+        for _ in range(3):
+            with pytest.raises(RelayRefused) as refused:
+                await s.a.call(nobody, "echo", b"", timeout=5)
+            codes.append(refused.value.code)
+        assert codes == ["no-reservation"] * 3
+        # The fourth refusal bans: the relay closes a's connection (the answer may be lost
+        # with it) and refuses a at the handshake from then on.
+        to_relay = s.a.connection_to(s.r.peer_id)
+        assert to_relay is not None
+        with pytest.raises((RelayRefused, ConnectionLost)):
+            await s.a.call(nobody, "echo", b"", timeout=5)
+        answered = trio.current_time()
+        await to_relay.wait_closed()  # the GOODBYE came right behind the answer
+        assert trio.current_time() == answered
+        assert [b.peer for b in s.r.bans] == [s.a.peer_id]
+        with pytest.raises(HandshakeFailed, match="banned"):
+            await s.a.call(s.c.peer_id, "echo", b"", timeout=5)
+        # the reserved peer and its reservation are untouched
+        assert s.r.relay_service is not None
+        assert s.r.relay_service.table.reservation(s.c.peer_id, trio.current_time()) is not None
+
+
+async def test_malformed_relay_messages_are_refused_and_nothing_else_breaks(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with swarm() as s:
+        assert s.r.address is not None
+        for name, body in [
+            ("relay.reserve", b""),
+            ("relay.reserve", msgpack((True,))),
+            ("relay.reserve", msgpack((1, 2))),
+            ("relay.connect", msgpack((b"short", b"x" * 16))),
+            ("relay.connect", msgpack((s.c.peer_id.to_bytes(), b"x" * 15))),
+            ("relay.connect", msgpack(("text", b"x" * 16))),
+        ]:
+            with pytest.raises(Rejected):
+                await s.a.call(s.r.address, name, body, timeout=5)
+        answer = await s.a.call(s.r.address, "relay.reserve", msgpack((0,)), timeout=5)
+        assert answer == msgpack(("malformed", "ttl_ms 0 out of range", 0))
+        # a stream for a circuit that does not exist, to the relay and to an endpoint
+        with pytest.raises(Rejected, match="circuit"):
+            async with s.a.open_stream(
+                s.r.address, "relay.up", msgpack((b"z" * 16,)), timeout=5
+            ) as st:
+                await st.send(b"data")
+                await st.finish()
+        with pytest.raises(Rejected, match="circuit"):
+            async with s.r.open_stream(
+                s.a.peer_id, "relay.down", msgpack((b"z" * 16,)), timeout=5
+            ) as st:
+                await st.send(b"data")
+                await st.finish()
+        # a peer c holds no reservation with cannot announce circuits to it
+        assert s.a.address is not None
+        await s.c.call(s.a.address, "echo", b"", timeout=5)  # c dials a; a calls back on it
+        body = msgpack((s.r.peer_id.to_bytes(), b"q" * 16, 1000))
+        answer = await s.a.call(s.c.peer_id, "relay.incoming", body, timeout=5)
+        assert answer == msgpack(("no-reservation", "we hold no reservation with you", 0))
+        # ... and the relay still relays
+        s.a.relay.add_route(s.c.peer_id, s.r.address)
+        await s.c.connection_to(s.a.peer_id).aclose("bye")  # type: ignore[union-attr]
+        assert await s.a.call(s.c.peer_id, "echo", b"fine", timeout=5) == b"fine"
+
+
+async def test_a_circuit_is_paced_to_its_bytes_per_second(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    rate, burst = 256 * 1024.0, 64 * 1024.0
+    limits = RelayLimits(circuit_bytes_per_s=rate, circuit_burst=burst)
+    data = bytes(1024 * 1024)
+    async with swarm(limits=limits) as s:
+        assert s.r.relay_service is not None
+        await s.a.call(s.c.peer_id, "echo", b"", timeout=5)
+        (circuit,) = s.r.relay_service.table._circuits.values()
+        before, start = circuit.forwarded, trio.current_time()
+        async with s.a.open_stream(s.c.peer_id, "total", timeout=30) as stream:
+            await stream.send(data)
+            await stream.finish()
+        elapsed, moved = trio.current_time() - start, circuit.forwarded - before
+        # Every byte of the stream (and its answer) waited for the budget, which the set-up
+        # left nearly full; at most the burst went unpaced, and the round trips add 8 hops.
+        assert (moved - burst) / rate <= elapsed <= moved / rate + 8 * HOP
+        assert elapsed > 3.5  # 1 MiB at 256 KiB/s: not the 80 ms of an unpaced circuit

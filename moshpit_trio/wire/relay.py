@@ -265,6 +265,12 @@ class RelayService:
         transport.register(CONNECT, self._on_connect)
         transport.register_stream(UP, self._on_up)
 
+    def _count_refusal(self, peer: PeerID, what: str) -> None:
+        """A refusal feeds the access policy: a peer that floods the relay with requests it
+        refuses is banned like one that floods calls (its connections close at once)."""
+        if self.transport.access.refused(peer, what, trio.current_time()) is not None:
+            self.transport._enforce_bans()
+
     def _direct_to_exists(self, peer: PeerID) -> bool:
         return self._direct(peer) is not None
 
@@ -284,6 +290,7 @@ class RelayService:
             reservation = self.table.reserve(request.peer, ttl_ms / 1000, now)
         except RelayRefused as exc:
             self.transport.log.info("reservation refused", remote=request.peer.short, code=exc.code)
+            self._count_refusal(request.peer, "reservations")
             return _refusal(exc)
         granted = max(1, int((reservation.expires - now) * 1000))
         return _answer("ok", "", granted)
@@ -298,6 +305,7 @@ class RelayService:
             self.transport.log.info(
                 "circuit refused", remote=request.peer.short, target=target.short, code=exc.code
             )
+            self._count_refusal(request.peer, "circuit requests")
             return _refusal(exc)
         conn = self._direct(target)
         lifetime_ms = max(1, int((circuit.expires - now) * 1000))
@@ -362,6 +370,8 @@ class RelayEndpoint:
         self.routes: dict[PeerID, list[PeerAddress]] = {}
         #: asked when no route is known: (peer) -> its relays' addresses (the DHT, peer.py)
         self.resolver: Callable[[PeerID], Awaitable[list[PeerAddress]]] | None = None
+        #: relays holding a reservation of ours, and until when (trio time)
+        self.reservations: dict[PeerID, float] = {}
         self._pending: dict[tuple[PeerID, bytes], RelayPipe] = {}
         transport.register(INCOMING, self._on_incoming)
         transport.register_stream(DOWN, self._on_down)
@@ -389,7 +399,9 @@ class RelayEndpoint:
             raise RelayRefused(
                 "not-a-relay", f"{conn.remote_peer_id.short} does not relay"
             ) from None
-        return _decode_answer(answer, conn.remote_peer_id) / 1000
+        granted = _decode_answer(answer, conn.remote_peer_id) / 1000
+        self.reservations[conn.remote_peer_id] = trio.current_time() + granted
+        return granted
 
     # -- circuits we open --------------------------------------------------------------------
 
@@ -433,6 +445,10 @@ class RelayEndpoint:
         transport = self.transport
         if request.connection.via is not None:
             return _answer("refused", "circuits are announced over a direct connection")
+        if self.reservations.get(request.peer, -1.0) <= trio.current_time():
+            # Only a relay we reserved on may bring us circuits: nobody else gets to open
+            # streams of ours and run handshakes through them.
+            return _answer("no-reservation", "we hold no reservation with you")
         refused = transport.access.refusal(initiator, trio.current_time())
         if refused is not None:
             return _answer("refused", refused)
