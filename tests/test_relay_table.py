@@ -82,6 +82,9 @@ def test_circuits_need_a_reservation_and_count_against_both_ends() -> None:
     assert (t.circuits, t.circuits_of(a), t.circuits_of(c), t.circuits_of(d)) == (3, 2, 2, 1)
     t.close(cid(1))
     assert (t.circuits, t.circuits_of(a), t.circuits_of(c)) == (2, 1, 1)
+    for circuit_id, ends in [(cid(2), (b, c)), (cid(3), (a, d))]:
+        for end in ends:
+            t.attach(circuit_id, end, now=0.0)
     assert t.expire(59.9) == []
     assert t.expire(60.0) == [cid(2), cid(3)]
     assert t.circuits == 0 and t.circuits_of(a) == 0
@@ -215,3 +218,18 @@ def test_the_limits_hold_whatever_is_asked_and_a_refusal_changes_nothing(
             if c is not None:
                 assert c.expires == c.opened + 8.0
                 assert c.initiator != c.target
+
+
+def test_a_circuit_whose_ends_do_not_both_attach_in_time_frees_its_places() -> None:
+    t = table(attach_timeout=10.0, max_circuits_per_peer=1)
+    a, b, c = PEERS[:3]
+    t.reserve(c, 100, now=0.0)
+    t.open_circuit(cid(1), a, c, now=0.0)
+    t.attach(cid(1), c, now=0.1)  # c came, a never does
+    with pytest.raises(RelayRefused):
+        t.open_circuit(cid(2), b, c, now=9.9)
+    t.open_circuit(cid(2), b, c, now=10.0)  # the first one is gone
+    assert t.circuit(cid(1)) is None
+    t.attach(cid(2), c, now=10.0)
+    t.attach(cid(2), b, now=10.0)
+    assert t.expire(1000.0 - 1e-9) == []  # both came: only its lifetime ends it

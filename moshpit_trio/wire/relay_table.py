@@ -53,6 +53,9 @@ class RelayLimits:
     max_circuits_per_peer: int = 16
     #: a circuit ends this long after it opened (its streams' deadline); the ends then dial anew
     circuit_lifetime: float = 3600.0
+    #: a circuit whose two ends have not both opened their streams this long after it opened
+    #: no longer counts against anybody's limits (an end that asks and never comes)
+    attach_timeout: float = 10.0
     #: bytes a second one circuit forwards (both directions together), and its burst
     circuit_bytes_per_s: float = 8 * 1024.0**2
     circuit_burst: float = 8 * 1024.0**2
@@ -68,6 +71,7 @@ class RelayLimits:
         for name in (
             "reservation_ttl",
             "circuit_lifetime",
+            "attach_timeout",
             "circuit_bytes_per_s",
             "circuit_burst",
             "total_bytes_per_s",
@@ -196,10 +200,10 @@ class RelayTable:
         self.expire(now)
         if len(circuit_id) != CIRCUIT_ID_SIZE:
             raise RelayRefused("malformed", f"a circuit id is {CIRCUIT_ID_SIZE} bytes")
-        if circuit_id in self._circuits:
-            raise RelayRefused("circuit-id", "a circuit with this id is open; draw another")
         if initiator == target:
             raise RelayRefused("malformed", "a peer cannot open a circuit to itself")
+        if circuit_id in self._circuits:
+            raise RelayRefused("circuit-id", "a circuit with this id is open; draw another")
         if self.reservation(target, now) is None:
             raise RelayRefused("no-reservation", f"{target.short} has no reservation here")
         for peer in (initiator, target):
@@ -252,8 +256,14 @@ class RelayTable:
                 del self._per_peer[peer]
 
     def expire(self, now: float) -> list[bytes]:
-        """Close the circuits whose lifetime is over; their ids."""
-        gone = [cid for cid, c in self._circuits.items() if c.expires <= now]
+        """Close the circuits whose lifetime is over, or whose ends did not both attach in
+        time; their ids."""
+        late = self.limits.attach_timeout
+        gone = [
+            cid
+            for cid, c in self._circuits.items()
+            if c.expires <= now or (len(c.attached) < 2 and c.opened + late <= now)
+        ]
         for cid in gone:
             self.close(cid)
         return gone
