@@ -74,6 +74,8 @@ _REFUSAL_TIMEOUT = 1.0
 #: a peer we reach through a relay, whose address we know but could not dial, is tried
 #: directly again after this long
 _DIRECT_RETRY = 60.0
+#: a peer whose relays could not be found is not looked up again for this long
+_RESOLVE_AGAIN = 10.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -133,6 +135,7 @@ class Transport:
         self._dialing: dict[PeerID, trio.Event] = {}
         self._addresses: dict[PeerID, PeerAddress] = {}
         self._direct_failed: dict[PeerID, float] = {}  # peer -> when to try it directly again
+        self._unresolved: dict[PeerID, float] = {}  # peer -> when to look its relays up again
         self._open_streams = 0  # connections being set up or running, both directions
         self._closing = False
         # bytes moved by connections that have ended (the live ones count their own)
@@ -475,10 +478,15 @@ class Transport:
         """Reach ``peer`` through one of its relays (``relay.routes``, else ``relay.resolver``),
         in order; the first circuit whose handshake completes wins."""
         routes = list(self.relay.routes.get(peer, ()))
-        if not routes and self.relay.resolver is not None:
+        now = trio.current_time()
+        if not routes and self.relay.resolver is not None and self._unresolved.get(peer, 0) <= now:
             for route in await self.relay.resolver(peer):
                 self.relay.add_route(peer, route)
             routes = list(self.relay.routes.get(peer, ()))
+            if not routes:
+                # Nothing published: say so at once for a while, rather than look it up again
+                # for every call to a peer that is gone (a round's calls to a lost member).
+                self._unresolved[peer] = trio.current_time() + _RESOLVE_AGAIN
         if not routes:
             raise Unreachable(f"no connection to {peer.short} and no address known for it")
         done = self._dialing[peer] = trio.Event()
