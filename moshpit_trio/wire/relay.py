@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import msgspec
 import trio
@@ -74,12 +74,13 @@ _incoming_decoder = msgspec.msgpack.Decoder(tuple[bytes, bytes, int])
 _pipe_decoder = msgspec.msgpack.Decoder(tuple[bytes])
 
 
-def _answer(status: str, detail: str = "", value: int = 0) -> bytes:
+def answer(status: str, detail: str = "", value: int = 0) -> bytes:
+    """``[status, detail, value]``: every relay call's answer."""
     return _encoder.encode((status, detail[:_MAX_DETAIL], value))
 
 
 def _refusal(exc: RelayRefused) -> bytes:
-    return _answer(exc.code, exc.detail)
+    return answer(exc.code, exc.detail)
 
 
 def _decode_answer(payload: bytes, relay: PeerID) -> int:
@@ -115,7 +116,33 @@ def _circuit_id(raw: object) -> bytes:
 
 
 def pipe_header(circuit: bytes) -> bytes:
+    """``[circuit]``: the header of ``relay.up`` and ``relay.down`` streams."""
     return _encoder.encode((circuit,))
+
+
+def reserve_request(ttl_ms: int) -> bytes:
+    """``[ttl_ms]``: the body of ``relay.reserve``."""
+    return _encoder.encode((ttl_ms,))
+
+
+def connect_request(target: PeerID, circuit: bytes) -> bytes:
+    """``[target, circuit]``: the body of ``relay.connect``."""
+    return _encoder.encode((target.to_bytes(), circuit))
+
+
+def incoming_request(initiator: PeerID, circuit: bytes, lifetime_ms: int) -> bytes:
+    """``[initiator, circuit, lifetime_ms]``: the body of ``relay.incoming``."""
+    return _encoder.encode((initiator.to_bytes(), circuit, lifetime_ms))
+
+
+#: the strict decoder of each message (SPEC.md "Relay"), for tests and vectors
+DECODERS: Final[dict[str, msgspec.msgpack.Decoder[Any]]] = {
+    "reserve": _reserve_decoder,
+    "connect": _connect_decoder,
+    "incoming": _incoming_decoder,
+    "answer": _answer_decoder,
+    "pipe": _pipe_decoder,
+}
 
 
 # -- the pipe ----------------------------------------------------------------------------------
@@ -282,9 +309,9 @@ class RelayService:
         (ttl_ms,) = _decode(_reserve_decoder, request.payload, "reservation")
         assert isinstance(ttl_ms, int)
         if request.connection.via is not None:
-            return _answer("malformed", "reserve over a connection you dialed, not a circuit")
+            return answer("malformed", "reserve over a connection you dialed, not a circuit")
         if not 0 < ttl_ms <= _MAX_MS:
-            return _answer("malformed", f"ttl_ms {ttl_ms} out of range")
+            return answer("malformed", f"ttl_ms {ttl_ms} out of range")
         now = trio.current_time()
         try:
             reservation = self.table.reserve(request.peer, ttl_ms / 1000, now)
@@ -293,7 +320,7 @@ class RelayService:
             self._count_refusal(request.peer, "reservations")
             return _refusal(exc)
         granted = max(1, int((reservation.expires - now) * 1000))
-        return _answer("ok", "", granted)
+        return answer("ok", "", granted)
 
     async def _on_connect(self, request: Request) -> bytes:
         raw_target, raw_circuit = _decode(_connect_decoder, request.payload, "circuit request")
@@ -312,17 +339,17 @@ class RelayService:
         try:
             if conn is None:
                 raise RelayRefused("unreachable", f"{target.short} is no longer connected here")
-            body = _encoder.encode((request.peer.to_bytes(), circuit_id, lifetime_ms))
-            answer = await conn.call(INCOMING, body, timeout=max(0.001, request.deadline - now))
-            _decode_answer(answer, target)
+            body = incoming_request(request.peer, circuit_id, lifetime_ms)
+            reply = await conn.call(INCOMING, body, timeout=max(0.001, request.deadline - now))
+            _decode_answer(reply, target)
         except RelayRefused as exc:
             self.table.close(circuit_id)
             return _refusal(exc)
         except MoshpitError as exc:
             self.table.close(circuit_id)
-            return _answer("unreachable", f"{target.short}: {type(exc).__name__}: {exc}")
+            return answer("unreachable", f"{target.short}: {type(exc).__name__}: {exc}")
         self.transport.log.info("circuit opened", initiator=request.peer.short, target=target.short)
-        return _answer("ok", "", lifetime_ms)
+        return answer("ok", "", lifetime_ms)
 
     async def _on_up(self, request: StreamRequest) -> bytes:
         (raw,) = _decode(_pipe_decoder, request.header, "pipe header")
@@ -394,12 +421,12 @@ class RelayEndpoint:
         if conn.via is not None:
             raise ConfigError("reserve on a relay you can dial directly")
         try:
-            answer = await conn.call(RESERVE, _encoder.encode((ttl_ms,)), timeout=timeout)
+            reply = await conn.call(RESERVE, reserve_request(ttl_ms), timeout=timeout)
         except UnknownHandler:
             raise RelayRefused(
                 "not-a-relay", f"{conn.remote_peer_id.short} does not relay"
             ) from None
-        granted = _decode_answer(answer, conn.remote_peer_id) / 1000
+        granted = _decode_answer(reply, conn.remote_peer_id) / 1000
         self.reservations[conn.remote_peer_id] = trio.current_time() + granted
         return granted
 
@@ -416,13 +443,13 @@ class RelayEndpoint:
         self._pending[key] = pipe
         try:
             try:
-                body = _encoder.encode((target.to_bytes(), circuit))
-                answer = await relay.call(CONNECT, body, timeout=timeout)
+                body = connect_request(target, circuit)
+                reply = await relay.call(CONNECT, body, timeout=timeout)
             except UnknownHandler:
                 raise RelayRefused(
                     "not-a-relay", f"{relay.remote_peer_id.short} does not relay"
                 ) from None
-            lifetime = _decode_answer(answer, relay.remote_peer_id) / 1000
+            lifetime = _decode_answer(reply, relay.remote_peer_id) / 1000
             await pipe.open_out(lifetime)
         except BaseException:
             self._pending.pop(key, None)
@@ -441,26 +468,26 @@ class RelayEndpoint:
         initiator, circuit = _peer(raw_initiator), _circuit_id(raw_circuit)
         assert isinstance(lifetime_ms, int)
         if not 0 < lifetime_ms <= _MAX_MS:
-            return _answer("malformed", f"lifetime_ms {lifetime_ms} out of range")
+            return answer("malformed", f"lifetime_ms {lifetime_ms} out of range")
         transport = self.transport
         if request.connection.via is not None:
-            return _answer("refused", "circuits are announced over a direct connection")
+            return answer("refused", "circuits are announced over a direct connection")
         if self.reservations.get(request.peer, -1.0) <= trio.current_time():
             # Only a relay we reserved on may bring us circuits: nobody else gets to open
             # streams of ours and run handshakes through them.
-            return _answer("no-reservation", "we hold no reservation with you")
+            return answer("no-reservation", "we hold no reservation with you")
         refused = transport.access.refusal(initiator, trio.current_time())
         if refused is not None:
-            return _answer("refused", refused)
+            return answer("refused", refused)
         if len(self._pending) >= _MAX_PENDING:
-            return _answer("refused", "too many circuits being set up; try again later")
+            return answer("refused", "too many circuits being set up; try again later")
         key = (request.peer, circuit)
         if key in self._pending:
-            return _answer("circuit-id", "a circuit with this id is open")
+            return answer("circuit-id", "a circuit with this id is open")
         pipe = RelayPipe(request.connection, circuit, initiator)
         self._pending[key] = pipe
         transport._nursery.start_soon(transport._serve_relayed, pipe, lifetime_ms / 1000)
-        return _answer("ok", "", lifetime_ms)
+        return answer("ok", "", lifetime_ms)
 
     async def _on_down(self, request: StreamRequest) -> bytes:
         (raw,) = _decode(_pipe_decoder, request.header, "pipe header")
