@@ -28,7 +28,7 @@ from moshpit_trio.identity import Identity
 from moshpit_trio.testing import MemoryNetwork
 from moshpit_trio.wire.access import AccessPolicy, RateLimits
 from moshpit_trio.wire.connection import Request, SendStream, StreamRequest
-from moshpit_trio.wire.relay import RelayService
+from moshpit_trio.wire.relay import RelayPipe, RelayService
 from moshpit_trio.wire.relay_table import Circuit, RelayLimits
 from moshpit_trio.wire.transport import Transport, open_transport
 
@@ -519,3 +519,36 @@ async def test_a_circuit_is_paced_to_its_bytes_per_second(
         # left nearly full; at most the burst went unpaced, and the round trips add 8 hops.
         assert (moved - burst) / rate <= elapsed <= moved / rate + 8 * HOP
         assert elapsed > 3.5  # 1 MiB at 256 KiB/s: not the 80 ms of an unpaced circuit
+
+
+async def test_a_pipe_hands_out_a_chunk_in_pieces_and_ends_cleanly_or_broken(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with swarm() as s:
+        await s.a.call(s.c.peer_id, "echo", b"", timeout=5)
+        relay = s.a.connection_to(s.r.peer_id)
+        assert relay is not None
+        pipe = RelayPipe(relay, b"p" * 16, s.c.peer_id)
+        async with trio.open_nursery() as nursery:
+
+            async def feed() -> None:
+                await pipe._in_send.send(b"abcdefgh")
+                await pipe._in_send.send(b"ij")
+                pipe._in_send.close()
+
+            nursery.start_soon(feed)
+            assert await pipe.receive_some(3) == b"abc"
+            assert await pipe.receive_some(3) == b"def"
+            assert await pipe.receive_some() == b"gh"
+            assert await pipe.receive_some(100) == b"ij"
+            assert await pipe.receive_some() == b""  # the relay ended the stream: EOF
+            assert await pipe.receive_some() == b""
+        broken = RelayPipe(relay, b"q" * 16, s.c.peer_id)
+        broken._break("the relay ended the circuit")
+        with pytest.raises(trio.BrokenResourceError):
+            await broken.receive_some()
+        with pytest.raises(trio.BrokenResourceError):
+            await broken.send_all(b"x")
+        await broken.aclose()
+        with pytest.raises(trio.ClosedResourceError):
+            await broken.receive_some()

@@ -167,7 +167,8 @@ class RelayPipe(trio.abc.Stream):
         # (granting credit) only once the previous one was read, so a reader that stops
         # stops the relay, and through it the sender.
         self._in_send, self._in_recv = trio.open_memory_channel[bytes](0)
-        self._rest = b""
+        self._rest = b""  # the chunk being read, from _offset on
+        self._offset = 0
         self._attached = False
         self._eof = False
         self._closed = False
@@ -248,18 +249,20 @@ class RelayPipe(trio.abc.Stream):
             await trio.lowlevel.checkpoint()
             if self._closed:
                 raise trio.ClosedResourceError("the pipe was closed")
-            if not self._rest and not self._eof:
+            if self._offset >= len(self._rest) and not self._eof:
                 try:
-                    self._rest = await self._in_recv.receive()
+                    self._rest, self._offset = await self._in_recv.receive(), 0
                 except trio.EndOfChannel:
                     if self._broken is not None:
                         raise trio.BrokenResourceError(self._broken) from None
                     self._eof = True
-            if self._eof and not self._rest:
+            start, left = self._offset, len(self._rest) - self._offset
+            if left <= 0:
                 return b""
-            n = len(self._rest) if max_bytes is None else max_bytes
-            data, self._rest = self._rest[:n], self._rest[n:]
-            return data
+            n = left if max_bytes is None else min(left, max_bytes)
+            self._offset = start + n
+            # A whole chunk goes as it is; a part is copied, only that part (never the rest).
+            return self._rest if n == len(self._rest) else self._rest[start : start + n]
         finally:
             self._receiving = False
 
