@@ -67,3 +67,17 @@ class UnknownHandler(Rejected):
 
 class RemoteError(MoshpitError):
     """The remote handler failed with an unexpected error (its message is passed on)."""
+
+
+class RelayRefused(Rejected):
+    """A relay refused a reservation or a circuit, or the peer behind it refused the circuit.
+
+    ``code`` is the tag sent on the wire (``"reservations-full"``, ``"no-reservation"``,
+    ``"circuits-per-peer"``, ``"circuits-full"``, ``"circuit-id"``, ``"not-a-relay"``,
+    ``"refused"``, ``"unreachable"``; SPEC.md "Relay"); the message says it in words.
+    """
+
+    def __init__(self, code: str, detail: str = "") -> None:
+        self.code = code
+        self.detail = detail
+        super().__init__(f"{code}: {detail}" if detail else code)

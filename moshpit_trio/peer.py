@@ -18,8 +18,10 @@ from .dht.records import Namespaces
 from .errors import ConfigError
 from .identity import Identity, PeerID
 from .log import get_logger
+from .relays import RelayKeeper, find_relays
 from .wire.access import AccessPolicy
 from .wire.address import PeerAddress
+from .wire.relay_table import RelayLimits
 from .wire.streams import StreamNetwork
 from .wire.transport import Transport, TransportLimits, open_transport
 
@@ -65,6 +67,8 @@ async def open_peer(
     dht: DHTSettings | None = None,
     namespaces: Namespaces | None = None,
     access: AccessPolicy | None = None,
+    relays: Sequence[str | PeerAddress] = (),
+    relay: RelayLimits | None = None,
 ) -> AsyncIterator[Peer]:
     """Join (or start) a swarm for the duration of the block.
 
@@ -74,6 +78,10 @@ async def open_peer(
     addresses of peers already in the swarm; with none, this peer starts a new swarm.
     ``BootstrapFailed`` names every address that did not answer. ``access`` makes the swarm
     private (an allowlist of PeerIDs) and sets rate limits and bans (see wire/access.py).
+    ``relay`` (a listening peer) offers relaying to client-mode peers with those limits;
+    ``relays`` (a client-mode peer) are relays to hold reservations on and publish, so that
+    others reach it through them (SPEC.md "Relay"). Every peer looks a peer's relays up in
+    the DHT when it has no other way to reach it.
 
     >>> async def main():                                                 # doctest: +SKIP
     ...     async with open_peer(Identity.generate(), bootstrap=[addr]) as peer:
@@ -84,6 +92,11 @@ async def open_peer(
         raise ConfigError(f"identity must be an Identity, got {type(identity).__name__}")
     if isinstance(bootstrap, str | PeerAddress):
         raise ConfigError("bootstrap is a list of addresses, not one address")
+    if isinstance(relays, str | PeerAddress):
+        raise ConfigError("relays is a list of addresses, not one address")
+    relay_addresses = [r if isinstance(r, PeerAddress) else PeerAddress.parse(r) for r in relays]
+    if relay is not None and client_mode:
+        raise ConfigError("a client-mode peer cannot relay (nobody can dial it)")
     failure: Exception | None = None
     async with (
         open_transport(
@@ -99,11 +112,21 @@ async def open_peer(
         try:
             node = DHTNode(transport, settings=dht, namespaces=namespaces, client_mode=client_mode)
             await nursery.start(node.run)
+            if relay is not None:
+                transport.offer_relay(relay)
+
+            async def resolve(peer: PeerID) -> list[PeerAddress]:
+                return await find_relays(node, peer)
+
+            transport.relay.resolver = resolve
             if bootstrap:
                 answered = await node.bootstrap(bootstrap)
                 get_logger(peer=identity.peer_id.short).info(
                     "joined the swarm", bootstrap_answered=answered, known=len(node.table)
                 )
+            if relay_addresses:
+                keeper = RelayKeeper(transport, node, relay_addresses)
+                await nursery.start(keeper.run)
             yield Peer(identity, transport, node, nursery)
         except Exception as exc:
             # Re-raised below as it is, not inside the nursery's ExceptionGroup.

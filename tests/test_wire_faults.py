@@ -596,3 +596,27 @@ async def test_idle_connections_beyond_the_cap_close_the_least_recently_used_fir
         assert {ids[2], ids[3], late.peer_id} <= remote
         # a closed idle connection is dialed again when needed
         await others[0].call(hub.address, "echo", b"y", timeout=5)
+
+
+async def test_a_pinned_connection_is_not_closed_as_idle(
+    autojump_clock: Any, identities: list[Identity]
+) -> None:
+    # (a relay reservation pins its connection: the client-mode peer's only way in)
+    limits = dataclasses.replace(SMALL, idle_connections=0, idle_after=30.0)
+    net = MemoryNetwork(seed=4, latency=0.005)
+    async with AsyncExitStack() as stack:
+        hub = await stack.enter_async_context(peer(net, "hub", identities[0], limits=limits))
+        assert hub.address is not None
+        pinned, other = [
+            await stack.enter_async_context(peer(net, f"p{i}", identities[1 + i])) for i in range(2)
+        ]
+        await pinned.call(hub.address, "echo", b"x", timeout=5)
+        await other.call(hub.address, "echo", b"x", timeout=5)
+        (conn,) = [c for c in hub.connections() if c.remote_peer_id == pinned.peer_id]
+        conn.pinned_until = trio.current_time() + 100.0
+        await trio.sleep(40.0)
+        late = await stack.enter_async_context(peer(net, "late", identities[3]))
+        await late.call(hub.address, "echo", b"x", timeout=5)
+        await trio.sleep(1.0)
+        remote = {c.remote_peer_id for c in hub.connections()}
+        assert pinned.peer_id in remote and other.peer_id not in remote

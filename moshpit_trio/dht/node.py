@@ -121,6 +121,10 @@ def default_namespaces() -> Namespaces:
             # matchmaking announcements and training progress: owned, short-lived
             NamespacePolicy(b"mp.avg", max_ttl=300.0, owned=True),
             NamespacePolicy(b"mp.progress", max_ttl=3600.0, owned=True),
+            # the relays a client-mode peer holds reservations on (SPEC.md "Relay")
+            NamespacePolicy(
+                b"mp.relay", max_ttl=600.0, owned=True, max_value_size=1024, max_subkeys=8
+            ),
         ]
     )
 

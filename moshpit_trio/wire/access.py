@@ -319,6 +319,19 @@ class AccessControl:
             return f"banned for {ban.duration:g} s: {ban.reason}"
         return f"rate limited: too many {what} from your peer; slow down"
 
+    def refused(self, peer: PeerID, what: str, now: float) -> Ban | None:
+        """Count one refusal of something ``peer`` asked for beyond a call (a relay's
+        reservation or circuit); as for rate limits, more than ``ban_after_refusals`` within
+        about ``refusal_window`` seconds ban it. The ban, if this one made it."""
+        rates = self._rates.get(peer)
+        if rates is None:
+            if len(self._rates) >= _SWEEP_AT:
+                self._sweep(now)
+            rates = self._rates[peer] = _PeerRates(self.policy.rates, now)
+        if rates.refusals.take(1, now):
+            return None
+        return self.offence(peer, f"{what} refused again and again", now)
+
     def offence(self, peer: PeerID, reason: str, now: float) -> Ban:
         """Ban ``peer`` for ``reason`` (a protocol violation, bad data, a flood)."""
         ban = self.bans.ban(peer, reason, now)

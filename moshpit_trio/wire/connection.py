@@ -315,6 +315,7 @@ class Connection:
         ](math.inf)
         self._writer_done = trio.Event()
         self._finished = trio.Event()
+        self._closed_event = trio.Event()
         self._closing = False
         # When a graceful close must be over: set by aclose(), so its wait for the writer and
         # run()'s websocket close share one close_timeout between them.
@@ -340,6 +341,8 @@ class Connection:
         #: trio time of the last message written or read (the transport closes the least
         #: recently used idle connections when it holds too many)
         self.last_active = trio.current_time()
+        #: not closed as idle before this trio time (a relay reservation rides on it)
+        self.pinned_until = -math.inf
         self.bytes_sent = 0
         self.bytes_received = 0
         # Envelopes written and read (requests, responses, stream chunks, credits, control):
@@ -348,6 +351,8 @@ class Connection:
         self.messages_received = 0
         #: the violation that closed this connection, if one did
         self.protocol_error: ProtocolError | None = None
+        #: the relay this connection's bytes pass through (wire/relay.py); None when direct
+        self.via: PeerID | None = None
 
     # -- lifetime ----------------------------------------------------------------------------
 
@@ -408,11 +413,16 @@ class Connection:
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
+    async def wait_closed(self) -> None:
+        """Return once the connection has ended (for whatever reason)."""
+        await self._closed_event.wait()
+
     def _mark_closed(self, reason: str) -> None:
         if self._closed:
             return
         self._closed = True
         self._close_reason = reason
+        self._closed_event.set()
         lost = ConnectionLost(f"connection to {self.remote_peer_id.short} ended: {reason}")
         for waiter in self._waiters.values():
             waiter.finish(None, lost)
@@ -817,6 +827,20 @@ class SendStream:
             await waiter.credit_changed.wait()
         waiter.credit -= len(piece)
         await self._conn._send(Kind.STREAM_DATA, self._call_id, piece)
+
+    def end_nowait(self) -> None:
+        """Queue STREAM_END at once, without waiting for room or for the receiver's answer,
+        and stop listening for that answer. For a byte pipe being closed (wire/relay.py): its
+        end must reach the receiver after every chunk already queued, even from a task that is
+        being cancelled, and a CANCEL would make the receiver drop chunks it has not read."""
+        waiter = self._waiter
+        if waiter is None:
+            return
+        if not waiter.done.is_set() and not self._finished:
+            self._finished = True
+            self._conn._queue_control(Kind.STREAM_END, self._call_id)
+        self._conn._waiters.pop(self._call_id, None)
+        waiter.finish(None, ConfigError("the stream was ended"))
 
     async def finish(self) -> bytes:
         """Tell the receiver that was all, and return its handler's answer."""

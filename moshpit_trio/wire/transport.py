@@ -16,6 +16,7 @@ opened by the smaller PeerID, so they agree on which one new calls use.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -60,6 +61,8 @@ from .handshake import (
     _parse,
 )
 from .liveness import Liveness
+from .relay import RelayEndpoint, RelayPipe, RelayService
+from .relay_table import RelayLimits
 from .streams import StreamNetwork, TcpNetwork
 
 __all__ = ["PING", "SUBPROTOCOL", "Transport", "TransportLimits", "open_transport"]
@@ -68,6 +71,11 @@ SUBPROTOCOL = "moshpit/1"
 #: every transport answers calls to this handler with an empty body (``Transport.probe``)
 PING = "moshpit.ping"
 _REFUSAL_TIMEOUT = 1.0
+#: a peer we reach through a relay, whose address we know but could not dial, is tried
+#: directly again after this long
+_DIRECT_RETRY = 60.0
+#: a peer whose relays could not be found is not looked up again for this long
+_RESOLVE_AGAIN = 10.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -133,6 +141,8 @@ class Transport:
         self._conns: dict[PeerID, list[Connection]] = {}
         self._dialing: dict[PeerID, trio.Event] = {}
         self._addresses: dict[PeerID, PeerAddress] = {}
+        self._direct_failed: dict[PeerID, float] = {}  # peer -> when to try it directly again
+        self._unresolved: dict[PeerID, float] = {}  # peer -> when to look its relays up again
         self._open_streams = 0  # connections being set up or running, both directions
         self._closing = False
         # bytes moved by connections that have ended (the live ones count their own)
@@ -140,6 +150,17 @@ class Transport:
         self._ended_received = 0
         self._ended_messages_sent = 0
         self._ended_messages_received = 0
+        #: relayed connections, both ways (wire/relay.py): routes to peers behind relays, the
+        #: circuits we open and those relays announce to us
+        self.relay = RelayEndpoint(self)
+        #: set by ``offer_relay``: this peer relays for client-mode peers
+        self.relay_service: RelayService | None = None
+
+    def offer_relay(self, limits: RelayLimits | None = None) -> RelayService:
+        """Relay for client-mode peers (a listening peer only); see SPEC.md "Relay"."""
+        if self.relay_service is None:
+            self.relay_service = RelayService(self, limits)
+        return self.relay_service
 
     # -- handlers ----------------------------------------------------------------------------
 
@@ -161,6 +182,8 @@ class Transport:
         live = [c for c in self._conns.get(peer, ()) if not c.closed]
         if not live:
             return None
+        # A direct connection beats a relayed one (both ends see the same two, so they agree).
+        live = [c for c in live if c.via is None] or live
         return min(live, key=lambda c: self._initiator_of(c).to_bytes())
 
     def _initiator_of(self, conn: Connection) -> PeerID:
@@ -177,12 +200,13 @@ class Transport:
     def _idle(self) -> list[Connection]:
         """Open connections with nothing in flight and no message for ``idle_after``, the least
         recently used first."""
-        since = trio.current_time() - self.limits.idle_after
+        now = trio.current_time()
+        since = now - self.limits.idle_after
         idle = [
             c
             for conns in self._conns.values()
             for c in conns
-            if not c.closed and not c.busy and c.last_active <= since
+            if not c.closed and not c.busy and c.last_active <= since and c.pinned_until <= now
         ]
         idle.sort(key=lambda c: c.last_active)
         return idle
@@ -213,6 +237,19 @@ class Transport:
 
     def _connection_closed(self, conn: Connection) -> None:
         peer = conn.remote_peer_id
+        error = conn.protocol_error
+        if error is not None and conn.via is not None:
+            # Through a relay, a broken envelope proves only that somebody on the path broke
+            # it: the relay may have tampered. Ban nobody (``_after``); stop using that relay
+            # for the peer.
+            self.log.warning(
+                "relayed connection broke the protocol; dropping the route",
+                remote=peer.short,
+                relay=conn.via.short,
+                reason=error.reason,
+            )
+            routes = self.relay.routes.get(peer, [])
+            routes[:] = [r for r in routes if r.peer_id != conn.via]
         if any(not c.closed for c in self._conns.get(peer, ())):
             return  # another connection to the peer is still up: nothing is lost
         event = self._lost_events.pop(peer, None)
@@ -382,7 +419,7 @@ class Transport:
         it is, and every envelope is sealed under a key only it and we hold, so the violation is
         its own, or that of whoever tampers with the bytes between us)."""
         error = conn.protocol_error
-        if error is not None and self.access.policy.ban_on_protocol_error:
+        if error is not None and conn.via is None and self.access.policy.ban_on_protocol_error:
             self.ban(conn.remote_peer_id, f"protocol violation ({error.reason})")
 
     def _remove(self, conn: Connection) -> None:
@@ -442,17 +479,28 @@ class Transport:
             with trio.fail_after(limit):
                 while True:
                     conn = self.connection_to(peer)
-                    if conn is not None:
+                    # Relayed, but an address is known: try to go direct (now and then).
+                    go_direct = (
+                        conn is not None
+                        and conn.via is not None
+                        and isinstance(address, PeerAddress)
+                        and trio.current_time() >= self._direct_failed.get(peer, -math.inf)
+                    )
+                    if conn is not None and not go_direct:
                         return conn
                     if peer in self._dialing:
                         # Someone is already dialing this peer: share the result, don't race.
                         await self._dialing[peer].wait()
                         continue
                     if not isinstance(address, PeerAddress):
-                        raise Unreachable(
-                            f"no connection to {peer.short} and no address known for it"
-                        )
-                    return await self._dial(address)
+                        return await self._dial_relayed(peer, limit)
+                    if conn is None:
+                        return await self._dial(address)
+                    try:
+                        return await self._dial(address)
+                    except Unreachable:
+                        self._direct_failed[peer] = trio.current_time() + _DIRECT_RETRY
+                        return conn
         except trio.TooSlowError:
             raise DeadlineExceeded(f"could not connect to {address} within {limit:g} s") from None
 
@@ -475,19 +523,105 @@ class Transport:
             del self._dialing[address.peer_id]
             done.set()
 
-    async def _dial_and_serve(
-        self, address: PeerAddress, *, task_status: trio.TaskStatus[Connection]
+    async def _dial_relayed(self, peer: PeerID, limit: float) -> Connection:
+        """Reach ``peer`` through one of its relays (``relay.routes``, else ``relay.resolver``),
+        in order; the first circuit whose handshake completes wins."""
+        routes = list(self.relay.routes.get(peer, ()))
+        now = trio.current_time()
+        if not routes and self.relay.resolver is not None and self._unresolved.get(peer, 0) <= now:
+            for route in await self.relay.resolver(peer):
+                self.relay.add_route(peer, route)
+            routes = list(self.relay.routes.get(peer, ()))
+            if not routes:
+                # Nothing published: say so at once for a while, rather than look it up again
+                # for every call to a peer that is gone (a round's calls to a lost member).
+                self._unresolved[peer] = trio.current_time() + _RESOLVE_AGAIN
+        if not routes:
+            raise Unreachable(f"no connection to {peer.short} and no address known for it")
+        done = self._dialing[peer] = trio.Event()
+        failures: list[MoshpitError] = []
+        try:
+            for route in routes:
+                try:
+                    relay = await self.connect(route, timeout=limit)
+                    if relay.via is not None:
+                        raise Unreachable(f"relay {route.peer_id.short} is itself behind a relay")
+                    pipe, _ = await self.relay.open_circuit(relay, peer, timeout=limit)
+                    address = PeerAddress(route.host, route.port, peer)
+                    conn: Connection = await self._nursery.start(
+                        self._serve_dialed_pipe, pipe, address
+                    )
+                    return conn
+                except MoshpitError as exc:
+                    self.log.info(
+                        "relayed dial failed",
+                        remote=peer.short,
+                        relay=route.peer_id.short,
+                        error=f"{type(exc).__name__}: {exc}",
+                    )
+                    failures.append(exc)
+        finally:
+            del self._dialing[peer]
+            done.set()
+        refused = [f for f in failures if not isinstance(f, Unreachable)]
+        if len(failures) == 1 or (refused and len(refused) == len(failures)):
+            raise failures[-1]
+        why = "; ".join(f"{type(f).__name__}: {f}" for f in failures)
+        raise Unreachable(f"{peer.short}: no relay got through ({why})")
+
+    async def _serve_dialed_pipe(
+        self, pipe: RelayPipe, address: PeerAddress, *, task_status: trio.TaskStatus[Connection]
     ) -> None:
         try:
-            stream = await self._network.connect(address.host, address.port)
-        except OSError as exc:
-            raise Unreachable(f"cannot reach {address}: {exc.strerror or exc}") from None
+            await self._dial_and_serve(address, task_status=task_status, pipe=pipe)
+        finally:
+            self.relay.forget(pipe)
+
+    async def _serve_relayed(self, pipe: RelayPipe, lifetime: float) -> None:
+        """The target's side of a circuit a relay announced: open our upstream, then serve the
+        pipe exactly as an incoming connection (``_accept``)."""
+        try:
+            with trio.move_on_after(self.limits.handshake_timeout) as scope:
+                await pipe.open_out(lifetime)
+            if scope.cancelled_caught:
+                self.log.info("relayed circuit: the relay took no stream from us")
+                return
+            await self._accept(pipe, pipe=pipe)
+        except MoshpitError as exc:
+            self.log.info(
+                "relayed circuit failed",
+                relay=pipe.relay.remote_peer_id.short,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+        finally:
+            self.relay.forget(pipe)
+            await trio.aclose_forcefully(pipe)
+
+    async def _dial_and_serve(
+        self,
+        address: PeerAddress,
+        *,
+        task_status: trio.TaskStatus[Connection],
+        pipe: RelayPipe | None = None,
+    ) -> None:
+        stream: trio.abc.Stream
+        if pipe is None:
+            try:
+                stream = await self._network.connect(address.host, address.port)
+            except OSError as exc:
+                raise Unreachable(f"cannot reach {address}: {exc.strerror or exc}") from None
+        else:
+            stream = pipe
         self._open_streams += 1
         started = False
         try:
             async with trio.open_nursery() as ws_nursery:
+                if pipe is not None:
+                    ws_nursery.start_soon(pipe.watch)
                 ws, result = await self._initiate(ws_nursery, stream, address)
                 conn = self._new_connection(ws, result, initiator=True)
+                if pipe is not None:
+                    conn.via = pipe.relay.remote_peer_id
                 self._add(conn)
                 try:
                     task_status.started(conn)
@@ -533,9 +667,10 @@ class Transport:
 
     # -- accepting ---------------------------------------------------------------------------
 
-    async def _accept(self, stream: trio.abc.Stream) -> None:
-        """Serve one incoming stream. Never raises (but Cancelled): whatever a remote does to
-        one connection, the listener and every other connection go on."""
+    async def _accept(self, stream: trio.abc.Stream, *, pipe: RelayPipe | None = None) -> None:
+        """Serve one incoming stream (``pipe``: a circuit through a relay). Never raises (but
+        Cancelled): whatever a remote does to one connection, the listener and every other
+        connection go on."""
         at_limit = self._open_streams >= self.limits.max_connections
         if at_limit and not self._closing and self._idle():
             # Make room: the least recently used idle connection closes for this one.
@@ -548,12 +683,14 @@ class Transport:
         self._open_streams += 1
         try:
             async with trio.open_nursery() as ws_nursery:
+                if pipe is not None:
+                    ws_nursery.start_soon(pipe.watch)
                 with trio.move_on_after(self.limits.handshake_timeout) as scope:
                     accepted = await self._respond(ws_nursery, stream)
                 if scope.cancelled_caught:
                     self.log.info("handshake timed out; dropped the connection")
                 elif accepted is not None:
-                    await self._serve_accepted(*accepted)
+                    await self._serve_accepted(*accepted, pipe=pipe)
                 ws_nursery.cancel_scope.cancel()
         except (*_HANDSHAKE_ERRORS, BaseExceptionGroup) as exc:
             failure = _expected_failure(exc)
@@ -615,9 +752,22 @@ class Transport:
         await ws.send_message(reply)
         return ws, responder.receive_finish(await _binary(ws))
 
-    async def _serve_accepted(self, ws: WebSocketConnection, result: HandshakeResult) -> None:
+    async def _serve_accepted(
+        self, ws: WebSocketConnection, result: HandshakeResult, *, pipe: RelayPipe | None = None
+    ) -> None:
         live = [c for c in self._conns.get(result.remote_peer_id, ()) if not c.closed]
         conn = self._new_connection(ws, result, initiator=False)
+        if pipe is not None:
+            conn.via = pipe.relay.remote_peer_id
+            if result.remote_peer_id != pipe.remote:
+                # The relay announced one peer and another one shook hands: a relay that lies.
+                self.log.warning(
+                    "relayed peer is not the one announced",
+                    remote=result.remote_peer_id.short,
+                    announced=pipe.remote.short,
+                )
+                await conn.aclose("you are not the peer the relay announced")
+                return
         if len(live) >= self.limits.max_connections_per_peer:
             self.log.warning("too many connections from one peer", remote=conn.remote_peer_id.short)
             await conn.aclose("too many connections from your peer")

@@ -1,0 +1,165 @@
+"""Relays at the peer level: a client-mode peer publishes its relays in the DHT, others find
+them there and call it by PeerID alone; when its relay dies it moves to another one."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+
+import msgspec
+import pytest
+import trio
+import trio.testing
+
+from moshpit_trio.errors import ConfigError, ConnectionLost
+from moshpit_trio.identity import Identity
+from moshpit_trio.peer import Peer, open_peer
+from moshpit_trio.relays import (
+    MAX_RELAYS,
+    RELAY_NAMESPACE,
+    decode_relays,
+    encode_relays,
+    find_relays,
+    relay_key,
+)
+from moshpit_trio.testing import MemoryNetwork
+from moshpit_trio.wire.address import PeerAddress
+from moshpit_trio.wire.connection import Request
+from moshpit_trio.wire.relay_table import RelayLimits
+
+HOP = 0.01
+
+
+def ident(i: int) -> Identity:
+    return Identity.from_seed(bytes([i]) * 32)
+
+
+async def echo(request: Request) -> bytes:
+    return bytes(request.payload)
+
+
+@asynccontextmanager
+async def peers(
+    n_relays: int, *, a_client_mode: bool = False
+) -> AsyncIterator[tuple[MemoryNetwork, list[Peer], Peer, Peer]]:
+    net = MemoryNetwork(latency=HOP)
+    async with AsyncExitStack() as stack:
+        relays: list[Peer] = []
+        for i in range(n_relays):
+            name = f"r{i}"
+            bootstrap = [relays[0].address] if relays else []
+            relays.append(
+                await stack.enter_async_context(
+                    open_peer(
+                        ident(1 + i),
+                        listen=f"{name}:0",
+                        network=net.host(name),
+                        bootstrap=[b for b in bootstrap if b is not None],
+                        relay=RelayLimits(),
+                    )
+                )
+            )
+        addresses = [r.address for r in relays if r.address is not None]
+        c = await stack.enter_async_context(
+            open_peer(
+                ident(10),
+                client_mode=True,
+                network=net.host("c"),
+                bootstrap=addresses[:1],
+                relays=addresses,
+            )
+        )
+        a = await stack.enter_async_context(
+            open_peer(
+                ident(11),
+                listen="a:0",
+                client_mode=a_client_mode,
+                network=net.host("a"),
+                bootstrap=addresses[:1],
+            )
+        )
+        c.transport.register("echo", echo)
+        yield net, relays, c, a
+
+
+async def test_a_client_mode_peer_is_called_by_its_peer_id_through_the_relay_it_published(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with peers(1) as (_, (r,), c, a):
+        assert r.address is not None
+        assert await find_relays(a.dht, c.id) == [r.address]
+        assert await a.transport.call(c.id, "echo", b"hi", timeout=5) == b"hi"
+        conn = a.transport.connection_to(c.id)
+        assert conn is not None and conn.via == r.id
+
+
+async def test_when_its_relay_dies_the_peer_moves_to_another_and_is_reached_there(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # a is in client mode too: the two can only ever meet through a relay
+    async with peers(2, a_client_mode=True) as (net, (r0, r1), c, a):
+        assert r0.address is not None and r1.address is not None
+        assert await find_relays(a.dht, c.id) == [r0.address, r1.address]
+        assert await a.transport.call(c.id, "echo", b"one", timeout=5) == b"one"
+        first = a.transport.connection_to(c.id)
+        assert first is not None and first.via == r0.id
+        net.kill("r0")
+        killed = trio.current_time()
+        await first.wait_closed()
+        assert trio.current_time() == killed  # the circuit ends with its relay, at once
+        assert await a.transport.call(c.id, "echo", b"two", timeout=5) == b"two"
+        second = a.transport.connection_to(c.id)
+        assert second is not None and second.via == r1.id
+        # within a second (not at a reservation's or a record's expiry) c publishes r1 alone
+        await trio.sleep(1.0)
+        assert await find_relays(a.dht, c.id) == [r1.address]
+
+
+def test_relay_records_encode_and_decode() -> None:
+    owner = ident(3).peer_id
+    relays = [PeerAddress("h", 1000 + i, ident(20 + i).peer_id) for i in range(MAX_RELAYS)]
+    value = encode_relays(relays)
+    assert len(value) <= RELAY_NAMESPACE.max_value_size
+    assert decode_relays(value, owner) == relays
+    assert RELAY_NAMESPACE.owned and relay_key(owner) == f"mp.relay/{owner}"
+    with pytest.raises(ConfigError):
+        encode_relays([])
+    with pytest.raises(ConfigError):
+        encode_relays(relays + relays[:1])
+    # garbage, bad addresses, the owner itself and repeats are left out
+    mixed = [str(relays[0]), "nonsense", f"ws://h:1/{owner}", str(relays[0]), str(relays[1])]
+    assert decode_relays(msgspec.msgpack.encode(mixed), owner) == relays[:1]
+    assert decode_relays(b"\xc1", owner) == []
+    assert decode_relays(msgspec.msgpack.encode([1, 2]), owner) == []
+
+
+async def test_a_client_mode_peer_cannot_offer_relaying(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with pytest.raises(ConfigError):
+        async with open_peer(ident(1), client_mode=True, relay=RelayLimits()):
+            pass  # pragma: no cover
+
+
+async def test_a_relayed_call_in_flight_fails_with_a_typed_error_when_the_relay_dies(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with peers(1) as (net, _, c, a):
+
+        async def slow(request: Request) -> bytes:
+            await trio.sleep(50)
+            return b""
+
+        c.transport.register("slow", slow)
+        await a.transport.call(c.id, "echo", b"", timeout=5)
+        async with trio.open_nursery() as nursery:
+
+            async def kill() -> None:
+                await trio.sleep(0.5)
+                net.kill("r0")
+
+            nursery.start_soon(kill)
+            start = trio.current_time()
+            with pytest.raises(ConnectionLost):
+                await a.transport.call(c.id, "slow", b"", timeout=30)
+            assert trio.current_time() - start == pytest.approx(0.5)
