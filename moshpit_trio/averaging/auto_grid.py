@@ -40,7 +40,14 @@ peer computes the same :class:`Plan`:
   those peers move before the next row round (:meth:`Plan.place`), and the column round
   before that already puts them in the columns of their new places;
 * a joiner takes a row with a missing place, at random weighted by how many are missing
-  (:meth:`Plan.row_for_joiner`); with no directory yet it takes row 0, which then splits.
+  (:meth:`Plan.row_for_joiner`); with no directory yet it takes row 0 (then rows 1, 2, ...
+  once a row's key holds the DHT's 256 entries: :func:`overflow_row`), which then split;
+* a client-mode peer never lands in a row or column where nobody listens (nobody there could
+  lead it): the records say which members listen (:meth:`Plan.row`, :meth:`Plan.column_for`).
+
+Known limit: every peer reads the directory every round, so the DHT replicas of that one key
+serve the whole swarm (at 256 in-memory peers they reached the 256-connection limit). Handing
+the snapshot down through the row groups would make it one read per group.
 
 Everything here is plain functions of plain values, so the simulator
 (``benchmarks/averaging_sim.py``, method ``moshpit-auto``) runs the very code the averager runs.
