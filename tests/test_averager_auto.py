@@ -63,6 +63,12 @@ async def test_every_round_averages_and_reaches_the_exact_mean(
         start = trio.current_time()
         by_round = await run_rounds(averagers, rounds_to_exact + 1)
         took = trio.current_time() - start
+        # Every round reads the run's directory, but a row round right after a column round
+        # (nothing wrote to it in between): one row, every round a row round, 2 reads in 2
+        # rounds; 40 peers, 4 rounds (a cold start, then a column round and a row round in
+        # some order, then one more), 3.
+        reads = {a.directory_reads for a in averagers}
+        assert reads == ({3} if n > 32 else {rounds_to_exact + 1}), reads
     # Each step waits for the next slot and then takes at most its timeout.
     assert took <= (rounds_to_exact + 2) * PERIOD
     for round_, reports in enumerate(by_round):

@@ -177,6 +177,10 @@ class MoshpitAverager:
         self._row_group: tuple[bytes, int] | None = None
         self._rng = random.Random(peer.id.to_bytes())
         self._layout = Layout(rows={})
+        #: the round whose column round read ``_layout`` (None: the last read was not for one)
+        self._column_read: int | None = None
+        #: how many times this averager read the run's directory (for tests and benchmarks)
+        self.directory_reads = 0
         #: the DHT key this peer announced under in the round in progress (None between rounds)
         self.announcement: str | None = None
         self.matchmaker = Matchmaker(
@@ -221,6 +225,7 @@ class MoshpitAverager:
     # -- grid="auto" ---------------------------------------------------------------------------
 
     async def _read_directory(self) -> Layout:
+        self.directory_reads += 1
         try:
             records = await self.peer.dht.get_records(directory_key(self.run_id))
         except MoshpitError as exc:
@@ -242,7 +247,14 @@ class MoshpitAverager:
     async def _auto_group(self, round_: int, deadline: float) -> GroupInfo | None:
         """Read the directory, take this round's place in the plan (a row, or a column), and
         form a group there (``auto_grid``)."""
-        layout = await self._read_directory()
+        if self._column_read is not None and self._column_read == round_ - 1:
+            # A row round right after a column round: only row rounds write the directory,
+            # so it holds what the column round read; not reading it again halves the load
+            # on its replicas, which every peer of the run asks.
+            layout = self._layout
+        else:
+            layout = await self._read_directory()
+        self._column_read = None
         plan = Plan.of(layout, self.max_group_size)
         position = None
         if self.row is not None and self._row_group is not None:
@@ -250,6 +262,7 @@ class MoshpitAverager:
         # A client-mode peer never lands where nobody listens: nobody there could lead it.
         reachable = self.peer.address is not None
         if plan.kind(round_) == "column":
+            self._column_read = round_
             column = plan.column_for(self.row, position, self._rng, reachable=reachable)
             expect = plan.expected("column", column)
             return await self._form((1, column), round_, deadline, expected=expect)
