@@ -576,7 +576,7 @@ class _AveragingService(_RunService):
             peer,
             spec.run_id,
             [self.vector],
-            grid="auto" if spec.grid == "auto" else spec.grid,
+            grid=spec.grid,
             compression=spec.compression,
             bandwidth=spec.bandwidth,
             min_group_size=spec.min_group_size,

@@ -20,7 +20,6 @@ from moshpit_trio.averaging.auto_grid import (
     Plan,
     RowRecord,
     capacity_at,
-    column_of,
     decode_record,
     encode_record,
     feasible,
@@ -101,11 +100,6 @@ def test_bad_max_group_size_is_a_config_error(bad: object) -> None:
         plan_rows(100, bad)  # type: ignore[arg-type]
     with pytest.raises(ConfigError):
         Plan.of(layout_of({0: [3]}), bad)  # type: ignore[arg-type]
-
-
-def test_column_of_refuses_no_columns() -> None:
-    with pytest.raises(ConfigError):
-        column_of(0, 0, 0)
 
 
 def test_round_kind() -> None:

@@ -76,7 +76,6 @@ __all__ = [
     "RowRecord",
     "block_of",
     "capacity_at",
-    "column_of",
     "directory_key",
     "group_sizes",
     "listening_bits",
@@ -217,22 +216,6 @@ def row_targets(n: int, rows: int) -> list[int]:
 def round_kind(round: int, rows: int) -> RoundKind:
     """Rows average in even rounds, columns in odd ones; with one row every round is a row's."""
     return "row" if rows <= 1 or round % 2 == 0 else "column"
-
-
-def column_of(position: int, row: int, columns: int) -> int:
-    """The column of the peer at ``position`` in ``row`` when rows hold ``columns`` or one more:
-    a row's extra peer goes to column ``row mod columns``, spreading the extras. (No longer what
-    :meth:`Plan.column` does: with rows as long as a group may be, those columns got one peer
-    too many and split in two halves. Kept for callers of the old rule.)
-
-    >>> [column_of(p, 0, 3) for p in range(4)], column_of(3, 1, 3)
-    ([0, 1, 2, 0], 1)
-    """
-    if columns < 1:
-        raise ConfigError(f"a layout has at least one column, got {columns}")
-    if position < columns:
-        return position
-    return (row + position - columns) % columns
 
 
 def group_sizes(announced: int, max_group_size: int) -> list[int]:

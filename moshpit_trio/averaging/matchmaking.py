@@ -109,6 +109,12 @@ class _Attempt:
     capacity: int
     #: the largest group this peer accepts (capacity may shrink to balance a key's groups)
     max_capacity: int = 0
+    #: cut a key's announcers into balanced blocks (``form_group``'s ``balance``)
+    balance: bool = False
+    #: raise KeyFull when nobody else kept our announcement
+    raise_if_unseen: bool = False
+    #: stop gathering once this many announced
+    enough: int = 0
     decided: trio.Event = dataclasses.field(default_factory=trio.Event)
     leading: bool = False
     closed: bool = False
@@ -153,9 +159,6 @@ class Matchmaker:
         )
         self.log = get_logger(peer=peer.id.short, run=run_id)
         self._attempt: _Attempt | None = None
-        self._balance = False
-        self._raise_if_unseen = False
-        self._expected = 0
 
     def register(self) -> None:
         self.peer.transport.register(self.join_name, self._on_join)
@@ -187,17 +190,23 @@ class Matchmaker:
         instead of waiting for a group nobody can see us in. ``expected``: how many peers are
         expected under the key (``auto_grid``'s plan knows): once that many have announced, the
         gathering is over without waiting for a second read to agree."""
-        attempt = _Attempt(round, key, capacity, max_capacity=capacity)
-        self._attempt = attempt
-        self._balance = balance
-        self._raise_if_unseen = raise_if_unseen
         # When to stop gathering: a full group (a fixed grid's key holds one), the number the
         # plan expects; with balance and no expectation, only reads that agree (a key may hold
         # several groups, and every reader must see all of them to cut them alike).
         if expected is not None:
-            self._expected = max(1, min(expected, capacity))
+            enough = max(1, min(expected, capacity))
         else:
-            self._expected = 1 << 30 if balance else capacity
+            enough = 1 << 30 if balance else capacity
+        attempt = _Attempt(
+            round,
+            key,
+            capacity,
+            max_capacity=capacity,
+            balance=balance,
+            raise_if_unseen=raise_if_unseen,
+            enough=enough,
+        )
+        self._attempt = attempt
         try:
             with trio.move_on_at(deadline):
                 return await self._form(attempt, dht_key, deadline)
@@ -213,7 +222,7 @@ class Matchmaker:
         dht = self.peer.dht
         ttl = max(deadline - trio.current_time(), 0.5)
         held = await dht.store(dht_key, _encode(self.me), ttl=ttl)
-        if self._raise_if_unseen and held <= (0 if self.me.client_mode else 1) and len(dht.table):
+        if attempt.raise_if_unseen and held <= (0 if self.me.client_mode else 1) and len(dht.table):
             raise KeyFull(f"nobody else kept our announcement under {dht_key!r}")
         # Gather: read until a full group has announced, or the announcers stopped changing
         # (peers of a run start on the same clock slot, so the ones coming are there within a
@@ -224,7 +233,7 @@ class Matchmaker:
             announced = await self._announced(dht_key)
             now_seen = {m.peer_id for _, m in announced}
             if (
-                len(announced) >= self._expected
+                len(announced) >= attempt.enough
                 or trio.current_time() >= gather_until
                 or (now_seen == seen and len(announced) >= 2)
             ):
@@ -237,7 +246,7 @@ class Matchmaker:
         # Our block: with one group under the key, all of it; with more (balance), the group
         # that our place falls in when the announcers are cut as group_sizes says.
         block = (0, len(announced) + 1)
-        if self._balance and len(announced) > attempt.max_capacity:
+        if attempt.balance and len(announced) > attempt.max_capacity:
             # Should we lead, the peers before us filled the groups before ours. (One group:
             # room up to the maximum, for a late announcer too.)
             attempt.capacity = capacity_at(place, len(announced), attempt.max_capacity)

@@ -214,13 +214,15 @@ class Transport:
     def _trim(self, keep: int) -> int:
         """Close the least recently used idle connections beyond ``keep``; how many."""
         idle = self._idle()
-        excess = idle[: max(0, len(idle) - keep)]
-        for conn in excess:
+        return self._close_idle(idle[: max(0, len(idle) - keep)])
+
+    def _close_idle(self, conns: list[Connection]) -> int:
+        for conn in conns:
             # aclose waits (bounded) for the GOODBYE to leave; the pool's nursery owns it.
             self._nursery.start_soon(conn.aclose, "idle")
-        if excess:
-            self.log.debug("closed idle connections", count=len(excess))
-        return len(excess)
+        if conns:
+            self.log.debug("closed idle connections", count=len(conns))
+        return len(conns)
 
     # -- liveness ----------------------------------------------------------------------------
 
@@ -672,10 +674,9 @@ class Transport:
         Cancelled): whatever a remote does to one connection, the listener and every other
         connection go on."""
         at_limit = self._open_streams >= self.limits.max_connections
-        if at_limit and not self._closing and self._idle():
+        if at_limit and not self._closing:
             # Make room: the least recently used idle connection closes for this one.
-            self._trim(len(self._idle()) - 1)
-            at_limit = False
+            at_limit = self._close_idle(self._idle()[:1]) == 0
         if at_limit or self._closing:
             self.log.warning("connection refused: at the limit", limit=self.limits.max_connections)
             await self._refuse(stream, 503, b"too many connections; try again later")
