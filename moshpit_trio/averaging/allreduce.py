@@ -55,6 +55,15 @@ from .reducer import BadContribution, SpanAccumulator
 __all__ = ["AllReduce", "RoundRegistry", "SpanReport"]
 
 
+def no_span(members: Sequence[MemberInfo]) -> list[bool]:
+    """Which members reduce nothing: client-mode ones, since every other member would have
+    to reach them through a relay (each byte twice over the relay's links), unless nobody in
+    the group listens; then the relayed ones reduce, and the relays carry the round."""
+    if any(not m.client_mode for m in members):
+        return [m.client_mode for m in members]
+    return [not m.relayed for m in members]
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class SpanReport:
     """What one span of this member's vector holds after the round."""
@@ -113,7 +122,7 @@ class AllReduce:
         self.spans = make_spans(
             len(flat),
             [m.bandwidth for m in group.members],
-            client_mode=[m.client_mode for m in group.members],
+            client_mode=no_span(group.members),
         )
         start, end = self.spans[self.index]
         self.accumulator = (
@@ -290,7 +299,8 @@ class AllReduce:
             reports.append(SpanReport(start, end, ids[j], tuple(ids[i] for i in included)))
         return reports
 
-    def _target(self, member: MemberInfo) -> PeerAddress | PeerID:
+    @staticmethod
+    def _target(member: MemberInfo) -> PeerAddress | PeerID:
         if member.client_mode:
             return PeerID(member.peer_id)
         return PeerAddress.parse(member.address)

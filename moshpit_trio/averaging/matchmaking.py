@@ -8,9 +8,12 @@ it wants its group to start. Then:
    same announcers, or its gather time is up; peers the transport found unresponsive (silent
    when asked, ``wire.liveness``) are left out;
 2. the announcers are ordered by (expiration, PeerID) — the same order for everyone who sees
-   them — and client-mode peers, which nobody can dial, are never leaders;
-3. it asks the candidates before itself in that order to take it, the earliest first (a
-   client-mode peer asks every listening one: it never leads, so it waits on nobody's
+   them. Leaders come from the listening peers, in that order, then from the relayed ones
+   (client mode, holding a relay reservation: reached through the relay, so they lead only
+   where nobody listens); a client-mode peer without a relay, which nobody can reach, never
+   leads;
+3. it asks the leaders before itself in that order to take it, the earliest first (a
+   client-mode peer without a relay asks every one: it never leads, so it waits on nobody's
    decision); a candidate that is full, follows someone else, or is gone says so (or fails), and
    it asks the next. While it waits for an answer it watches the candidate: one that goes
    silent for the progress timeout, or whose connection ends, is given up at once;
@@ -62,10 +65,23 @@ class MemberInfo(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fi
     """What a peer tells its group about itself (and announces in the DHT)."""
 
     peer_id: bytes
-    #: "" for a client-mode peer (reached over the connection it opened)
+    #: "" for a client-mode peer (reached over the connection it opened, or through a relay)
     address: str
     bandwidth: float
     client_mode: bool
+    #: a client-mode peer that holds a relay reservation: others can reach it through the
+    #: relays it published (``relays.py``), so it may lead and reduce when nobody listens
+    relayed: bool = False
+
+    @property
+    def can_lead(self) -> bool:
+        return not self.client_mode or self.relayed
+
+    @property
+    def target(self) -> str | PeerID:
+        """How to call it: its address, or (client-mode) its PeerID, which the transport
+        reaches over the connection the peer opened or through its relays."""
+        return PeerID(self.peer_id) if self.client_mode else self.address
 
 
 class GroupInfo(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fields=True):
@@ -151,14 +167,19 @@ class Matchmaker:
         #: silence from a candidate or an expected joiner for this long: it is gone
         self.progress_timeout = progress_timeout
         self.join_name = f"avg.{run_id}.join"
-        self.me = MemberInfo(
-            peer_id=peer.id.to_bytes(),
-            address="" if peer.address is None else str(peer.address),
-            bandwidth=float(bandwidth),
-            client_mode=peer.address is None,
-        )
+        self.bandwidth = float(bandwidth)
+        self.me = self._describe_me()
         self.log = get_logger(peer=peer.id.short, run=run_id)
         self._attempt: _Attempt | None = None
+
+    def _describe_me(self) -> MemberInfo:
+        return MemberInfo(
+            peer_id=self.peer.id.to_bytes(),
+            address="" if self.peer.address is None else str(self.peer.address),
+            bandwidth=self.bandwidth,
+            client_mode=self.peer.address is None,
+            relayed=self.peer.address is None and _holds_reservation(self.peer.transport),
+        )
 
     def register(self) -> None:
         self.peer.transport.register(self.join_name, self._on_join)
@@ -197,6 +218,8 @@ class Matchmaker:
             enough = max(1, min(expected, capacity))
         else:
             enough = 1 << 30 if balance else capacity
+        # Whether we hold a relay reservation changes over time: say so as it is this round.
+        self.me = self._describe_me()
         attempt = _Attempt(
             round,
             key,
@@ -252,16 +275,28 @@ class Matchmaker:
             attempt.capacity = capacity_at(place, len(announced), attempt.max_capacity)
             block = block_of(place, len(announced), attempt.max_capacity)
         first, end = block
-        if self.me.client_mode:
-            # We never lead, so we wait on nobody's decision but a leader's: any listening
-            # announcer may take us, our block's first, then the earliest.
-            order = [*announced[first:end], *announced[:first], *announced[end:]]
-            candidates = [m for _, m in order if not m.client_mode]
-        else:
-            # Only our block's earlier members: the blocks before ours are other groups (full,
+        # Who may lead, in the order they would: the block's listening members, then its
+        # relayed ones (reached through a relay: they lead only a block nobody listens in).
+        # A client-mode peer without a relay never leads.
+        mine_ = [m for _, m in announced[first:end]]
+        leaders = [m for m in mine_ if not m.client_mode] + [m for m in mine_ if m.relayed]
+        if self.me.can_lead:
+            # Only our block's earlier leaders: the blocks before ours are other groups (full,
             # when we all see the same announcers), and asking each of their members in turn
             # would cost a round trip each, hundreds at a cold start.
-            candidates = [m for _, m in announced[first:place] if not m.client_mode]
+            ids = [m.peer_id for m in leaders]
+            rank = ids.index(self.me.peer_id) if self.me.peer_id in ids else len(ids)
+            candidates = leaders[:rank]
+        else:
+            # We never lead, so we wait on nobody's decision but a leader's: any announcer
+            # that can lead may take us, our block's first, then the earliest.
+            others = [m for _, m in [*announced[:first], *announced[end:]]]
+            candidates = [
+                *leaders,
+                *[m for m in others if not m.client_mode],
+                *[m for m in others if m.relayed],
+            ]
+            rank = len(leaders)
         # Decided, as far as peers asking us to lead are concerned: we follow (or try to). If
         # every earlier candidate turns us away we lead after all, and take joins from then on.
         attempt.decided.set()
@@ -269,18 +304,21 @@ class Matchmaker:
             group = await self._join(leader, attempt, deadline)
             if group is not None:
                 return group
-        if self.me.client_mode:
-            return None  # nobody can dial us: we cannot lead
+        if not self.me.can_lead:
+            return None  # nobody can reach us unasked: we cannot lead
         # Nobody earlier took us: lead; from now on joins are accepted. We wait for those that
-        # would come to us (later announcers go down the same order and reach us; client-mode
-        # ones ask every listener), not for a capacity nobody may fill.
+        # would come to us (our block's later leaders and its members that cannot lead go
+        # down the same order and reach us; client-mode ones without a relay ask every
+        # leader of the key), not for a capacity nobody may fill.
         attempt.leading = True
         if attempt.capacity <= 1:
             return self._close(attempt)
+        later = {m.peer_id for m in leaders[rank + 1 :]}
         attempt.expected = {
             m.peer_id
             for k, (_, m) in enumerate(announced)
-            if m.peer_id != self.me.peer_id and (place < k < end or m.client_mode)
+            if m.peer_id != self.me.peer_id
+            and ((first <= k < end and m.peer_id in later) or not m.can_lead)
         } - {f.peer_id for f in attempt.followers}
         self._check_ready(attempt)
         # Fix the group a little before the deadline, so that the answer reaches followers
@@ -299,6 +337,8 @@ class Matchmaker:
         (a listening one, probed), or not there within the progress timeout (a client-mode
         one, which nobody can probe)."""
         if member.client_mode:
+            # (a relayed one could be probed through its relay, at the cost of a circuit
+            # opened only to ask; it reaches us by itself if it is there)
             await trio.sleep(self.progress_timeout)
         else:
             await self.peer.transport.wait_silent(member.address, self.progress_timeout)
@@ -349,13 +389,13 @@ class Matchmaker:
             async def watch() -> None:
                 # A leader holds our join until it fixes the group, answering pings
                 # meanwhile; one that freezes or dies is given up at once.
-                await transport.wait_silent(leader.address, self.progress_timeout)
+                await transport.wait_silent(leader.target, self.progress_timeout)
                 self.log.info("leader went silent", leader=leader.peer_id[:4].hex())
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(watch)
             try:
-                raw = await transport.call(leader.address, self.join_name, request, timeout=timeout)
+                raw = await transport.call(leader.target, self.join_name, request, timeout=timeout)
             except MoshpitError as exc:
                 failure = exc
             nursery.cancel_scope.cancel()
@@ -388,6 +428,7 @@ class Matchmaker:
             and self.me.peer_id in ids
             and leader.peer_id in ids
             and all(_usable(m) for m in group.members)
+            and any(m.can_lead for m in group.members)
         )
 
     def _close(self, attempt: _Attempt) -> GroupInfo | None:
@@ -454,7 +495,19 @@ def _usable(member: MemberInfo) -> bool:
         return False
     if member.client_mode:
         return member.address == ""
+    if member.relayed:
+        return False  # a listening peer is reached directly, never through a relay
     try:
         return PeerAddress.parse(member.address).peer_id.to_bytes() == member.peer_id
     except InvalidAddress:
         return False
+
+
+def _holds_reservation(transport: Any) -> bool:
+    """A live relay reservation: a relay we are connected to (directly) holds a slot for us."""
+    now = trio.current_time()
+    for relay, until in transport.relay.reservations.items():
+        conn = transport.connection_to(relay)
+        if until > now and conn is not None and conn.via is None:
+            return True
+    return False

@@ -1,0 +1,257 @@
+"""Client-mode peers that nobody can dial average with each other through relays.
+
+A public relay that averages nothing, and volunteers in client mode that hold reservations on it
+(``open_peer(relays=...)``): a relayed volunteer may lead a group and reduce spans when nobody in
+its group listens; with a listening member there, that member leads and reduces everything, and
+the relayed ones reduce nothing (their traffic through the relay stays small). In-memory
+network, virtual clock: exact times where they are fixed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import numpy as np
+import pytest
+import trio
+
+from moshpit_trio.averaging.allreduce import no_span
+from moshpit_trio.averaging.averager import MoshpitAverager, RoundReport
+from moshpit_trio.averaging.matchmaking import MemberInfo, _usable
+from moshpit_trio.peer import Peer, open_peer
+from moshpit_trio.testing import MemoryNetwork
+from moshpit_trio.wire.relay_table import RelayLimits
+
+from .test_averager import LATENCY, check_report_is_true, ident
+
+PERIOD = 4.0
+TIMEOUT = 3.0
+
+
+@asynccontextmanager
+async def volunteers(
+    net: MemoryNetwork, n_relays: int, n_clients: int, *, n_public: int = 0, relayed: bool = True
+) -> AsyncIterator[tuple[list[Peer], list[Peer]]]:
+    """``n_relays`` public relays (no averaging), then ``n_public`` listening peers and
+    ``n_clients`` client-mode peers holding reservations on every relay (``relayed``)."""
+    async with AsyncExitStack() as stack:
+        relays: list[Peer] = []
+        for i in range(n_relays):
+            relays.append(
+                await stack.enter_async_context(
+                    open_peer(
+                        ident(200 + i),
+                        listen=f"r{i}:0",
+                        network=net.host(f"r{i}"),
+                        bootstrap=[r.address for r in relays[:1] if r.address is not None],
+                        relay=RelayLimits(),
+                    )
+                )
+            )
+        addresses = [r.address for r in relays if r.address is not None]
+        averaging: list[Peer] = []
+        for i in range(n_public + n_clients):
+            public = i < n_public
+            averaging.append(
+                await stack.enter_async_context(
+                    open_peer(
+                        ident(100 + i),
+                        listen=f"h{i}:0" if public else None,
+                        client_mode=not public,
+                        network=net.host(f"h{i}"),
+                        bootstrap=addresses[:1],
+                        relays=addresses if relayed and not public else (),
+                    )
+                )
+            )
+        yield relays, averaging
+
+
+async def run_rounds(
+    averagers: list[MoshpitAverager], values: list[np.ndarray], rounds: int
+) -> list[list[RoundReport]]:
+    """Every averager steps ``rounds`` times; each report is checked against the values."""
+    by_round: list[list[RoundReport]] = [[] for _ in range(rounds)]
+    for r in range(rounds):
+        before = {a.peer.id: v.copy() for a, v in zip(averagers, values, strict=True)}
+
+        async def run(a: MoshpitAverager, v: np.ndarray, into: list[RoundReport]) -> None:
+            into.append(await a.step(timeout=TIMEOUT))
+
+        async with trio.open_nursery() as nursery:
+            for a, v in zip(averagers, values, strict=True):
+                nursery.start_soon(run, a, v, by_round[r])
+        now = {a.peer.id: v for a, v in zip(averagers, values, strict=True)}
+        for report in by_round[r]:
+            me = report.members[report.index]
+            check_report_is_true(report, before, dict.fromkeys(before, 1.0), now[me])
+    return by_round
+
+
+async def test_four_volunteers_behind_nat_average_through_a_relay_that_averages_nothing(
+    autojump_clock: Any,
+) -> None:
+    net = MemoryNetwork(seed=4, latency=LATENCY)
+    values = [np.full(4096, float(i), dtype=np.float32) for i in range(4)]
+    async with volunteers(net, 1, 4) as ((relay,), peers), AsyncExitStack() as stack:
+        averagers = [
+            await stack.enter_async_context(MoshpitAverager(p, "nat", [v], round_period=PERIOD))
+            for p, v in zip(peers, values, strict=True)
+        ]
+        forwarded = relay.transport.bytes_received
+        start = trio.current_time()
+        by_round = await run_rounds(averagers, values, 3)
+        took = trio.current_time() - start
+        forwarded = relay.transport.bytes_received - forwarded
+        # every connection between the volunteers runs through the relay
+        for p in peers:
+            for q in peers:
+                conn = p.transport.connection_to(q.id)
+                assert conn is None or conn.via == relay.id
+    # Each step waits for its slot and then takes at most its timeout: three rounds, at most
+    # four periods from the first call (the first waits for the next slot).
+    assert took <= 3 * PERIOD + TIMEOUT
+    for reports in by_round:
+        assert len(reports) == 4
+        for report in reports:
+            assert report.succeeded, report
+            assert len(report.members) == 4
+            # nobody listens: the relayed members reduce (each a non-empty span)
+            assert all(s.end > s.start for s in report.spans)
+            assert report.seconds["total"] <= TIMEOUT
+    np.testing.assert_allclose(np.stack(values), 1.5)
+    # 3 rounds x 4 peers x 3 parts out and 3 results back of 4 KiB each, through the relay
+    assert forwarded >= 3 * 4 * 6 * 4096
+
+
+async def test_a_listening_member_reduces_everything_and_the_relayed_ones_nothing(
+    autojump_clock: Any,
+) -> None:
+    net = MemoryNetwork(seed=5, latency=LATENCY)
+    values = [np.full(1024, float(i), dtype=np.float32) for i in range(4)]
+    async with volunteers(net, 1, 3, n_public=1) as ((relay,), peers), AsyncExitStack() as st:
+        averagers = [
+            await st.enter_async_context(MoshpitAverager(p, "mix", [v], round_period=PERIOD))
+            for p, v in zip(peers, values, strict=True)
+        ]
+        through_relay = relay.transport.bytes_received
+        by_round = await run_rounds(averagers, values, 2)
+        through_relay = relay.transport.bytes_received - through_relay
+    public = peers[0].id
+    for reports in by_round:
+        for report in reports:
+            assert report.succeeded and len(report.members) == 4, report
+            reducing = {s.reducer for s in report.spans if s.end > s.start}
+            assert reducing == {public}
+    np.testing.assert_allclose(np.stack(values), 1.5)
+    # The volunteers dial the listening member directly: the relay forwards no tensor data
+    # (its own DHT and reservation traffic only: well under one round's parts).
+    assert through_relay < 3 * 1024 * 4
+
+
+async def test_a_volunteer_without_a_relay_joins_a_relayed_leader(autojump_clock: Any) -> None:
+    # Two relayed volunteers and one that holds no reservation: it cannot lead or be reached,
+    # but it can dial the relayed leader through the relay, and reduce nothing.
+    net = MemoryNetwork(seed=6, latency=LATENCY)
+    values = [np.full(256, float(i), dtype=np.float32) for i in range(3)]
+    async with AsyncExitStack() as stack:
+        (relay,), relayed = await stack.enter_async_context(volunteers(net, 1, 2))
+        assert relay.address is not None
+        bare = await stack.enter_async_context(
+            open_peer(
+                ident(150),
+                client_mode=True,
+                network=net.host("bare"),
+                bootstrap=[relay.address],
+            )
+        )
+        peers = [*relayed, bare]
+        averagers = [
+            await stack.enter_async_context(MoshpitAverager(p, "mix", [v], round_period=PERIOD))
+            for p, v in zip(peers, values, strict=True)
+        ]
+        by_round = await run_rounds(averagers, values, 2)
+    for reports in by_round:
+        for report in reports:
+            assert report.succeeded and len(report.members) == 3, report
+            reducing = {s.reducer for s in report.spans if s.end > s.start}
+            assert reducing == {p.id for p in relayed}
+    np.testing.assert_allclose(np.stack(values), 1.0)
+
+
+async def test_when_the_relay_in_use_dies_mid_round_the_next_round_averages_through_another(
+    autojump_clock: Any,
+) -> None:
+    net = MemoryNetwork(seed=7, latency=LATENCY)
+    values = [np.full(4096, float(i), dtype=np.float32) for i in range(4)]
+    async with volunteers(net, 2, 4) as ((r0, r1), peers), AsyncExitStack() as stack:
+        averagers = [
+            await stack.enter_async_context(MoshpitAverager(p, "nat", [v], round_period=PERIOD))
+            for p, v in zip(peers, values, strict=True)
+        ]
+        first = await run_rounds(averagers, values, 1)
+        assert all(r.succeeded for r in first[0])
+        in_use = {c.via for p in peers for c in p.transport.connections() if c.via is not None}
+        assert in_use == {r0.id}  # the first listed relay, while it lives
+        # the next round: kill r0 a moment into its all-reduce (with the circuits open from
+        # the first round, matchmaking takes 0.05-0.06 s here and the all-reduce 0.07-0.1 s)
+        now = peers[0].dht.now()
+        slot_in = (math.floor(now / PERIOD) + 1) * PERIOD - now
+        before = {a.peer.id: v.copy() for a, v in zip(averagers, values, strict=True)}
+        cut: list[RoundReport] = []
+        async with trio.open_nursery() as nursery:
+
+            async def kill_soon() -> None:
+                await trio.sleep(slot_in + 0.08)
+                net.kill("r0")
+
+            async def run(a: MoshpitAverager) -> None:
+                cut.append(await a.step(timeout=TIMEOUT))
+
+            nursery.start_soon(kill_soon)
+            for a in averagers:
+                nursery.start_soon(run, a)
+        # The round the relay died in: every report true to the values, and over at once, not
+        # at its timeout: the members lost each other with the relay's connections.
+        now_values = {a.peer.id: v for a, v in zip(averagers, values, strict=True)}
+        assert len({r.round for r in cut}) == 1
+        assert not any(r.succeeded for r in cut), cut  # the kill did cut the round
+        for report in cut:
+            assert report.seconds["total"] <= 0.13, report
+            assert report.lost, report
+            me = report.members[report.index]
+            check_report_is_true(report, before, dict.fromkeys(before, 1.0), now_values[me])
+        after = await run_rounds(averagers, values, 1)
+        assert all(r.succeeded and len(r.members) == 4 for r in after[0]), after
+        in_use = {c.via for p in peers for c in p.transport.connections() if c.via is not None}
+        assert in_use == {r1.id}
+    np.testing.assert_allclose(np.stack(values), np.stack(values).mean(), rtol=1e-5)
+
+
+def member(*, client_mode: bool, relayed: bool, address: str = "") -> MemberInfo:
+    return MemberInfo(bytes(32), address, 1.0, client_mode, relayed)
+
+
+@pytest.mark.parametrize(
+    ("members", "expected"),
+    [
+        # a listening member: client-mode ones (relayed or not) reduce nothing
+        ([(False, False), (True, True), (True, False)], [False, True, True]),
+        # nobody listens: the relayed ones reduce, the others nothing
+        ([(True, True), (True, False), (True, True)], [False, True, False]),
+        ([(True, True)], [False]),
+    ],
+)
+def test_who_reduces(members: list[tuple[bool, bool]], expected: list[bool]) -> None:
+    infos = [member(client_mode=c, relayed=r, address="" if c else "x") for c, r in members]
+    assert no_span(infos) == expected
+
+
+def test_a_listening_member_that_claims_a_relay_is_refused() -> None:
+    # A listening peer is reached directly; "relayed" is a client-mode peer's word only.
+    address = "ws://h:1/" + "a" * 52
+    assert not _usable(member(client_mode=False, relayed=True, address=address))
+    assert _usable(member(client_mode=True, relayed=True))
