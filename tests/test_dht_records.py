@@ -106,6 +106,7 @@ def test_namespaces_choose_the_policy_by_namespace() -> None:
         {"namespace": b"a", "max_ttl": 1.0, "max_value_size": -1},
         {"namespace": b"a", "max_ttl": 1.0, "max_subkeys": 0},
         {"namespace": "a", "max_ttl": 1.0},
+        {"namespace": b"a", "max_ttl": 1.0, "keyed_by_owner": True},  # not owned
     ],
 )
 def test_bad_policies_are_config_errors(kwargs: dict[str, Any]) -> None:
@@ -240,6 +241,25 @@ def test_a_record_expiring_in_a_year_is_refused(identities: list[Identity]) -> N
     with rejected("ttl"):
         s.put(make_record(AVG_KEY, b"v", year, owner=identities[0]), NOW)
     assert len(s) == 0
+
+
+def test_a_key_named_after_its_owner_takes_that_owner_only(identities: list[Identity]) -> None:
+    # mp.relay/C: only C writes there, so nobody can fill C's key (max_subkeys) with records
+    # that expire later than C's and crowd C's own out.
+    policy = NamespacePolicy(b"r", max_ttl=600.0, owned=True, max_subkeys=2, keyed_by_owner=True)
+    alice, bob = identities[:2]
+    alices_key = b"r/" + str(alice.peer_id).encode()
+    validate(make_record(alices_key, b"v", NOW + 60, owner=alice), policy, NOW)
+    with rejected("owner"):
+        validate(make_record(alices_key, b"v", NOW + 60, owner=bob), policy, NOW)
+    with rejected("owner"):  # a key not named after any peer: nobody's
+        validate(make_record(b"r/somebody", b"v", NOW + 60, owner=alice), policy, NOW)
+    s = RecordStore(Namespaces([policy]))
+    s.put(make_record(alices_key, b"mine", NOW + 60, owner=alice), NOW)
+    for other in identities[1:]:
+        with rejected("owner"):
+            s.put(make_record(alices_key, b"junk", NOW + 500, owner=other), NOW)
+    assert [r.value for r in s.get(key_id(alices_key), NOW)] == [b"mine"]
 
 
 def test_owned_namespace_rules(identities: list[Identity]) -> None:

@@ -163,3 +163,45 @@ async def test_a_relayed_call_in_flight_fails_with_a_typed_error_when_the_relay_
             with pytest.raises(ConnectionLost):
                 await a.transport.call(c.id, "slow", b"", timeout=30)
             assert trio.current_time() - start == pytest.approx(0.5)
+
+
+async def test_what_a_peer_remembers_about_others_relays_stays_bounded(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A long-lived peer looks up thousands of peers over its life: the routes it learned and
+    # the peers it found without relays are capped (the oldest go), not kept forever.
+    from moshpit_trio.errors import Unreachable
+    from moshpit_trio.wire import relay as relay_module
+    from moshpit_trio.wire import transport as transport_module
+
+    monkeypatch.setattr(relay_module, "MAX_ROUTED", 3)
+    monkeypatch.setattr(transport_module, "_MAX_UNRESOLVED", 3)
+    net = MemoryNetwork(latency=HOP)
+    async with open_peer(ident(1), listen="a:0", network=net.host("a")) as a:
+        endpoint = a.transport.relay
+        relay = PeerAddress.parse(f"ws://r:1/{ident(2).peer_id}")
+        others = [ident(20 + i).peer_id for i in range(5)]
+        for peer in others:
+            endpoint.add_route(peer, relay)
+        assert list(endpoint.routes) == others[2:]
+        endpoint.routes.clear()
+
+        lookups: list[object] = []
+
+        async def nothing_published(peer: object) -> list[PeerAddress]:
+            lookups.append(peer)
+            return []
+
+        endpoint.resolver = nothing_published
+        for peer in others:
+            with pytest.raises(Unreachable):
+                await a.transport.connect(peer, timeout=1)
+        assert lookups == others
+        unresolved = a.transport._unresolved
+        assert len(unresolved) == 3 and list(unresolved) == others[2:]
+        # a peer still remembered is not looked up again; one dropped from memory is
+        with pytest.raises(Unreachable):
+            await a.transport.connect(others[4], timeout=1)
+        with pytest.raises(Unreachable):
+            await a.transport.connect(others[0], timeout=1)
+        assert lookups == [*others, others[0]]

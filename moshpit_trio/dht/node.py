@@ -123,7 +123,12 @@ def default_namespaces() -> Namespaces:
             NamespacePolicy(b"mp.progress", max_ttl=3600.0, owned=True),
             # the relays a client-mode peer holds reservations on (SPEC.md "Relay")
             NamespacePolicy(
-                b"mp.relay", max_ttl=600.0, owned=True, max_value_size=1024, max_subkeys=8
+                b"mp.relay",
+                max_ttl=600.0,
+                owned=True,
+                max_value_size=1024,
+                max_subkeys=8,
+                keyed_by_owner=True,
             ),
         ]
     )

@@ -198,6 +198,9 @@ class NamespacePolicy:
     owned: bool = False  # subkey = writer's PeerID, signature required
     max_value_size: int = 64 * 1024
     max_subkeys: int = 256  # per key, tombstones included (they take room too)
+    #: (owned only) a key is ``NAMESPACE/PEERID_TEXT`` and only that peer writes under it: a
+    #: peer's own record (``mp.relay``) that nobody can crowd out by filling the key
+    keyed_by_owner: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.namespace, bytes):
@@ -212,6 +215,8 @@ class NamespacePolicy:
             raise ConfigError(f"max_value_size must be >= 0, got {self.max_value_size}")
         if self.max_subkeys < 1:
             raise ConfigError(f"max_subkeys must be >= 1, got {self.max_subkeys}")
+        if self.keyed_by_owner and not self.owned:
+            raise ConfigError("keyed_by_owner is for an owned namespace")
 
 
 DEFAULT_POLICY = NamespacePolicy(b"", max_ttl=24 * 3600)
@@ -311,6 +316,8 @@ def validate(
         raise RecordRejected("signature", f"signature of {len(signature)} bytes; it is 64")
     if policy.owned and PeerID.from_public_key(owner_key).to_bytes() != subkey:
         raise RecordRejected("owner", "the subkey is another peer's PeerID")
+    if policy.keyed_by_owner and key != policy.namespace + b"/" + str(PeerID(subkey)).encode():
+        raise RecordRejected("owner", "only the peer a key names writes under it")
     if not verify_signature(
         owner_key, signature, record_message(key, subkey, value, float(expiration))
     ):

@@ -59,6 +59,8 @@ DOWN: Final = "relay.down"
 #: the longest reservation a peer asks for, and the longest circuit it accepts (ms)
 _MAX_MS: Final = 86_400_000
 _MAX_DETAIL: Final = 1000
+#: peers whose relays a peer remembers (``RelayEndpoint.routes``)
+MAX_ROUTED: Final = 4096
 #: circuits a peer waits on at once as the target (announced, not yet connected)
 _MAX_PENDING: Final = 64
 
@@ -409,7 +411,10 @@ class RelayEndpoint:
         transport.register_stream(DOWN, self._on_down)
 
     def add_route(self, peer: PeerID, relay: PeerAddress) -> None:
-        """Reach ``peer`` through ``relay`` when there is no direct way."""
+        """Reach ``peer`` through ``relay`` when there is no direct way. Routes are kept for
+        the ``MAX_ROUTED`` peers routed most recently (a lookup finds the others again)."""
+        if peer not in self.routes and len(self.routes) >= MAX_ROUTED:
+            del self.routes[next(iter(self.routes))]
         routes = self.routes.setdefault(peer, [])
         if relay not in routes:
             routes.append(relay)

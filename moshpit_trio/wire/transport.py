@@ -76,6 +76,8 @@ _REFUSAL_TIMEOUT = 1.0
 _DIRECT_RETRY = 60.0
 #: a peer whose relays could not be found is not looked up again for this long
 _RESOLVE_AGAIN = 10.0
+#: peers remembered as having published no relay (the oldest go first beyond this)
+_MAX_UNRESOLVED = 1024
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -537,6 +539,11 @@ class Transport:
             if not routes:
                 # Nothing published: say so at once for a while, rather than look it up again
                 # for every call to a peer that is gone (a round's calls to a lost member).
+                if len(self._unresolved) >= _MAX_UNRESOLVED:
+                    # (bounded: every peer ever looked up would otherwise stay here)
+                    self._unresolved = {p: t for p, t in self._unresolved.items() if t > now}
+                    while len(self._unresolved) >= _MAX_UNRESOLVED:
+                        del self._unresolved[next(iter(self._unresolved))]
                 self._unresolved[peer] = trio.current_time() + _RESOLVE_AGAIN
         if not routes:
             raise Unreachable(f"no connection to {peer.short} and no address known for it")
