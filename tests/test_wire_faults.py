@@ -620,3 +620,58 @@ async def test_a_pinned_connection_is_not_closed_as_idle(
         await trio.sleep(1.0)
         remote = {c.remote_peer_id for c in hub.connections()}
         assert pinned.peer_id in remote and other.peer_id not in remote
+
+
+async def test_ending_a_stream_while_a_chunk_waits_for_room_sends_the_end_after_it(
+    autojump_clock: Any, identities: list[Identity]
+) -> None:
+    # A relay pipe closed by one task while another is sending on it (wire/relay.py): the
+    # END must not overtake the chunk still waiting for room in the outbox. It did: the
+    # receiver saw "chunk after the end of stream" and banned the sender for it.
+    limits = dataclasses.replace(
+        SMALL,
+        connection=ConnectionLimits(stream_chunk=4096, stream_window=1 << 20, max_queued=2),
+    )
+    net = MemoryNetwork(seed=1, bandwidth=1e6)  # 4 ms a chunk: the outbox fills at once
+    got: list[int] = []
+    ended = trio.Event()
+
+    async def count(request: StreamRequest) -> bytes:
+        total = 0
+        async for chunk in request:
+            total += len(chunk)
+        got.append(total)
+        ended.set()
+        await trio.sleep(0.5)  # still serving the stream when a late chunk would come
+        return b""
+
+    async with (
+        peer(net, "s", identities[0], limits=limits) as server,
+        peer(net, "c", identities[1], limits=limits) as client,
+    ):
+        server.register_stream("count", count)
+        assert server.address is not None
+        conn = await client.connect(server.address)
+        async with conn.open_stream("count", timeout=10) as stream, trio.open_nursery() as n:
+            failure: list[BaseException] = []
+
+            async def send() -> None:
+                try:
+                    await stream.send(bytes(40 * 4096))
+                except Exception as exc:
+                    failure.append(exc)
+
+            n.start_soon(send)
+            await trio.sleep(0.01)  # a few chunks out, one waiting for room
+            assert stream._queueing
+            stream.end_nowait()
+        with trio.fail_after(1):
+            await ended.wait()
+        await trio.sleep(0.5)
+        server_conn = server.connection_to(client.peer_id)
+        assert server_conn is not None and server_conn.protocol_error is None
+        assert not server.bans
+        # every chunk queued before the end arrived, and nothing after it; the sender was told
+        (total,) = got
+        assert 0 < total < 40 * 4096 and total % 4096 == 0
+        assert len(failure) == 1

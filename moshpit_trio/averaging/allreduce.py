@@ -137,6 +137,7 @@ class AllReduce:
         self.reduced: tuple[np.ndarray, list[int]] | None = None
         self._result_payload: SharedPayload | None = None
         self.excluded: dict[int, str] = {}
+        self._progress_timeout = MIN_PROGRESS_TIMEOUT
         self.bytes_sent = 0
         self.bytes_received = 0
         # With borrow_flat, parts are encrypted straight from `flat` (no copy) when the codec's
@@ -172,6 +173,7 @@ class AllReduce:
 
         A member silent for ``progress_timeout`` seconds while we depend on it is lost for the
         round (see the module docstring)."""
+        self._progress_timeout = progress_timeout
         if self.accumulator is not None:
             start, end = self.spans[self.index]
             # Our own part may be bad (NaN, over the norm bound): the accumulator then leaves
@@ -229,6 +231,7 @@ class AllReduce:
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(connection_ends)
+            await self._let_it_dial(transport, i, trio.current_time() + progress_timeout)
             await transport.wait_silent(self._target(member), progress_timeout)
             self._lose(i, "unresponsive")
             nursery.cancel_scope.cancel()
@@ -299,6 +302,17 @@ class AllReduce:
             reports.append(SpanReport(start, end, ids[j], tuple(ids[i] for i in included)))
         return reports
 
+    async def _let_it_dial(self, transport: Any, i: int, by: float) -> None:
+        """Between two relayed members, only the one with the lower PeerID opens a circuit;
+        the other waits for it (until ``by`` at most, then dials itself). Both need each other
+        at once in a group where both reduce, and two circuits per pair would spend twice the
+        relay's per-peer circuits (and each end's incoming streams), for nothing."""
+        me, member = self.members[self.index], self.members[i]
+        if not (me.relayed and member.relayed) or me.peer_id < member.peer_id:
+            return
+        with trio.move_on_at(by):
+            await transport.wait_connected(PeerID(member.peer_id))
+
     @staticmethod
     def _target(member: MemberInfo) -> PeerAddress | PeerID:
         if member.client_mode:
@@ -347,6 +361,8 @@ class AllReduce:
         with trio.CancelScope() as scope:
             self._sends.setdefault(i, []).append(scope)
             try:
+                patience = trio.current_time() + self._progress_timeout
+                await self._let_it_dial(transport, i, min(deadline, patience))
                 async with transport.open_stream(
                     self._target(self.members[i]), name, header, timeout=timeout
                 ) as stream:

@@ -50,7 +50,14 @@ from .grid import (
 from .grid import (
     initial_key as default_initial_key,
 )
-from .matchmaking import GroupInfo, KeyFull, Matchmaker, MemberInfo
+from .matchmaking import (
+    RELAYED_BANDWIDTH,
+    RELAYED_GROUP_MAX,
+    GroupInfo,
+    KeyFull,
+    Matchmaker,
+    MemberInfo,
+)
 from .partition import TensorLayout, flatten, write_pieces
 
 __all__ = ["MoshpitAverager", "RoundReport"]
@@ -142,6 +149,8 @@ class MoshpitAverager:
         if min_group_size > max_group_size:
             raise ConfigError("min_group_size cannot exceed max_group_size")
         self.max_group_size = max_group_size
+        #: this round's largest group (grid="auto": smaller in a run where nobody listens)
+        self._most = max_group_size
         group_key_name(run_id, (0,) * (1 if self.grid is None else self.grid.d - 1), 0)
         self.run_id = run_id
         self.tensors = list(tensors)
@@ -255,7 +264,13 @@ class MoshpitAverager:
         else:
             layout = await self._read_directory()
         self._column_read = None
-        plan = Plan.of(layout, self.max_group_size)
+        # A run in which nobody listens averages through relays: its groups stay within what a
+        # relay grants one peer (every member reaches every other through it).
+        most = self.max_group_size
+        if layout.rows and not any(layout.reachable(row) for row in layout.rows):
+            most = min(most, RELAYED_GROUP_MAX)
+        self._most = most
+        plan = Plan.of(layout, most)
         position = None
         if self.row is not None and self._row_group is not None:
             position = layout.position(self.row, *self._row_group)
@@ -304,7 +319,7 @@ class MoshpitAverager:
             self.announcement,
             round_,
             key,
-            self.max_group_size,
+            self._most,
             deadline,
             balance=True,
             raise_if_unseen=overflow,
@@ -387,9 +402,14 @@ class MoshpitAverager:
             self._rounds.add(reduce)
             try:
                 reduce_deadline = formed + (deadline - formed) / 2
+                bandwidth = min(m.bandwidth for m in group.members)
+                if all(m.client_mode for m in group.members):
+                    # Nobody listens: every byte goes through a relay, paced to its circuit
+                    # rate and queued in its streams' windows; a ping waits behind that.
+                    bandwidth = min(bandwidth, RELAYED_BANDWIDTH)
                 silence = progress_timeout(
                     window=max(deadline - formed, 1e-3),
-                    bandwidth=min(m.bandwidth for m in group.members),
+                    bandwidth=bandwidth,
                     chunk=self.peer.transport.limits.connection.stream_chunk,
                 )
                 spans = tuple(

@@ -51,9 +51,26 @@ from ..log import get_logger
 from ..wire.address import InvalidAddress, PeerAddress
 from ..wire.connection import Request
 from ..wire.liveness import MIN_PROGRESS_TIMEOUT
+from ..wire.relay_table import RelayLimits
 from .auto_grid import block_of, capacity_at
 
-__all__ = ["GroupInfo", "KeyFull", "Matchmaker", "MemberInfo"]
+__all__ = [
+    "RELAYED_BANDWIDTH",
+    "RELAYED_GROUP_MAX",
+    "GroupInfo",
+    "KeyFull",
+    "Matchmaker",
+    "MemberInfo",
+]
+
+
+#: the largest group a relayed peer leads: every member of a group nobody listens in reaches
+#: every other through a relay, one circuit each, and a relay grants 16 circuits a peer by
+#: default (``RelayLimits.max_circuits_per_peer``; also one connection's incoming streams)
+RELAYED_GROUP_MAX = RelayLimits().max_circuits_per_peer
+#: bytes/s a group nobody listens in counts on per member when it judges silence: a relay's
+#: default circuit rate (``RelayLimits.circuit_bytes_per_s``)
+RELAYED_BANDWIDTH = RelayLimits().circuit_bytes_per_s
 
 
 class KeyFull(MoshpitError):
@@ -269,6 +286,11 @@ class Matchmaker:
         # Our block: with one group under the key, all of it; with more (balance), the group
         # that our place falls in when the announcers are cut as group_sizes says.
         block = (0, len(announced) + 1)
+        if attempt.balance and announced and all(m.client_mode for _, m in announced):
+            # Nobody here listens: groups go through relays, within what a relay grants each
+            # peer (everyone sees the same announcers, so everyone cuts the same blocks).
+            attempt.max_capacity = min(attempt.max_capacity, RELAYED_GROUP_MAX)
+            attempt.capacity = min(attempt.capacity, attempt.max_capacity)
         if attempt.balance and len(announced) > attempt.max_capacity:
             # Should we lead, the peers before us filled the groups before ours. (One group:
             # room up to the maximum, for a late announcer too.)
@@ -311,6 +333,8 @@ class Matchmaker:
         # down the same order and reach us; client-mode ones without a relay ask every
         # leader of the key), not for a capacity nobody may fill.
         attempt.leading = True
+        if self.me.client_mode:
+            attempt.capacity = min(attempt.capacity, RELAYED_GROUP_MAX)
         if attempt.capacity <= 1:
             return self._close(attempt)
         later = {m.peer_id for m in leaders[rank + 1 :]}

@@ -764,6 +764,10 @@ class SendStream:
         self._call_id = 0
         self._waiter: _Waiter | None = None
         self._finished = False
+        # A chunk being queued (waiting for room in the outbox), and an end_nowait() that came
+        # meanwhile: its END goes right after that chunk, never before it.
+        self._queueing = False
+        self._end_deferred = False
 
     async def __aenter__(self) -> SendStream:
         async def start() -> None:
@@ -826,7 +830,14 @@ class SendStream:
             waiter.credit_changed = trio.Event()
             await waiter.credit_changed.wait()
         waiter.credit -= len(piece)
-        await self._conn._send(Kind.STREAM_DATA, self._call_id, piece)
+        self._queueing = True
+        try:
+            await self._conn._send(Kind.STREAM_DATA, self._call_id, piece)
+        finally:
+            self._queueing = False
+            if self._end_deferred:
+                self._end_deferred = False
+                self._conn._queue_control(Kind.STREAM_END, self._call_id)
 
     def end_nowait(self) -> None:
         """Queue STREAM_END at once, without waiting for room or for the receiver's answer,
@@ -838,7 +849,12 @@ class SendStream:
             return
         if not waiter.done.is_set() and not self._finished:
             self._finished = True
-            self._conn._queue_control(Kind.STREAM_END, self._call_id)
+            if self._queueing:
+                # Another task is queueing a chunk of ours: queued now, the END would reach
+                # the receiver before that chunk, a protocol violation (``_send_chunk``).
+                self._end_deferred = True
+            else:
+                self._conn._queue_control(Kind.STREAM_END, self._call_id)
         self._conn._waiters.pop(self._call_id, None)
         waiter.finish(None, ConfigError("the stream was ended"))
 

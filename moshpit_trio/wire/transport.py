@@ -94,12 +94,18 @@ class TransportLimits:
     #: holds connections to the peers it works with, not to everyone it ever met
     idle_connections: int = 64
     idle_after: float = 30.0
+    #: a relayed connection idle this long closes, whatever the count: its circuit holds one
+    #: of the few a relay grants each end (16 by default), and an averaging peer meets new
+    #: group mates every round; opening a circuit again costs a fraction of a second
+    relayed_idle_after: float = 2.0
 
     def __post_init__(self) -> None:
         if self.max_connections < 1 or self.max_connections_per_peer < 1:
             raise ConfigError("connection limits must be at least 1")
         if self.idle_connections < 0 or not self.idle_after > 0:
             raise ConfigError("idle_connections must be >= 0 and idle_after positive")
+        if not self.relayed_idle_after > 0:
+            raise ConfigError("relayed_idle_after must be positive")
         if not self.handshake_timeout > 0:
             raise ConfigError("handshake_timeout must be positive")
 
@@ -146,6 +152,7 @@ class Transport:
         self._direct_failed: dict[PeerID, float] = {}  # peer -> when to try it directly again
         self._unresolved: dict[PeerID, float] = {}  # peer -> when to look its relays up again
         self._open_streams = 0  # connections being set up or running, both directions
+        self._sweeping = False  # a task closes idle relayed connections (while any is open)
         self._closing = False
         # bytes moved by connections that have ended (the live ones count their own)
         self._ended_sent = 0
@@ -198,6 +205,35 @@ class Transport:
         if event is not None:
             event.set()
         self._trim(self.limits.idle_connections)
+        if conn.via is not None and not self._sweeping:
+            self._sweeping = True
+            self._nursery.start_soon(self._sweep_relayed)
+
+    async def _sweep_relayed(self) -> None:
+        """Close relayed connections idle for ``relayed_idle_after``, for as long as any is
+        open (``_add`` starts this again when the next one comes)."""
+        after = self.limits.relayed_idle_after
+        try:
+            while True:
+                relayed = [c for c in self.connections() if c.via is not None]
+                if not relayed:
+                    return
+                now = trio.current_time()
+                idle = [
+                    c
+                    for c in relayed
+                    if not c.busy and c.last_active + after <= now and c.pinned_until <= now
+                ]
+                self._close_idle(idle)
+                # Next look: when the quietest of the others would be idle long enough (a
+                # busy one is looked at again then too: it may be done by that time).
+                wake = min(
+                    (max(c.last_active + after, now + after / 4) for c in relayed if c not in idle),
+                    default=now + after / 4,
+                )
+                await trio.sleep_until(wake)
+        finally:
+            self._sweeping = False
 
     def _idle(self) -> list[Connection]:
         """Open connections with nothing in flight and no message for ``idle_after``, the least
