@@ -234,6 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--client-mode", action="store_true", default=None, help="never listen (behind NAT)"
     )
     p.add_argument("--shutdown-timeout", metavar="SECONDS")
+    p.add_argument(
+        "--relay-offer",
+        choices=["auto", "true", "false"],
+        help="relay for client-mode peers (auto: when listening with no runs)",
+    )
     p.add_argument("--log-format", dest="peer_log_format", choices=["console", "json"])
     p.add_argument("--log-level", dest="peer_log_level", metavar="LEVEL")
     p.add_argument(
@@ -297,6 +302,7 @@ def cmd_peer(args: argparse.Namespace) -> int:
         "--shutdown-timeout": args.shutdown_timeout,
         "--log-format": args.peer_log_format,
         "--log-level": args.peer_log_level,
+        "--relay-offer": args.relay_offer,
     }
     config = load_config(args.config, env=os.environ, flags=flags)
     if args.check:
