@@ -403,7 +403,8 @@ class HeldRelaysStatus(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     held: list[HeldRelay]
     #: the relays its record in the DHT names (empty: none published)
     published: list[str]
-    #: seconds until the record is stored again (None: no record to keep up)
+    #: seconds until the record is stored again, or tried again after a failure (None: no
+    #: record to keep up)
     republish_in: float | None
     #: why the last store of the record failed (None: it did not)
     publish_error: str | None
@@ -655,7 +656,12 @@ def _format_relay(status: PeerStatus) -> list[str]:
             )
             lines.append(f"  record   published: {len(held.published)} relays{again}")
         else:
-            lines.append("  record   not published: nobody can reach this peer")
+            again = (
+                ""
+                if held.republish_in is None
+                else f"; tried again in {_duration(held.republish_in)}"
+            )
+            lines.append(f"  record   not published: nobody can reach this peer{again}")
         if held.publish_error is not None:
             lines.append(f"  record   last store failed: {held.publish_error}")
     elif status.client_mode:
