@@ -617,12 +617,13 @@ def _format_relay(status: PeerStatus) -> list[str]:
         lines += [
             f"relay      offered: {relay.reservations} of {lim.max_reservations} reservations, "
             f"{relay.circuits} of {lim.max_circuits} circuits ({lim.max_circuits_per_peer} a "
-            f"peer), {relay.circuits_opened} opened since the start",
+            f"peer), {relay.circuits_opened} opened in all",
             f"             forwarded {_size(relay.bytes_forwarded)}; paced to "
             f"{_size(lim.circuit_bytes_per_s)}/s a circuit, {_size(lim.total_bytes_per_s)}/s "
-            f"in all; circuits last {_duration(lim.circuit_lifetime)}, reservations "
-            f"{_duration(lim.reservation_ttl)}",
-            f"             refused: {refused or 'nothing'}; bans {relay.bans}",
+            "in all",
+            f"             circuits last {_duration(lim.circuit_lifetime)}, reservations "
+            f"{_duration(lim.reservation_ttl)}; refused: {refused or 'nothing'}; "
+            f"bans {relay.bans}",
         ]
         for r in relay.reserved:
             lines.append(f"  reserved {_short(r.peer)}, ends in {_duration(r.expires_in)}")
@@ -654,7 +655,8 @@ def _format_relay(status: PeerStatus) -> list[str]:
                 if held.republish_in is None
                 else f", stored again in {_duration(held.republish_in)}"
             )
-            lines.append(f"  record   published: {len(held.published)} relays{again}")
+            n = len(held.published)
+            lines.append(f"  record   published: {n} relay{'s' if n > 1 else ''}{again}")
         else:
             again = (
                 ""

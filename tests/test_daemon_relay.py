@@ -14,11 +14,14 @@ import pytest
 import structlog
 import trio
 
+from moshpit_trio.cli import _status
 from moshpit_trio.config import parse_config
 from moshpit_trio.daemon import Daemon, _TrainingService, fetch_status, format_status
+from moshpit_trio.errors import RelayRefused
 from moshpit_trio.identity import Identity
 from moshpit_trio.log import configure_logging
 from moshpit_trio.testing import MemoryNetwork
+from moshpit_trio.wire.address import InvalidAddress
 from moshpit_trio.wire.relay_table import RelayLimits
 from moshpit_trio.wire.transport import open_transport
 
@@ -131,6 +134,14 @@ async def test_two_client_mode_daemons_reach_each_other_through_the_bootstrap_da
 
         async with open_transport(ADMIN, listen=None, network=net.host("admin")) as t:
             boot_status = await fetch_status(t, boot_addr, timeout=5)
+        # an operator asks a client-mode daemon through its relay (`moshpit status ID --via`)
+        via = await _status(ADMIN, str(a.peer.id), 5, [boot_addr], network=net.host("admin2"))
+        assert via.peer_id == str(a.peer.id) and via.relays.published == [boot_addr]
+        with pytest.raises(InvalidAddress, match="or a PeerID with --via RELAY_ADDRESS"):
+            await _status(ADMIN, str(a.peer.id), 5, None, network=net.host("admin3"))
+        nobody = Identity.from_seed(bytes([77]) * 32).peer_id  # holds no reservation there
+        with pytest.raises(RelayRefused, match="no reservation"):
+            await _status(ADMIN, str(nobody), 5, [boot_addr], network=net.host("admin4"))
     relay = boot_status.relay
     assert relay is not None and boot_status.relays is None
     assert relay.limits.max_reservations == RelayLimits().max_reservations
@@ -148,13 +159,16 @@ async def test_two_client_mode_daemons_reach_each_other_through_the_bootstrap_da
     assert relay.bans == 0
 
     table = format_status(boot_status)
-    assert "relay      offered: 2 of 128 reservations, 1 of 256 circuits" in table
+    assert (
+        "relay      offered: 2 of 128 reservations, 1 of 256 circuits (16 a peer), 1 opened in all"
+        in table
+    )
     assert f"circuit  {str(a.peer.id)[:10]} -> {str(b.peer.id)[:10]}" in table
     assert "refused: nothing; bans 0" in table
     client_table = format_status(b_status)
     assert "relays     1 held of 2 wanted, from 1 listed" in client_table
     assert f"held     {boot_addr}: renewed in" in client_table
-    assert "record   published: 1 relays" in client_table
+    assert "record   published: 1 relay, stored again in" in client_table
 
 
 async def test_status_says_when_a_peer_neither_relays_nor_is_reachable(
