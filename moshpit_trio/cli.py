@@ -11,6 +11,7 @@
     moshpit peer --config FILE [--listen HOST:PORT] [--bootstrap ADDRESS]... [...]
                                                  run a peer daemon until SIGTERM (peers/*.toml)
     moshpit status ADDRESS [--json] [--key FILE] ask a running daemon for its status
+    moshpit status PEER_ID --via RELAY_ADDRESS   ... a client-mode one, through its relay
     moshpit dashboard --bootstrap ADDRESS --run RUN [--listen HOST:PORT] [--key FILE]
                                                  a live web page of a run's swarm
 
@@ -35,7 +36,7 @@ import trio
 
 from . import __version__
 from .errors import ConfigError, MoshpitError
-from .identity import Identity
+from .identity import Identity, PeerID
 from .log import configure_logging
 
 __all__ = ["main"]
@@ -234,6 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--client-mode", action="store_true", default=None, help="never listen (behind NAT)"
     )
     p.add_argument("--shutdown-timeout", metavar="SECONDS")
+    p.add_argument(
+        "--relay-offer",
+        choices=["auto", "true", "false"],
+        help="relay for client-mode peers (auto: when listening with no runs)",
+    )
     p.add_argument("--log-format", dest="peer_log_format", choices=["console", "json"])
     p.add_argument("--log-level", dest="peer_log_level", metavar="LEVEL")
     p.add_argument(
@@ -243,7 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="ask a running daemon for its status")
     keyed(p)
-    p.add_argument("address", help="ws://HOST:PORT/PEER_ID")
+    p.add_argument("address", help="ws://HOST:PORT/PEER_ID, or a PEER_ID with --via")
+    p.add_argument(
+        "--via",
+        action="append",
+        metavar="RELAY_ADDRESS",
+        help="reach a client-mode daemon through this relay of its (repeatable)",
+    )
     p.add_argument("--json", action="store_true", help="JSON for machines")
     p.add_argument("--timeout", type=float, default=10.0)
     p.set_defaults(func=cmd_status)
@@ -297,6 +309,7 @@ def cmd_peer(args: argparse.Namespace) -> int:
         "--shutdown-timeout": args.shutdown_timeout,
         "--log-format": args.peer_log_format,
         "--log-level": args.peer_log_level,
+        "--relay-offer": args.relay_offer,
     }
     config = load_config(args.config, env=os.environ, flags=flags)
     if args.check:
@@ -318,12 +331,35 @@ def cmd_peer(args: argparse.Namespace) -> int:
         return 1
 
 
-async def _status(identity: Identity, address: str, timeout: float) -> Any:
+async def _status(
+    identity: Identity,
+    address: str,
+    timeout: float,
+    via: list[str] | None = None,
+    network: Any = None,  # a StreamNetwork (tests: the in-memory one); None: TCP
+) -> Any:
     from .daemon import fetch_status
-    from .wire.transport import open_transport
+    from .wire.address import InvalidAddress, PeerAddress
+    from .wire.transport import Target, open_transport
 
-    async with open_transport(identity, listen=None) as transport:
-        return await fetch_status(transport, address, timeout=timeout)
+    target: Target = address
+    relays = [PeerAddress.parse(r) for r in via or ()]
+    peer: PeerID | None = None
+    if relays:
+        # A client-mode daemon has no address: name it by PeerID, and reach it through the
+        # relays it holds reservations on (its log's "peer started" line names them).
+        peer = PeerAddress.parse(address).peer_id if "://" in address else PeerID.from_text(address)
+        target = peer
+    elif "://" not in address:
+        raise InvalidAddress(
+            f"{address!r}: expected ws://HOST:PORT/PEER_ID, or a PeerID with --via RELAY_ADDRESS "
+            "(a client-mode daemon is reached through one of its relays)"
+        )
+    async with open_transport(identity, listen=None, network=network) as transport:
+        for relay in relays:
+            assert peer is not None
+            transport.relay.add_route(peer, relay)
+        return await fetch_status(transport, target, timeout=timeout)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -331,7 +367,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from .daemon import format_status
 
-    status = trio.run(_status, _identity(args), args.address, args.timeout)
+    status = trio.run(_status, _identity(args), args.address, args.timeout, args.via)
     if args.json:
         print(json.dumps(msgspec.to_builtins(status), indent=2))
     else:

@@ -28,6 +28,15 @@ run's ``kind`` and ``run_id``, and an averaging run's ``size`` or a training run
     calls_per_s = 500.0            # per remote peer; more are answered "busy"
     ban_base = 60.0                # first ban; each repeat offence doubles it, up to ban_cap
 
+    [relay]
+    offer = "auto"                 # relay for client-mode peers: "auto" (a listening peer
+                                   # with no [[runs]]: a bootstrap node), true, or false
+    max_reservations = 128         # client-mode peers holding a slot here at once
+    circuit_bytes_per_s = "64 Mbit/s"  # per relayed connection; total_bytes_per_s: all of them
+    relays = ["ws://198.51.100.2:7070/mp..."]  # client mode: where to hold reservations
+                                   # (absent: the [peer] bootstrap list)
+    want = 2                       # client mode: how many of them at once
+
     [[runs]]
     kind = "averaging"             # average a vector this daemon owns, round after round
     run_id = "exp1"
@@ -39,6 +48,12 @@ Every key of a section can be overridden by an environment variable ``MOSHPIT_<S
 (``MOSHPIT_PEER_LISTEN=0.0.0.0:7171``; lists are comma-separated, booleans ``true``/``false``),
 and a few by command-line flags (``moshpit peer --listen ...``), which win over both. Runs come
 from the file only.
+
+``[relay]`` has two halves. A listening peer *offers* relaying (``offer``; the other keys but
+``relays`` and ``want`` are its limits, ``wire.relay_table.RelayLimits``); a client-mode peer
+*uses* relays (``relays``, ``want``). Keys of the half that does not apply are mistakes, as
+``max_group_size`` with a fixed grid is: ``offer = true`` in client mode, ``relays`` or ``want``
+on a listening peer, relay limits on a peer that does not relay.
 
 Every mistake is a ``ConfigError`` that names the file, the key (and the variable or flag the
 value came from), what was expected and what was found; unknown sections and keys are mistakes
@@ -65,6 +80,7 @@ from typing import Any, Final, Literal, TypeAlias
 
 from .errors import ConfigError, InvalidPeerID
 from .identity import PeerID
+from .wire.relay_table import RelayLimits
 
 __all__ = [
     "AccessConfig",
@@ -73,6 +89,7 @@ __all__ = [
     "LimitsConfig",
     "LogConfig",
     "PeerConfig",
+    "RelayConfig",
     "RunConfig",
     "StatusConfig",
     "TrainingRun",
@@ -211,6 +228,30 @@ class AccessConfig:
         return self.allowlist is not None or self.allowlist_file is not None
 
 
+#: as ``relays.MAX_RELAYS`` (a relay record lists at most this many; that module needs trio)
+MAX_RELAYS: Final = 4
+#: the [relay] keys that are a relay's limits: ``RelayLimits``'s fields, with its defaults
+RELAY_LIMIT_KEYS: Final = tuple(f.name for f in dataclasses.fields(RelayLimits))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RelayConfig:
+    """The ``[relay]`` section, resolved against ``[peer]`` and the runs.
+
+    ``offer`` is whether this peer relays for client-mode peers (``offer_setting`` says what
+    the configuration said: ``"auto"`` relays on a listening peer with no runs, a bootstrap
+    node); ``limits`` are its limits then. ``relays`` are the relays a client-mode peer holds
+    reservations on (the ``[peer] bootstrap`` list unless given; empty on a listening peer)
+    and ``want`` how many at once.
+    """
+
+    offer: bool
+    offer_setting: bool | Literal["auto"]
+    limits: RelayLimits
+    relays: tuple[str, ...]
+    want: int
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class DaemonConfig:
     #: where the configuration came from (the file's path), for messages
@@ -221,6 +262,7 @@ class DaemonConfig:
     status: StatusConfig
     runs: tuple[RunConfig, ...]
     access: AccessConfig
+    relay: RelayConfig = RelayConfig(False, "auto", RelayLimits(), (), 2)
 
     @property
     def dht_only(self) -> bool:
@@ -372,6 +414,22 @@ def _bytes(value: Any, where: _Where) -> float:
     return size
 
 
+def _offer(value: Any, where: _Where) -> bool | Literal["auto"]:
+    if value == "auto" or isinstance(value, bool):
+        return value  # type: ignore[no-any-return]
+    raise where.fail('"auto", true or false', value)
+
+
+def _seconds_in(low: float, high: float) -> Check:
+    def check(value: Any, where: _Where) -> float:
+        expected = f"a number of seconds in {low:g}..{high:g}"
+        if not _is_number(value) or not math.isfinite(value) or not low <= value <= high:
+            raise where.fail(expected, value)
+        return float(value)
+
+    return check
+
+
 def _level(value: Any, where: _Where) -> str:
     levels = ("debug", "info", "warning", "error")
     if not isinstance(value, str) or value.lower() not in levels:
@@ -511,9 +569,12 @@ def _options(value: Any, where: _Where) -> Mapping[str, Any]:
 class _Key:
     check: Check
     #: how text from an environment variable or flag becomes a TOML-like value
-    text: Literal["str", "bool", "int", "float", "list", "rate"]
+    text: Literal["str", "bool", "auto_bool", "int", "float", "list", "rate"]
     default: Any = None
     required: bool = False
+
+
+_RELAY: Final = RelayLimits()
 
 
 def _section_schemas(base: Path) -> dict[str, dict[str, _Key]]:
@@ -561,6 +622,26 @@ def _section_schemas(base: Path) -> dict[str, dict[str, _Key]]:
             "ban_on_protocol_error": _Key(_boolean, "bool", True),
             "ban_on_bad_data": _Key(_boolean, "bool", True),
         },
+        # Limits as RelayLimits's defaults; lifetimes at most a day (what the wire carries).
+        "relay": {
+            "offer": _Key(_offer, "auto_bool", "auto"),
+            "max_reservations": _Key(_integer(1, 100_000), "int", _RELAY.max_reservations),
+            "reservation_ttl": _Key(_seconds_in(5, 86400), "float", _RELAY.reservation_ttl),
+            "max_circuits": _Key(_integer(1, 100_000), "int", _RELAY.max_circuits),
+            "max_circuits_per_peer": _Key(
+                _integer(1, 100_000), "int", _RELAY.max_circuits_per_peer
+            ),
+            "circuit_lifetime": _Key(_seconds_in(10, 86400), "float", _RELAY.circuit_lifetime),
+            "attach_timeout": _Key(_seconds_in(0.1, 3600), "float", _RELAY.attach_timeout),
+            "circuit_bytes_per_s": _Key(
+                _rate(allow_zero=False), "rate", _RELAY.circuit_bytes_per_s
+            ),
+            "circuit_burst": _Key(_bytes, "rate", _RELAY.circuit_burst),
+            "total_bytes_per_s": _Key(_rate(allow_zero=False), "rate", _RELAY.total_bytes_per_s),
+            "total_burst": _Key(_bytes, "rate", _RELAY.total_burst),
+            "relays": _Key(_addresses, "list", None),
+            "want": _Key(_integer(1, MAX_RELAYS), "int", 2),
+        },
     }
 
 
@@ -603,6 +684,7 @@ FLAG_KEYS: Final[Mapping[str, tuple[str, str]]] = MappingProxyType(
         "--shutdown-timeout": ("peer", "shutdown_timeout"),
         "--log-format": ("log", "format"),
         "--log-level": ("log", "level"),
+        "--relay-offer": ("relay", "offer"),
     }
 )
 
@@ -613,13 +695,15 @@ def _from_text(text: str, kind: str, where: _Where) -> Any:
         return text
     if kind == "list":
         return [part.strip() for part in text.split(",") if part.strip()]
-    if kind == "bool":
+    if kind == "auto_bool" and text.strip().lower() == "auto":
+        return "auto"
+    if kind in ("bool", "auto_bool"):
         lowered = text.strip().lower()
         if lowered in ("1", "true", "yes", "on"):
             return True
         if lowered in ("0", "false", "no", "off"):
             return False
-        raise where.fail("true or false", text)
+        raise where.fail("true or false" if kind == "bool" else '"auto", true or false', text)
     try:
         return int(text.replace("_", "")) if kind == "int" else float(text)
     except ValueError:
@@ -774,6 +858,12 @@ def parse_config(
         raise where("access", "ban_cap").fail(
             f"at least {named('access', 'ban_base')} ({access.ban_base:g} s)", access.ban_cap
         )
+    relay_raw = raw.get("relay", {})
+
+    def given(key: str) -> bool:
+        return key in relay_raw or key in overrides["relay"]
+
+    relay = _relay(sections["relay"], peer, runs, given, where, named)
     return DaemonConfig(
         source=source,
         peer=peer,
@@ -782,6 +872,73 @@ def parse_config(
         status=StatusConfig(**sections["status"]),
         runs=runs,
         access=access,
+        relay=relay,
+    )
+
+
+def _offer_text(setting: bool | str) -> str:
+    return ("true" if setting else "false") if isinstance(setting, bool) else f'"{setting}"'
+
+
+def _relay(
+    values: dict[str, Any],
+    peer: PeerConfig,
+    runs: tuple[RunConfig, ...],
+    given: Callable[[str], bool],
+    where: Callable[[str, str], _Where],
+    named: Callable[[str, str], str],
+) -> RelayConfig:
+    """Resolve ``[relay]`` against client mode and the runs; keys that cannot apply are
+    mistakes (see the module docstring), each named with where its value came from."""
+    setting = values["offer"]
+    mode = named("peer", "client_mode")
+    if peer.client_mode:
+        if setting is True:
+            raise where("relay", "offer").fail(
+                f'false or "auto" when {mode} is true (nobody can dial a client-mode peer, '
+                "so it cannot relay; run a relay on a machine with a public address)",
+                True,
+            )
+        offer = False
+    else:
+        offer = setting is True or (setting == "auto" and not runs)
+        for key in ("relays", "want"):
+            if given(key) and values[key] != ():  # an empty list says what absence does
+                raise where("relay", key).fail(
+                    f"no [relay] {key} when {mode} is false (a listening peer is dialed "
+                    "directly; relays serve client-mode peers): remove it, or set client_mode "
+                    "= true",
+                    list(values[key]) if key == "relays" else values[key],
+                )
+    if not offer:
+        for key in RELAY_LIMIT_KEYS:
+            if given(key):
+                why = (
+                    f"{mode} is true"
+                    if peer.client_mode
+                    else f"{named('relay', 'offer')} is {_offer_text(setting)}"
+                    + (" and this peer has [[runs]]" if setting == "auto" else "")
+                )
+                raise where("relay", key).fail(
+                    f"no relay limits on a peer that does not relay ({why}): remove it, or set "
+                    "[relay] offer = true on a listening peer",
+                    values[key],
+                )
+    if not given("max_circuits_per_peer"):  # the default yields to a smaller max_circuits
+        values["max_circuits_per_peer"] = min(
+            values["max_circuits_per_peer"], values["max_circuits"]
+        )
+    limits = RelayLimits(**{key: values[key] for key in RELAY_LIMIT_KEYS})
+    if limits.max_circuits_per_peer > limits.max_circuits:
+        raise where("relay", "max_circuits_per_peer").fail(
+            f"at most {named('relay', 'max_circuits')} ({limits.max_circuits})",
+            limits.max_circuits_per_peer,
+        )
+    relays: tuple[str, ...] = ()
+    if peer.client_mode:
+        relays = peer.bootstrap if values["relays"] is None else values["relays"]
+    return RelayConfig(
+        offer=offer, offer_setting=setting, limits=limits, relays=relays, want=values["want"]
     )
 
 

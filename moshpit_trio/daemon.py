@@ -340,6 +340,133 @@ class RunStatus(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     local_step: int | None = None
 
 
+class RelayLimitsSummary(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """``wire.relay_table.RelayLimits``, field for field."""
+
+    max_reservations: int
+    reservation_ttl: float
+    max_circuits: int
+    max_circuits_per_peer: int
+    circuit_lifetime: float
+    attach_timeout: float
+    circuit_bytes_per_s: float
+    circuit_burst: float
+    total_bytes_per_s: float
+    total_burst: float
+
+
+class ReservationSummary(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    peer: str
+    #: seconds until it ends unless renewed
+    expires_in: float
+
+
+class CircuitSummary(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    initiator: str
+    target: str
+    age_s: float
+    #: bytes it forwarded so far, both directions
+    bytes: int
+    #: its ends that have attached (2 once it carries bytes)
+    attached: int
+
+
+class RelayStatus(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """What a relay does for others: its limits, what it holds now, and since it started."""
+
+    limits: RelayLimitsSummary
+    #: client-mode peers holding a reservation now, and open circuits
+    reservations: int
+    circuits: int
+    circuits_opened: int
+    bytes_forwarded: int
+    #: refusals since the start by code (SPEC.md "Relay"), and the bans they led to
+    refusals: dict[str, int]
+    bans: int
+    #: the first MAX_LISTED reservations (soonest to end first) and circuits (oldest first)
+    reserved: list[ReservationSummary]
+    live: list[CircuitSummary]
+
+
+class HeldRelay(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    address: str
+    #: seconds until it is renewed, and until it ends if that fails
+    renews_in: float
+    expires_in: float
+
+
+class HeldRelaysStatus(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """A client-mode peer's relays: listed, held, and what its ``mp.relay`` record says."""
+
+    listed: list[str]
+    want: int
+    held: list[HeldRelay]
+    #: the relays its record in the DHT names (empty: none published)
+    published: list[str]
+    #: seconds until the record is stored again, or tried again after a failure (None: no
+    #: record to keep up)
+    republish_in: float | None
+    #: why the last store of the record failed (None: it did not)
+    publish_error: str | None
+
+
+#: reservations and circuits a status lists one by one (the counts are always whole)
+MAX_LISTED = 32
+
+
+def _relay_status(peer: Peer) -> RelayStatus:
+    service = peer.transport.relay_service
+    assert service is not None
+    table, now = service.table, trio.current_time()
+    held = sorted(table.held(now), key=lambda r: r.expires)
+    live = sorted(table.live(), key=lambda c: c.opened)
+    return RelayStatus(
+        limits=RelayLimitsSummary(**dataclasses.asdict(service.limits)),
+        reservations=len(held),
+        circuits=len(live),
+        circuits_opened=table.circuits_opened,
+        bytes_forwarded=service.bytes_forwarded,
+        refusals=dict(table.refusals),
+        bans=service.bans,
+        reserved=[
+            ReservationSummary(str(r.peer), round(r.expires - now, 3)) for r in held[:MAX_LISTED]
+        ],
+        live=[
+            CircuitSummary(
+                str(c.initiator),
+                str(c.target),
+                round(now - c.opened, 3),
+                c.forwarded,
+                len(c.attached),
+            )
+            for c in live[:MAX_LISTED]
+        ],
+    )
+
+
+def _relays_held(peer: Peer) -> HeldRelaysStatus:
+    keeper = peer.relay_keeper
+    assert keeper is not None
+    now = trio.current_time()
+    expiry = peer.transport.relay.reservations
+    republish = keeper.republish_at
+    return HeldRelaysStatus(
+        listed=[str(r) for r in keeper.relays],
+        want=keeper.want,
+        held=[
+            HeldRelay(
+                str(address),
+                round(max(0.0, renew - now), 3),
+                round(max(0.0, expiry.get(address.peer_id, now) - now), 3),
+            )
+            for address, renew in keeper.held.items()
+        ],
+        published=[str(r) for r in keeper.published],
+        republish_in=None if math.isinf(republish) else round(max(0.0, republish - now), 3),
+        publish_error=keeper.publish_error,
+    )
+
+
 class PeerStatus(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     peer_id: str
     version: str
@@ -356,6 +483,10 @@ class PeerStatus(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     bytes_received: int
     runs: list[RunStatus]
     format: int = 1
+    #: this peer relays for client-mode peers (None: it does not)
+    relay: RelayStatus | None = None
+    #: this client-mode peer's reservations on relays (None: it keeps none)
+    relays: HeldRelaysStatus | None = None
 
 
 _status_encoder = msgspec.msgpack.Encoder()
@@ -444,6 +575,7 @@ def format_status(status: PeerStatus) -> str:
         f"routing    {status.routing_table_size} peers known, {status.connections} connections",
         f"traffic    {_size(status.bytes_sent)} out, {_size(status.bytes_received)} in",
     ]
+    lines += _format_relay(status)
     if not status.runs:
         lines.append("runs       none (a DHT node)")
     for run in status.runs:
@@ -474,6 +606,69 @@ def format_status(status: PeerStatus) -> str:
         for peer, why in last.lost.items():
             lines.append(f"    lost mid-round {_short(peer)}: {why}")
     return "\n".join(lines)
+
+
+def _format_relay(status: PeerStatus) -> list[str]:
+    lines: list[str] = []
+    relay = status.relay
+    if relay is not None:
+        lim = relay.limits
+        refused = ", ".join(f"{code} {n}" for code, n in sorted(relay.refusals.items()))
+        lines += [
+            f"relay      offered: {relay.reservations} of {lim.max_reservations} reservations, "
+            f"{relay.circuits} of {lim.max_circuits} circuits ({lim.max_circuits_per_peer} a "
+            f"peer), {relay.circuits_opened} opened in all",
+            f"             forwarded {_size(relay.bytes_forwarded)}; paced to "
+            f"{_size(lim.circuit_bytes_per_s)}/s a circuit, {_size(lim.total_bytes_per_s)}/s "
+            "in all",
+            f"             circuits last {_duration(lim.circuit_lifetime)}, reservations "
+            f"{_duration(lim.reservation_ttl)}; refused: {refused or 'nothing'}; "
+            f"bans {relay.bans}",
+        ]
+        for r in relay.reserved:
+            lines.append(f"  reserved {_short(r.peer)}, ends in {_duration(r.expires_in)}")
+        for c in relay.live:
+            ends = "" if c.attached == 2 else f" (setting up: {c.attached} of 2 ends attached)"
+            lines.append(
+                f"  circuit  {_short(c.initiator)} -> {_short(c.target)}, open "
+                f"{_duration(c.age_s)}, {_size(c.bytes)}{ends}"
+            )
+        shown = len(relay.reserved) + len(relay.live)
+        if shown < relay.reservations + relay.circuits:
+            lines.append(f"  ({relay.reservations + relay.circuits - shown} more not listed)")
+    elif not status.client_mode:
+        lines.append("relay      not offered ([relay] offer)")
+    held = status.relays
+    if held is not None:
+        lines.append(
+            f"relays     {len(held.held)} held of {held.want} wanted, from "
+            f"{len(held.listed)} listed"
+        )
+        for h in held.held:
+            lines.append(
+                f"  held     {h.address}: renewed in {_duration(h.renews_in)}, "
+                f"ends in {_duration(h.expires_in)}"
+            )
+        if held.published:
+            again = (
+                ""
+                if held.republish_in is None
+                else f", stored again in {_duration(held.republish_in)}"
+            )
+            n = len(held.published)
+            lines.append(f"  record   published: {n} relay{'s' if n > 1 else ''}{again}")
+        else:
+            again = (
+                ""
+                if held.republish_in is None
+                else f"; tried again in {_duration(held.republish_in)}"
+            )
+            lines.append(f"  record   not published: nobody can reach this peer{again}")
+        if held.publish_error is not None:
+            lines.append(f"  record   last store failed: {held.publish_error}")
+    elif status.client_mode:
+        lines.append("relays     none: nobody can reach this peer ([relay] relays)")
+    return lines
 
 
 # -- runs ----------------------------------------------------------------------------------------
@@ -741,6 +936,10 @@ class _TrainingService(_RunService):
                 # the training peer keeps the daemon's limits and, in a private swarm, its rules
                 "limits": transport_limits(daemon.config.limits),
                 "access": daemon.access,
+                # in client mode, its own reservations on the daemon's relays: nobody could
+                # reach it otherwise (a listening one is dialed directly, and relays nothing)
+                "relays": list(daemon.config.relay.relays),
+                "relay_want": daemon.config.relay.want,
             },
         )
 
@@ -876,7 +1075,7 @@ class Daemon:
         return dataclasses.replace(policy, allowlist=policy.allowlist | ours)
 
     async def run(self, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
-        peer_config = self.config.peer
+        peer_config, relay = self.config.peer, self.config.relay
         async with AsyncExitStack() as stack:
             try:
                 peer = await stack.enter_async_context(
@@ -888,6 +1087,9 @@ class Daemon:
                         network=self._network,
                         limits=transport_limits(self.config.limits),
                         access=self.access,
+                        relay=relay.limits if relay.offer else None,
+                        relays=relay.relays,
+                        relay_want=relay.want,
                     )
                 )
             except ConfigError as exc:  # the one way setting up fails: the port is taken
@@ -906,6 +1108,8 @@ class Daemon:
                         identity=str(peer_config.identity),
                         identity_created=self.identity_created,
                         runs=[s.run_id for s in self.services],
+                        relay_offered=relay.offer,
+                        relays=list(relay.relays),
                         pid=os.getpid(),
                     )
                     runs.start_soon(self._join_and_start, runs)
@@ -929,6 +1133,10 @@ class Daemon:
                 delay = min(delay * 2, cap)
                 continue
             self.log.info("joined the swarm", answered=answered, known=len(self.peer.dht.table))
+            if self.peer.relay_keeper is not None:
+                # its first record went out before the join and reached nobody: publish now,
+                # so that others can reach this peer from its first round on
+                self.peer.relay_keeper.wake()
             break
         for service in self.services:
             if self._stop.is_set():
@@ -969,6 +1177,8 @@ class Daemon:
             bytes_sent=t.bytes_sent,
             bytes_received=t.bytes_received,
             runs=[s.status() for s in self.services],
+            relay=_relay_status(peer) if t.relay_service is not None else None,
+            relays=_relays_held(peer) if peer.relay_keeper is not None else None,
         )
 
     async def _on_status(self, request: Request) -> bytes:

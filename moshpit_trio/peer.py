@@ -39,6 +39,8 @@ class Peer:
     transport: Transport
     dht: DHTNode
     nursery: trio.Nursery
+    #: the reservations a client-mode peer keeps on its relays (None: it was given none)
+    relay_keeper: RelayKeeper | None = None
 
     @property
     def id(self) -> PeerID:
@@ -69,6 +71,7 @@ async def open_peer(
     access: AccessPolicy | None = None,
     relays: Sequence[str | PeerAddress] = (),
     relay: RelayLimits | None = None,
+    relay_want: int = 2,
 ) -> AsyncIterator[Peer]:
     """Join (or start) a swarm for the duration of the block.
 
@@ -80,7 +83,8 @@ async def open_peer(
     private (an allowlist of PeerIDs) and sets rate limits and bans (see wire/access.py).
     ``relay`` (a listening peer) offers relaying to client-mode peers with those limits;
     ``relays`` (a client-mode peer) are relays to hold reservations on and publish, so that
-    others reach it through them (SPEC.md "Relay"). Every peer looks a peer's relays up in
+    others reach it through them (SPEC.md "Relay"), on ``relay_want`` of them at once
+    (``peer.relay_keeper`` shows which). Every peer looks a peer's relays up in
     the DHT when it has no other way to reach it.
 
     >>> async def main():                                                 # doctest: +SKIP
@@ -124,10 +128,11 @@ async def open_peer(
                 get_logger(peer=identity.peer_id.short).info(
                     "joined the swarm", bootstrap_answered=answered, known=len(node.table)
                 )
+            keeper: RelayKeeper | None = None
             if relay_addresses:
-                keeper = RelayKeeper(transport, node, relay_addresses)
+                keeper = RelayKeeper(transport, node, relay_addresses, want=relay_want)
                 await nursery.start(keeper.run)
-            yield Peer(identity, transport, node, nursery)
+            yield Peer(identity, transport, node, nursery, keeper)
         except Exception as exc:
             # Re-raised below as it is, not inside the nursery's ExceptionGroup.
             failure = exc

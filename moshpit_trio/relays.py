@@ -19,7 +19,7 @@ import trio
 
 from .dht.node import DHTNode, default_namespaces
 from .dht.records import NamespacePolicy
-from .errors import ConfigError, MoshpitError
+from .errors import ConfigError, MoshpitError, Unreachable
 from .identity import PeerID
 from .log import get_logger
 from .wire.address import InvalidAddress, PeerAddress
@@ -114,7 +114,26 @@ class RelayKeeper:
         self._retry_at: dict[PeerAddress, float] = {}
         self._published: list[PeerAddress] | None = None
         self._publish_by = math.inf
+        #: why the last store or withdrawal of the record failed (None: it did not)
+        self.publish_error: str | None = None
+        self._wake = trio.Event()
         self.log = get_logger(peer=transport.peer_id.short)
+
+    @property
+    def published(self) -> tuple[PeerAddress, ...]:
+        """The relays the record in the DHT names now (empty: no record of ours)."""
+        return tuple(self._published or ())
+
+    @property
+    def republish_at(self) -> float:
+        """When the record is stored again (trio time; inf: no record to keep up)."""
+        return self._publish_by
+
+    def wake(self) -> None:
+        """Publish again now, whatever is due: the peer has just joined the swarm (a record
+        stored before that reached nobody), or its view of the swarm changed."""
+        self._publish_by = -math.inf
+        self._wake.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         started = False
@@ -140,10 +159,14 @@ class RelayKeeper:
                     await conn.wait_closed()
                     nursery.cancel_scope.cancel()
 
+                async def woken() -> None:
+                    await self._wake.wait()
+                    nursery.cancel_scope.cancel()
+
                 for conn in conns:
                     nursery.start_soon(watch, conn)
-                if not conns:
-                    await trio.sleep_forever()
+                nursery.start_soon(woken)
+        self._wake = trio.Event()
 
     def _next_wakeup(self) -> float:
         times = [*self.held.values(), self._publish_by]
@@ -189,12 +212,18 @@ class RelayKeeper:
         try:
             if held:
                 ttl = min(RELAY_NAMESPACE.max_ttl, self.ttl)
-                await self.dht.store(key, encode_relays(held), ttl)
+                stored = await self.dht.store(key, encode_relays(held), ttl)
+                if stored - (0 if self.dht.client_mode else 1) < 1:
+                    # No other peer holds it (this one has not joined yet, or lost everyone):
+                    # a record nobody can read is not published. Try again soon.
+                    raise Unreachable("no other peer took the record")
                 self._publish_by = trio.current_time() + ttl / 2
             elif self._published:
                 await self.dht.withdraw(key)
                 self._publish_by = math.inf
             self._published = held
+            self.publish_error = None
         except MoshpitError as exc:
             self.log.info("could not publish relays", error=str(exc))
+            self.publish_error = f"{type(exc).__name__}: {exc}"
             self._publish_by = trio.current_time() + _RETRY

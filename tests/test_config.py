@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from moshpit_trio.config import (
+    MAX_RELAYS,
     AveragingRun,
     TrainingRun,
     load_config,
@@ -20,6 +21,8 @@ from moshpit_trio.config import (
 )
 from moshpit_trio.errors import ConfigError
 from moshpit_trio.identity import Identity
+from moshpit_trio.relays import MAX_RELAYS as RECORD_MAX_RELAYS
+from moshpit_trio.wire.relay_table import RelayLimits
 
 PEER = str(Identity.from_seed(b"\x01" * 32).peer_id)
 ADDRESS = f"ws://127.0.0.1:7070/{PEER}"
@@ -370,6 +373,16 @@ _KEYS = [
     ("log", "format"),
     ("log", "level"),
     ("status", "allow"),
+    ("relay", "offer"),
+    ("relay", "max_reservations"),
+    ("relay", "reservation_ttl"),
+    ("relay", "max_circuits"),
+    ("relay", "max_circuits_per_peer"),
+    ("relay", "circuit_lifetime"),
+    ("relay", "circuit_bytes_per_s"),
+    ("relay", "total_burst"),
+    ("relay", "relays"),
+    ("relay", "want"),
 ]
 
 
@@ -500,6 +513,10 @@ def test_every_ready_config_in_peers_loads() -> None:
     assert volunteer.peer.client_mode and volunteer.peer.bootstrap
     trainer = load_config(REPO / "peers" / "trainer.toml", env={})
     assert any(isinstance(r, TrainingRun) for r in trainer.runs)
+    # a bootstrap node relays; a volunteer reserves on its bootstrap nodes; a trainer neither
+    assert boot.relay.offer and boot.relay.limits == RelayLimits()
+    assert not volunteer.relay.offer and volunteer.relay.relays == volunteer.peer.bootstrap
+    assert not trainer.relay.offer and trainer.relay.relays == ()
 
 
 def test_the_systemd_unit_outlasts_the_shutdown_bound() -> None:
@@ -517,3 +534,209 @@ def test_environment_is_not_read_unless_given(monkeypatch: pytest.MonkeyPatch) -
     assert parse_config("").peer.listen == "0.0.0.0:7070"
     with pytest.raises(ConfigError):
         parse_config("", env=os.environ)
+
+
+# -- [relay] ---------------------------------------------------------------------------------
+
+CLIENT = f'[peer]\nclient_mode = true\nbootstrap = ["{ADDRESS}"]\n'
+RUN = '[[runs]]\nkind = "averaging"\nrun_id = "r"\nsize = 3\n'
+OTHER = f"ws://10.0.0.9:7070/{Identity.from_seed(bytes([4]) * 32).peer_id}"
+
+
+def test_relay_defaults_follow_what_the_peer_is() -> None:
+    boot = parse_config("").relay  # listening, no runs: a bootstrap node relays
+    assert (boot.offer, boot.offer_setting, boot.limits) == (True, "auto", RelayLimits())
+    assert boot.relays == () and boot.want == 2
+    worker = parse_config(RUN).relay  # a listening peer with runs keeps its uplink to itself
+    assert not worker.offer and worker.offer_setting == "auto"
+    assert parse_config(RUN + "[relay]\noffer = true\nmax_circuits = 8").relay.offer
+    assert not parse_config("[relay]\noffer = false").relay.offer
+    client = parse_config(CLIENT).relay  # a client-mode peer reserves on its bootstrap nodes
+    assert (client.offer, client.relays, client.want) == (False, (ADDRESS,), 2)
+    mine = parse_config(CLIENT + f'[relay]\nrelays = ["{OTHER}", "{ADDRESS}"]\nwant = 1').relay
+    assert (mine.relays, mine.want) == ((OTHER, ADDRESS), 1)
+    assert parse_config(CLIENT + "[relay]\nrelays = []").relay.relays == ()  # opted out
+    assert parse_config("[relay]\nrelays = []").relay.relays == ()  # says what absence does
+    assert MAX_RELAYS == RECORD_MAX_RELAYS  # config.py may not import relays.py (trio)
+
+
+def test_relay_limits_are_read_with_units() -> None:
+    relay = parse_config(
+        """
+[relay]
+offer = true
+max_reservations = 10
+reservation_ttl = 60
+max_circuits = 20
+max_circuits_per_peer = 4
+circuit_lifetime = 600
+attach_timeout = 5
+circuit_bytes_per_s = "20 Mbit/s"
+circuit_burst = "4 MiB"
+total_bytes_per_s = 5e6
+total_burst = "16 MB"
+"""
+    ).relay
+    assert relay.limits == RelayLimits(
+        max_reservations=10,
+        reservation_ttl=60.0,
+        max_circuits=20,
+        max_circuits_per_peer=4,
+        circuit_lifetime=600.0,
+        attach_timeout=5.0,
+        circuit_bytes_per_s=2.5e6,
+        circuit_burst=4.0 * 2**20,
+        total_bytes_per_s=5e6,
+        total_burst=16e6,
+    )
+    # a smaller max_circuits takes the per-peer default down with it, unless that was given
+    assert parse_config("[relay]\nmax_circuits = 4").relay.limits.max_circuits_per_peer == 4
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[relay]\noffer = "yes"', r'\[relay\] offer: expected "auto", true or false, got \'yes\''),
+        ("[relay]\noffer = 1", r'\[relay\] offer: expected "auto", true or false, got 1'),
+        (
+            CLIENT + "[relay]\noffer = true",
+            r'\[relay\] offer: expected false or "auto" when \[peer\] client_mode is true '
+            r"\(nobody can dial a client-mode peer",
+        ),
+        (
+            f'[relay]\nrelays = ["{OTHER}"]',
+            r"\[relay\] relays: expected no \[relay\] relays when \[peer\] client_mode is false "
+            r"\(a listening peer is dialed directly",
+        ),
+        ("[relay]\nwant = 1", r"\[relay\] want: expected no \[relay\] want when \[peer\] client"),
+        (CLIENT + "[relay]\nwant = 5", r"\[relay\] want: expected an integer in 1\.\.4, got 5"),
+        (CLIENT + "[relay]\nwant = 0", r"\[relay\] want: expected an integer in 1\.\.4, got 0"),
+        (CLIENT + '[relay]\nrelays = ["ws://x"]', r"\[relay\] relays: expected a list of peer"),
+        (CLIENT + f'[relay]\nrelays = "{OTHER}"', r"\[relay\] relays: expected a list of peer"),
+        (
+            "[relay]\noffer = false\nmax_circuits = 3",
+            r"\[relay\] max_circuits: expected no relay limits on a peer that does not relay "
+            r"\(\[relay\] offer is false\): remove it, or set \[relay\] offer = true",
+        ),
+        (
+            RUN + "[relay]\ntotal_bytes_per_s = 1000",
+            r"\[relay\] total_bytes_per_s: expected no relay limits .*\(\[relay\] offer is "
+            r'"auto" and this peer has \[\[runs\]\]\)',
+        ),
+        (
+            CLIENT + "[relay]\nmax_reservations = 3",
+            r"\[relay\] max_reservations: expected no relay limits .*\(\[peer\] client_mode is "
+            r"true\)",
+        ),
+        ("[relay]\nmax_reservations = 0", r"\[relay\] max_reservations: expected an integer in"),
+        ("[relay]\nmax_circuits = 2.5", r"\[relay\] max_circuits: expected an integer"),
+        (
+            "[relay]\nmax_circuits = 4\nmax_circuits_per_peer = 5",
+            r"\[relay\] max_circuits_per_peer: expected at most \[relay\] max_circuits \(4\), "
+            r"got 5",
+        ),
+        ("[relay]\nreservation_ttl = 1", r"reservation_ttl: expected a number of seconds in 5"),
+        ("[relay]\ncircuit_lifetime = 1e6", r"circuit_lifetime: expected a number of seconds in"),
+        ("[relay]\nattach_timeout = 0", r"attach_timeout: expected a number of seconds in"),
+        ('[relay]\ncircuit_bytes_per_s = "fast"', r"circuit_bytes_per_s: expected a rate"),
+        ("[relay]\ncircuit_bytes_per_s = 0", r"circuit_bytes_per_s: expected a rate"),
+        ('[relay]\ntotal_burst = "-1 MB"', r"\[relay\] total_burst: expected bytes"),
+        ("[relay]\nofer = true", r"\[relay\] ofer: unknown key \(did you mean 'offer'\?\)"),
+    ],
+)
+def test_relay_errors_name_the_key_and_what_to_do(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, source="conf/peer.toml")
+    assert str(caught.value).startswith("conf/peer.toml: ")
+    assert re.search(message, str(caught.value)), str(caught.value)
+
+
+def test_relay_from_the_environment_and_the_flag() -> None:
+    env = {
+        "MOSHPIT_RELAY_OFFER": "AUTO",
+        "MOSHPIT_RELAY_CIRCUIT_BYTES_PER_S": "10 Mbit/s",
+        "MOSHPIT_RELAY_MAX_CIRCUITS": "1_000",
+    }
+    relay = parse_config(RUN, env=env | {"MOSHPIT_RELAY_OFFER": "on"}).relay
+    assert relay.offer and relay.limits.circuit_bytes_per_s == 1.25e6
+    assert relay.limits.max_circuits == 1000
+    assert not parse_config("", flags={"--relay-offer": "false"}).relay.offer
+    assert parse_config(RUN, flags={"--relay-offer": "true"}).relay.offer
+    assert parse_config("", env={"MOSHPIT_RELAY_OFFER": "no"}, flags={"--relay-offer": "auto"})
+    client = parse_config(
+        CLIENT, env={"MOSHPIT_RELAY_RELAYS": f"{OTHER}, {ADDRESS}", "MOSHPIT_RELAY_WANT": "1"}
+    ).relay
+    assert (client.relays, client.want) == ((OTHER, ADDRESS), 1)
+    # the relays follow the bootstrap list wherever that came from
+    flagged = parse_config(CLIENT, flags={"--bootstrap": [OTHER]}).relay
+    assert flagged.relays == (OTHER,)
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "message"),
+    [
+        (
+            "",
+            {"MOSHPIT_RELAY_OFFER": "sometimes"},
+            r"\[relay\] offer \(from environment variable MOSHPIT_RELAY_OFFER\): expected "
+            r'"auto", true or false, got \'sometimes\'',
+        ),
+        (
+            CLIENT,
+            {"MOSHPIT_RELAY_OFFER": "1"},
+            r"\[relay\] offer \(from environment variable MOSHPIT_RELAY_OFFER\): expected false "
+            r'or "auto" when \[peer\] client_mode is true',
+        ),
+        (
+            f'[peer]\nbootstrap = ["{ADDRESS}"]\n[relay]\noffer = true',
+            {"MOSHPIT_PEER_CLIENT_MODE": "true"},
+            r"\[relay\] offer: expected false or \"auto\" when \[peer\] client_mode \(from "
+            r"environment variable MOSHPIT_PEER_CLIENT_MODE\) is true",
+        ),
+        (
+            "",
+            {"MOSHPIT_RELAY_RELAYS": OTHER},
+            r"\[relay\] relays \(from environment variable MOSHPIT_RELAY_RELAYS\): expected no "
+            r"\[relay\] relays when \[peer\] client_mode is false",
+        ),
+        (
+            RUN,
+            {"MOSHPIT_RELAY_MAX_CIRCUITS": "10"},
+            r"\[relay\] max_circuits \(from environment variable MOSHPIT_RELAY_MAX_CIRCUITS\): "
+            r"expected no relay limits",
+        ),
+        (
+            "[relay]\nmax_circuits_per_peer = 100",
+            {"MOSHPIT_RELAY_MAX_CIRCUITS": "10"},
+            r"\[relay\] max_circuits_per_peer: expected at most \[relay\] max_circuits \(from "
+            r"environment variable MOSHPIT_RELAY_MAX_CIRCUITS\) \(10\), got 100",
+        ),
+        (
+            CLIENT,
+            {"MOSHPIT_RELAY_WANT": "two"},
+            r"\[relay\] want \(from environment variable MOSHPIT_RELAY_WANT\): expected an integer",
+        ),
+        (
+            "",
+            {"MOSHPIT_RELAY_TOTAL_BYTES_PER_S": "lots"},
+            r"\[relay\] total_bytes_per_s \(from environment variable "
+            r"MOSHPIT_RELAY_TOTAL_BYTES_PER_S\): expected a rate",
+        ),
+        (
+            "",
+            {"MOSHPIT_RELAY_OFFERS": "true"},
+            r"environment variable MOSHPIT_RELAY_OFFERS: unknown key \[relay\] offers",
+        ),
+    ],
+)
+def test_relay_environment_errors_name_the_variable(
+    text: str, env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, source="h.toml", env=env)
+    assert re.search(message, str(caught.value)), str(caught.value)
+
+
+def test_a_relay_flag_error_names_the_flag() -> None:
+    with pytest.raises(ConfigError, match=r"\[relay\] offer \(from flag --relay-offer\)"):
+        parse_config(CLIENT, flags={"--relay-offer": "true"})

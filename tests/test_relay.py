@@ -141,6 +141,11 @@ async def test_a_stream_through_the_relay_delivers_every_byte_in_order(
         # Unlimited bandwidth: the stream costs its round trips only (open + data, then the
         # answer), whatever the window and the chunks: 2 x 40 ms.
         assert trio.current_time() - start == pytest.approx(8 * HOP)
+        # The relay counts what it forwarded: the data, the answer, and the ends' framing
+        # (websocket, envelopes, the handshake), which adds little.
+        assert s.r.relay_service is not None
+        forwarded = s.r.relay_service.bytes_forwarded
+        assert len(data) + 16 < forwarded < len(data) + 4096, forwarded
 
 
 class RecordingRelay(RelayService):
@@ -451,6 +456,9 @@ async def test_a_flood_of_refused_circuit_requests_gets_the_requester_banned(
         await to_relay.wait_closed()  # the GOODBYE came right behind the answer
         assert trio.current_time() == answered
         assert [b.peer for b in s.r.bans] == [s.a.peer_id]
+        service = s.r.relay_service
+        assert service is not None and service.bans == 1  # what `moshpit status` shows
+        assert service.table.refusals["no-reservation"] == 4
         with pytest.raises(HandshakeFailed, match="banned"):
             await s.a.call(s.c.peer_id, "echo", b"", timeout=5)
         # the reserved peer and its reservation are untouched

@@ -141,6 +141,31 @@ async def test_a_client_mode_peer_cannot_offer_relaying(
             pass  # pragma: no cover
 
 
+async def test_a_record_nobody_else_holds_is_not_published_until_the_peer_joins(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    net = MemoryNetwork(latency=HOP)
+    async with open_peer(ident(1), listen="r:0", network=net.host("r"), relay=RelayLimits()) as r:
+        assert r.address is not None
+        # reserves on r but joins nobody (as a daemon does before its own bootstrap)
+        async with open_peer(
+            ident(10), client_mode=True, network=net.host("c"), relays=[r.address], relay_want=1
+        ) as c:
+            keeper = c.relay_keeper
+            assert keeper is not None and list(keeper.held) == [r.address]
+            assert keeper.published == ()
+            assert keeper.republish_at == pytest.approx(trio.current_time() + 5.0)  # retried
+            assert keeper.publish_error == "Unreachable: no other peer took the record"
+            await c.dht.bootstrap([r.address])
+            keeper.wake()
+            # one store: a lookup on r and the store itself, two round trips
+            await trio.sleep(4 * HOP - 0.001)
+            assert keeper.published == ()
+            await trio.sleep(0.002)
+            assert keeper.published == (r.address,) and keeper.publish_error is None
+            assert await find_relays(r.dht, c.id) == [r.address]
+
+
 async def test_a_relayed_call_in_flight_fails_with_a_typed_error_when_the_relay_dies(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

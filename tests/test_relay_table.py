@@ -80,6 +80,21 @@ def test_circuits_need_a_reservation_and_count_against_both_ends() -> None:
         t.open_circuit(cid(4), b, d, now=0.0)
     assert refused.value.code == "circuits-full"
     assert (t.circuits, t.circuits_of(a), t.circuits_of(c), t.circuits_of(d)) == (3, 2, 2, 1)
+    # what `moshpit status` shows: every refusal by its code, circuits opened, the live ones
+    assert dict(t.refusals) == {
+        "no-reservation": 1,
+        "circuit-id": 1,
+        "malformed": 2,
+        "circuits-per-peer": 1,
+        "circuits-full": 1,
+    }
+    assert t.circuits_opened == 3
+    assert [(x.id, x.initiator, x.target) for x in t.live()] == [
+        (cid(1), a, c),
+        (cid(2), b, c),
+        (cid(3), a, d),
+    ]
+    assert sorted((r.peer, r.expires) for r in t.held(now=0.0)) == sorted([(c, 100.0), (d, 100.0)])
     t.close(cid(1))
     assert (t.circuits, t.circuits_of(a), t.circuits_of(c)) == (2, 1, 1)
     for circuit_id, ends in [(cid(2), (b, c)), (cid(3), (a, d))]:
@@ -88,6 +103,8 @@ def test_circuits_need_a_reservation_and_count_against_both_ends() -> None:
     assert t.expire(59.9) == []
     assert t.expire(60.0) == [cid(2), cid(3)]
     assert t.circuits == 0 and t.circuits_of(a) == 0
+    assert t.circuits_opened == 3 and t.live() == []  # the count is since the start
+    assert [r.peer for r in t.held(now=100.0)] == []  # expired reservations are not shown
 
 
 def test_an_end_attaches_once_and_only_its_own_circuit() -> None:

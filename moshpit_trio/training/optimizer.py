@@ -69,8 +69,9 @@ class MoshpitOptimizer:
     ``client_mode`` / ``announce_host`` are ``open_peer``'s. ``round_period`` (seconds) aligns
     rounds to the swarm's clock (needed for background rounds; recommended whenever peers
     step at different speeds); ``round_timeout`` bounds one round (default: 80% of the period,
-    or 30 s). ``samples_per_epoch`` lets ``swarm.epoch`` count global epochs. ``limits`` and
-    ``access`` (a private swarm's allowlist, rate limits and bans) are ``open_peer``'s.
+    or 30 s). ``samples_per_epoch`` lets ``swarm.epoch`` count global epochs. ``limits``,
+    ``access`` (a private swarm's allowlist, rate limits and bans), and ``relays`` /
+    ``relay_want`` (a client-mode peer's relays, so that others reach it) are ``open_peer``'s.
     """
 
     def __init__(
@@ -99,6 +100,8 @@ class MoshpitOptimizer:
         download_timeout: float = 120.0,
         limits: TransportLimits | None = None,
         access: AccessPolicy | None = None,
+        relays: Sequence[str] = (),
+        relay_want: int = 2,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ConfigError(
@@ -128,6 +131,8 @@ class MoshpitOptimizer:
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
         if isinstance(bootstrap, str):
             raise ConfigError("bootstrap is a list of addresses, not one address")
+        if isinstance(relays, str):
+            raise ConfigError("relays is a list of addresses, not one address")
         self.optimizer = optimizer
         self.run_id = run_id
         self.average_every: int | Literal["background"] = average_every
@@ -153,7 +158,12 @@ class MoshpitOptimizer:
             listen=listen,
             announce_host=announce_host,
             client_mode=client_mode,
-            peer_options={"limits": limits, "access": access},
+            peer_options={
+                "limits": limits,
+                "access": access,
+                "relays": tuple(relays),
+                "relay_want": relay_want,
+            },
             averager_options={
                 "grid": grid if isinstance(grid, str) else tuple(grid),
                 **({"max_group_size": max_group_size} if isinstance(grid, str) else {}),

@@ -293,6 +293,10 @@ class RelayService:
         self.limits = limits or RelayLimits()
         self.table = RelayTable(self.limits, trio.current_time(), self._direct_to_exists)
         self._ended: dict[bytes, int] = {}
+        #: bytes forwarded since the start, both directions of every circuit
+        self.bytes_forwarded = 0
+        #: peers banned since the start for asking again and again for what this relay refused
+        self.bans = 0
         transport.register(RESERVE, self._on_reserve)
         transport.register(CONNECT, self._on_connect)
         transport.register_stream(UP, self._on_up)
@@ -301,6 +305,7 @@ class RelayService:
         """A refusal feeds the access policy: a peer that floods the relay with requests it
         refuses is banned like one that floods calls (its connections close at once)."""
         if self.transport.access.refused(peer, what, trio.current_time()) is not None:
+            self.bans += 1
             self.transport._enforce_bans()
 
     def _direct_to_exists(self, peer: PeerID) -> bool:
@@ -314,9 +319,10 @@ class RelayService:
         (ttl_ms,) = _decode(_reserve_decoder, request.payload, "reservation")
         assert isinstance(ttl_ms, int)
         if request.connection.via is not None:
-            return answer("malformed", "reserve over a connection you dialed, not a circuit")
+            detail = "reserve over a connection you dialed, not a circuit"
+            return _refusal(self.table.refused("malformed", detail))
         if not 0 < ttl_ms <= _MAX_MS:
-            return answer("malformed", f"ttl_ms {ttl_ms} out of range")
+            return _refusal(self.table.refused("malformed", f"ttl_ms {ttl_ms} out of range"))
         now = trio.current_time()
         try:
             reservation = self.table.reserve(request.peer, ttl_ms / 1000, now)
@@ -345,16 +351,25 @@ class RelayService:
         lifetime_ms = max(1, int((circuit.expires - now) * 1000))
         try:
             if conn is None:
-                raise RelayRefused("unreachable", f"{target.short} is no longer connected here")
+                raise self.table.refused(
+                    "unreachable", f"{target.short} is no longer connected here"
+                )
             body = incoming_request(request.peer, circuit_id, lifetime_ms)
             reply = await conn.call(INCOMING, body, timeout=max(0.001, request.deadline - now))
-            _decode_answer(reply, target)
+            try:
+                _decode_answer(reply, target)
+            except RelayRefused:
+                # counted under one code: the target chooses its codes, and a counter keyed by
+                # them would be as large as it likes
+                self.table.refusals["target-refused"] += 1
+                raise
         except RelayRefused as exc:
             self.table.close(circuit_id)
             return _refusal(exc)
         except MoshpitError as exc:
             self.table.close(circuit_id)
-            return answer("unreachable", f"{target.short}: {type(exc).__name__}: {exc}")
+            detail = f"{target.short}: {type(exc).__name__}: {exc}"
+            return _refusal(self.table.refused("unreachable", detail))
         self.transport.log.info("circuit opened", initiator=request.peer.short, target=target.short)
         return answer("ok", "", lifetime_ms)
 
@@ -389,6 +404,7 @@ class RelayService:
         at = self.table.pace(circuit, len(chunk), trio.current_time())
         await trio.sleep_until(at)
         await out.send(chunk)
+        self.bytes_forwarded += len(chunk)
 
 
 # -- every peer's side -------------------------------------------------------------------------

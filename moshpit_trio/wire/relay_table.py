@@ -14,13 +14,15 @@ exactly, and ``wire/relay.py`` applies them.
   relay that sleeps stops reading, stops granting stream credit, and so slows the sender: pacing
   costs no buffer.
 
-Every refusal is a :class:`~moshpit_trio.errors.RelayRefused` with the code that goes on the wire.
+Every refusal is a :class:`~moshpit_trio.errors.RelayRefused` with the code that goes on the wire,
+and is counted by code in ``refusals`` (with ``circuits_opened``, what ``moshpit status`` shows).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections import Counter
 from collections.abc import Callable
 
 from ..errors import ConfigError, RelayRefused
@@ -149,17 +151,26 @@ class RelayTable:
         self._circuits: dict[bytes, Circuit] = {}
         self._per_peer: dict[PeerID, int] = {}
         self._total = Pacer(limits.total_bytes_per_s, limits.total_burst, now)
+        #: refusals since the start, by code (the table's own and those ``refused`` counts)
+        self.refusals: Counter[str] = Counter()
+        #: circuits opened since the start
+        self.circuits_opened = 0
+
+    def refused(self, code: str, detail: str) -> RelayRefused:
+        """Count a refusal of ``code``; the error to raise (or answer) for it."""
+        self.refusals[code] += 1
+        return RelayRefused(code, detail)
 
     # -- reservations ------------------------------------------------------------------------
 
     def reserve(self, peer: PeerID, ttl: float, now: float) -> Reservation:
         """Grant (or renew) ``peer``'s reservation for ``min(ttl, reservation_ttl)`` seconds."""
         if not (isinstance(ttl, int | float) and ttl > 0 and math.isfinite(ttl)):
-            raise RelayRefused("malformed", f"a reservation lasts a positive time, not {ttl!r}")
+            raise self.refused("malformed", f"a reservation lasts a positive time, not {ttl!r}")
         self._sweep_reservations(now)
         existing = self._reservations.get(peer)
         if existing is None and len(self._reservations) >= self.limits.max_reservations:
-            raise RelayRefused(
+            raise self.refused(
                 "reservations-full",
                 f"this relay holds {self.limits.max_reservations} reservations; try another",
             )
@@ -185,6 +196,11 @@ class RelayTable:
     def reservations(self) -> int:
         return len(self._reservations)
 
+    def held(self, now: float) -> list[Reservation]:
+        """The reservations in force at ``now`` (a read-only view: copies)."""
+        self._sweep_reservations(now)
+        return [dataclasses.replace(r) for r in self._reservations.values()]
+
     def _sweep_reservations(self, now: float) -> None:
         for peer in list(self._reservations):
             self.reservation(peer, now)
@@ -199,21 +215,21 @@ class RelayTable:
         limits = self.limits
         self.expire(now)
         if len(circuit_id) != CIRCUIT_ID_SIZE:
-            raise RelayRefused("malformed", f"a circuit id is {CIRCUIT_ID_SIZE} bytes")
+            raise self.refused("malformed", f"a circuit id is {CIRCUIT_ID_SIZE} bytes")
         if initiator == target:
-            raise RelayRefused("malformed", "a peer cannot open a circuit to itself")
+            raise self.refused("malformed", "a peer cannot open a circuit to itself")
         if circuit_id in self._circuits:
-            raise RelayRefused("circuit-id", "a circuit with this id is open; draw another")
+            raise self.refused("circuit-id", "a circuit with this id is open; draw another")
         if self.reservation(target, now) is None:
-            raise RelayRefused("no-reservation", f"{target.short} has no reservation here")
+            raise self.refused("no-reservation", f"{target.short} has no reservation here")
         for peer in (initiator, target):
             if self._per_peer.get(peer, 0) >= limits.max_circuits_per_peer:
-                raise RelayRefused(
+                raise self.refused(
                     "circuits-per-peer",
                     f"{peer.short} already has {limits.max_circuits_per_peer} circuits here",
                 )
         if len(self._circuits) >= limits.max_circuits:
-            raise RelayRefused("circuits-full", f"this relay carries {limits.max_circuits}")
+            raise self.refused("circuits-full", f"this relay carries {limits.max_circuits}")
         circuit = Circuit(
             circuit_id,
             initiator,
@@ -223,6 +239,7 @@ class RelayTable:
             pacer=Pacer(limits.circuit_bytes_per_s, limits.circuit_burst, now),
         )
         self._circuits[circuit_id] = circuit
+        self.circuits_opened += 1
         for peer in (initiator, target):
             self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
         return circuit
@@ -235,12 +252,12 @@ class RelayTable:
         the circuit's ends, once, before the circuit expires."""
         circuit = self._circuits.get(circuit_id)
         if circuit is None or peer not in (circuit.initiator, circuit.target):
-            raise RelayRefused("circuit-id", "no such circuit of yours here")
+            raise self.refused("circuit-id", "no such circuit of yours here")
         if circuit.expires <= now:
             self.close(circuit_id)
-            raise RelayRefused("circuit-id", "the circuit has expired")
+            raise self.refused("circuit-id", "the circuit has expired")
         if peer in circuit.attached:
-            raise RelayRefused("circuit-id", "this end of the circuit is already attached")
+            raise self.refused("circuit-id", "this end of the circuit is already attached")
         circuit.attached.add(peer)
         return circuit
 
@@ -271,6 +288,10 @@ class RelayTable:
     @property
     def circuits(self) -> int:
         return len(self._circuits)
+
+    def live(self) -> list[Circuit]:
+        """The open circuits (the table's own objects: read them, change nothing)."""
+        return list(self._circuits.values())
 
     def circuits_of(self, peer: PeerID) -> int:
         return self._per_peer.get(peer, 0)
