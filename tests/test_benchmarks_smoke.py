@@ -135,6 +135,22 @@ TABLE: dict[str, Bench] = {
             "hivemind_mismatched_elements": "hivemind_note",
         },
     ),
+    "relay.py": Bench(
+        ("--peers", "3", "--floats", "20000", "--rounds", "2", "--warmup", "1", "--quiet"),
+        _keys(
+            "direct_round_s",
+            "relayed_round_s",
+            "ratio_round_s",
+            "direct_bytes_per_peer",
+            "relayed_bytes_per_peer",
+            "ratio_bytes_per_peer",
+            "relay_bytes_per_round",
+            "rounds_succeeded_direct",
+            "rounds_succeeded_relayed",
+            "mismatched_elements",
+            "wall_s",
+        ),
+    ),
     "swarm.py": Bench(
         # 8 peers: grid "auto" puts them in one group, so round 1 already holds the mean
         ("--peers", "8", "--rounds", "3"),
