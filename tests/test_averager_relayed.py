@@ -9,17 +9,19 @@ network, virtual clock: exact times where they are fixed.
 
 from __future__ import annotations
 
+import types
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
+import msgspec
 import numpy as np
 import pytest
 import trio
 
 from moshpit_trio.averaging.allreduce import no_span
 from moshpit_trio.averaging.averager import MoshpitAverager, RoundReport
-from moshpit_trio.averaging.matchmaking import RELAYED_GROUP_MAX, MemberInfo, _usable
+from moshpit_trio.averaging.matchmaking import RELAYED_GROUP_MAX, Matchmaker, MemberInfo, _usable
 from moshpit_trio.peer import Peer, open_peer
 from moshpit_trio.testing import MemoryNetwork
 from moshpit_trio.wire.relay_table import RelayLimits
@@ -289,3 +291,38 @@ async def test_a_swarm_nobody_can_dial_keeps_its_groups_within_a_relays_circuits
         if round_ > 0:
             assert all(r.succeeded for r in reports), round_
     np.testing.assert_allclose(np.stack(values), (n - 1) / 2, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("verdict_at", "kept"),
+    [
+        (None, True),  # never found silent
+        (9.0, True),  # found silent in an earlier round: its announcement now outdates that
+        (10.0, False),  # found silent in this round (it may have frozen after announcing)
+        (10.5, False),
+    ],
+)
+async def test_an_announcer_found_silent_only_before_this_round_is_a_candidate_again(
+    verdict_at: float | None, kept: bool
+) -> None:
+    # A relay that dies takes its circuits along: the peers behind it look silent for a
+    # moment, and with no connection left nobody hears from them again to clear the verdict.
+    # Their announcement in a later round shows them alive, and that is what counts.
+    other, me = ident(60), ident(61)
+    announcement = msgspec.msgpack.encode(MemberInfo(other.peer_id.to_bytes(), "", 1.0, True, True))
+    record = types.SimpleNamespace(value=announcement, expiration=14.0)
+
+    class Transport:
+        relay = types.SimpleNamespace(reservations={})
+
+        def unresponsive_since(self, peer: object) -> float | None:
+            return verdict_at if peer == other.peer_id else None
+
+    class DHT:
+        async def get_records(self, key: str) -> dict[bytes, object]:
+            return {other.peer_id.to_bytes(): record}
+
+    peer = types.SimpleNamespace(id=me.peer_id, address=None, transport=Transport(), dht=DHT())
+    matchmaker = Matchmaker(peer, "r", bandwidth=1.0)
+    announced = await matchmaker._announced("mp.avg/r/1/0", started=10.0)
+    assert [m.peer_id for _, m in announced] == ([other.peer_id.to_bytes()] if kept else [])

@@ -363,6 +363,9 @@ class AllReduce:
             try:
                 patience = trio.current_time() + self._progress_timeout
                 await self._let_it_dial(transport, i, min(deadline, patience))
+                timeout = deadline - trio.current_time()  # (what the wait left)
+                if timeout <= 0:
+                    return False
                 async with transport.open_stream(
                     self._target(self.members[i]), name, header, timeout=timeout
                 ) as stream:

@@ -259,6 +259,7 @@ class Matchmaker:
                 self._attempt = None
 
     async def _form(self, attempt: _Attempt, dht_key: str, deadline: float) -> GroupInfo | None:
+        started = trio.current_time()
         dht = self.peer.dht
         ttl = max(deadline - trio.current_time(), 0.5)
         held = await dht.store(dht_key, _encode(self.me), ttl=ttl)
@@ -270,7 +271,7 @@ class Matchmaker:
         gather_until = trio.current_time() + (deadline - trio.current_time()) / 2
         seen: set[bytes] | None = None
         while True:
-            announced = await self._announced(dht_key)
+            announced = await self._announced(dht_key, started)
             now_seen = {m.peer_id for _, m in announced}
             if (
                 len(announced) >= attempt.enough
@@ -376,9 +377,10 @@ class Matchmaker:
     def fix_margin(self, deadline: float) -> float:
         return min(1.0, 0.1 * max(deadline - trio.current_time(), 0.0))
 
-    async def _announced(self, dht_key: str) -> list[tuple[float, MemberInfo]]:
+    async def _announced(self, dht_key: str, started: float) -> list[tuple[float, MemberInfo]]:
         """The live announcements under the key (ours included), in (expiration, PeerID)
-        order: the same order for everyone who sees the same records."""
+        order: the same order for everyone who sees the same records. ``started``: when this
+        round's matchmaking began here."""
         records: dict[bytes, Record] = await self.peer.dht.get_records(dht_key)
         found: list[tuple[float, MemberInfo]] = []
         for subkey, record in records.items():
@@ -390,10 +392,14 @@ class Matchmaker:
                 continue
             if member.peer_id != subkey or not _usable(member):
                 continue  # an announcement must describe its owner
-            if member.peer_id != self.me.peer_id and self.peer.transport.unresponsive(
-                PeerID(member.peer_id)
-            ):
-                continue  # silent when last asked: neither leader nor member until it answers
+            if member.peer_id != self.me.peer_id:
+                since = self.peer.transport.unresponsive_since(PeerID(member.peer_id))
+                if since is not None and since >= started:
+                    # Silent when asked during this round: neither leader nor member until it
+                    # answers. (A verdict from an earlier round is outdated by the peer's
+                    # announcement in this one: it was alive to make it. Its silence then
+                    # may have been a relay's that died, or a connection that broke.)
+                    continue
             found.append((record.expiration, member))
         found.sort(key=lambda em: (em[0], em[1].peer_id))
         return found

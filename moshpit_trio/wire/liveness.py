@@ -100,6 +100,11 @@ class Liveness:
     def is_unresponsive(self, peer: PeerID) -> bool:
         return peer in self._unresponsive
 
+    def unresponsive_since(self, peer: PeerID) -> float | None:
+        """When ``peer`` was found unresponsive; None when it is not."""
+        verdict = self._unresponsive.get(peer)
+        return None if verdict is None else verdict.since
+
     def unresponsive(self) -> dict[PeerID, Unresponsive]:
         """The peers that count as unresponsive now, with why."""
         return dict(self._unresponsive)

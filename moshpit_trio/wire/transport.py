@@ -384,6 +384,10 @@ class Transport:
     def unresponsive(self, peer: PeerID) -> bool:
         return self.liveness.is_unresponsive(peer)
 
+    def unresponsive_since(self, peer: PeerID) -> float | None:
+        """When ``peer`` was found unresponsive (trio time); None when it is not."""
+        return self.liveness.unresponsive_since(peer)
+
     @property
     def bytes_sent(self) -> int:
         """Bytes written to the wire by every connection so far, ended ones included."""
@@ -720,7 +724,12 @@ class Transport:
         if at_limit and not self._closing:
             # Make room: the least recently used idle connection closes for this one.
             at_limit = self._close_idle(self._idle()[:1]) == 0
-        if at_limit or self._closing:
+        if self._closing:
+            # (not a warning: a peer that is shutting down turns newcomers away)
+            self.log.info("connection refused: shutting down")
+            await self._refuse(stream, 503, b"this peer is shutting down")
+            return
+        if at_limit:
             self.log.warning("connection refused: at the limit", limit=self.limits.max_connections)
             await self._refuse(stream, 503, b"too many connections; try again later")
             return
