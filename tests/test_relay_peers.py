@@ -110,6 +110,8 @@ async def test_when_its_relay_dies_the_peer_moves_to_another_and_is_reached_ther
         assert await a.transport.call(c.id, "echo", b"two", timeout=5) == b"two"
         second = a.transport.connection_to(c.id)
         assert second is not None and second.via == r1.id
+        # the dead relay is no longer a route to c: the next dial does not try it first
+        assert a.transport.relay.routes[c.id] == [r1.address]
         # within a second (not at a reservation's or a record's expiry) c publishes r1 alone
         await trio.sleep(1.0)
         assert await find_relays(a.dht, c.id) == [r1.address]

@@ -609,6 +609,12 @@ class Transport:
                         error=f"{type(exc).__name__}: {exc}",
                     )
                     failures.append(exc)
+                    if isinstance(exc, Unreachable | HandshakeFailed):
+                        # A relay that is gone is not a way to the peer any more (the next
+                        # dial asks the DHT, where the peer republishes without it). A relay
+                        # that refused keeps its place: its limits may have room later.
+                        left = self.relay.routes.get(peer, [])
+                        left[:] = [r for r in left if r != route]
         finally:
             del self._dialing[peer]
             done.set()
