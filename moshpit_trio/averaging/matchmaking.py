@@ -301,8 +301,8 @@ class Matchmaker:
         # Who may lead, in the order they would: the block's listening members, then its
         # relayed ones (reached through a relay: they lead only a block nobody listens in).
         # A client-mode peer without a relay never leads.
-        mine_ = [m for _, m in announced[first:end]]
-        leaders = [m for m in mine_ if not m.client_mode] + [m for m in mine_ if m.relayed]
+        in_block = [m for _, m in announced[first:end]]
+        leaders = [m for m in in_block if not m.client_mode] + [m for m in in_block if m.relayed]
         if self.me.can_lead:
             # Only our block's earlier leaders: the blocks before ours are other groups (full,
             # when we all see the same announcers), and asking each of their members in turn
