@@ -299,7 +299,10 @@ def test_six_daemons_survive_two_kill_9_mid_round_and_the_restarted_ones_rejoin(
         gaps[s.name] = max(b - a for a, b in itertools.pairwise(rounds))
         killed_round = min(killed_at.values()) / period
         after_kill = [r for r in rounds if r >= killed_round]
-        assert len(after_kill) >= 3 + 2, (s.name, rounds)
+        # the slots of the 3-period wait, and the one in which the restarted peers rejoin
+        # (it can be the first after their restart: their announcement outdates the
+        # survivors' verdict that they went silent)
+        assert len(after_kill) >= 3 + 1, (s.name, rounds)
     print("largest gap between a survivor's rounds (slots):", gaps)
     # Never stopped: at most one slot skipped on these two busy cores, none in a row.
     assert max(gaps.values()) <= 2, gaps
