@@ -89,9 +89,12 @@ class TransportLimits:
     handshake_timeout: float = 10.0
     #: idle connections kept open (no call or stream in flight, no message for ``idle_after``
     #: seconds); beyond that the least recently used close, so that a peer of a large swarm
-    #: holds connections to the peers it works with, not to everyone it ever met
-    idle_connections: int = 64
-    idle_after: float = 30.0
+    #: holds connections to the peers it works with, not to everyone it ever met. A round's
+    #: group and DHT lookups are done within seconds; a 256-peer swarm that kept 64 idle ones
+    #: for 30 s held 144 connections a peer (65 KB each in memory), and a 1024-peer one would
+    #: need 10 GB for them. A redial costs one handshake.
+    idle_connections: int = 24
+    idle_after: float = 10.0
 
     def __post_init__(self) -> None:
         if self.max_connections < 1 or self.max_connections_per_peer < 1:
