@@ -620,3 +620,28 @@ async def test_a_pinned_connection_is_not_closed_as_idle(
         await trio.sleep(1.0)
         remote = {c.remote_peer_id for c in hub.connections()}
         assert pinned.peer_id in remote and other.peer_id not in remote
+
+
+async def test_a_call_that_crosses_the_other_ends_idle_close_goes_out_again(
+    autojump_clock: Any, identities: list[Identity]
+) -> None:
+    # Both ends close idle connections: the hub closes its idle connection to the client in
+    # the same instant as the client calls on it. The GOODBYE and the request cross; the call
+    # is made again on a new connection instead of failing.
+    limits = dataclasses.replace(SMALL, idle_connections=0, idle_after=10.0)
+    net = MemoryNetwork(seed=5, latency=0.005)
+    async with AsyncExitStack() as stack:
+        hub = await stack.enter_async_context(peer(net, "hub", identities[0], limits=limits))
+        client = await stack.enter_async_context(peer(net, "c", identities[1]))
+        assert hub.address is not None
+        await client.call(hub.address, "echo", b"x", timeout=5)
+        (first,) = client.connections()
+        await trio.sleep(20.0)
+        start = trio.current_time()
+        assert hub._trim(0) == 1  # what a new connection at the hub would do, this instant
+        answer = await client.call(hub.address, "echo", b"again", timeout=5)
+        assert answer == b"again"
+        assert first.closed and first.close_reason == "remote closed: idle"
+        assert [c for c in client.connections() if not c.closed] != [first]
+        # a round trip for the lost call, a dial and handshake, a round trip for the call
+        assert trio.current_time() - start < 0.1

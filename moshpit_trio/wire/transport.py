@@ -33,6 +33,7 @@ from trio_websocket import (
 
 from ..errors import (
     ConfigError,
+    ConnectionLost,
     DeadlineExceeded,
     HandshakeFailed,
     MoshpitError,
@@ -106,6 +107,9 @@ class TransportLimits:
 
 
 Target = str | PeerAddress | PeerID
+
+#: the close reasons of a connection closed as idle, by this end or by the other one
+_IDLE_REASONS = frozenset({"idle", "remote closed: idle"})
 
 
 class Transport:
@@ -451,6 +455,17 @@ class Transport:
         """
         deadline = _deadline(timeout)
         conn = await self.connect(target, timeout=timeout)
+        try:
+            return await conn.call(name, payload, timeout=_left(deadline, timeout, name))
+        except ConnectionLost:
+            # Both ends close idle connections (``_trim``): a call on a pooled connection can
+            # cross the other end's GOODBYE. The connection was idle there (nothing in flight),
+            # so the call was not being served; it goes out once more on a new connection.
+            # (A join or a DHT store that did run there is taken once all the same.)
+            if conn.close_reason not in _IDLE_REASONS:
+                raise
+        self.log.debug("call crossed an idle close; calling again", name=name)
+        conn = await self.connect(target, timeout=_left(deadline, timeout, name))
         return await conn.call(name, payload, timeout=_left(deadline, timeout, name))
 
     @asynccontextmanager
