@@ -55,6 +55,7 @@ Headline (``--json``): ``peers``, ``rounds_to_1e9`` (first round after which ``v
 teardown), ``build_wall_s``, ``virtual_s``, ``peak_rss_mb`` (this process's peak resident set,
 from ``getrusage``), ``connections_per_peer`` (open connections per live peer at the end),
 ``grid``, ``fail``, ``killed``, ``library_warnings``, ``rows``. ``--out FILE`` also writes it.
+Progress (the build, then each round) goes to stderr as the run goes.
 
 Reference in the same run: ``averaging_sim`` (the numpy simulation of
 ``benchmarks/averaging_sim.py``) on the same N with the grid method that matches ``--grid``
@@ -318,6 +319,10 @@ async def swarm_benchmark(cfg: Config) -> dict[str, Any]:
             await swarm.build()
             build_wall = time.perf_counter() - wall0
             build_virtual = trio.current_time() - virtual0
+            _progress(
+                f"built {cfg.peers} peers: {build_wall:.1f} s wall, {build_virtual:.1f} s "
+                f"virtual, peak RSS {_peak_rss_mb():.0f} MB"
+            )
             if cfg.gc_mode == "tuned":
                 gc.collect()
                 gc.freeze()
@@ -356,6 +361,11 @@ async def swarm_benchmark(cfg: Config) -> dict[str, Any]:
                     row["wall_s"] = now_wall - wall_mark
                     wall_mark = now_wall
                     rows.append(row)
+                    _progress(
+                        f"round {i + 1}: var_global {row['var_global']:.2e}, solo {row['solo']}, "
+                        f"failed {row['failed']}, {row['wall_s']:.1f} s wall, "
+                        f"peak RSS {_peak_rss_mb():.0f} MB"
+                    )
                     before = after
             rows_start = first
             live = swarm.live()
@@ -405,6 +415,11 @@ def _seed_trio_scheduler(seed: int) -> None:
     rng = getattr(r, "_r", None)
     if isinstance(rng, random.Random):
         rng.seed(f"trio/{seed}")
+
+
+def _progress(line: str) -> None:
+    """A line on stderr as the run goes (a 1024-peer run takes many minutes)."""
+    print(f"swarm: {line}", file=sys.stderr, flush=True)
 
 
 def _peak_rss_mb() -> float:

@@ -14,14 +14,17 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from moshpit_trio.averaging.auto_grid import (
+    COLD_ROW_BASE,
     DEFAULT_MAX_GROUP_SIZE,
     STALE_ROUNDS,
     Layout,
     Plan,
     RowRecord,
     capacity_at,
+    cold_row,
     decode_record,
     encode_record,
+    estimate_size,
     feasible,
     group_sizes,
     listening_bits,
@@ -432,3 +435,50 @@ def test_a_client_mode_joiner_in_a_column_round_takes_a_column_with_a_listener()
 )
 def test_a_listening_bitmap_that_disagrees_is_refused(record: RowRecord) -> None:
     assert decode_record(encode_record(record)) is None
+
+
+# -- a cold start: the swarm's size from the routing table, cold rows ----------------------------
+
+
+def test_a_small_table_knows_everyone_and_a_full_one_estimates_the_swarm() -> None:
+    own = bytes(32)
+    assert estimate_size(own, [], 20) == 1
+    assert estimate_size(own, [bytes([i]) * 32 for i in range(1, 8)], 20) == 8
+    # the k nearest of N uniform ids: within a factor of two of N, and about N on average
+    rng = random.Random(5)
+    for n in (64, 256, 1024, 4096):
+        estimates = []
+        for _ in range(30):
+            ids = [rng.randbytes(32) for _ in range(n)]
+            me = int.from_bytes(ids[0], "big")
+            nearest = sorted(ids[1:], key=lambda i: int.from_bytes(i, "big") ^ me)[:20]
+            estimates.append(estimate_size(ids[0], nearest, 20))
+        assert all(n / 2 <= e <= 2 * n for e in estimates), (n, sorted(estimates))
+        assert 0.8 * n <= float(np.median(estimates)) <= 1.25 * n, (n, sorted(estimates))
+
+
+@given(estimate=st.integers(min_value=1, max_value=100_000), seed=st.integers(0, 2**32))
+def test_cold_rows_hold_about_a_group_or_two_and_lie_past_every_planned_row(
+    estimate: int, seed: int
+) -> None:
+    row = cold_row(estimate, random.Random(seed))
+    assert COLD_ROW_BASE <= row < COLD_ROW_BASE + max(1, estimate // DEFAULT_MAX_GROUP_SIZE)
+    assert plan_rows(estimate) <= COLD_ROW_BASE
+
+
+def test_the_first_plan_after_a_cold_start_places_everyone_afresh() -> None:
+    # 40 peers in two cold rows (uneven), then a planned row round wrote only rows 0 and 1:
+    # the cold entries are gone from the layout then (their peers moved), not counted twice.
+    cold = [
+        RowRecord(COLD_ROW_BASE, 10, gid(1), 25, 25),
+        RowRecord(COLD_ROW_BASE + 1, 10, gid(2), 15, 15),
+    ]
+    layout = Layout.from_records(cold)
+    plan = Plan.of(layout)
+    assert layout.total == 40 and plan.rows == plan_rows(40) == 5
+    assert plan.targets == (8,) * 5
+    # every cold place is one to move, to a distinct planned place
+    places = {plan.place(r.row, p) for r in cold for p in range(r.size)}
+    assert places == {(row, p) for row in range(5) for p in range(8)}
+    after = [*cold, RowRecord(0, 12, gid(3), 8, 8), RowRecord(1, 12, gid(4), 8, 8)]
+    assert Layout.from_records(after).total == 16

@@ -9,13 +9,14 @@ from __future__ import annotations
 from contextlib import AsyncExitStack
 from typing import Any
 
+import msgspec
 import numpy as np
 import pytest
 import trio
 
 from moshpit_trio.averaging.auto_grid import RowRecord, directory_key, encode_record
 from moshpit_trio.averaging.averager import MoshpitAverager, RoundReport
-from moshpit_trio.errors import ConfigError
+from moshpit_trio.errors import ConfigError, Rejected
 from moshpit_trio.peer import open_peer
 from moshpit_trio.testing import MemoryNetwork
 
@@ -67,8 +68,14 @@ async def test_every_round_averages_and_reaches_the_exact_mean(
         # (nothing wrote to it in between): one row, every round a row round, 2 reads in 2
         # rounds; 40 peers, 4 rounds (a cold start, then a column round and a row round in
         # some order, then one more), 3.
-        reads = {a.directory_reads for a in averagers}
+        reads = {a.directory_reads + a.directory_handed for a in averagers}
         assert reads == ({3} if n > 32 else {rounds_to_exact + 1}), reads
+        # After a row round only one member of each group reads the directory from the DHT;
+        # the others get it from that member. One row (one group a round): n reads at the cold
+        # start, then one a round.
+        dht_reads = sum(a.directory_reads for a in averagers)
+        if n <= 32:
+            assert dht_reads == n + rounds_to_exact
     # Each step waits for the next slot and then takes at most its timeout.
     assert took <= (rounds_to_exact + 2) * PERIOD
     for round_, reports in enumerate(by_round):
@@ -188,3 +195,51 @@ async def test_lies_in_the_directory_do_not_skew_the_plan(autojump_clock: Any) -
         assert all(r.succeeded and len(r.members) == n for r in reports)
     for v in values:
         np.testing.assert_allclose(v, 2.0, rtol=1e-6)
+
+
+async def test_the_directory_is_read_once_per_group_and_read_again_when_its_reader_is_gone(
+    autojump_clock: Any,
+) -> None:
+    net = MemoryNetwork(seed=13, latency=LATENCY)
+    n = 5
+    values = [np.full(4, float(i), dtype=np.float32) for i in range(n)]
+    async with swarm(net, n) as peers, AsyncExitStack() as stack:
+        averagers = [
+            await stack.enter_async_context(MoshpitAverager(p, "auto", [v], round_period=PERIOD))
+            for p, v in zip(peers, values, strict=True)
+        ]
+        await run_rounds(averagers, 1)  # a cold start: everyone reads
+        assert [a.directory_reads for a in averagers] == [1] * n
+        await run_rounds(averagers, 1)
+        # the group's first member by PeerID read it; the others asked it
+        reader = min(range(n), key=lambda i: peers[i].id.to_bytes())
+        assert [a.directory_reads for a in averagers] == [2 if i == reader else 1 for i in range(n)]
+        assert [a.directory_handed for a in averagers] == [
+            0 if i == reader else 1 for i in range(n)
+        ]
+        # A stranger (no member of that group) is refused the directory, and so is a
+        # malformed request, a wrong round, and (after the round) anyone.
+        share = averagers[reader]._dir_share
+        assert share is not None
+        outsider = await stack.enter_async_context(
+            open_peer(ident(99), listen="h99:0", network=net.host("h99"))
+        )
+        name = "avg.auto.dir"
+        address = peers[reader].address
+        assert address is not None
+        for payload in (msgspec.msgpack.encode(share.round), b"\xc1", msgspec.msgpack.encode(-1)):
+            with pytest.raises(Rejected):
+                await outsider.transport.call(address, name, payload, timeout=1.0)
+        with pytest.raises(Rejected, match="that round"):
+            await peers[(reader + 1) % n].transport.call(
+                address, name, msgspec.msgpack.encode(share.round + 5), timeout=1.0
+            )
+        # The reader dies: the others' asking fails at once and they read the key themselves;
+        # the round still averages, all four.
+        net.kill(f"h{reader}")
+        rest = [a for i, a in enumerate(averagers) if i != reader]
+        start = trio.current_time()
+        (reports,) = await run_rounds(rest, 1)
+        assert all(r.succeeded and len(r.members) == n - 1 for r in reports)
+        assert [a.directory_reads for a in rest] == [2] * (n - 1)
+        assert trio.current_time() - start <= PERIOD + TIMEOUT

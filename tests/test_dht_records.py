@@ -24,6 +24,7 @@ from moshpit_trio.dht.records import (
     Record,
     RecordRejected,
     RecordStore,
+    VerifiedSignatures,
     accept_answer,
     decode_records,
     encode_records,
@@ -750,3 +751,51 @@ def test_conflict_vectors(vector: dict[str, Any]) -> None:
         s.put(first, RECORDS["now"])
         s.put(second, RECORDS["now"])
         assert s.get(a.id, RECORDS["now"]) == [winner]
+
+
+# -- the cache of verified signatures -----------------------------------------------------------
+
+
+def test_a_verified_record_is_not_verified_again_and_a_forgery_still_fails(
+    identities: list[Identity], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from moshpit_trio.dht import records as records_module
+
+    calls: list[bytes] = []
+    real = records_module.verify_signature
+
+    def counting(public_key: bytes, signature: bytes, message: bytes | memoryview) -> bool:
+        calls.append(signature)
+        return real(public_key, signature, message)
+
+    monkeypatch.setattr(records_module, "verify_signature", counting)
+    cache = VerifiedSignatures(size=2)
+    record = make_record(AVG_KEY, b"v", NOW + 60, owner=identities[0])
+    validate(record, OWNED, NOW, verified=cache)
+    # an equal copy (another replica's, decoded anew) costs no verification
+    copy = decode_records(encode_records([record]))[0]
+    validate(copy, OWNED, NOW, verified=cache)
+    assert len(calls) == 1 and cache.hits == 1
+    # the same record with another value (the signature no longer covers it) is checked
+    with rejected("signature"):
+        validate(with_fields(record, value=b"w"), OWNED, NOW, verified=cache)
+    assert len(calls) == 2
+    # the checks that depend on the time still run for a cached record
+    with rejected("expired"):
+        validate(record, OWNED, NOW + 61, verified=cache)
+    # bounded: the oldest record goes first
+    others = [make_record(AVG_KEY, b"x", NOW + 60, owner=i) for i in identities[1:3]]
+    for other in others:
+        validate(other, OWNED, NOW, verified=cache)
+    assert record not in cache and all(o in cache for o in others)
+    with pytest.raises(ConfigError):
+        VerifiedSignatures(size=0)
+
+
+def test_a_store_verifies_a_record_stored_again_only_once(identities: list[Identity]) -> None:
+    cache = VerifiedSignatures()
+    s = store(verified=cache)
+    record = make_record(AVG_KEY, b"v", NOW + 60, owner=identities[0])
+    assert s.put(record, NOW)
+    assert not s.put(decode_records(encode_records([record]))[0], NOW)
+    assert cache.hits == 1

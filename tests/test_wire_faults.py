@@ -675,3 +675,28 @@ async def test_ending_a_stream_while_a_chunk_waits_for_room_sends_the_end_after_
         (total,) = got
         assert 0 < total < 40 * 4096 and total % 4096 == 0
         assert len(failure) == 1
+
+
+async def test_a_call_that_crosses_the_other_ends_idle_close_goes_out_again(
+    autojump_clock: Any, identities: list[Identity]
+) -> None:
+    # Both ends close idle connections: the hub closes its idle connection to the client in
+    # the same instant as the client calls on it. The GOODBYE and the request cross; the call
+    # is made again on a new connection instead of failing.
+    limits = dataclasses.replace(SMALL, idle_connections=0, idle_after=10.0)
+    net = MemoryNetwork(seed=5, latency=0.005)
+    async with AsyncExitStack() as stack:
+        hub = await stack.enter_async_context(peer(net, "hub", identities[0], limits=limits))
+        client = await stack.enter_async_context(peer(net, "c", identities[1]))
+        assert hub.address is not None
+        await client.call(hub.address, "echo", b"x", timeout=5)
+        (first,) = client.connections()
+        await trio.sleep(20.0)
+        start = trio.current_time()
+        assert hub._trim(0) == 1  # what a new connection at the hub would do, this instant
+        answer = await client.call(hub.address, "echo", b"again", timeout=5)
+        assert answer == b"again"
+        assert first.closed and first.close_reason == "remote closed: idle"
+        assert [c for c in client.connections() if not c.closed] != [first]
+        # a round trip for the lost call, a dial and handshake, a round trip for the call
+        assert trio.current_time() - start < 0.1

@@ -40,14 +40,18 @@ peer computes the same :class:`Plan`:
   those peers move before the next row round (:meth:`Plan.place`), and the column round
   before that already puts them in the columns of their new places;
 * a joiner takes a row with a missing place, at random weighted by how many are missing
-  (:meth:`Plan.row_for_joiner`); with no directory yet it takes row 0 (then rows 1, 2, ...
-  once a row's key holds the DHT's 256 entries: :func:`overflow_row`), which then split;
+  (:meth:`Plan.row_for_joiner`); with no directory yet (a swarm starting all at once) it takes
+  a random one of ``N / max_group_size`` cold rows, ``N`` estimated from the DHT's routing
+  table (:func:`estimate_size`, :func:`cold_row`), so no key holds much more than two groups'
+  worth (past the DHT's 256 entries a key, it tries :func:`overflow_row`'s rows); cold rows
+  are numbered past any planned row, so the next plan places everyone afresh;
 * a client-mode peer never lands in a row or column where nobody listens (nobody there could
   lead it): the records say which members listen (:meth:`Plan.row`, :meth:`Plan.column_for`).
 
-Known limit: every peer reads the directory every round, so the DHT replicas of that one key
-serve the whole swarm (at 256 in-memory peers they reached the 256-connection limit). Handing
-the snapshot down through the row groups would make it one read per group.
+The directory is one key, so its replicas would serve the whole swarm if every peer read it
+(at 256 in-memory peers they reached the 256-connection limit). Only a row group's first
+member reads it before the column round; its group mates ask it for the signed records it read
+and check them as a DHT read would (the averager's ``avg.RUN.dir`` call): one read per group.
 
 Everything here is plain functions of plain values, so the simulator
 (``benchmarks/averaging_sim.py``, method ``moshpit-auto``) runs the very code the averager runs.
@@ -69,6 +73,7 @@ from ..errors import ConfigError
 from .grid import GROUP_KEY_NAMESPACE
 
 __all__ = [
+    "COLD_ROW_BASE",
     "DEFAULT_MAX_GROUP_SIZE",
     "Layout",
     "Plan",
@@ -76,7 +81,9 @@ __all__ = [
     "RowRecord",
     "block_of",
     "capacity_at",
+    "cold_row",
     "directory_key",
+    "estimate_size",
     "group_sizes",
     "listening_bits",
     "overflow_row",
@@ -86,6 +93,9 @@ __all__ = [
 ]
 
 DEFAULT_MAX_GROUP_SIZE = 32
+#: the first of the rows a cold start uses: past any row a plan makes, so that the first plan
+#: after a cold start lays the rows out afresh and every cold place counts as one to move
+COLD_ROW_BASE = 1 << 16
 #: a row's directory entries older than this many rounds than the newest are read as gone
 STALE_ROUNDS = 4
 
@@ -280,6 +290,50 @@ def overflow_row(attempt: int, rng: random.Random) -> int:
     return rng.randrange(low, 2 * low)
 
 
+def estimate_size(own: bytes, nearest: Sequence[bytes], k: int) -> int:
+    """How many peers the DHT holds, judged from the ``nearest`` peers a routing table knows
+    around ``own`` id (sorted or not; at most ``k`` of them).
+
+    A table that knows fewer than ``k`` peers knows them all (a lookup of its own id walked the
+    whole swarm): their count plus one. Otherwise ids are uniform, so the i-th nearest XOR
+    distance is about ``i / N`` of the id space; a least-squares fit over the ``k`` nearest
+    gives ``N`` within about ``1 / sqrt(k)`` (20%: enough to size a cold start's rows).
+
+    >>> estimate_size(bytes(32), [bytes(31) + bytes([i]) for i in (1, 2)], 20)
+    3
+    """
+    if len(nearest) < k:
+        return len(nearest) + 1
+    me = int.from_bytes(own, "big")
+    distances = sorted(int.from_bytes(other, "big") ^ me for other in nearest)[:k]
+    weighted = sum(i * d for i, d in enumerate(distances, 1))
+    squares = sum(i * i for i in range(1, len(distances) + 1))
+    space = 1 << (8 * len(own))
+    if weighted <= 0:
+        return len(nearest) + 1
+    return max(len(nearest) + 1, round(space * squares / weighted))
+
+
+def cold_row(
+    estimate: int, rng: random.Random, max_group_size: int = DEFAULT_MAX_GROUP_SIZE
+) -> int:
+    """The row a peer with no directory to go by starts in (a swarm starting all at once): one
+    of ``estimate // max_group_size`` cold rows (at least one) at random, so that each cold
+    row's key holds about one to two groups' worth of announcers (the matchmaker cuts them
+    into balanced groups), not the whole swarm, whose every reader would read all of it,
+    several times. That many per key leaves nobody alone even when the estimate is off by half.
+    Cold rows are numbered from :data:`COLD_ROW_BASE`: the next plan lays the rows out afresh
+    (the cold rows are uneven, binomial) and moves everyone to their planned places.
+
+    >>> cold_row(40, random.Random(0)) - COLD_ROW_BASE
+    0
+    >>> 0 <= cold_row(1024, random.Random(0)) - COLD_ROW_BASE < 32
+    True
+    """
+    _check_max(max_group_size)
+    return COLD_ROW_BASE + rng.randrange(max(1, estimate // max_group_size))
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """The rows as the directory shows them: per row, its groups from the row's latest round,
@@ -300,10 +354,15 @@ class Layout:
             kept.append(record)
             latest[record.row] = max(latest.get(record.row, -1), record.round)
         newest = max(latest.values(), default=-1)
+        # Cold rows are left for good by the first planned row round: once a planned row is
+        # newer than a cold row's entry, its peers are counted where they went.
+        planned = max((r for row, r in latest.items() if row < COLD_ROW_BASE), default=-1)
         rows: dict[int, dict[bytes, tuple[int, int]]] = {}
         bits: dict[bytes, bytes] = {}
         for record in kept:
             if record.round != latest[record.row] or record.round < newest - STALE_ROUNDS:
+                continue
+            if record.row >= COLD_ROW_BASE and record.round < planned:
                 continue
             rows.setdefault(record.row, {})[record.group_id] = (record.size, record.reachable)
             bits[record.group_id] = record.listening

@@ -19,22 +19,28 @@ import random
 from collections.abc import Sequence
 from typing import Any, Literal
 
+import msgspec
 import numpy as np
 import trio
 
-from ..errors import ConfigError, MoshpitError
+from ..dht.records import Record, RecordRejected, accept_answer, decode_records, encode_records
+from ..errors import ConfigError, MoshpitError, Rejected
 from ..identity import PeerID
 from ..log import get_logger
+from ..wire.connection import Request
 from ..wire.liveness import progress_timeout
 from .allreduce import AllReduce, RoundRegistry, SpanReport
 from .auto_grid import (
+    COLD_ROW_BASE,
     DEFAULT_MAX_GROUP_SIZE,
     Layout,
     Plan,
     RowRecord,
+    cold_row,
     decode_record,
     directory_key,
     encode_record,
+    estimate_size,
     listening_bits,
     overflow_row,
 )
@@ -61,6 +67,21 @@ from .matchmaking import (
 from .partition import TensorLayout, flatten, write_pieces
 
 __all__ = ["MoshpitAverager", "RoundReport"]
+
+_encode_round = msgspec.msgpack.Encoder().encode
+_decode_round = msgspec.msgpack.Decoder(int).decode
+
+
+@dataclasses.dataclass(eq=False)
+class _DirectoryShare:
+    """The directory as this peer read it for ``round``, for the members of its last row group
+    (who ask for it rather than read the key themselves)."""
+
+    round: int
+    members: frozenset[bytes]
+    ready: trio.Event = dataclasses.field(default_factory=trio.Event)
+    #: the signed records read (None: the read failed; the members read it themselves)
+    records: list[Record] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,8 +209,15 @@ class MoshpitAverager:
         self._layout = Layout(rows={})
         #: the round whose column round read ``_layout`` (None: the last read was not for one)
         self._column_read: int | None = None
-        #: how many times this averager read the run's directory (for tests and benchmarks)
+        #: how many times this averager read the run's directory from the DHT, and how many
+        #: times it got it from a group mate instead (for tests and benchmarks)
         self.directory_reads = 0
+        self.directory_handed = 0
+        #: grid="auto": the round (after a row round) for which the member of this peer's row
+        #: group that reads the directory for the group is ``_dir_source``; this peer's own
+        #: share when it is that member
+        self._dir_source: tuple[int, MemberInfo] | None = None
+        self._dir_share: _DirectoryShare | None = None
         #: the DHT key this peer announced under in the round in progress (None between rounds)
         self.announcement: str | None = None
         self.matchmaker = Matchmaker(
@@ -204,6 +232,7 @@ class MoshpitAverager:
     async def __aenter__(self) -> MoshpitAverager:
         t = self.peer.transport
         self.matchmaker.register()
+        t.register(f"avg.{self.run_id}.dir", self._on_directory)
         t.register_stream(f"avg.{self.run_id}.part", self._rounds.on_part)
         t.register_stream(f"avg.{self.run_id}.result", self._rounds.on_result)
         self._entered = True
@@ -212,7 +241,7 @@ class MoshpitAverager:
     async def __aexit__(self, *exc: object) -> None:
         self._entered = False
         self.matchmaker.unregister()
-        for suffix in ("part", "result"):
+        for suffix in ("dir", "part", "result"):
             self.peer.transport.registry.unregister(f"avg.{self.run_id}.{suffix}")
 
     async def wait_for_round(self) -> int:
@@ -233,17 +262,79 @@ class MoshpitAverager:
 
     # -- grid="auto" ---------------------------------------------------------------------------
 
-    async def _read_directory(self) -> Layout:
+    async def _read_directory(self, round_: int, deadline: float) -> Layout:
+        """The run's directory for ``round_``: from the member of this peer's last row group
+        that reads it for the group (one DHT read per group, not per peer: the directory is
+        one key, whose replicas every group would ask), else from the DHT."""
+        share, self._dir_share = self._dir_share, None
+        source, self._dir_source = self._dir_source, None
+        if share is not None and share.round != round_:
+            share = None
+        if source is not None and source[0] == round_ and share is None:
+            handed = await self._directory_from(source[1], round_, deadline)
+            if handed is not None:
+                self.directory_handed += 1
+                return self._layout_of(handed)
+        if share is not None:
+            # Group mates ask us from now on; they wait for this read (bounded by their call).
+            self._dir_share = share
+        records: list[Record] | None = None
         self.directory_reads += 1
         try:
-            records = await self.peer.dht.get_records(directory_key(self.run_id))
+            records = list((await self.peer.dht.get_records(directory_key(self.run_id))).values())
         except MoshpitError as exc:
             # Nobody answered this time: go by the last directory read (an empty one would
             # send this peer back to a cold start).
             self.log.info("could not read the run's directory", error=str(exc))
-            return self._layout
+        finally:
+            if share is not None:
+                share.records = records
+                share.ready.set()
+        return self._layout if records is None else self._layout_of(records)
+
+    async def _directory_from(
+        self, source: MemberInfo, round_: int, deadline: float
+    ) -> list[Record] | None:
+        """The directory's records as ``source`` read them, checked as a DHT read checks them
+        (signature, key, expiry), or None when it cannot give them in half the time left."""
+        timeout = (deadline - trio.current_time()) / 2
+        if timeout <= 0:
+            return None
+        target = source.address or PeerID(source.peer_id)
+        try:
+            raw = await self.peer.transport.call(
+                target, f"avg.{self.run_id}.dir", _encode_round(round_), timeout=timeout
+            )
+            records = decode_records(raw)
+        except (MoshpitError, RecordRejected) as exc:
+            self.log.info(
+                "no directory from the group", source=source.peer_id[:4].hex(), error=str(exc)
+            )
+            return None
+        dht = self.peer.dht
+        return accept_answer(
+            directory_key(self.run_id).encode(), records, dht.namespaces, dht.now()
+        )
+
+    async def _on_directory(self, request: Request) -> bytes:
+        """A member of our last row group asks for the directory we read for this round."""
+        try:
+            round_ = _decode_round(request.payload)
+        except msgspec.DecodeError:
+            raise Rejected("malformed directory request") from None
+        share = self._dir_share
+        if share is None or share.round != round_:
+            raise Rejected("no directory read for that round here")
+        if request.peer.to_bytes() not in share.members:
+            raise Rejected("the directory is handed to the group's members only")
+        await share.ready.wait()
+        if share.records is None:
+            raise Rejected("could not read the directory")
+        return encode_records(share.records)
+
+    def _layout_of(self, records: Sequence[Record]) -> Layout:
         entries = []
-        for record in records.values():
+        for record in records:
             if record.value:
                 entry = decode_record(record.value)
                 # No group of this run is larger than its maximum: a larger entry is a lie
@@ -262,7 +353,7 @@ class MoshpitAverager:
             # on its replicas, which every peer of the run asks.
             layout = self._layout
         else:
-            layout = await self._read_directory()
+            layout = await self._read_directory(round_, deadline)
         self._column_read = None
         # A run in which nobody listens averages through relays: its groups stay within what a
         # relay grants one peer (every member reaches every other through it).
@@ -289,13 +380,22 @@ class MoshpitAverager:
             return await self._form(
                 (0, plan.row_for_joiner(self._rng, reachable=reachable)), round_, deadline
             )
-        # Nobody is in the directory yet: a swarm starting all at once. Row 0 first; while a
-        # row's key is full (nobody else kept our announcement), one of the overflow rows.
-        attempts = 10  # rows 0-7 in turn, then 8-15 and 16-31: 256 announcers a key each
+        # Nobody is in the directory yet: a swarm starting all at once. One of the rows that
+        # the DHT's size calls for, at random, so that no key holds the whole swarm (every
+        # reader of such a key reads all of it, several times); while a row's key is full
+        # (nobody else kept our announcement), one of the overflow rows past those.
+        dht = self.peer.dht
+        k = dht.settings.k
+        nearest = [c.peer_id.to_bytes() for c in dht.table.closest(self.peer.id, k)]
+        estimate = estimate_size(self.peer.id.to_bytes(), nearest, k)
+        first = cold_row(estimate, self._rng, self.max_group_size)
+        past = COLD_ROW_BASE + max(1, estimate // self.max_group_size)
+        attempts = 10  # then the rows past those: 0-7 in turn, 8-15: 256 announcers a key each
         for attempt in range(attempts):
+            row = first if attempt == 0 else past + overflow_row(attempt - 1, self._rng)
             try:
                 return await self._form(
-                    (0, overflow_row(attempt, self._rng)),
+                    (0, row),
                     round_,
                     deadline,
                     overflow=attempt < attempts - 1,
@@ -334,6 +434,17 @@ class MoshpitAverager:
         me = self.peer.id.to_bytes()
         ids = sorted(m.peer_id for m in members) or [me]
         self._row_group = (group_id, ids.index(me))
+        # Who reads the directory for the group next round: its first member that listens
+        # (everyone can call it). The others ask it; nobody when nobody listens.
+        reader = min(
+            (m for m in members if not m.client_mode), key=lambda m: m.peer_id, default=None
+        )
+        if reader is not None and len(members) > 1:
+            if reader.peer_id == me:
+                others = frozenset(m.peer_id for m in members if m.peer_id != me)
+                self._dir_share = _DirectoryShare(round_ + 1, others)
+            else:
+                self._dir_source = (round_ + 1, reader)
         if ids[0] != me:
             return
         by_id = {m.peer_id: not m.client_mode for m in members}

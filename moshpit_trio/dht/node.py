@@ -40,6 +40,7 @@ from .records import (
     Record,
     RecordRejected,
     RecordStore,
+    VerifiedSignatures,
     decode_records,
     encode_records,
     key_id,
@@ -193,7 +194,9 @@ class DHTNode:
         self.namespaces = namespaces or default_namespaces()
         self.client_mode = client_mode or transport.address is None
         self.table = RoutingTable(self.id, k=self.settings.k)
-        self.records = RecordStore(self.namespaces)
+        #: records whose signatures verified here lately (lookups see each from every replica)
+        self.verified = VerifiedSignatures()
+        self.records = RecordStore(self.namespaces, verified=self.verified)
         self.last_lookup = LookupStats()
         self.log = get_logger(peer=self.id.short)
         self._rng = random.Random(seed if seed is not None else int(self.id) & 0xFFFFFFFF)
@@ -490,7 +493,9 @@ class DHTNode:
             try:
                 if record.id != target:
                     raise RecordRejected("malformed", "a record for another key")
-                validate(record, self.namespaces.policy_for(record.key), now)
+                validate(
+                    record, self.namespaces.policy_for(record.key), now, verified=self.verified
+                )
             except RecordRejected as exc:
                 self.log.warning(
                     "dropped a bad record from a peer",

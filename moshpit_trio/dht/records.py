@@ -41,6 +41,7 @@ __all__ = [
     "Record",
     "RecordRejected",
     "RecordStore",
+    "VerifiedSignatures",
     "accept_answer",
     "decode_records",
     "encode_records",
@@ -256,8 +257,45 @@ class Namespaces:
         return iter(list(self._policies.values()))
 
 
+class VerifiedSignatures:
+    """The last ``size`` records whose signatures verified here, so that a copy that comes
+    again (from each of a key's replicas in one lookup, in each poll of a key, as a store
+    that a republish repeats) costs a set look-up instead of an Ed25519 verification.
+
+    A hit needs the whole record to be equal (key, subkey, value, expiration, owner key and
+    signature), so it can only skip the check of bytes already checked. One per node: a
+    simulated swarm's peers do not share one.
+    """
+
+    __slots__ = ("_records", "hits", "size")
+
+    def __init__(self, size: int = 256) -> None:
+        if size < 1:
+            raise ConfigError("the cache holds at least one record")
+        self.size = size
+        self._records: dict[Record, None] = {}
+        self.hits = 0
+
+    def __contains__(self, record: object) -> bool:
+        if record in self._records:
+            self.hits += 1
+            return True
+        return False
+
+    def add(self, record: Record) -> None:
+        if len(self._records) >= self.size:
+            # Oldest first (dicts keep insertion order): a bounded cache, never a growing one.
+            del self._records[next(iter(self._records))]
+        self._records[record] = None
+
+
 def validate(
-    record: Record, policy: NamespacePolicy, now: float, *, max_clock_skew: float = 30.0
+    record: Record,
+    policy: NamespacePolicy,
+    now: float,
+    *,
+    max_clock_skew: float = 30.0,
+    verified: VerifiedSignatures | None = None,
 ) -> None:
     """Raise RecordRejected unless ``record`` is acceptable under ``policy`` at ``now``.
 
@@ -318,10 +356,14 @@ def validate(
         raise RecordRejected("owner", "the subkey is another peer's PeerID")
     if policy.keyed_by_owner and key != policy.namespace + b"/" + str(PeerID(subkey)).encode():
         raise RecordRejected("owner", "only the peer a key names writes under it")
+    if verified is not None and record in verified:
+        return
     if not verify_signature(
         owner_key, signature, record_message(key, subkey, value, float(expiration))
     ):
         raise RecordRejected("signature", "the record's signature does not verify")
+    if verified is not None:
+        verified.add(record)
 
 
 def _rank(record: Record) -> tuple[float, bytes, bytes, bytes]:
@@ -402,6 +444,7 @@ class RecordStore:
         "max_clock_skew",
         "max_keys",
         "namespaces",
+        "verified",
     )
 
     def __init__(
@@ -411,6 +454,7 @@ class RecordStore:
         max_keys: int = 100_000,
         max_bytes: int = 256 * 1024 * 1024,
         max_clock_skew: float = 30.0,
+        verified: VerifiedSignatures | None = None,
     ) -> None:
         if max_keys < 1 or max_bytes < 1:
             raise ConfigError("max_keys and max_bytes must be >= 1")
@@ -418,6 +462,7 @@ class RecordStore:
         self.max_keys = max_keys
         self.max_bytes = max_bytes
         self.max_clock_skew = max_clock_skew
+        self.verified = verified
         self._keys: dict[bytes, dict[bytes, Record]] = {}
         self._count = 0
         self._bytes = 0
@@ -430,7 +475,7 @@ class RecordStore:
         copy), False if the copy already here wins or is the same. Raises RecordRejected for an
         invalid record, and with reason ``"full"`` when a cap leaves no room for it."""
         policy = self.namespaces.policy_for(record.key)
-        validate(record, policy, now, max_clock_skew=self.max_clock_skew)
+        validate(record, policy, now, max_clock_skew=self.max_clock_skew, verified=self.verified)
         kid = record.id
         subkeys = self._keys.get(kid)
         existing = subkeys.get(record.subkey) if subkeys is not None else None

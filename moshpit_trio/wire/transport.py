@@ -33,6 +33,7 @@ from trio_websocket import (
 
 from ..errors import (
     ConfigError,
+    ConnectionLost,
     DeadlineExceeded,
     HandshakeFailed,
     MoshpitError,
@@ -91,9 +92,12 @@ class TransportLimits:
     handshake_timeout: float = 10.0
     #: idle connections kept open (no call or stream in flight, no message for ``idle_after``
     #: seconds); beyond that the least recently used close, so that a peer of a large swarm
-    #: holds connections to the peers it works with, not to everyone it ever met
-    idle_connections: int = 64
-    idle_after: float = 30.0
+    #: holds connections to the peers it works with, not to everyone it ever met. A round's
+    #: group and DHT lookups are done within seconds; a 256-peer swarm that kept 64 idle ones
+    #: for 30 s held 144 connections a peer (65 KB each in memory), and a 1024-peer one would
+    #: need 10 GB for them. A redial costs one handshake.
+    idle_connections: int = 24
+    idle_after: float = 10.0
     #: a relayed connection idle this long closes, whatever the count: its circuit holds one
     #: of the few a relay grants each end (16 by default), and an averaging peer meets new
     #: group mates every round; opening a circuit again costs a fraction of a second
@@ -111,6 +115,9 @@ class TransportLimits:
 
 
 Target = str | PeerAddress | PeerID
+
+#: the close reasons of a connection closed as idle, by this end or by the other one
+_IDLE_REASONS = frozenset({"idle", "remote closed: idle"})
 
 
 class Transport:
@@ -490,6 +497,17 @@ class Transport:
         """
         deadline = _deadline(timeout)
         conn = await self.connect(target, timeout=timeout)
+        try:
+            return await conn.call(name, payload, timeout=_left(deadline, timeout, name))
+        except ConnectionLost:
+            # Both ends close idle connections (``_trim``): a call on a pooled connection can
+            # cross the other end's GOODBYE. The connection was idle there (nothing in flight),
+            # so the call was not being served; it goes out once more on a new connection.
+            # (A join or a DHT store that did run there is taken once all the same.)
+            if conn.close_reason not in _IDLE_REASONS:
+                raise
+        self.log.debug("call crossed an idle close; calling again", name=name)
+        conn = await self.connect(target, timeout=_left(deadline, timeout, name))
         return await conn.call(name, payload, timeout=_left(deadline, timeout, name))
 
     @asynccontextmanager
