@@ -49,6 +49,11 @@ class ConnectionLost(Unreachable):
     """An established connection ended while a call or stream was using it."""
 
 
+class CrossedIdleClose(ConnectionLost):
+    """The other end closed the connection as idle just as a stream went out on it: the
+    stream was never served there, so sending it again on a new connection is safe."""
+
+
 class DeadlineExceeded(MoshpitError, TimeoutError):
     """A call, stream or handshake did not finish before its deadline."""
 

@@ -16,7 +16,13 @@ import trio
 import trio.testing
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_stream
 
-from moshpit_trio.errors import ConnectionLost, DeadlineExceeded, HandshakeFailed, Rejected
+from moshpit_trio.errors import (
+    ConnectionLost,
+    CrossedIdleClose,
+    DeadlineExceeded,
+    HandshakeFailed,
+    Rejected,
+)
 from moshpit_trio.identity import Identity
 from moshpit_trio.testing import MemoryNetwork
 from moshpit_trio.wire.address import PeerAddress
@@ -700,3 +706,50 @@ async def test_a_call_that_crosses_the_other_ends_idle_close_goes_out_again(
         assert [c for c in client.connections() if not c.closed] != [first]
         # a round trip for the lost call, a dial and handshake, a round trip for the call
         assert trio.current_time() - start < 0.1
+
+
+async def test_a_stream_that_crosses_the_other_ends_idle_close_says_so_and_the_peer_is_not_gone(
+    autojump_clock: Any, identities: list[Identity]
+) -> None:
+    # As with a call (above), but a stream cannot be sent again by the transport (its body is
+    # the caller's): it fails with CrossedIdleClose, which tells the caller that nothing of it
+    # was served and that sending it again is safe; wait_gone does not take the idle close
+    # for the peer's loss.
+    limits = dataclasses.replace(SMALL, idle_connections=0, idle_after=10.0)
+    net = MemoryNetwork(seed=5, latency=0.005)
+    got: list[bytes] = []
+
+    async def collect(request: StreamRequest) -> bytes:
+        got.append(b"".join([bytes(c) async for c in request]))
+        return b"ok"
+
+    async with AsyncExitStack() as stack:
+        hub = await stack.enter_async_context(peer(net, "hub", identities[0], limits=limits))
+        client = await stack.enter_async_context(peer(net, "c", identities[1]))
+        hub.register_stream("collect", collect)
+        assert hub.address is not None
+        await client.call(hub.address, "echo", b"x", timeout=5)
+        async with trio.open_nursery() as watchers:
+            gone: list[float] = []
+
+            async def watch() -> None:
+                await client.wait_gone(hub.peer_id)
+                gone.append(trio.current_time())
+
+            watchers.start_soon(watch)
+            await trio.sleep(20.0)
+            assert hub._trim(0) == 1  # the hub closes it as idle, this instant
+            with pytest.raises(CrossedIdleClose):
+                async with client.open_stream(hub.address, "collect", timeout=5) as stream:
+                    await stream.send(b"part")
+                    await stream.finish()
+            assert got == []  # never served
+            async with client.open_stream(hub.address, "collect", timeout=5) as stream:
+                await stream.send(b"part")
+                assert await stream.finish() == b"ok"
+            assert got == [b"part"]
+            assert gone == []  # the idle close was no loss
+            net.kill("hub")  # a real loss is one
+            await trio.sleep(1.0)
+            assert len(gone) == 1
+            watchers.cancel_scope.cancel()

@@ -41,7 +41,7 @@ import msgspec
 import numpy as np
 import trio
 
-from ..errors import MoshpitError, Rejected
+from ..errors import CrossedIdleClose, MoshpitError, Rejected
 from ..identity import PeerID
 from ..wire.address import PeerAddress
 from ..wire.connection import StreamRequest
@@ -225,8 +225,9 @@ class AllReduce:
         async with trio.open_nursery() as nursery:
 
             async def connection_ends() -> None:
-                await transport.wait_connected(peer)
-                await transport.wait_lost(peer)
+                # (an idle close is no loss: one end closed a connection that had nothing in
+                # flight just as this round began; the sends dial again)
+                await transport.wait_gone(peer)
                 self._lose(i, "lost")
                 nursery.cancel_scope.cancel()
 
@@ -363,16 +364,22 @@ class AllReduce:
             try:
                 patience = trio.current_time() + self._progress_timeout
                 await self._let_it_dial(transport, i, min(deadline, patience))
-                timeout = deadline - trio.current_time()  # (what the wait left)
-                if timeout <= 0:
-                    return False
-                async with transport.open_stream(
-                    self._target(self.members[i]), name, header, timeout=timeout
-                ) as stream:
-                    await stream.send(payload)
-                    await stream.finish()
-                self.bytes_sent += len(payload)
-                return True
+                for again in (False, True):
+                    timeout = deadline - trio.current_time()  # (what the waits left)
+                    if timeout <= 0:
+                        return False
+                    try:
+                        async with transport.open_stream(
+                            self._target(self.members[i]), name, header, timeout=timeout
+                        ) as stream:
+                            await stream.send(payload)
+                            await stream.finish()
+                    except CrossedIdleClose:
+                        if again:
+                            return False
+                        continue  # never served there: once more, on a new connection
+                    self.bytes_sent += len(payload)
+                    return True
             except MoshpitError:
                 return False
         return False

@@ -34,6 +34,7 @@ from trio_websocket import (
 from ..errors import (
     ConfigError,
     ConnectionLost,
+    CrossedIdleClose,
     DeadlineExceeded,
     HandshakeFailed,
     MoshpitError,
@@ -158,6 +159,8 @@ class Transport:
         self._addresses: dict[PeerID, PeerAddress] = {}
         self._direct_failed: dict[PeerID, float] = {}  # peer -> when to try it directly again
         self._unresolved: dict[PeerID, float] = {}  # peer -> when to look its relays up again
+        # peers whose last connection was closed as idle (not lost), until a new one comes
+        self._closed_idle: dict[PeerID, None] = {}
         self._open_streams = 0  # connections being set up or running, both directions
         self._sweeping = False  # a task closes idle relayed connections (while any is open)
         self._closing = False
@@ -207,6 +210,7 @@ class Transport:
 
     def _add(self, conn: Connection) -> None:
         self._conns.setdefault(conn.remote_peer_id, []).append(conn)
+        self._closed_idle.pop(conn.remote_peer_id, None)
         self.liveness.heard(conn.remote_peer_id, trio.current_time())  # it just shook hands
         event = self._connected_events.pop(conn.remote_peer_id, None)
         if event is not None:
@@ -299,6 +303,10 @@ class Transport:
             routes[:] = [r for r in routes if r.peer_id != conn.via]
         if any(not c.closed for c in self._conns.get(peer, ())):
             return  # another connection to the peer is still up: nothing is lost
+        if conn.close_reason in _IDLE_REASONS:
+            if len(self._closed_idle) >= _MAX_UNRESOLVED:
+                del self._closed_idle[next(iter(self._closed_idle))]
+            self._closed_idle[peer] = None
         event = self._lost_events.pop(peer, None)
         if event is not None:
             event.set()
@@ -314,6 +322,16 @@ class Transport:
             return
         event = self._lost_events.setdefault(peer, trio.Event())
         await event.wait()
+
+    async def wait_gone(self, peer: PeerID) -> None:
+        """Return when the last live connection to ``peer`` ends for any reason but an idle
+        close (one end closed it for having nothing in flight: the peer is not gone, and the
+        next call dials again); waits for a connection first when there is none."""
+        while True:
+            await self.wait_connected(peer)
+            await self.wait_lost(peer)
+            if peer not in self._closed_idle:
+                return
 
     async def wait_connected(self, peer: PeerID) -> None:
         """Return when a live connection to ``peer`` exists (either side opened it)."""
@@ -518,11 +536,19 @@ class Transport:
 
         ``async with t.open_stream(addr, "upload", timeout=30) as s: await s.send(data);
         answer = await s.finish()``
+
+        A stream that crosses the other end's idle close (as a call can, see ``call``) fails
+        with ``CrossedIdleClose``: nothing of it was served, and the caller may send it again.
         """
         deadline = _deadline(timeout)
         conn = await self.connect(target, timeout=timeout)
-        async with conn.open_stream(name, header, timeout=_left(deadline, timeout, name)) as s:
-            yield s
+        try:
+            async with conn.open_stream(name, header, timeout=_left(deadline, timeout, name)) as s:
+                yield s
+        except ConnectionLost as exc:
+            if conn.close_reason == "remote closed: idle":
+                raise CrossedIdleClose(str(exc)) from None
+            raise
 
     async def connect(self, target: Target, *, timeout: float | None = None) -> Connection:
         """The pooled connection to ``target``, dialing it if needed."""
