@@ -71,3 +71,19 @@ def test_bad_arguments_are_refused(bench: ModuleType) -> None:
         bench.Config(timeout=10.0, period=10.0).check()
     with pytest.raises(SystemExit, match="--balanced-keys"):
         bench.Config(balanced_keys=True).check()
+
+
+async def test_peers_join_in_concurrent_batches(autojump_clock: Any, bench: ModuleType) -> None:
+    # batches of 8 join at once: the build takes a few joins' time, not one per peer, and every
+    # peer still averages from the first round
+    cfg = bench.Config(peers=17, rounds=1, grid="auto", join_batch=8)
+    batched = await bench.swarm_benchmark(cfg)
+    one_by_one = await bench.swarm_benchmark(bench.Config(peers=17, rounds=1, join_batch=1))
+    assert batched["join_batch"] == 8 and one_by_one["join_batch"] == 1
+    # peer 0, then 2 batches of 8: 3 joins' time against 17
+    assert batched["build_virtual_s"] < one_by_one["build_virtual_s"] / 3
+    for out in (batched, one_by_one):
+        (row,) = out["rows"]
+        assert row["live"] == row["reported"] == 17 and row["solo"] == 0
+    with pytest.raises(SystemExit, match="--join-batch"):
+        bench.Config(join_batch=0).check()
