@@ -753,3 +753,27 @@ async def test_a_stream_that_crosses_the_other_ends_idle_close_says_so_and_the_p
             await trio.sleep(1.0)
             assert len(gone) == 1
             watchers.cancel_scope.cancel()
+
+
+async def test_a_connection_saying_goodbye_is_not_handed_out_for_new_calls(
+    autojump_clock: Any, identities: list[Identity]
+) -> None:
+    # This end closes a connection as idle (its GOODBYE still going out) just as a new call
+    # to the same peer starts: the call gets a fresh connection, not the closing one, on
+    # which it would be cut off.
+    net = MemoryNetwork(seed=6, latency=0.005)
+    async with AsyncExitStack() as stack:
+        hub = await stack.enter_async_context(peer(net, "hub", identities[0]))
+        client = await stack.enter_async_context(peer(net, "c", identities[1]))
+        assert hub.address is not None
+        await client.call(hub.address, "echo", b"x", timeout=5)
+        (first,) = client.connections()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(first.aclose, "idle")
+            while not first.closing:  # (it starts at the next scheduling point)
+                await trio.lowlevel.checkpoint()
+            assert not first.closed
+            assert client.connection_to(hub.peer_id) is first  # still up, as far as it goes
+            assert await client.call(hub.address, "echo", b"again", timeout=5) == b"again"
+        second = client.connection_to(hub.peer_id)
+        assert first.closed and second is not None and second is not first

@@ -361,6 +361,11 @@ class Connection:
         return self._closed
 
     @property
+    def closing(self) -> bool:
+        """Saying GOODBYE (or closed): no new call or stream should start on it."""
+        return self._closing or self._closed
+
+    @property
     def close_reason(self) -> str:
         return self._close_reason
 

@@ -196,9 +196,10 @@ class Transport:
     def connections(self) -> list[Connection]:
         return [c for conns in self._conns.values() for c in conns if not c.closed]
 
-    def connection_to(self, peer: PeerID) -> Connection | None:
-        """The live connection new calls to ``peer`` use, if there is one."""
-        live = [c for c in self._conns.get(peer, ()) if not c.closed]
+    def connection_to(self, peer: PeerID, *, open_only: bool = False) -> Connection | None:
+        """The live connection new calls to ``peer`` use, if there is one (``open_only``: not
+        one that is saying GOODBYE, which a new call could not finish on)."""
+        live = [c for c in self._conns.get(peer, ()) if not (c.closing if open_only else c.closed)]
         if not live:
             return None
         # A direct connection beats a relayed one (both ends see the same two, so they agree).
@@ -566,7 +567,8 @@ class Transport:
         try:
             with trio.fail_after(limit):
                 while True:
-                    conn = self.connection_to(peer)
+                    # (one this end is closing as idle is no use: a call on it would be cut off)
+                    conn = self.connection_to(peer, open_only=True)
                     # Relayed, but an address is known: try to go direct (now and then).
                     go_direct = (
                         conn is not None
