@@ -232,3 +232,23 @@ async def test_what_a_peer_remembers_about_others_relays_stays_bounded(
         with pytest.raises(Unreachable):
             await a.transport.connect(others[0], timeout=1)
         assert lookups == [*others, others[0]]
+
+
+async def test_a_relayed_connection_idle_for_two_seconds_closes_and_frees_its_circuit(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A relay grants each peer few circuits; an averaging peer meets new group mates every
+    # round. A relayed connection with nothing in flight for relayed_idle_after (2 s) closes,
+    # whatever the idle count; the next call opens a circuit again.
+    async with peers(1, a_client_mode=True) as (_, (r,), c, a):
+        assert await a.transport.call(c.id, "echo", b"one", timeout=5) == b"one"
+        conn = a.transport.connection_to(c.id)
+        assert conn is not None and conn.via == r.id
+        quiet_since = conn.last_active
+        await trio.sleep_until(quiet_since + 1.9)
+        assert not conn.closing
+        await trio.sleep_until(quiet_since + 2.6)
+        assert conn.closed and conn.close_reason in ("idle", "remote closed: idle")  # either end
+        assert r.transport.relay_service is not None
+        assert not r.transport.relay_service.table.live()  # the circuit is gone at the relay
+        assert await a.transport.call(c.id, "echo", b"two", timeout=5) == b"two"

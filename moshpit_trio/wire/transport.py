@@ -227,7 +227,8 @@ class Transport:
         after = self.limits.relayed_idle_after
         try:
             while True:
-                relayed = [c for c in self.connections() if c.via is not None]
+                # (one already saying GOODBYE needs nothing more from here)
+                relayed = [c for c in self.connections() if c.via is not None and not c.closing]
                 if not relayed:
                     return
                 now = trio.current_time()
