@@ -92,11 +92,15 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "benchmarks"):  # the library, and faults.py beside this file
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 import numpy as np  # noqa: E402
 import trio  # noqa: E402
+
+# The same starting values and weights as the faults benchmark.
+from faults import before_values, weight_of  # noqa: E402
 
 HOST = "127.0.0.1"
 SCRIPT = str(Path(__file__).resolve())
@@ -114,16 +118,6 @@ class BenchFailed(RuntimeError):
 
 # --------------------------------------------------------------------------------------------
 # Pure parts: the values, the check, the summaries.
-
-
-def before_values(seed: int, rank: int, round_: int, floats: int) -> np.ndarray:
-    """Peer ``rank``'s vector at the start of round ``round_``: uniform in [rank, rank + 1)."""
-    rng = np.random.default_rng([seed, rank, round_])
-    return rng.random(floats, dtype=np.float32) + np.float32(rank)
-
-
-def weight_of(rank: int) -> float:
-    return float(rank + 1)
 
 
 @dataclasses.dataclass(frozen=True)
