@@ -313,7 +313,7 @@ async def test_an_announcer_found_silent_only_before_this_round_is_a_candidate_a
     record = types.SimpleNamespace(value=announcement, expiration=14.0)
 
     class Transport:
-        relay = types.SimpleNamespace(reservations={})
+        relay = types.SimpleNamespace(live_reservations=list)  # it holds none
 
         def unresponsive_since(self, peer: object) -> float | None:
             return verdict_at if peer == other.peer_id else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -12,12 +13,21 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moshpit_trio.daemon import PeerStatus, RoundSummary, RunStatus
+from moshpit_trio.daemon import (
+    HeldRelay,
+    HeldRelaysStatus,
+    PeerStatus,
+    RelayLimitsSummary,
+    RelayStatus,
+    RoundSummary,
+    RunStatus,
+)
 from moshpit_trio.dashboard.view import MAX_TEXT, Limits, SwarmView
 from moshpit_trio.dht.records import Record
 from moshpit_trio.errors import ConfigError
 from moshpit_trio.identity import Identity, PeerID
 from moshpit_trio.training.progress import PeerProgress, encode_progress
+from moshpit_trio.wire.relay_table import RelayLimits
 
 RUN = "viewtest"
 KEY = b"mp.progress/" + RUN.encode()
@@ -400,3 +410,53 @@ def test_decodable_lies_never_break_the_json(
     strict_json(view.summary(T0))
     strict_json(view.peers(T0))
     strict_json(view.leaderboard())
+
+
+def test_relayed_volunteers_and_relays_show_how_they_are_reached() -> None:
+    """A client-mode record says how many relays hold it; a client-mode daemon's status says
+    which relays it holds, a relay's status the load it carries."""
+    view = SwarmView(RUN)
+    feed(
+        view,
+        record(progress(1, relays=2)),
+        record(progress(2)),  # client mode, no relay: it only dials out
+        record(progress(3, address=f"ws://h:1/{pid(3)}")),
+    )
+    relay, volunteer = pid(50), pid(51)
+    for p in (relay, volunteer):
+        view.note_address(p, f"ws://h:1/{p}")
+    offered = RelayStatus(
+        limits=RelayLimitsSummary(**dataclasses.asdict(RelayLimits())),
+        reservations=7,
+        circuits=3,
+        circuits_opened=40,
+        bytes_forwarded=10**6,
+        refusals={},
+        bans=0,
+        reserved=[],
+        live=[],
+    )
+    held = HeldRelaysStatus(
+        listed=[f"ws://h:1/{relay}"],
+        want=1,
+        held=[HeldRelay(f"ws://h:1/{relay}", 10.0, 20.0)],
+        published=[f"ws://h:1/{relay}"],
+        republish_in=5.0,
+        publish_error=None,
+    )
+    view.ingest_status(relay, T0, status=status_of(relay, relay=offered))
+    view.ingest_status(
+        volunteer,
+        T0,
+        status=status_of(volunteer, addresses=[], client_mode=True, relays=held),
+    )
+    by_id = rows(view)
+    assert (by_id[str(pid(1))]["client_mode"], by_id[str(pid(1))]["relays"]) == (True, 2)
+    assert (by_id[str(pid(2))]["client_mode"], by_id[str(pid(2))]["relays"]) == (True, 0)
+    assert (by_id[str(pid(3))]["client_mode"], by_id[str(pid(3))]["relays"]) == (False, None)
+    assert by_id[str(relay)]["relaying"] == {"reservations": 7, "circuits": 3}
+    assert by_id[str(relay)]["relays"] is None
+    assert (by_id[str(volunteer)]["client_mode"], by_id[str(volunteer)]["relays"]) == (True, 1)
+    assert by_id[str(volunteer)]["relaying"] is None
+    peers = view.summary(T0)["peers"]
+    assert (peers["client_mode"], peers["relayed"]) == (2, 1)  # the trainers' records

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -18,7 +19,8 @@ from moshpit_trio.averaging.averager import RoundReport
 from moshpit_trio.dht.records import encode_records, make_record
 from moshpit_trio.errors import ConfigError, ProtocolError
 from moshpit_trio.identity import Identity, PeerID
-from moshpit_trio.peer import Peer
+from moshpit_trio.peer import Peer, open_peer
+from moshpit_trio.relays import MAX_RELAYS
 from moshpit_trio.testing import MemoryNetwork
 from moshpit_trio.training import PeerProgress, ProgressTracker, SwarmProgress
 from moshpit_trio.training.progress import (
@@ -28,7 +30,8 @@ from moshpit_trio.training.progress import (
     fetch_progress,
 )
 
-from .test_averager import swarm
+from .test_averager import ident, swarm
+from .test_averager_relayed import volunteers
 
 RUN = "progresstest"
 KEY = f"mp.progress/{RUN}"
@@ -326,6 +329,7 @@ def test_progress_values_round_trip(epoch: int, samples: int, rate: float, clien
     counts=st.lists(st.integers(min_value=0, max_value=2**63 - 1), min_size=5, max_size=5),
     last_round=st.none() | st.integers(min_value=0, max_value=2**63 - 1),
     group=st.binary(max_size=8),
+    relays=st.integers(min_value=0, max_value=MAX_RELAYS),
 )
 def test_dashboard_fields_round_trip(
     loss: float | None,
@@ -333,6 +337,7 @@ def test_dashboard_fields_round_trip(
     counts: list[int],
     last_round: int | None,
     group: bytes,
+    relays: int,
 ) -> None:
     me = Identity.from_seed(b"m" * 32).peer_id
     p = PeerProgress(
@@ -354,10 +359,63 @@ def test_dashboard_fields_round_trip(
         last_round=last_round,
         group=b"" if last_round is None else group,
         group_size=0 if last_round is None else len(group),
+        relays=relays,
     )
     encoded = encode_progress(p)
     assert len(encoded) <= MAX_PROGRESS_VALUE
     assert decode_progress(me.to_bytes(), encoded) == p
+
+
+@pytest.mark.parametrize(
+    ("relays", "address", "why"),
+    [
+        (MAX_RELAYS + 1, "", "undecodable"),  # more than a relay record can list
+        (-1, "", "undecodable"),
+        (1, "listening", "relays claimed by a peer that listens"),
+    ],
+)
+def test_a_record_claiming_impossible_relays_is_refused(
+    relays: int, address: str, why: str
+) -> None:
+    me = Identity.from_seed(b"m" * 32).peer_id
+    addr = f"ws://h:1/{me}" if address else ""
+    fields = [0, 0, 5, 1, 1.0, addr, 1.0, None, None, 0, 0, 0, 0, 0, None, b"", 0, relays]
+    with pytest.raises(ProtocolError, match=why):
+        decode_progress(me.to_bytes(), msgspec.msgpack.encode(fields))
+
+
+def test_more_reservations_than_a_relay_record_lists_are_counted_as_its_maximum() -> None:
+    me = Identity.from_seed(b"m" * 32).peer_id
+    p = PeerProgress(me, 0, 0, 0, 0, 0.0, None, 1.0, relays=MAX_RELAYS + 3)
+    assert decode_progress(me.to_bytes(), encode_progress(p)).relays == MAX_RELAYS
+
+
+async def test_a_relayed_volunteer_says_how_many_relays_hold_it(autojump_clock: Any) -> None:
+    """What the dashboard shows as "relayed": the client-mode peer's own count of the relays
+    holding a live reservation for it, read back from the DHT by another peer."""
+    net = MemoryNetwork(seed=12, latency=LATENCY)
+    async with (
+        volunteers(net, 2, 1) as (relays, (relayed,)),
+        open_peer(
+            ident(150),
+            listen=None,
+            client_mode=True,
+            network=net.host("c150"),
+            bootstrap=[str(relays[0].address)],
+        ) as unrelayed,
+    ):
+        reader = ProgressTracker(relays[0], RUN)
+        for peer in (relayed, unrelayed, relays[1]):
+            await ProgressTracker(peer, RUN).refresh()
+        seen = {p.peer_id: p for p in (await reader.refresh()).peers}
+        assert seen[relayed.id].relays == 2 and seen[relayed.id].address is None
+        assert seen[unrelayed.id].relays == 0 and seen[unrelayed.id].address is None
+        assert seen[relays[1].id].relays == 0 and seen[relays[1].id].address is not None
+        # A reservation whose relay connection is gone holds nobody's way in: not counted.
+        conn = relayed.transport.connection_to(relays[1].id)
+        assert conn is not None
+        await conn.aclose()
+        assert relayed.transport.relay.live_reservations() == [relays[0].id]
 
 
 def test_a_record_of_the_first_seven_fields_still_decodes() -> None:
@@ -488,3 +546,17 @@ def test_bad_arguments_are_config_errors() -> None:
         t.report(samples=1, step=0, loss="0.5")  # type: ignore[arg-type]
     with pytest.raises(ConfigError):
         t.advance_to(-2)
+
+
+def test_trailing_fields_at_their_defaults_are_left_out() -> None:
+    """A record without ``relays`` (a listening peer's, or a client's without a relay) is the
+    17-element array that peers predating the field decode."""
+    me = Identity.from_seed(b"m" * 32).peer_id
+    p = PeerProgress(
+        me, 0, 0, 0, 0, 0.0, f"ws://h:1/{me}", 1.0, last_round=3, group=b"g", group_size=2
+    )
+    assert len(msgspec.msgpack.decode(encode_progress(p))) == 17
+    relayed = dataclasses.replace(p, address=None, relays=1)
+    assert len(msgspec.msgpack.decode(encode_progress(relayed))) == 18
+    fresh = PeerProgress(me, 0, 0, 0, 0, 0.0, None, 1.0)
+    assert len(msgspec.msgpack.decode(encode_progress(fresh))) == 7

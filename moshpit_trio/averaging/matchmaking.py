@@ -195,7 +195,8 @@ class Matchmaker:
             address="" if self.peer.address is None else str(self.peer.address),
             bandwidth=self.bandwidth,
             client_mode=self.peer.address is None,
-            relayed=self.peer.address is None and _holds_reservation(self.peer.transport),
+            relayed=self.peer.address is None
+            and bool(self.peer.transport.relay.live_reservations()),
         )
 
     def register(self) -> None:
@@ -531,13 +532,3 @@ def _usable(member: MemberInfo) -> bool:
         return PeerAddress.parse(member.address).peer_id.to_bytes() == member.peer_id
     except InvalidAddress:
         return False
-
-
-def _holds_reservation(transport: Any) -> bool:
-    """A live relay reservation: a relay we are connected to (directly) holds a slot for us."""
-    now = trio.current_time()
-    for relay, until in transport.relay.reservations.items():
-        conn = transport.connection_to(relay)
-        if until > now and conn is not None and conn.via is None:
-            return True
-    return False

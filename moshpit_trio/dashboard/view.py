@@ -83,7 +83,17 @@ STATUS_RETRY = {
     "bad reply": 300.0,
 }
 StatusOutcome = str  # one of STATUS_RETRY's keys
-_PEER_COUNTS = ("live", "trainers", "daemons", "ok", "suspect", "malformed", "client_mode")
+#: the summary's peer counts ("relayed": client-mode peers holding a relay reservation)
+_PEER_COUNTS = (
+    "live",
+    "trainers",
+    "daemons",
+    "ok",
+    "suspect",
+    "malformed",
+    "client_mode",
+    "relayed",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -392,6 +402,8 @@ class SwarmView:
             "bytes_received": None,
             "uptime_s": None,
             "client_mode": None,
+            "relays": None,
+            "relaying": None,
             "address": None,
             "last_round": None,
             "published": None,
@@ -423,6 +435,7 @@ class SwarmView:
                     bytes_received=p.bytes_received,
                     uptime_s=None if p.started is None else _num(max(0.0, now - p.started)),
                     client_mode=p.address is None,
+                    relays=p.relays if p.address is None else None,
                     address=p.address,
                     last_round=None
                     if p.last_round is None
@@ -446,6 +459,9 @@ class SwarmView:
                         row[key] = report[key]
                 if row["uptime_s"] is None:
                     row["uptime_s"] = report["uptime_s"] + (now - (status.answered or now))
+                if row["relays"] is None and row["client_mode"]:
+                    row["relays"] = report["relays_held"]
+                row["relaying"] = report["relay"]
                 if row["address"] is None and report["addresses"]:
                     row["address"] = report["addresses"][0]
                 if row["rounds"] is None and run is not None:
@@ -478,6 +494,7 @@ class SwarmView:
             "suspect": sum(1 for e in entries if e.progress is not None and e.problems),
             "malformed": sum(1 for e in entries if e.progress is None),
             "client_mode": sum(1 for p in ok if p.address is None),
+            "relayed": sum(1 for p in ok if p.address is None and p.relays),
             "samples": sum(p.samples for p in ok),
             "samples_per_s": _num(math.fsum(p.samples_per_s for p in ok)),
             "epoch": max((p.epoch for p in ok), default=None),
@@ -498,18 +515,7 @@ class SwarmView:
             "updated": self.updated,
             "read_error": self.read_error,
             "reads": self.reads,
-            "peers": {
-                k: totals[k]
-                for k in (
-                    "live",
-                    "trainers",
-                    "daemons",
-                    "ok",
-                    "suspect",
-                    "malformed",
-                    "client_mode",
-                )
-            },
+            "peers": {k: totals[k] for k in _PEER_COUNTS},
             "samples": totals["samples"],
             "samples_per_s": totals["samples_per_s"],
             "epoch": totals["epoch"],
@@ -797,6 +803,15 @@ def _status_report(status: PeerStatus, run_id: str) -> tuple[dict[str, Any] | No
             "bytes_received": _count(status.bytes_received),
             "runs": runs,
             "run": this_run,
+            # a client-mode daemon's relays holding its reservations (None: it keeps none)
+            "relays_held": None if status.relays is None else len(status.relays.held),
+            # a relay's load: who holds a slot on it now, and the circuits it carries
+            "relay": None
+            if status.relay is None
+            else {
+                "reservations": _count(status.relay.reservations),
+                "circuits": _count(status.relay.circuits),
+            },
         }
     except (ValueError, AttributeError, TypeError) as exc:
         return None, [_text(f"status reply: {exc}")]

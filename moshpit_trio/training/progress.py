@@ -39,6 +39,7 @@ from ..dht.records import Record
 from ..errors import ConfigError, MoshpitError, ProtocolError
 from ..identity import PeerID
 from ..log import get_logger
+from ..relays import MAX_RELAYS
 from ..wire.address import InvalidAddress, PeerAddress
 
 __all__ = [
@@ -70,8 +71,10 @@ class _ProgressValue(msgspec.Struct, array_like=True, forbid_unknown_fields=True
 
     The first seven are the original record; the rest were added later, for the dashboard, with
     defaults, so a record of seven (or more, up to all) still decodes: a peer that does not know
-    a field leaves it out. A peer that predates them refuses the longer records (its decoder
-    forbids unknown fields), so a swarm upgrades as one.
+    a field leaves it out. A peer that predates a field refuses a record that carries it (its
+    decoder forbids unknown fields); ``encode_progress`` leaves out trailing fields at their
+    defaults, so a listening peer's record (``relays`` 0) still reads on peers that predate
+    ``relays``.
     """
 
     epoch: _Count
@@ -99,9 +102,14 @@ class _ProgressValue(msgspec.Struct, array_like=True, forbid_unknown_fields=True
     last_round: _Count | None = None
     group: Annotated[bytes, msgspec.Meta(max_length=GROUP_TAG_BYTES)] = b""
     group_size: _Count = 0
+    #: in client mode, how many relays hold a live reservation for it (how others reach it;
+    #: 0: nobody can dial it)
+    relays: Annotated[int, msgspec.Meta(ge=0, le=MAX_RELAYS)] = 0
 
 
 _encode = msgspec.msgpack.Encoder().encode
+#: each field's default (``msgspec.NODEFAULT`` for the seven required ones), in wire order
+_DEFAULTS = tuple(f.default for f in msgspec.structs.fields(_ProgressValue))
 _decode_value = msgspec.msgpack.Decoder(_ProgressValue).decode
 # What msgspec's decoder may raise on hostile input (see dht/records.py).
 _DECODE_ERRORS = (msgspec.MsgspecError, ValueError, RecursionError, OverflowError)
@@ -141,6 +149,9 @@ class PeerProgress:
     last_round: int | None = None
     group: bytes = b""
     group_size: int = 0
+    #: in client mode, the relays holding a live reservation for it (at most ``MAX_RELAYS``
+    #: counted: as many as a relay record lists)
+    relays: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,8 +206,10 @@ def progress_key(run_id: str) -> str:
 
 
 def encode_progress(progress: PeerProgress) -> bytes:
-    """The record value for ``progress`` (the owner is the record's subkey, not in the value)."""
-    return _encode(
+    """The record value for ``progress`` (the owner is the record's subkey, not in the value).
+
+    Trailing fields at their defaults are left out (see ``_ProgressValue``)."""
+    fields = msgspec.structs.astuple(
         _ProgressValue(
             epoch=progress.epoch,
             samples_in_epoch=progress.samples_in_epoch,
@@ -215,8 +228,13 @@ def encode_progress(progress: PeerProgress) -> bytes:
             last_round=progress.last_round,
             group=bytes(progress.group[:GROUP_TAG_BYTES]),
             group_size=progress.group_size,
+            relays=min(progress.relays, MAX_RELAYS),
         )
     )
+    end = len(fields)
+    while end and fields[end - 1] == _DEFAULTS[end - 1]:
+        end -= 1
+    return _encode(fields[:end])
 
 
 def decode_progress(subkey: bytes, value: bytes | memoryview) -> PeerProgress:
@@ -254,6 +272,8 @@ def decode_progress(subkey: bytes, value: bytes | memoryview) -> PeerProgress:
         raise ProtocolError("progress", f"started {v.started!r}, after the time {v.time!r}")
     if v.last_round is None and (v.group or v.group_size):
         raise ProtocolError("progress", "a group without a round")
+    if v.relays and v.address:
+        raise ProtocolError("progress", "relays claimed by a peer that listens")
     owner = PeerID(bytes(subkey))
     address: str | None = None
     if v.address:
@@ -283,6 +303,7 @@ def decode_progress(subkey: bytes, value: bytes | memoryview) -> PeerProgress:
         last_round=v.last_round,
         group=v.group,
         group_size=v.group_size,
+        relays=v.relays,
     )
 
 
@@ -292,6 +313,13 @@ class _Live:
 
     progress: PeerProgress
     expiration: float
+
+
+def _live_relays(transport: Any) -> int:
+    """How many relays hold a live reservation for this (client-mode) peer; 0 without a
+    transport that relays (a test's stand-in peer)."""
+    relay = getattr(transport, "relay", None)
+    return 0 if relay is None else len(relay.live_reservations())
 
 
 def _parse_records(
@@ -497,6 +525,7 @@ class ProgressTracker:
             last_round=None if last is None else last[0],
             group=b"" if last is None else last[1],
             group_size=0 if last is None else last[2],
+            relays=0 if address is not None else _live_relays(transport),
         )
 
     def _loss_now(self) -> float | None:

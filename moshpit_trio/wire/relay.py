@@ -457,6 +457,18 @@ class RelayEndpoint:
         conn.pinned_until = trio.current_time() + granted  # our way in: never closed as idle
         return granted
 
+    def live_reservations(self) -> list[PeerID]:
+        """The relays that hold a slot for us now: the reservation has not run out and the
+        relay's direct connection (our way in) is still open. Averaging announces a client-mode
+        peer as relayed on this, and its progress record says how many (the dashboard)."""
+        now = trio.current_time()
+        live = []
+        for relay, until in self.reservations.items():
+            conn = self.transport.connection_to(relay)
+            if until > now and conn is not None and conn.via is None:
+                live.append(relay)
+        return live
+
     # -- circuits we open --------------------------------------------------------------------
 
     async def open_circuit(

@@ -65,7 +65,7 @@ function renderSummary(s) {
   const p = s.peers;
   $("live-peers").textContent = int(p.live);
   const parts = [int(p.trainers) + " publishing progress", plural(p.daemons, "daemon")];
-  if (p.client_mode) parts.push(int(p.client_mode) + " client mode");
+  if (p.client_mode) parts.push(int(p.client_mode) + " client mode" + (p.relayed ? " (" + int(p.relayed) + " relayed)" : ""));
   if (p.suspect) parts.push(int(p.suspect) + " suspect");
   if (p.malformed) parts.push(int(p.malformed) + " malformed");
   $("peer-breakdown").textContent = parts.join(" · ");
@@ -142,6 +142,21 @@ function cell(text, cls, title) {
   return td;
 }
 
+// How others reach a peer: directly ("public"), through relays (a client-mode peer holding
+// reservations), or not at all (client mode without a relay: it only dials out). A relay's own
+// load follows its "public".
+function reachable(p) {
+  if (p.client_mode === null) return "–";
+  let text = "public";
+  if (p.client_mode) {
+    text = "client mode";
+    if (isNum(p.relays)) text += p.relays ? " · relayed (" + plural(p.relays, "relay") + ")" : " · no relay";
+  }
+  const r = p.relaying;
+  if (r) text += " · relay for " + int(r.reservations) + ", " + plural(r.circuits, "circuit");
+  return text;
+}
+
 function peerRow(p) {
   const tr = el("tr", null, { "data-peer": p.peer_id, class: "peer-row state-" + p.state });
   tr.appendChild(cell(short(p.peer_id), "peer mono", p.peer_id + (p.address ? "\n" + p.address : "")));
@@ -162,7 +177,7 @@ function peerRow(p) {
   tr.appendChild(rounds);
   tr.appendChild(cell(bytes(p.bytes_sent) + " / " + bytes(p.bytes_received), "bytes num"));
   tr.appendChild(cell(duration(p.uptime_s), "uptime num"));
-  tr.appendChild(cell(p.client_mode === null ? "–" : p.client_mode ? "client mode" : "public", "mode"));
+  tr.appendChild(cell(reachable(p), "mode"));
   const last = p.last_round;
   tr.appendChild(cell(last ? "#" + last.round + (last.group ? " · " + last.group.slice(0, 6) : " · solo") + " · " + last.size : "–", "last-round mono"));
   const s = p.status;
