@@ -38,8 +38,9 @@ Methods (``--methods``):
                          the averager calls, run for every simulated peer: each round each live
                          peer reads the run's directory (``Layout.from_records``), computes the
                          ``Plan`` and announces under its row (row rounds: ``Plan.place``, a
-                         peer with no row ``Plan.row_for_joiner``, with an empty directory row 0
-                         then ``overflow_row``) or its column (``Plan.column``; a peer with no
+                         peer with no row ``Plan.row_for_joiner``, with an empty directory the
+                         rows of ``cold_start_rows`` for the size ``estimate_size_around``
+                         judges) or its column (``Plan.column``; a peer with no
                          row picks a column at random); announcers under one key are cut into
                          groups as ``group_sizes`` cuts them; after a row round each group's
                          lowest-id member stores its ``RowRecord``. The grid is ignored (rows
@@ -76,7 +77,10 @@ Choices, where the issue leaves them open:
 * ``moshpit-auto`` models the DHT and the matchmaker as follows. A directory entry is
   stored at once and everyone reads all of them next round (no lost or late stores). A key
   takes at most 256 announcers (the DHT's cap): a peer that finds its cold-start row full tries
-  the next ``overflow_row``; past the cap on any other key it is refused and counted alone. The
+  the next of ``cold_start_rows``; past the cap on any other key it is refused and counted
+  alone. A cold start judges the swarm's size as the averager does, from the peers its read
+  of the directory's key found closest to it: modelled as exact, the 10 live peers closest
+  by XOR to a random key (8-byte ids), the same for every peer. The
   announcers under a key arrive in a random order, and the matchmaker's order is arbitrary
   (a shuffle). Group ids are sha256 of the sorted members' 16-byte ids and the round, cut to
   16 bytes. Every peer is reachable (no client-mode peers). A failed peer does not announce,
@@ -126,8 +130,9 @@ from moshpit_trio.averaging.auto_grid import (  # noqa: E402
     Layout,
     Plan,
     RowRecord,
+    cold_start_rows,
+    estimate_size_around,
     group_sizes,
-    overflow_row,
 )
 from moshpit_trio.averaging.grid import (  # noqa: E402
     Grid,
@@ -139,6 +144,7 @@ from moshpit_trio.averaging.grid import (  # noqa: E402
     initial_key,
     next_key,
 )
+from moshpit_trio.dht.node import DHTSettings  # noqa: E402
 from moshpit_trio.identity import PeerID  # noqa: E402
 
 FloatArray = np.ndarray[Any, np.dtype[np.float64]]
@@ -347,6 +353,10 @@ class MoshpitGrid:
         return self.x
 
 
+#: how many of the closest peers a DHT read converges on (DHTNode._replica_width)
+REPLICA_WIDTH = min(DHTSettings().k, 2 * DHTSettings().replicas)
+
+
 class MoshpitAuto:
     """``grid="auto"``: every round runs moshpit_trio.averaging.auto_grid as each peer would.
 
@@ -375,6 +385,10 @@ class MoshpitAuto:
         # The library draws from a random.Random (a joiner's row, an unknown place's column).
         self.draw = random.Random(int(rng.integers(2**63)))
         self.ids = [rng.bytes(16) for _ in range(n)]
+        # their first 8 bytes as numbers, and the directory key's: XOR distances for the cold
+        # start's size estimate
+        self.id64 = np.array([int.from_bytes(b[:8], "big") for b in self.ids], dtype=np.uint64)
+        self.directory_id = np.uint64(int.from_bytes(rng.bytes(8), "big"))
         # Where each peer last averaged on a row round: its row, and (group id, index in it).
         self.row: list[int | None] = [None] * n
         self.group: list[tuple[bytes, int] | None] = [None] * n
@@ -385,14 +399,23 @@ class MoshpitAuto:
         #: the size of every group formed (one entry per group per round)
         self.group_sizes: list[int] = []
 
-    def _cold_row(self, counts: dict[tuple[str, int], int]) -> int:
-        # No directory yet: row 0, then overflow rows while the tried key is full.
-        attempt = 0
-        row = overflow_row(attempt, self.draw)
-        while counts.get(("row", row), 0) >= self.KEY_CAP:
-            attempt += 1
-            row = overflow_row(attempt, self.draw)
-        return row
+    def _cold_estimate(self, live: BoolArray) -> int:
+        # What the averager does: it has just read the (empty) directory, and judges the
+        # swarm's size from the peers that lookup found closest to the directory's key
+        # (estimate_size_around). Lookups are modelled as exact, as every DHT read here is:
+        # everyone finds the same REPLICA_WIDTH live peers, so everyone judges the same size.
+        distances = self.id64[live] ^ self.directory_id
+        width = min(REPLICA_WIDTH, len(distances))
+        nearest = np.sort(np.partition(distances, width - 1)[:width]) ^ self.directory_id
+        closest = [int(v).to_bytes(8, "big") for v in nearest]
+        return estimate_size_around(int(self.directory_id).to_bytes(8, "big"), closest)
+
+    def _cold_row(self, estimate: int, counts: dict[tuple[str, int], int]) -> int | None:
+        # The rows of cold_start_rows while the tried key is full; None when all of them were.
+        for row in cold_start_rows(estimate, self.draw, self.m):
+            if counts.get(("row", row), 0) < self.KEY_CAP:
+                return row
+        return None
 
     def step(self, t: int, live: BoolArray) -> None:
         layout = Layout.from_records(self.directory.values())
@@ -400,14 +423,24 @@ class MoshpitAuto:
         kind = plan.kind(t)
         keys: dict[tuple[str, int], list[int]] = defaultdict(list)
         counts: dict[tuple[str, int], int] = defaultdict(int)
+        estimate: int | None = None  # a cold start's size estimate, the same for everyone
         # Announce in a random arrival order (it decides who finds a key full).
         for i in self.rng.permutation(np.flatnonzero(live)).tolist():
             row, group = self.row[i], self.group[i]
             position = None if row is None or group is None else layout.position(row, *group)
             key: tuple[str, int]
             if kind == "row":
-                if row is None:
-                    r = plan.row_for_joiner(self.draw) if layout.rows else self._cold_row(counts)
+                if row is None and not layout.rows:
+                    if estimate is None:
+                        estimate = self._cold_estimate(live)
+                    cold = self._cold_row(estimate, counts)
+                    if cold is None:  # every row it tried was full: it sits the round out
+                        self.solo_rounds += 1
+                        self.group_sizes.append(1)
+                        continue
+                    r = cold
+                elif row is None:
+                    r = plan.row_for_joiner(self.draw)
                 else:
                     r = plan.row(row, position)
                 key = ("row", r)

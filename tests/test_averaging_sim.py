@@ -114,16 +114,14 @@ def test_main_rejects_unknown_methods(capsys: pytest.CaptureFixture[str]) -> Non
         sim.main(["--methods", "moshpit,nope"])
 
 
-@pytest.mark.parametrize(("n", "expected"), [(2, 1), (32, 1), (64, 2), (100, 3), (512, 2)])
-def test_auto_grid_reaches_the_mean_in_a_few_rounds_with_nobody_alone(
-    n: int, expected: int
-) -> None:
-    """grid="auto" at p = 0: one group of all up to 32 peers; a column round on planned places
-    and a row round beyond (64 = 2 x 32 and 512 = 16 x 32 are already exact after the first
-    row round's groups, which become the planned rows); never a peer alone."""
+@pytest.mark.parametrize(("n", "most"), [(2, 1), (32, 1), (64, 3), (100, 3), (512, 3)])
+def test_auto_grid_reaches_the_mean_in_a_few_rounds_with_nobody_alone(n: int, most: int) -> None:
+    """grid="auto" at p = 0: one group of all up to 32 peers (exact in one round); beyond, a
+    cold start over rows of uneven (binomial) sizes, then a column round and a row round on
+    planned places; never a peer alone."""
     for seed in SEEDS:
         curve, state = sim.run_sim("moshpit-auto", n, 0.0, Grid((n,)), seed, rounds=8, stop=None)
-        assert sim.rounds_to(curve, 1e-9) == expected
+        assert 1 <= sim.rounds_to(curve, 1e-9) <= most
         assert state.solo_rounds == 0
         assert max(state.group_sizes) <= 32
 

@@ -11,8 +11,10 @@ import pytest
 import trio
 import trio.testing
 
+from moshpit_trio.averaging.auto_grid import estimate_size_around
 from moshpit_trio.dht.node import BootstrapFailed, DHTSettings, DHTValue, LookupFailed
 from moshpit_trio.dht.records import encode_records, make_record
+from moshpit_trio.dht.routing import Contact
 from moshpit_trio.errors import ConfigError, Rejected, Unreachable
 from moshpit_trio.identity import Identity
 from moshpit_trio.peer import Peer, open_peer
@@ -346,3 +348,26 @@ async def test_malformed_dht_requests_are_rejected(
         assert (
             await peers[1].transport.call(peers[0].address, "dht.ping", _ping(""), timeout=5) == b""
         )  # type: ignore[arg-type]
+
+
+async def test_every_reader_of_a_key_finds_the_same_peers_around_it(autojump_clock: Any) -> None:
+    """What a cold start's size estimate rests on (auto_grid.estimate_size_around): a get hands
+    back the peers closest to the key that answered, the truly closest live ones, whoever
+    reads it, even a key nothing is stored under."""
+    net = MemoryNetwork(seed=4, latency=LATENCY)
+    async with swarm(net, 40) as peers:
+        key = "mp.avg/cold/rows"
+        kid = _kid(key)
+        truth = sorted(
+            peers, key=lambda p: int.from_bytes(p.id.to_bytes(), "big") ^ int.from_bytes(kid, "big")
+        )
+        seen = []
+        for reader in (peers[1], peers[17], peers[39]):
+            near: list[Contact] = []
+            assert await reader.dht.get_records(key, near=near) == {}
+            ids = [c.peer_id for c in near]
+            # the reader itself is never among its own answers: the others, closest first
+            expected = [p.id for p in truth if p is not reader][: len(ids)]
+            assert ids == expected and len(ids) == 10  # the replica width: 2 x 5 replicas
+            seen.append(estimate_size_around(kid, [i.to_bytes() for i in ids]))
+        assert max(seen) <= 1.2 * min(seen)

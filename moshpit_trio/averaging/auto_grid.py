@@ -64,7 +64,7 @@ import dataclasses
 import functools
 import math
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Literal
 
 import msgspec
@@ -73,6 +73,7 @@ from ..errors import ConfigError
 from .grid import GROUP_KEY_NAMESPACE
 
 __all__ = [
+    "COLD_ATTEMPTS",
     "COLD_ROW_BASE",
     "DEFAULT_MAX_GROUP_SIZE",
     "Layout",
@@ -82,8 +83,10 @@ __all__ = [
     "block_of",
     "capacity_at",
     "cold_row",
+    "cold_start_rows",
     "directory_key",
     "estimate_size",
+    "estimate_size_around",
     "group_sizes",
     "listening_bits",
     "overflow_row",
@@ -314,6 +317,21 @@ def estimate_size(own: bytes, nearest: Sequence[bytes], k: int) -> int:
     return max(len(nearest) + 1, round(space * squares / weighted))
 
 
+def estimate_size_around(key: bytes, closest: Sequence[bytes]) -> int:
+    """How many peers the DHT holds, judged from the ``closest`` peers a lookup of ``key`` (a
+    32-byte id) ended with: the same least-squares fit as :func:`estimate_size`, always made
+    (a lookup stops at a few of the closest; fewer than that says nothing more). Every peer
+    that looks the same key up finds about the same peers, so every peer judges about the same
+    size: what a cold start needs for all to pick among the same rows.
+
+    >>> estimate_size_around(bytes(32), [(i << 250).to_bytes(32, "big") for i in range(1, 11)])
+    64
+    >>> estimate_size_around(bytes(32), [])
+    1
+    """
+    return estimate_size(key, closest, len(closest))
+
+
 def cold_row(
     estimate: int, rng: random.Random, max_group_size: int = DEFAULT_MAX_GROUP_SIZE
 ) -> int:
@@ -332,6 +350,31 @@ def cold_row(
     """
     _check_max(max_group_size)
     return COLD_ROW_BASE + rng.randrange(max(1, estimate // max_group_size))
+
+
+#: rows a peer with no directory tries before it sits the round out (see ``cold_start_rows``)
+COLD_ATTEMPTS = 10
+
+
+def cold_start_rows(
+    estimate: int,
+    rng: random.Random,
+    max_group_size: int = DEFAULT_MAX_GROUP_SIZE,
+    attempts: int = COLD_ATTEMPTS,
+) -> Iterator[int]:
+    """The rows a peer with no directory to go by tries, in order, moving on while a row's key
+    is full: its ``cold_row``, then the overflow rows past the cold ones (``overflow_row``'s
+    0-7 in turn, then wider and wider random ranges: 256 announcers a key each). Drawn lazily,
+    as they are tried. The averager and ``benchmarks/averaging_sim.py`` both start cold
+    through this.
+
+    >>> [r - COLD_ROW_BASE for r in cold_start_rows(64, random.Random(0))]
+    [1, 2, 3, 4, 5, 6, 7, 8, 9, 16]
+    """
+    yield cold_row(estimate, rng, max_group_size)
+    past = COLD_ROW_BASE + max(1, estimate // max_group_size)
+    for attempt in range(attempts - 1):
+        yield past + overflow_row(attempt, rng)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,7 +23,15 @@ import msgspec
 import numpy as np
 import trio
 
-from ..dht.records import Record, RecordRejected, accept_answer, decode_records, encode_records
+from ..dht.records import (
+    Record,
+    RecordRejected,
+    accept_answer,
+    decode_records,
+    encode_records,
+    key_id,
+)
+from ..dht.routing import Contact
 from ..errors import ConfigError, MoshpitError, Rejected
 from ..identity import PeerID
 from ..log import get_logger
@@ -31,18 +39,18 @@ from ..wire.connection import Request
 from ..wire.liveness import progress_timeout
 from .allreduce import AllReduce, RoundRegistry, SpanReport
 from .auto_grid import (
-    COLD_ROW_BASE,
+    COLD_ATTEMPTS,
     DEFAULT_MAX_GROUP_SIZE,
     Layout,
     Plan,
     RowRecord,
-    cold_row,
+    cold_start_rows,
     decode_record,
     directory_key,
     encode_record,
     estimate_size,
+    estimate_size_around,
     listening_bits,
-    overflow_row,
 )
 from .compression import codec as find_codec
 from .grid import (
@@ -209,6 +217,8 @@ class MoshpitAverager:
         self._layout = Layout(rows={})
         #: the round whose column round read ``_layout`` (None: the last read was not for one)
         self._column_read: int | None = None
+        #: the round of the last directory read from the DHT, and the peers nearest its key
+        self._directory_near: tuple[int, list[bytes]] | None = None
         #: how many times this averager read the run's directory from the DHT, and how many
         #: times it got it from a group mate instead (for tests and benchmarks)
         self.directory_reads = 0
@@ -280,8 +290,11 @@ class MoshpitAverager:
             self._dir_share = share
         records: list[Record] | None = None
         self.directory_reads += 1
+        near: list[Contact] = []
         try:
-            records = list((await self.peer.dht.get_records(directory_key(self.run_id))).values())
+            key = directory_key(self.run_id)
+            records = list((await self.peer.dht.get_records(key, near=near)).values())
+            self._directory_near = (round_, [c.peer_id.to_bytes() for c in near])
         except MoshpitError as exc:
             # Nobody answered this time: go by the last directory read (an empty one would
             # send this peer back to a cold start).
@@ -384,21 +397,24 @@ class MoshpitAverager:
         # the DHT's size calls for, at random, so that no key holds the whole swarm (every
         # reader of such a key reads all of it, several times); while a row's key is full
         # (nobody else kept our announcement), one of the overflow rows past those.
-        dht = self.peer.dht
-        k = dht.settings.k
-        nearest = [c.peer_id.to_bytes() for c in dht.table.closest(self.peer.id, k)]
-        estimate = estimate_size(self.peer.id.to_bytes(), nearest, k)
-        first = cold_row(estimate, self._rng, self.max_group_size)
-        past = COLD_ROW_BASE + max(1, estimate // self.max_group_size)
-        attempts = 10  # then the rows past those: 0-7 in turn, 8-15: 256 announcers a key each
-        for attempt in range(attempts):
-            row = first if attempt == 0 else past + overflow_row(attempt - 1, self._rng)
+        near = self._directory_near
+        if near is not None and near[0] == round_:
+            # The swarm's size as the peers closest to the directory's key show it: every
+            # peer starting cold has just read that key and found the same peers around it,
+            # so every peer judges the same size and picks among the same cold rows (judged
+            # from each peer's own routing table, the estimates spread over 0.6-2x, and a
+            # peer that judged high could be alone in a row nobody else picked).
+            estimate = estimate_size_around(key_id(directory_key(self.run_id).encode()), near[1])
+        else:
+            dht = self.peer.dht
+            k = dht.settings.k
+            nearest = [c.peer_id.to_bytes() for c in dht.table.closest(self.peer.id, k)]
+            estimate = estimate_size(self.peer.id.to_bytes(), nearest, k)
+        rows = cold_start_rows(estimate, self._rng, self.max_group_size)
+        for attempt, row in enumerate(rows, 1):
             try:
                 return await self._form(
-                    (0, row),
-                    round_,
-                    deadline,
-                    overflow=attempt < attempts - 1,
+                    (0, row), round_, deadline, overflow=attempt < COLD_ATTEMPTS
                 )
             except KeyFull:
                 continue

@@ -330,12 +330,18 @@ class DHTNode:
             return DHTValue(r.value, r.expiration)
         return {sk: DHTValue(r.value, r.expiration) for sk, r in live.items()}
 
-    async def get_records(self, key: str | bytes) -> dict[bytes, Record]:
+    async def get_records(
+        self, key: str | bytes, *, near: list[Contact] | None = None
+    ) -> dict[bytes, Record]:
         """All live records under ``key`` by subkey (withdrawals included), merged from the
-        closest peers' answers and this node's own store."""
+        closest peers' answers and this node's own store. ``near``, when given, is extended
+        with the closest peers to the key that answered, closest first: what the swarm looks
+        like around the key, the same for every reader (``auto_grid.estimate_size``)."""
         kid = key_id(_key_bytes(key))
         found: list[Record] = list(self.records.get(kid, self.now()))
-        await self._lookup(kid, want_values=True, found=found, width=self._replica_width)
+        closest = await self._lookup(kid, want_values=True, found=found, width=self._replica_width)
+        if near is not None:
+            near.extend(closest)
         return merge(found)
 
     async def find_peer(self, peer_id: PeerID) -> PeerAddress | None:
