@@ -41,9 +41,10 @@ peer computes the same :class:`Plan`:
   before that already puts them in the columns of their new places;
 * a joiner takes a row with a missing place, at random weighted by how many are missing
   (:meth:`Plan.row_for_joiner`); with no directory yet (a swarm starting all at once) it takes
-  a random one of ``N / max_group_size`` cold rows, ``N`` estimated from the DHT's routing
-  table (:func:`estimate_size`, :func:`cold_row`), so no key holds much more than two groups'
-  worth (past the DHT's 256 entries a key, it tries :func:`overflow_row`'s rows); cold rows
+  a random one of ``N / max_group_size`` cold rows, ``N`` judged from the peers closest to
+  the directory's key, the same for every reader (:func:`estimate_size_around`,
+  :func:`cold_row`), so no key holds much more than two groups' worth (past the DHT's 256
+  entries a key, it tries the rest of :func:`cold_start_rows`); cold rows
   are numbered past any planned row, so the next plan places everyone afresh;
 * a client-mode peer never lands in a row or column where nobody listens (nobody there could
   lead it): the records say which members listen (:meth:`Plan.row`, :meth:`Plan.column_for`).
