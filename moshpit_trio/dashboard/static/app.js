@@ -143,18 +143,17 @@ function cell(text, cls, title) {
 }
 
 // How others reach a peer: directly ("public"), through relays (a client-mode peer holding
-// reservations), or not at all (client mode without a relay: it only dials out). A relay's own
-// load follows its "public".
-function reachable(p) {
-  if (p.client_mode === null) return "–";
-  let text = "public";
-  if (p.client_mode) {
-    text = "client mode";
-    if (isNum(p.relays)) text += p.relays ? " · relayed (" + plural(p.relays, "relay") + ")" : " · no relay";
-  }
+// reservations), or not at all (client mode without a relay: it only dials out); a relay's own
+// load goes on a second line.
+function reachableCell(p) {
+  if (p.client_mode === null) return cell("–", "mode");
+  const td = el("td", p.client_mode ? "client mode" : "public", { class: "mode" });
+  let more = null;
+  if (p.client_mode && isNum(p.relays)) more = p.relays ? "relayed (" + plural(p.relays, "relay") + ")" : "no relay";
   const r = p.relaying;
-  if (r) text += " · relay for " + int(r.reservations) + ", " + plural(r.circuits, "circuit");
-  return text;
+  if (r) more = "relay for " + int(r.reservations) + ", " + plural(r.circuits, "circuit");
+  if (more) td.appendChild(el("div", more, { class: "detail" }));
+  return td;
 }
 
 function peerRow(p) {
@@ -177,7 +176,7 @@ function peerRow(p) {
   tr.appendChild(rounds);
   tr.appendChild(cell(bytes(p.bytes_sent) + " / " + bytes(p.bytes_received), "bytes num"));
   tr.appendChild(cell(duration(p.uptime_s), "uptime num"));
-  tr.appendChild(cell(reachable(p), "mode"));
+  tr.appendChild(reachableCell(p));
   const last = p.last_round;
   tr.appendChild(cell(last ? "#" + last.round + (last.group ? " · " + last.group.slice(0, 6) : " · solo") + " · " + last.size : "–", "last-round mono"));
   const s = p.status;
