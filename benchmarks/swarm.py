@@ -38,7 +38,9 @@ Per round (table row and ``--json`` ``rows``):
 ``groups``      group sizes min / mean / max over the groups that formed (distinct group ids
                 among the reports, size >= 2).
 ``solo``        peers whose step formed no group (a solo round); ``failed`` steps that formed
-                a group but did not average every span over all of its members.
+                a group but did not average every span over all of its members; the progress
+                line (and ``why_failed`` in the JSON rows) says what those steps reported about
+                the members they did without.
 ``msgs``        protocol messages per peer, sent / received: envelopes (requests, responses,
                 stream chunks, credits, control) counted by each connection as it writes or
                 reads them (``Transport.messages_sent`` / ``messages_received``); the
@@ -322,6 +324,7 @@ def _round_row(
         "group_max": max(sizes) if sizes else None,
         "solo": sum(1 for r in reports if r.group_id is None or len(r.members) < 2),
         "failed": sum(1 for r in reports if len(r.members) > 1 and not r.succeeded),
+        "why_failed": _why_failed(reports),
         "msgs_sent": totals[0] / n,
         "msgs_received": totals[1] / n,
         "bytes_sent": totals[2] / n,
@@ -330,6 +333,20 @@ def _round_row(
         "step_s": max((r.seconds["total"] for r in reports), default=None),
         "matchmaking_s": max((r.seconds["matchmaking"] for r in reports), default=None),
     }
+
+
+def _why_failed(reports: list[RoundReport]) -> dict[str, int]:
+    """What the failed steps said about the members they did without: per reason, how many
+    (member, reporter) pairs gave it ("excluded:late": a reducer left a part out as late;
+    "lost:unresponsive": a peer stopped waiting for a silent member; ...)."""
+    why: dict[str, int] = {}
+    for r in reports:
+        if len(r.members) > 1 and not r.succeeded:
+            reasons = [f"excluded:{v}" for v in r.excluded.values()]
+            reasons += [f"lost:{v}" for v in r.lost.values()]
+            for reason in reasons or ["no reason given"]:
+                why[reason] = why.get(reason, 0) + 1
+    return dict(sorted(why.items()))
 
 
 async def swarm_benchmark(cfg: Config) -> dict[str, Any]:
@@ -387,7 +404,9 @@ async def swarm_benchmark(cfg: Config) -> dict[str, Any]:
                     rows.append(row)
                     _progress(
                         f"round {i + 1}: var_global {row['var_global']:.2e}, solo {row['solo']}, "
-                        f"failed {row['failed']}, {row['wall_s']:.1f} s wall, "
+                        f"failed {row['failed']}"
+                        + (f" {row['why_failed']}" if row["why_failed"] else "")
+                        + f", {row['wall_s']:.1f} s wall, "
                         f"peak RSS {_peak_rss_mb():.0f} MB"
                     )
                     before = after

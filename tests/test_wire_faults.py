@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ import trio.testing
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_stream
 
 from moshpit_trio.errors import (
+    ConfigError,
     ConnectionLost,
     CrossedIdleClose,
     DeadlineExceeded,
@@ -604,6 +606,54 @@ async def test_idle_connections_beyond_the_cap_close_the_least_recently_used_fir
         await others[0].call(hub.address, "echo", b"y", timeout=5)
 
 
+async def test_a_crowded_peer_makes_room_with_a_quiet_connection_and_refuses_only_busy_ones(
+    autojump_clock: Any, identities: list[Identity], logs: list[dict[str, Any]]
+) -> None:
+    # Everyone asks one peer at once (a cold start asks the directory's replicas): at the
+    # limit, with nothing idle for idle_after, a connection quiet for crowded_idle_after
+    # (nothing in flight) makes room; only when every one has a call in flight is a newcomer
+    # turned away.
+    limits = dataclasses.replace(SMALL, max_connections=3, idle_after=30.0)
+    assert limits.crowded_idle_after == 0.5
+    net = MemoryNetwork(seed=5, latency=0.005)
+    gate = trio.Event()
+
+    async def held(request: Request) -> bytes:
+        await gate.wait()
+        return b"done"
+
+    async with AsyncExitStack() as stack:
+        hub = await stack.enter_async_context(peer(net, "hub", identities[0], limits=limits))
+        hub.register("held", held)
+        assert hub.address is not None
+        others = [
+            await stack.enter_async_context(peer(net, f"p{i}", identities[1 + i])) for i in range(5)
+        ]
+        for other in others[:3]:  # p0 first: the least recently used
+            await other.call(hub.address, "echo", b"x", timeout=5)
+            await trio.sleep(0.2)
+        await trio.sleep(0.4)  # p0 quiet 0.8 s, p1 0.6 s, p2 0.4 s: none idle (30 s)
+        assert await others[3].call(hub.address, "echo", b"in", timeout=5) == b"in"
+        await trio.sleep(0.1)
+        remote = {c.remote_peer_id for c in hub.connections()}
+        ids = [o.peer_id for o in others]
+        assert ids[0] not in remote and {ids[1], ids[2], ids[3]} <= remote
+        assert not any(e["event"] == "connection refused: at the limit" for e in logs)
+        # Now every connection has a call in flight: nothing can make room.
+        async with trio.open_nursery() as nursery:
+            for other in others[1:4]:
+                nursery.start_soon(partial(other.call, hub.address, "held", b"", timeout=50))
+            await trio.sleep(1.0)
+            with pytest.raises(HandshakeFailed, match="HTTP 503"):
+                await others[4].connect(hub.address, timeout=5)
+            assert any(e["event"] == "connection refused: at the limit" for e in logs)
+            gate.set()
+        # p0, whose connection made room, dials again when it needs the hub (once the calls
+        # that just ended have been quiet for crowded_idle_after: one of them makes room)
+        await trio.sleep(0.5)
+        assert await others[0].call(hub.address, "echo", b"again", timeout=5) == b"again"
+
+
 async def test_a_pinned_connection_is_not_closed_as_idle(
     autojump_clock: Any, identities: list[Identity]
 ) -> None:
@@ -777,3 +827,22 @@ async def test_a_connection_saying_goodbye_is_not_handed_out_for_new_calls(
             assert await client.call(hub.address, "echo", b"again", timeout=5) == b"again"
         second = client.connection_to(hub.peer_id)
         assert first.closed and second is not None and second is not first
+
+
+@pytest.mark.parametrize(
+    ("changes", "why"),
+    [
+        ({"max_connections": 0}, "at least 1"),
+        ({"idle_connections": -1}, "idle_connections"),
+        ({"idle_after": 0.0}, "idle_after positive"),
+        ({"relayed_idle_after": 0.0}, "relayed_idle_after"),
+        ({"crowded_idle_after": -0.1}, "crowded_idle_after"),
+        ({"crowded_idle_after": 11.0}, "crowded_idle_after"),  # past idle_after (10 s)
+        ({"handshake_timeout": 0.0}, "handshake_timeout"),
+    ],
+)
+def test_transport_limits_that_cannot_work_are_config_errors(
+    changes: dict[str, Any], why: str
+) -> None:
+    with pytest.raises(ConfigError, match=why):
+        TransportLimits(**changes)

@@ -103,6 +103,12 @@ class TransportLimits:
     #: of the few a relay grants each end (16 by default), and an averaging peer meets new
     #: group mates every round; opening a circuit again costs a fraction of a second
     relayed_idle_after: float = 2.0
+    #: at ``max_connections``, a newcomer is let in by closing the least recently used idle
+    #: connection or, when none is idle (a burst: a cold start of 1024 peers asks the same ten
+    #: replicas of the run's directory at once, and they refused 7,300 dials), the least
+    #: recently used one with nothing in flight and no message for this long. Whoever needs it
+    #: again dials again (a handshake), where a refusal would have cost its call
+    crowded_idle_after: float = 0.5
 
     def __post_init__(self) -> None:
         if self.max_connections < 1 or self.max_connections_per_peer < 1:
@@ -111,6 +117,8 @@ class TransportLimits:
             raise ConfigError("idle_connections must be >= 0 and idle_after positive")
         if not self.relayed_idle_after > 0:
             raise ConfigError("relayed_idle_after must be positive")
+        if not 0 <= self.crowded_idle_after <= self.idle_after:
+            raise ConfigError("crowded_idle_after must be in 0 .. idle_after")
         if not self.handshake_timeout > 0:
             raise ConfigError("handshake_timeout must be positive")
 
@@ -248,11 +256,11 @@ class Transport:
         finally:
             self._sweeping = False
 
-    def _idle(self) -> list[Connection]:
-        """Open connections with nothing in flight and no message for ``idle_after``, the least
-        recently used first."""
+    def _idle(self, after: float | None = None) -> list[Connection]:
+        """Open connections with nothing in flight and no message for ``after`` seconds
+        (``idle_after`` by default), the least recently used first."""
         now = trio.current_time()
-        since = now - self.limits.idle_after
+        since = now - (self.limits.idle_after if after is None else after)
         idle = [
             c
             for conns in self._conns.values()
@@ -775,8 +783,10 @@ class Transport:
         connection go on."""
         at_limit = self._open_streams >= self.limits.max_connections
         if at_limit and not self._closing:
-            # Make room: the least recently used idle connection closes for this one.
-            at_limit = self._close_idle(self._idle()[:1]) == 0
+            # Make room: the least recently used idle connection closes for this one; in a
+            # crowd (none idle), the least recently used quiet one (see crowded_idle_after).
+            room = self._idle()[:1] or self._idle(self.limits.crowded_idle_after)[:1]
+            at_limit = self._close_idle(room) == 0
         if self._closing:
             # (not a warning: a peer that is shutting down turns newcomers away)
             self.log.info("connection refused: shutting down")
