@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import random
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -530,11 +531,9 @@ def group_id_of(run_id: str, round: int, key: Sequence[int], member_ids: Iterabl
 
 
 def _usable(member: MemberInfo) -> bool:
-    if (
-        len(member.peer_id) != 32
-        or not member.bandwidth > 0
-        or member.bandwidth != member.bandwidth
-    ):
+    # A bandwidth must be finite too: spans() refuses an infinite one, so a member announcing
+    # inf would make every member's all-reduce fail to start (ConfigError out of step()).
+    if len(member.peer_id) != 32 or not (math.isfinite(member.bandwidth) and member.bandwidth > 0):
         return False
     if member.client_mode:
         return member.address == ""
