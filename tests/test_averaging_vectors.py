@@ -29,7 +29,7 @@ from moshpit_trio.averaging.allreduce import (
 from moshpit_trio.averaging.auto_grid import block_of, directory_key, group_sizes
 from moshpit_trio.averaging.averager import _decode_round, _encode_round
 from moshpit_trio.averaging.compression import codec
-from moshpit_trio.averaging.grid import group_key_name
+from moshpit_trio.averaging.grid import Grid, group_indices, group_key_name, next_key
 from moshpit_trio.averaging.matchmaking import (
     GroupInfo,
     Matchmaker,
@@ -285,3 +285,37 @@ def test_codec_bytes(vector: dict[str, Any]) -> None:
     decoded = c.decode(data, len(values)).astype("<f4")
     assert hashlib.sha256(decoded.tobytes()).hexdigest() == vector["decoded_sha256"]
     assert decoded[:8].tolist() == vector["decoded_first"]
+
+
+def _below(words: list[int], bound: int) -> int:
+    limit = 2**64 - 2**64 % bound
+    while True:
+        word = words.pop(0)
+        if word < limit:
+            return word % bound
+
+
+@pytest.mark.parametrize(
+    "vector", DATA["grid_indices"], ids=lambda v: f"{v['shape']}-{v['rule']}-{v['size']}"
+)
+def test_fixed_grid_indices(vector: dict[str, Any]) -> None:
+    grid, group_id = Grid(tuple(vector["shape"])), bytes.fromhex(vector["group_id"])
+    got = group_indices(group_id, vector["size"], grid, vector["round"], rule=vector["rule"])
+    assert got == vector["indices"]
+    # ... and as SPEC.md words it, without the library
+    m = grid.shape[vector["round"] % grid.d]
+    if vector["rule"] == "rank":
+        expected = [j % m for j in range(vector["size"])]
+    else:
+        seed = hashlib.sha256(b"moshpit/1 grid index\x00" + group_id).digest()
+        stream = b"".join(hashlib.sha256(seed + b.to_bytes(8, "big")).digest() for b in range(64))
+        words = [int.from_bytes(stream[i : i + 8], "big") for i in range(0, len(stream), 8)]
+        perm = list(range(m))
+        for i in range(m - 1, 0, -1):
+            k = _below(words, i + 1)
+            perm[i], perm[k] = perm[k], perm[i]
+        expected = [perm[j % m] for j in range(vector["size"])]
+    assert expected == vector["indices"]
+    key = tuple(vector["key"])
+    assert list(next_key(grid, key, got[0], vector["round"])) == vector["next_key_of_position_0"]
+    assert vector["next_key_of_position_0"] == [*key, got[0]][1:]

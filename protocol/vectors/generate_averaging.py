@@ -34,7 +34,7 @@ from moshpit_trio.averaging.allreduce import (  # noqa: E402
 )
 from moshpit_trio.averaging.auto_grid import block_of, directory_key, group_sizes  # noqa: E402
 from moshpit_trio.averaging.compression import codec  # noqa: E402
-from moshpit_trio.averaging.grid import group_key_name  # noqa: E402
+from moshpit_trio.averaging.grid import Grid, group_indices, group_key_name, next_key  # noqa: E402
 from moshpit_trio.averaging.matchmaking import (  # noqa: E402
     GroupInfo,
     Matchmaker,
@@ -255,6 +255,29 @@ def invalid_messages(group: GroupInfo, bob: MemberInfo) -> list[dict[str, Any]]:
     return [{"message": m, "what": w, "hex": data.hex()} for m, w, data in cases]
 
 
+def grid_indices(group_id: bytes) -> list[dict[str, Any]]:
+    """A fixed grid's index rule: each position's coordinate on the round's axis, and the
+    next key of the member at position 0, for a group of 3 in round 7 (axis 7 mod d)."""
+    out = []
+    for shape, key, size in (((4, 4, 4), (2, 1), 3), ((8, 8), (5,), 8), ((32, 32), (9,), 3)):
+        grid = Grid(shape)
+        for rule in ("random", "rank"):
+            indices = group_indices(group_id, size, grid, ROUND, rule=rule)
+            out.append(
+                {
+                    "shape": list(shape),
+                    "round": ROUND,
+                    "rule": rule,
+                    "group_id": group_id.hex(),
+                    "size": size,
+                    "indices": indices,
+                    "key": list(key),
+                    "next_key_of_position_0": list(next_key(grid, key, indices[0], ROUND)),
+                }
+            )
+    return out
+
+
 def partitions() -> list[dict[str, Any]]:
     # (total, [(bandwidth, client_mode, relayed)]) -> no_span, spans
     cases = [
@@ -391,6 +414,7 @@ def build() -> dict[str, Any]:
         "matchmaking": joined,
         "headers": headers(group),
         "dir_request": {"round": ROUND, "hex": _encode(ROUND).hex()},
+        "grid_indices": grid_indices(group.group_id),
         "invalid": invalid_messages(group, members["bob"]),
         "partitions": partitions(),
         "codecs": codecs(),
