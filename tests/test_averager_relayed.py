@@ -9,6 +9,7 @@ network, virtual clock: exact times where they are fixed.
 
 from __future__ import annotations
 
+import math
 import types
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -267,6 +268,14 @@ def test_a_listening_member_that_claims_a_relay_is_refused() -> None:
     address = "ws://h:1/" + "a" * 52
     assert not _usable(member(client_mode=False, relayed=True, address=address))
     assert _usable(member(client_mode=True, relayed=True))
+
+
+@pytest.mark.parametrize("bandwidth", [0.0, -1.0, math.nan, math.inf])
+def test_an_announcement_without_a_finite_positive_bandwidth_is_refused(bandwidth: float) -> None:
+    # spans() refuses an infinite bandwidth: a member announcing one would make every
+    # member's all-reduce fail to start, so nobody takes it into a group.
+    assert not _usable(MemberInfo(bytes(32), "", bandwidth, True, True))
+    assert _usable(MemberInfo(bytes(32), "", 1e308, True, True))
 
 
 async def test_a_swarm_nobody_can_dial_keeps_its_groups_within_a_relays_circuits(

@@ -38,7 +38,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import random
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import msgspec
@@ -61,6 +63,7 @@ __all__ = [
     "KeyFull",
     "Matchmaker",
     "MemberInfo",
+    "group_id_of",
 ]
 
 
@@ -470,13 +473,9 @@ class Matchmaker:
             return attempt.group
         members = [self.me, *attempt.followers]
         if len(members) >= max(self.min_group_size, 2):
-            # Derived, not drawn: the same group always gets the same id (reproducible runs),
-            # and no two groups share one (their members differ, or their round or key do).
-            digest = hashlib.sha256(b"moshpit/1 group\x00" + self.run_id.encode())
-            digest.update(_encode([attempt.round, list(attempt.key)]))
-            for member_id in sorted(m.peer_id for m in members):
-                digest.update(member_id)
-            group_id = digest.digest()[:16]
+            group_id = group_id_of(
+                self.run_id, attempt.round, attempt.key, [m.peer_id for m in members]
+            )
             random.Random(group_id).shuffle(members)
             attempt.group = GroupInfo(
                 group_id=group_id,
@@ -517,12 +516,24 @@ class Matchmaker:
         return _encode(attempt.group)
 
 
+def group_id_of(run_id: str, round: int, key: Sequence[int], member_ids: Iterable[bytes]) -> bytes:
+    """The id a leader gives the group it fixes (SPEC.md, "Averaging: matchmaking and
+    all-reduce"): the first 16 bytes of ``sha256("moshpit/1 group\\0" + run_id (UTF-8) +
+    msgpack([round, key]) + the members' PeerIDs in ascending order)``.
+
+    Derived, not drawn: the same group always gets the same id (reproducible runs), and no two
+    groups share one (their members differ, or their run, round or key do)."""
+    digest = hashlib.sha256(b"moshpit/1 group\x00" + run_id.encode())
+    digest.update(_encode([round, list(key)]))
+    for member_id in sorted(member_ids):
+        digest.update(member_id)
+    return digest.digest()[:16]
+
+
 def _usable(member: MemberInfo) -> bool:
-    if (
-        len(member.peer_id) != 32
-        or not member.bandwidth > 0
-        or member.bandwidth != member.bandwidth
-    ):
+    # A bandwidth must be finite too: spans() refuses an infinite one, so a member announcing
+    # inf would make every member's all-reduce fail to start (ConfigError out of step()).
+    if len(member.peer_id) != 32 or not (math.isfinite(member.bandwidth) and member.bandwidth > 0):
         return False
     if member.client_mode:
         return member.address == ""
