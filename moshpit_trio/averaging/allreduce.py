@@ -1,7 +1,8 @@
 """Butterfly all-reduce inside one group, with the failure rules of MOSHPIT.md §1.
 
 The flat vector is cut into one span per member (``partition.spans``: proportional to bandwidth;
-client-mode members get none). Then, all under stage deadlines:
+``no_span`` members get none: client-mode ones, and relayed ones too when a listening member is
+there to reduce). Then, all under stage deadlines:
 
 1. *scatter*: every member streams its part of span j to member j (``avg.RUN.part``);
 2. *reduce*: member j accumulates the parts (``reducer.SpanAccumulator``: a part counts whole or

@@ -378,8 +378,10 @@ def spans(
     Span sizes are proportional to bandwidth: member ``i`` gets ``total * b_i / sum(b)`` elements
     rounded by the largest-remainder method (each size is the floor or the ceiling of its exact
     share; the leftover elements go to the largest fractional parts, ties to the lower index).
-    A client-mode member cannot accept connections, so it cannot reduce: it gets an empty span
-    (``start == end``) and its bandwidth is ignored (it may be 0).
+    A member flagged in ``client_mode`` reduces nothing: it gets an empty span (``start ==
+    end``) and its bandwidth is ignored (it may be 0). The all-reduce flags the members
+    ``allreduce.no_span`` names: a client-mode one nobody can dial, and a relayed one whenever a
+    listening member can reduce instead (so that nothing of the round crosses a relay).
 
     ``min_span``: a member whose share would be under ``min_span`` elements (but not zero) gets
     nothing instead and its share goes to the others, because a tiny span costs a full exchange
