@@ -336,7 +336,7 @@ class DHTNode:
         """All live records under ``key`` by subkey (withdrawals included), merged from the
         closest peers' answers and this node's own store. ``near``, when given, is extended
         with the closest peers to the key that answered, closest first: what the swarm looks
-        like around the key, the same for every reader (``auto_grid.estimate_size``)."""
+        like around the key, the same for every reader (``auto_grid.estimate_size_around``)."""
         kid = key_id(_key_bytes(key))
         found: list[Record] = list(self.records.get(kid, self.now()))
         closest = await self._lookup(kid, want_values=True, found=found, width=self._replica_width)
