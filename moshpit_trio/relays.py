@@ -3,14 +3,18 @@ DHT, and every peer's way to find another peer's relays there (SPEC.md "Relay").
 
 - :func:`encode_relays` / :func:`decode_relays`: the value of a peer's ``mp.relay/PEER`` record
   (sans-IO).
+- :func:`rendezvous_order`: a peer's own order of a relay list (sans-IO), so that volunteers
+  given the same list spread over all of it.
 - :class:`RelayKeeper` (client-mode peers): holds reservations on up to ``want`` of the given
-  relays, renews each at half its granted time, moves to another relay when one refuses or
-  goes away, and publishes the set it holds; withdraws the record when it holds none.
+  relays, tried in this peer's rendezvous order, renews each at half its granted time, moves
+  to another relay when one refuses or goes away, and publishes the set it holds; withdraws
+  the record when it holds none.
 - :func:`find_relays`: the relays a peer published, for ``Transport.relay.resolver``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 
@@ -33,6 +37,7 @@ __all__ = [
     "encode_relays",
     "find_relays",
     "relay_key",
+    "rendezvous_order",
 ]
 
 #: the owned namespace of relay records (registered in ``dht.node.default_namespaces``)
@@ -85,9 +90,40 @@ async def find_relays(dht: DHTNode, peer: PeerID) -> list[PeerAddress]:
     return decode_relays(record.value, peer)
 
 
+_RENDEZVOUS_DOMAIN = b"moshpit/1 relay rendezvous\x00"
+
+
+def rendezvous_order(peer: PeerID, relays: Sequence[PeerAddress]) -> list[PeerAddress]:
+    """``relays`` (duplicates dropped) in ``peer``'s own order: by sha256 of the two PeerIDs,
+    highest first (rendezvous hashing). Volunteers given the same list each start from a
+    different relay, so ``want`` reservations each spread over the whole list instead of all
+    landing on its first entries; a peer's order is the same after a restart; and a relay
+    that is added or removed moves only the peers that put it first.
+
+    >>> from moshpit_trio.identity import Identity
+    >>> ids = [Identity.from_seed(bytes([i]) * 32).peer_id for i in range(1, 4)]
+    >>> relays = [PeerAddress.parse(f"ws://r{i}:1/{p}") for i, p in enumerate(ids)]
+    >>> me = Identity.from_seed(b"v" * 32).peer_id
+    >>> sorted(rendezvous_order(me, relays), key=str) == sorted(relays, key=str)
+    True
+    >>> rendezvous_order(me, relays) == rendezvous_order(me, list(reversed(relays)))
+    True
+    """
+    unique = list(dict.fromkeys(relays))
+
+    def weight(relay: PeerAddress) -> bytes:
+        return hashlib.sha256(
+            _RENDEZVOUS_DOMAIN + peer.to_bytes() + relay.peer_id.to_bytes()
+        ).digest()
+
+    # ties (the same relay PeerID at two addresses) keep the list's order: sort is stable
+    return sorted(unique, key=weight, reverse=True)
+
+
 class RelayKeeper:
     """Keep reservations on up to ``want`` of ``relays`` and publish them (see the module
-    docstring). Run ``run`` in the peer's nursery."""
+    docstring). The relays are tried in this peer's ``rendezvous_order`` of the list, not the
+    list's own order. Run ``run`` in the peer's nursery."""
 
     def __init__(
         self,
@@ -105,7 +141,8 @@ class RelayKeeper:
             raise ConfigError(f"want must be 1..{MAX_RELAYS}, got {want!r}")
         self.transport = transport
         self.dht = dht
-        self.relays = list(relays)
+        #: the relays to hold, in the order they are tried (``rendezvous_order``)
+        self.relays = rendezvous_order(transport.peer_id, relays)
         self.want = want
         self.ttl = ttl
         self.timeout = timeout

@@ -3,6 +3,7 @@ them there and call it by PeerID alone; when its relay dies it moves to another 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
@@ -10,9 +11,11 @@ import msgspec
 import pytest
 import trio
 import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
 
 from moshpit_trio.errors import ConfigError, ConnectionLost
-from moshpit_trio.identity import Identity
+from moshpit_trio.identity import Identity, PeerID
 from moshpit_trio.peer import Peer, open_peer
 from moshpit_trio.relays import (
     MAX_RELAYS,
@@ -21,6 +24,7 @@ from moshpit_trio.relays import (
     encode_relays,
     find_relays,
     relay_key,
+    rendezvous_order,
 )
 from moshpit_trio.testing import MemoryNetwork
 from moshpit_trio.wire.address import PeerAddress
@@ -97,13 +101,20 @@ async def test_when_its_relay_dies_the_peer_moves_to_another_and_is_reached_ther
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     # a is in client mode too: the two can only ever meet through a relay
-    async with peers(2, a_client_mode=True) as (net, (r0, r1), c, a):
+    async with peers(2, a_client_mode=True) as (net, relays, c, a):
+        # c holds both relays, in its own (rendezvous) order: it publishes them so, and a
+        # dials through the first
+        assert c.relay_keeper is not None
+        addresses = [r.address for r in relays if r.address is not None]
+        assert c.relay_keeper.relays == rendezvous_order(c.id, addresses)
+        by_address = {r.address: (f"r{i}", r) for i, r in enumerate(relays)}
+        (name0, r0), (_, r1) = [by_address[address] for address in c.relay_keeper.relays]
         assert r0.address is not None and r1.address is not None
         assert await find_relays(a.dht, c.id) == [r0.address, r1.address]
         assert await a.transport.call(c.id, "echo", b"one", timeout=5) == b"one"
         first = a.transport.connection_to(c.id)
         assert first is not None and first.via == r0.id
-        net.kill("r0")
+        net.kill(name0)
         killed = trio.current_time()
         await first.wait_closed()
         assert trio.current_time() == killed  # the circuit ends with its relay, at once
@@ -252,3 +263,40 @@ async def test_a_relayed_connection_idle_for_two_seconds_closes_and_frees_its_ci
         assert r.transport.relay_service is not None
         assert not r.transport.relay_service.table.live()  # the circuit is gone at the relay
         assert await a.transport.call(c.id, "echo", b"two", timeout=5) == b"two"
+
+
+# -- rendezvous order (sans-IO) -----------------------------------------------------------------
+
+
+def _relay(i: int) -> PeerAddress:
+    return PeerAddress(f"r{i}", 7000, ident(100 + i).peer_id)
+
+
+@given(
+    me=st.binary(min_size=32, max_size=32),
+    picks=st.lists(st.integers(min_value=0, max_value=9), min_size=1, max_size=12),
+    drop=st.integers(min_value=0, max_value=9),
+)
+def test_rendezvous_order_is_the_peers_own_and_stable(
+    me: bytes, picks: list[int], drop: int
+) -> None:
+    peer = PeerID(me)
+    relays = [_relay(i) for i in picks]
+    order = rendezvous_order(peer, relays)
+    assert sorted(order, key=str) == sorted(set(relays), key=str)  # each once, none added
+    assert rendezvous_order(peer, list(reversed(relays))) == order  # the list's order is moot
+    # a relay leaving the list moves nobody else: the others keep their relative order
+    gone = _relay(drop)
+    assert rendezvous_order(peer, [r for r in relays if r != gone]) == [
+        r for r in order if r != gone
+    ]
+
+
+def test_volunteers_given_one_list_spread_over_all_of_it() -> None:
+    relays = [_relay(i) for i in range(4)]
+    firsts = {r: 0 for r in relays}
+    for i in range(2000):
+        volunteer = PeerID(hashlib.sha256(i.to_bytes(4, "big")).digest())
+        firsts[rendezvous_order(volunteer, relays)[0]] += 1
+    # each relay is the first choice of about a quarter of the volunteers (500 +- 4.3 sd)
+    assert all(400 <= n <= 600 for n in firsts.values()), firsts
