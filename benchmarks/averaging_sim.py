@@ -353,8 +353,8 @@ class MoshpitGrid:
         return self.x
 
 
-#: how many of the closest peers a DHT read converges on (DHTNode._replica_width)
-REPLICA_WIDTH = min(DHTSettings().k, 2 * DHTSettings().replicas)
+#: how many of the closest peers a DHT read converges on
+REPLICA_WIDTH = DHTSettings().replica_width
 
 
 class MoshpitAuto:

@@ -91,6 +91,14 @@ class DHTSettings:
     #: records accepted per STORE / returned per FIND_VALUE
     max_records_per_message: int = 256
 
+    @property
+    def replica_width(self) -> int:
+        """How many of the closest peers a get or a store converges on: the replica set and as
+        many again (peers gone since the record was stored, peers that disagree on who is
+        closest), not the whole k. Records live on the ``replicas`` closest; walking on to
+        the k-th closest only costs rounds of queries."""
+        return min(self.k, 2 * self.replicas)
+
     def __post_init__(self) -> None:
         for name in ("k", "alpha", "replicas", "max_records_per_message"):
             if getattr(self, name) < 1:
@@ -219,15 +227,6 @@ class DHTNode:
             t: msgspec.msgpack.Decoder(t) for t in (_Contacts, _Values, _Stored)
         }
 
-    @property
-    def _replica_width(self) -> int:
-        """How many of the closest peers a get or a store converges on: the replica set and as
-        many again (peers gone since the record was stored, peers that disagree on who is
-        closest), not the whole k. Records live on the ``replicas`` closest; walking on to
-        the k-th closest only costs rounds of queries."""
-        s = self.settings
-        return min(s.k, 2 * s.replicas)
-
     def now(self) -> float:
         """Unix time, advancing with trio's clock."""
         return self._epoch_offset + trio.current_time()
@@ -339,7 +338,9 @@ class DHTNode:
         like around the key, the same for every reader (``auto_grid.estimate_size_around``)."""
         kid = key_id(_key_bytes(key))
         found: list[Record] = list(self.records.get(kid, self.now()))
-        closest = await self._lookup(kid, want_values=True, found=found, width=self._replica_width)
+        closest = await self._lookup(
+            kid, want_values=True, found=found, width=self.settings.replica_width
+        )
         if near is not None:
             near.extend(closest)
         return merge(found)
@@ -630,7 +631,7 @@ class DHTNode:
                 held += 1
         try:
             closest = await self._lookup(
-                record.id, want_values=False, found=None, width=self._replica_width
+                record.id, want_values=False, found=None, width=self.settings.replica_width
             )
         except LookupFailed:
             closest = []
