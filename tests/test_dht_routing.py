@@ -146,6 +146,33 @@ def test_responsive_old_contact_is_never_evicted_for_a_newcomer() -> None:
     assert t.replacement_cache(50) == [contact(new)]
 
 
+def test_fresh_oldest_contact_is_not_pinged_for_a_newcomer() -> None:
+    # Every contact of the full bucket was heard from within fresh_for: the newcomer waits in
+    # the replacement cache and nobody is pinged; once the oldest is older than that, or has
+    # failed since, the next newcomer asks about it again.
+    t = RoutingTable(LOCAL, k=2, fresh_for=60.0)
+    a, b, new, newer = in_bucket(40, 4)
+    t.add(contact(a), 0.0)
+    t.add(contact(b), 10.0)
+    assert t.add(contact(new), 59.9) is None
+    assert new not in t and t.replacement_cache(40) == [contact(new)]
+    assert t.add(contact(newer), 60.0) == contact(a)  # a last heard 60 s ago
+    t.seen(a, 61.0)
+    assert t.add(contact(new), 62.0) is None  # b heard 52 s ago: fresh
+    assert [x.peer_id for x in t.bucket(40)] == [b, a]
+    # A failure makes a contact worth asking about, however recently it was heard from.
+    u = RoutingTable(LOCAL, k=1, replacements=0, fresh_for=60.0)
+    u.add(contact(a), 0.0)
+    assert u.add(contact(new), 1.0) is None
+    assert u.failed(a) is None and a in u  # no replacement: a stays, marked failing
+    assert u.add(contact(new), 2.0) == contact(a)
+
+
+def test_fresh_for_must_not_be_negative() -> None:
+    with pytest.raises(ValueError, match="fresh_for"):
+        RoutingTable(LOCAL, fresh_for=-1.0)
+
+
 def test_failed_evicts_only_with_a_replacement() -> None:
     t = RoutingTable(LOCAL, k=2)
     a, b, new = in_bucket(7, 3)

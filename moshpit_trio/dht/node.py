@@ -85,6 +85,10 @@ class DHTSettings:
     refresh_interval: float = 600.0
     #: owners store their live records again this often
     republish_interval: float = 300.0
+    #: a full bucket's least-recently-seen contact heard from this recently (and not failed
+    #: since) is not pinged when a newcomer arrives; the newcomer waits in the replacement cache
+    #: (and takes the place of whichever contact next fails a query)
+    fresh_for: float = 60.0
     #: the first back-off after a failure; doubles with every further failure
     backoff_base: float = 1.0
     backoff_max: float = 60.0
@@ -103,6 +107,8 @@ class DHTSettings:
         for name in ("k", "alpha", "replicas", "max_records_per_message"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"DHTSettings.{name} must be at least 1")
+        if not self.fresh_for >= 0:
+            raise ConfigError("DHTSettings.fresh_for must be at least 0")
         if not 0 < self.slow_after <= self.rpc_timeout <= self.lookup_timeout:
             raise ConfigError("need 0 < slow_after <= rpc_timeout <= lookup_timeout")
 
@@ -201,7 +207,7 @@ class DHTNode:
         self.settings = settings or DHTSettings()
         self.namespaces = namespaces or default_namespaces()
         self.client_mode = client_mode or transport.address is None
-        self.table = RoutingTable(self.id, k=self.settings.k)
+        self.table = RoutingTable(self.id, k=self.settings.k, fresh_for=self.settings.fresh_for)
         #: records whose signatures verified here lately (lookups see each from every replica)
         self.verified = VerifiedSignatures()
         self.records = RecordStore(self.namespaces, verified=self.verified)

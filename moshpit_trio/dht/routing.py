@@ -101,19 +101,27 @@ class RoutingTable:
     """256 k-buckets around ``local_id``, each with a bounded replacement cache.
 
     Within a bucket, contacts are ordered from least to most recently seen: the first one is the
-    one to ping when the bucket is full and a newcomer arrives. A contact that failed to answer
+    one to ping when the bucket is full and a newcomer arrives, unless it was heard from within
+    ``fresh_for`` seconds and has not failed since: then it has just proved itself, and a ping
+    would only say so again (in a swarm whose peers meet new group mates every round, pinging
+    on every newcomer cost each peer about ten pings a round). A contact that failed to answer
     and had no replacement is moved to the front, so it is the next to go.
     """
 
-    def __init__(self, local_id: PeerID, *, k: int = 20, replacements: int = 20) -> None:
+    def __init__(
+        self, local_id: PeerID, *, k: int = 20, replacements: int = 20, fresh_for: float = 0.0
+    ) -> None:
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         if replacements < 0:
             raise ValueError(f"replacements must be at least 0, got {replacements}")
         self.local_id = local_id
         self._local = int(local_id)
+        if not fresh_for >= 0:
+            raise ValueError(f"fresh_for must be at least 0, got {fresh_for}")
         self.k = k
         self.replacements = replacements
+        self.fresh_for = fresh_for
         # Per bucket index: peer -> entry, least recently seen first. Buckets are made on first
         # use: a table fills a dozen of its 256, and simulations hold hundreds of tables.
         self._buckets: defaultdict[int, OrderedDict[PeerID, _Entry]] = defaultdict(OrderedDict)
@@ -137,9 +145,10 @@ class RoutingTable:
         """Record a peer that just proved itself over an authenticated connection.
 
         Returns None when the peer is in the table now (new, or refreshed with its latest
-        address). Returns the full bucket's least-recently-seen contact when the newcomer had to
-        wait in the replacement cache: the node should ping that contact and report the outcome
-        with :meth:`seen` or :meth:`failed` (the latter promotes the newcomer).
+        address), or when it waits in the replacement cache of a full bucket whose
+        least-recently-seen contact is fresh (heard from within ``fresh_for``, no failure since).
+        Returns that contact when it is not fresh: the node should ping it and report the
+        outcome with :meth:`seen` or :meth:`failed` (the latter promotes the newcomer).
         """
         index = self._index(contact.peer_id)
         bucket = self._buckets[index]
@@ -155,7 +164,10 @@ class RoutingTable:
             self._insert(index, contact, now)
             return None
         self._cache(index, contact, now)
-        return next(iter(bucket.values())).contact
+        oldest = next(iter(bucket.values()))
+        if oldest.failures == 0 and now - oldest.last_seen < self.fresh_for:
+            return None
+        return oldest.contact
 
     def _insert(self, index: int, contact: Contact, last_seen: float) -> None:
         entry = _Entry(contact, int(contact.peer_id), last_seen)
