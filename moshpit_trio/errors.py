@@ -45,6 +45,12 @@ class HandshakeFailed(Unreachable):
     refused, not speaking ``moshpit/1``, or the handshake broke)."""
 
 
+class PeerBusy(HandshakeFailed):
+    """The peer turned the connection away at its connection limit (HTTP 503): it is there,
+    but full. The transport dials again after short randomized waits while the call's time
+    lasts, and raises this when that time runs out first. Not a sign that the peer is gone."""
+
+
 class ConnectionLost(Unreachable):
     """An established connection ended while a call or stream was using it."""
 

@@ -23,9 +23,10 @@ from moshpit_trio.errors import (
     CrossedIdleClose,
     DeadlineExceeded,
     HandshakeFailed,
+    PeerBusy,
     Rejected,
 )
-from moshpit_trio.identity import Identity
+from moshpit_trio.identity import Identity, PeerID
 from moshpit_trio.testing import MemoryNetwork
 from moshpit_trio.wire.address import PeerAddress
 from moshpit_trio.wire.connection import ConnectionLimits, Request, StreamRequest
@@ -289,10 +290,17 @@ async def test_connection_flood_beyond_the_limit(
         squatters = [await net.host(f"x{i}").connect("s", port) for i in range(4)]
         async with peer(net, "h", identities[1]) as honest:
             start = trio.current_time()
-            with pytest.raises(HandshakeFailed, match="HTTP 503"):
+            # Full: dialed again after each refusal (waits doubling from 50 ms, spread by a
+            # hash of both ends) until the next wait would pass the deadline, then PeerBusy.
+            waits: list[float] = []
+            while sum(waits) + honest._busy_wait(server.peer_id, len(waits)) < 5:
+                waits.append(honest._busy_wait(server.peer_id, len(waits)))
+            with pytest.raises(PeerBusy, match="HTTP 503"):
                 await honest.connect(server.address, timeout=5)
-            assert trio.current_time() == start  # told at once, not at its deadline
-            assert any(e["event"] == "connection refused: at the limit" for e in logs)
+            assert trio.current_time() - start == pytest.approx(sum(waits))
+            assert len(waits) == 7  # 0.05, 0.1, 0.2, 0.4, 0.8, 1, 1 s, each x 0.5-1.5
+            refused = [e for e in logs if e["event"] == "dial failed"]
+            assert len(refused) == len(waits) + 1
             # once the squatters' handshakes time out, there is room again. They time out at
             # this very instant too: let them finish dropping before dialing (trio runs tasks
             # woken at the same time in a random order, so the dial could go first).
@@ -301,6 +309,75 @@ async def test_connection_flood_beyond_the_limit(
             assert await honest.call(server.address, "echo", b"in", timeout=5) == b"in"
         for s in squatters:
             await s.aclose()
+
+
+async def test_a_dial_turned_away_at_the_limit_gets_in_once_the_crowd_thins(
+    autojump_clock: Any, identities: list[Identity], logs: list[dict[str, Any]]
+) -> None:
+    # A crowd holds every connection of a peer for a moment: a dialer it turns away (HTTP
+    # 503) comes back after short waits and gets in as soon as there is room, within its
+    # call's time; a peer shutting down is answered 410 and not dialed again.
+    limits = dataclasses.replace(SMALL, max_connections=3, idle_after=30.0)
+    net = MemoryNetwork(seed=5)  # (no latency: a dial costs no time, the waits are all)
+    gate = trio.Event()
+
+    async def held(request: Request) -> bytes:
+        await gate.wait()
+        return b"done"
+
+    async def release_at(t: float) -> None:
+        await trio.sleep_until(t)
+        gate.set()
+
+    async with AsyncExitStack() as stack:
+        hub = await stack.enter_async_context(peer(net, "hub", identities[0], limits=limits))
+        hub.register("held", held)
+        assert hub.address is not None
+        crowd = [
+            await stack.enter_async_context(peer(net, f"p{i}", identities[1 + i])) for i in range(3)
+        ]
+        late = await stack.enter_async_context(peer(net, "late", identities[4]))
+        async with trio.open_nursery() as nursery:
+            for other in crowd:
+                nursery.start_soon(partial(other.call, hub.address, "held", b"", timeout=50))
+            await trio.testing.wait_all_tasks_blocked()
+            start = trio.current_time()
+            nursery.start_soon(release_at, start + 0.3)
+            assert await late.call(hub.address, "echo", b"in", timeout=5) == b"in"
+        # The calls end at 0.3 s; their connections may make room once quiet for
+        # crowded_idle_after (0.5 s): the first dial at or after 0.8 s gets in.
+        waits = [late._busy_wait(hub.peer_id, i) for i in range(8)]
+        tries = next(n for n in range(1, 8) if sum(waits[:n]) >= 0.3 + limits.crowded_idle_after)
+        assert trio.current_time() - start == pytest.approx(sum(waits[:tries]))
+        assert sum(e["event"] == "dial failed" for e in logs) == tries
+    # Shutting down: 410, HandshakeFailed at once (not PeerBusy, not dialed again).
+    async with peer(net, "h2", identities[5]) as dialer, peer(net, "s2", identities[6]) as leaving:
+        assert leaving.address is not None
+        leaving._closing = True
+        start = trio.current_time()
+        with pytest.raises(HandshakeFailed, match="HTTP 410") as info:
+            await dialer.connect(leaving.address, timeout=5)
+        assert not isinstance(info.value, PeerBusy)
+        assert trio.current_time() == start
+        leaving._closing = False
+
+
+def test_busy_waits_double_up_to_a_cap_and_differ_between_dialers(
+    identities: list[Identity],
+) -> None:
+    # (the wait needs no network: a transport object's method of its ids)
+    a, b, target = (i.peer_id for i in identities[:3])
+
+    def wait(me: PeerID, attempt: int) -> float:
+        t = Transport.__new__(Transport)
+        t.peer_id = me
+        return t._busy_wait(target, attempt)
+
+    for attempt, base in enumerate([0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0]):
+        for me in (a, b):
+            assert 0.5 * base <= wait(me, attempt) < 1.5 * base
+        assert wait(a, attempt) == wait(a, attempt)  # the same run waits the same
+    assert [wait(a, i) for i in range(8)] != [wait(b, i) for i in range(8)]
 
 
 async def test_caller_deadline_cancels_the_remote_handler(

@@ -27,7 +27,7 @@ from typing import Any
 import msgspec
 import trio
 
-from ..errors import ConfigError, MoshpitError, ProtocolError, Rejected, Unreachable
+from ..errors import ConfigError, MoshpitError, PeerBusy, ProtocolError, Rejected, Unreachable
 from ..identity import PeerID
 from ..log import get_logger
 from ..wire.address import InvalidAddress, PeerAddress
@@ -550,6 +550,12 @@ class DHTNode:
             answer = await self.transport.call(
                 contact.address, name, _encoder.encode(message), timeout=self.settings.rpc_timeout
             )
+        except PeerBusy:
+            # Full (HTTP 503 to every dial within the query's time), not gone: nothing against
+            # it in the table or in liveness. A crowd of readers of one key (a cold start reads
+            # the run's directory all at once) made its replicas look dead to most of them,
+            # and each reader then counted the swarm and read the directory from other peers.
+            raise
         except MoshpitError as exc:
             self._penalize(contact.peer_id)
             if not self.transport.liveness.heard_since(contact.peer_id, start):

@@ -16,6 +16,7 @@ opened by the smaller PeerID, so they agree on which one new calls use.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -38,6 +39,7 @@ from ..errors import (
     DeadlineExceeded,
     HandshakeFailed,
     MoshpitError,
+    PeerBusy,
     ProtocolError,
     Unreachable,
 )
@@ -76,6 +78,17 @@ _REFUSAL_TIMEOUT = 1.0
 #: a peer we reach through a relay, whose address we know but could not dial, is tried
 #: directly again after this long
 _DIRECT_RETRY = 60.0
+# A listener at its connection limit answers 503: dial it again after about this long, twice
+# as long each time (randomized by half either way), within the caller's time. In a crowd the
+# listener makes room as calls end (``crowded_idle_after``), so the dialers that come back
+# spread out get in; refusing them for good made a 1024-peer cold start's readers of the
+# run's directory each see a different part of it.
+_BUSY_WAIT = 0.05
+_BUSY_WAIT_MAX = 1.0
+# HTTP status a listener answers with when it is at its connection limit (try again) and when
+# it is shutting down (do not)
+_BUSY = 503
+_GOING_AWAY = 410
 #: a peer whose relays could not be found is not looked up again for this long
 _RESOLVE_AGAIN = 10.0
 #: peers remembered as having published no relay (the oldest go first beyond this)
@@ -362,12 +375,14 @@ class Transport:
     async def probe(self, target: Target, timeout: float) -> bool:
         """Is the peer answering? True as soon as any message from it arrives (a busy peer
         streaming to us answers that way); else a ping goes out, and False when nothing came
-        back within ``timeout`` or it cannot be reached. False marks the peer unresponsive
-        (``liveness``) until it is heard from again."""
+        back within ``timeout`` or it cannot be reached; True when it turned the ping's
+        connection away at its limit (``PeerBusy``: full, not silent). False marks the peer
+        unresponsive (``liveness``) until it is heard from again."""
         address = self._resolve(target)
         peer = address.peer_id if isinstance(address, PeerAddress) else address
         start = trio.current_time()
         failure = "no answer"
+        busy = False
         with trio.move_on_after(timeout):
             async with trio.open_nursery() as nursery:
 
@@ -375,6 +390,12 @@ class Transport:
                     nonlocal failure
                     try:
                         await self.call(target, PING, timeout=timeout)
+                    except PeerBusy:
+                        # Full to the last moment (HTTP 503), not silent: there, and alive.
+                        nonlocal busy
+                        busy = True
+                        nursery.cancel_scope.cancel()
+                        return
                     except MoshpitError as exc:
                         failure = f"{type(exc).__name__}: {exc}"
                         if not isinstance(exc, DeadlineExceeded):
@@ -385,7 +406,7 @@ class Transport:
                 nursery.start_soon(ping)
                 await self.wait_heard(peer, start)
                 nursery.cancel_scope.cancel()
-        answered = self.liveness.heard_since(peer, start)
+        answered = busy or self.liveness.heard_since(peer, start)
         if not answered:
             reason = f"silent for {trio.current_time() - start:.3g} s when probed ({failure})"
             if self.liveness.mark_unresponsive(peer, trio.current_time(), reason):
@@ -522,8 +543,10 @@ class Transport:
         """Call handler ``name`` on ``target`` (an address, or the PeerID of a connected or
         known peer) and return its answer; dials first when there is no connection.
 
-        Raises ``Unreachable`` (and ``HandshakeFailed``), ``DeadlineExceeded``,
-        ``UnknownHandler``, ``Rejected``, ``RemoteError``, ``ConnectionLost``.
+        Raises ``Unreachable`` (and ``HandshakeFailed``; ``PeerBusy`` when the peer was at
+        its connection limit every time it was dialed within ``timeout``),
+        ``DeadlineExceeded``, ``UnknownHandler``, ``Rejected``, ``RemoteError``,
+        ``ConnectionLost``.
         """
         deadline = _deadline(timeout)
         conn = await self.connect(target, timeout=timeout)
@@ -563,7 +586,9 @@ class Transport:
             raise
 
     async def connect(self, target: Target, *, timeout: float | None = None) -> Connection:
-        """The pooled connection to ``target``, dialing it if needed."""
+        """The pooled connection to ``target``, dialing it if needed. A peer at its connection
+        limit (HTTP 503) is dialed again after short randomized waits (``_busy_wait``) while
+        the time lasts; ``PeerBusy`` when it runs out first."""
         if self._closing:
             raise Unreachable("the transport is closing")
         address = self._resolve(target)
@@ -575,6 +600,8 @@ class Transport:
             raise HandshakeFailed(f"not connecting to {peer.short}: {refused}")
         limit = min(timeout, self.limits.handshake_timeout) if timeout else None
         limit = limit or self.limits.handshake_timeout
+        until = trio.current_time() + limit
+        busy = 0
         try:
             with trio.fail_after(limit):
                 while True:
@@ -596,7 +623,15 @@ class Transport:
                     if not isinstance(address, PeerAddress):
                         return await self._dial_relayed(peer, limit)
                     if conn is None:
-                        return await self._dial(address)
+                        try:
+                            return await self._dial(address)
+                        except PeerBusy:
+                            wait = self._busy_wait(peer, busy)
+                            if trio.current_time() + wait >= until:
+                                raise
+                            busy += 1
+                            await trio.sleep(wait)
+                            continue
                     try:
                         return await self._dial(address)
                     except Unreachable:
@@ -604,6 +639,17 @@ class Transport:
                         return conn
         except trio.TooSlowError:
             raise DeadlineExceeded(f"could not connect to {address} within {limit:g} s") from None
+
+    def _busy_wait(self, peer: PeerID, attempt: int) -> float:
+        """How long to wait before dialing ``peer`` again after its ``attempt``-th 503:
+        doubling, and spread by half either way by a hash of both ends and the attempt, so
+        that the dialers a crowded peer turned away at one instant do not all come back at
+        the next (and the same run under a virtual clock waits the same)."""
+        base = min(_BUSY_WAIT * 2**attempt, _BUSY_WAIT_MAX)
+        digest = hashlib.blake2b(
+            self.peer_id.to_bytes() + peer.to_bytes() + attempt.to_bytes(4, "big"), digest_size=8
+        ).digest()
+        return base * (0.5 + int.from_bytes(digest, "big") / 2**64)
 
     def _resolve(self, target: Target) -> PeerAddress | PeerID:
         if isinstance(target, PeerAddress):
@@ -752,6 +798,11 @@ class Transport:
                 self.log.info("connection ended", remote=address.peer_id.short, error=failure)
                 return
             self.log.info("dial failed", remote=address.peer_id.short, error=failure)
+            if any(
+                isinstance(leaf, ConnectionRejected) and leaf.status_code == _BUSY
+                for leaf in _leaves(exc)
+            ):
+                raise PeerBusy(f"{address}: {failure}") from None
             raise HandshakeFailed(f"{address}: {failure}") from None
         finally:
             self._open_streams -= 1
@@ -792,11 +843,11 @@ class Transport:
         if self._closing:
             # (not a warning: a peer that is shutting down turns newcomers away)
             self.log.info("connection refused: shutting down")
-            await self._refuse(stream, 503, b"this peer is shutting down")
+            await self._refuse(stream, _GOING_AWAY, b"this peer is shutting down")
             return
         if at_limit:
             self.log.warning("connection refused: at the limit", limit=self.limits.max_connections)
-            await self._refuse(stream, 503, b"too many connections; try again later")
+            await self._refuse(stream, _BUSY, b"too many connections; try again later")
             return
         self._open_streams += 1
         try:
