@@ -301,6 +301,19 @@ async def test_connection_flood_beyond_the_limit(
             assert len(waits) == 7  # 0.05, 0.1, 0.2, 0.4, 0.8, 1, 1 s, each x 0.5-1.5
             refused = [e for e in logs if e["event"] == "dial failed"]
             assert len(refused) == len(waits) + 1
+            # The listener counts every refusal, and warns at most once a second with how
+            # many it refused since its last warning.
+            assert server.refused_at_limit == len(waits) + 1
+            warned = [e for e in logs if e["event"] == "connection refused: at the limit"]
+            at = [sum(waits[:i]) for i in range(len(waits) + 1)]  # when each was refused
+            expected, last, unwarned = [], -1e9, 0
+            for t in at:
+                unwarned += 1
+                if t - last >= 1.0:
+                    expected.append(unwarned)
+                    last, unwarned = t, 0
+            assert [e["refused"] for e in warned] == expected
+            assert expected[0] == 1 and len(expected) < len(at)
             # once the squatters' handshakes time out, there is room again. They time out at
             # this very instant too: let them finish dropping before dialing (trio runs tasks
             # woken at the same time in a random order, so the dial could go first).

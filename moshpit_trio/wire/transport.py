@@ -89,6 +89,8 @@ _BUSY_WAIT_MAX = 1.0
 # it is shutting down (do not)
 _BUSY = 503
 _GOING_AWAY = 410
+# a listener at its limit says so in its log at most this often (with how many it refused)
+_REFUSAL_WARN_EVERY = 1.0
 #: a peer whose relays could not be found is not looked up again for this long
 _RESOLVE_AGAIN = 10.0
 #: peers remembered as having published no relay (the oldest go first beyond this)
@@ -187,6 +189,10 @@ class Transport:
         self._open_streams = 0  # connections being set up or running, both directions
         self._sweeping = False  # a task closes idle relayed connections (while any is open)
         self._closing = False
+        #: refusals at the connection limit: in all, and since the last warning about them
+        self.refused_at_limit = 0
+        self._refused_unwarned = 0
+        self._refusal_warned_at = -math.inf
         # bytes moved by connections that have ended (the live ones count their own)
         self._ended_sent = 0
         self._ended_received = 0
@@ -645,7 +651,7 @@ class Transport:
         doubling, and spread by half either way by a hash of both ends and the attempt, so
         that the dialers a crowded peer turned away at one instant do not all come back at
         the next (and the same run under a virtual clock waits the same)."""
-        base = min(_BUSY_WAIT * 2**attempt, _BUSY_WAIT_MAX)
+        base: float = min(_BUSY_WAIT * 2.0**attempt, _BUSY_WAIT_MAX)
         digest = hashlib.blake2b(
             self.peer_id.to_bytes() + peer.to_bytes() + attempt.to_bytes(4, "big"), digest_size=8
         ).digest()
@@ -846,7 +852,18 @@ class Transport:
             await self._refuse(stream, _GOING_AWAY, b"this peer is shutting down")
             return
         if at_limit:
-            self.log.warning("connection refused: at the limit", limit=self.limits.max_connections)
+            self.refused_at_limit += 1
+            self._refused_unwarned += 1
+            now = trio.current_time()
+            if now - self._refusal_warned_at >= _REFUSAL_WARN_EVERY:
+                # (one line a second at most: a crowd is turned away hundreds of times)
+                self.log.warning(
+                    "connection refused: at the limit",
+                    limit=self.limits.max_connections,
+                    refused=self._refused_unwarned,
+                )
+                self._refusal_warned_at = now
+                self._refused_unwarned = 0
             await self._refuse(stream, _BUSY, b"too many connections; try again later")
             return
         self._open_streams += 1
