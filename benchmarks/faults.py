@@ -599,8 +599,17 @@ def run_scenario(
     try:
         fault = [swarm.round_line(s, f) for s in survivors]
         ends = [line["end"] - at for line in fault if line is not None]
+        if ends and len(ends) == len(fault) and max(ends) < 0:
+            # The survivors were done before the signal went out: this machine was too slow
+            # to hit the round (the victim's "formed" line was read late). Not a measurement.
+            out["error"] = (
+                f"the signal came {-max(ends):.3f} s after every survivor's round {f} had ended "
+                "(the machine was too busy to hit the round; run it again on a quieter one)"
+            )
         out["fault_round_s"] = _slowest(fault, "total")
-        out["s_after_fault"] = round(max(ends), 4) if len(ends) == len(fault) else None
+        out["s_after_fault"] = (
+            round(max(ends), 4) if len(ends) == len(fault) and "error" not in out else None
+        )
         out["survivors"] = {
             str(s.rank): None
             if line is None
