@@ -228,6 +228,7 @@ def _lie(peer: Peer, name: str, answer: Any) -> None:
     [
         "garbage",
         "forged record",
+        "expired on the way",
         "record for a year",
         "ten thousand subkeys",
         "made-up contacts",
@@ -249,6 +250,10 @@ async def test_liars_do_not_poison_a_get(
             forged = make_record(key.encode(), b"evil", now + 60, owner=stranger)
             forged = msgspec.structs.replace(forged, subkey=peers[1].id.to_bytes())
             answer = lambda r: msgspec.msgpack.encode([encode_records([forged]), []])  # noqa: E731
+        elif lie == "expired on the way":
+            # (not a lie: a record at the end of its life, which the asker drops quietly)
+            late = make_record(key.encode(), b"late", now - 0.001, owner=stranger)
+            answer = lambda r: msgspec.msgpack.encode([encode_records([late]), []])  # noqa: E731
         elif lie == "record for a year":
             far = make_record(key.encode(), b"forever", now + 365 * 86400, owner=stranger)
             answer = lambda r: msgspec.msgpack.encode([encode_records([far]), []])  # noqa: E731
@@ -268,6 +273,11 @@ async def test_liars_do_not_poison_a_get(
         assert isinstance(got, dict)
         assert {v.value for v in got.values()} == {b"honest"}
         assert trio.current_time() - start < DHTSettings().lookup_timeout
+        warned = [e for e in logs if e["event"] == "dropped a bad record from a peer"]
+        if lie == "forged record":
+            assert warned and all(e["reason"] == "owner" for e in warned)
+        elif lie == "expired on the way":
+            assert not warned
 
 
 async def test_a_peer_that_leaves_shuts_down_cleanly(autojump_clock: Any) -> None:

@@ -510,6 +510,10 @@ class DHTNode:
                     record, self.namespaces.policy_for(record.key), now, verified=self.verified
                 )
             except RecordRejected as exc:
+                if exc.reason == "expired":
+                    # Not the sender's fault: a record that lived to its last moment (an
+                    # announcement lives as long as its round) can expire on the way.
+                    continue
                 self.log.warning(
                     "dropped a bad record from a peer",
                     remote=sender.peer_id.short,
