@@ -704,7 +704,7 @@ async def test_a_crowded_peer_makes_room_with_a_quiet_connection_and_refuses_onl
     # (nothing in flight) makes room; only when every one has a call in flight is a newcomer
     # turned away.
     limits = dataclasses.replace(SMALL, max_connections=3, idle_after=30.0)
-    assert limits.crowded_idle_after == 0.5
+    assert limits.crowded_idle_after == 0.2
     net = MemoryNetwork(seed=5, latency=0.005)
     gate = trio.Event()
 

@@ -75,6 +75,8 @@ from .grid import GROUP_KEY_NAMESPACE
 
 __all__ = [
     "COLD_ATTEMPTS",
+    "COLD_READ_RATE",
+    "COLD_READ_SPREAD_MAX",
     "COLD_ROW_BASE",
     "DEFAULT_MAX_GROUP_SIZE",
     "Layout",
@@ -83,6 +85,7 @@ __all__ = [
     "RowRecord",
     "block_of",
     "capacity_at",
+    "cold_read_spread",
     "cold_row",
     "cold_start_rows",
     "directory_key",
@@ -355,6 +358,28 @@ def cold_row(
 
 #: rows a peer with no directory tries before it sits the round out (see ``cold_start_rows``)
 COLD_ATTEMPTS = 10
+
+#: peers with no row read the run's directory spread over time at about this many a second
+#: (``cold_read_spread``), and never later than ``COLD_READ_SPREAD_MAX`` into the round
+COLD_READ_RATE = 600.0
+COLD_READ_SPREAD_MAX = 1.5
+
+
+def cold_read_spread(estimate: int) -> float:
+    """Over how many seconds from the round's start peers with no row (all of them, at a cold
+    start) should spread their reads of the run's directory, judged from the swarm's size.
+
+    Every such peer reads the directory's key, whose replicas are the same ten peers for
+    everyone: at a 1024-peer cold start they were dialed a thousand times at one instant and
+    turned most dials away at their connection limit (256). A replica takes a reader's
+    connection for about a third of a second (handshake, the read, then quiet until
+    ``crowded_idle_after`` lets a newcomer in), so a few hundred a second is what it can take.
+    Small swarms hardly wait: 0.05 s at 32 peers, 0.43 s at 256, 1.5 s from 900 on.
+
+    >>> cold_read_spread(32), cold_read_spread(1024)
+    (0.05333333333333334, 1.5)
+    """
+    return min(COLD_READ_SPREAD_MAX, max(0, estimate) / COLD_READ_RATE)
 
 
 def cold_start_rows(

@@ -44,6 +44,7 @@ from .auto_grid import (
     Layout,
     Plan,
     RowRecord,
+    cold_read_spread,
     cold_start_rows,
     decode_record,
     directory_key,
@@ -214,6 +215,8 @@ class MoshpitAverager:
         self.row: int | None = None
         self._row_group: tuple[bytes, int] | None = None
         self._rng = random.Random(peer.id.to_bytes())
+        # (its own generator: the grid's draws stay what averaging_sim.py draws)
+        self._spread_rng = random.Random(b"cold read " + peer.id.to_bytes())
         self._layout = Layout(rows={})
         #: the round whose column round read ``_layout`` (None: the last read was not for one)
         self._column_read: int | None = None
@@ -288,6 +291,12 @@ class MoshpitAverager:
         if share is not None:
             # Group mates ask us from now on; they wait for this read (bounded by their call).
             self._dir_share = share
+        if self.row is None:
+            # No row yet (a cold start, or a joiner): so may every other peer be, all reading
+            # the same key's replicas at this instant. Spread the reads (cold_read_spread).
+            spread = cold_read_spread(self._own_estimate())
+            wait = min(self._spread_rng.uniform(0.0, spread), (deadline - trio.current_time()) / 4)
+            await trio.sleep(max(0.0, wait))
         records: list[Record] | None = None
         self.directory_reads += 1
         near: list[Contact] = []
@@ -406,10 +415,7 @@ class MoshpitAverager:
             # peer that judged high could be alone in a row nobody else picked).
             estimate = estimate_size_around(key_id(directory_key(self.run_id).encode()), near[1])
         else:
-            dht = self.peer.dht
-            k = dht.settings.k
-            nearest = [c.peer_id.to_bytes() for c in dht.table.closest(self.peer.id, k)]
-            estimate = estimate_size(self.peer.id.to_bytes(), nearest, k)
+            estimate = self._own_estimate()
         rows = cold_start_rows(estimate, self._rng, self.max_group_size)
         for attempt, row in enumerate(rows, 1):
             try:
@@ -419,6 +425,13 @@ class MoshpitAverager:
             except KeyFull:
                 continue
         return None
+
+    def _own_estimate(self) -> int:
+        """The swarm's size as this peer's routing table shows it (``estimate_size``)."""
+        dht = self.peer.dht
+        k = dht.settings.k
+        nearest = [c.peer_id.to_bytes() for c in dht.table.closest(self.peer.id, k)]
+        return estimate_size(self.peer.id.to_bytes(), nearest, k)
 
     async def _form(
         self,

@@ -122,10 +122,13 @@ class TransportLimits:
     #: connection or, when none is idle (a crowd: many peers asking this one within seconds),
     #: the least recently used one with nothing in flight and no message for this long.
     #: Whoever needs it again dials again (a handshake), where a refusal would have cost its
-    #: call. It does not help a burst in which nothing is quiet: at a 1024-peer cold start,
-    #: every peer asks the same ten replicas of the run's directory at one slot boundary, and
-    #: they still refused ~7,100 dials (~7,300 without this rule)
-    crowded_idle_after: float = 0.5
+    #: call. A burst in which nothing is quiet yet is turned away (HTTP 503; the dialers come
+    #: back shortly, see ``PeerBusy``): so the shorter this, the more newcomers a second a
+    #: crowded peer takes, about max_connections / (handshake + call + this). At a 1024-peer
+    #: cold start, every peer asking the ten replicas of the run's directory at one instant
+    #: made them refuse ~6,400 dials with 0.5 s; the readers now spread out (auto_grid's
+    #: cold_read_spread), at a rate that 0.2 s lets a replica take.
+    crowded_idle_after: float = 0.2
 
     def __post_init__(self) -> None:
         if self.max_connections < 1 or self.max_connections_per_peer < 1:
