@@ -40,6 +40,7 @@ from ..wire.liveness import progress_timeout
 from .allreduce import AllReduce, RoundRegistry, SpanReport
 from .auto_grid import (
     COLD_ATTEMPTS,
+    COLD_SETTLE,
     DEFAULT_MAX_GROUP_SIZE,
     Layout,
     Plan,
@@ -217,6 +218,8 @@ class MoshpitAverager:
         self._rng = random.Random(peer.id.to_bytes())
         # (its own generator: the grid's draws stay what averaging_sim.py draws)
         self._spread_rng = random.Random(b"cold read " + peer.id.to_bytes())
+        #: the spread of this round's directory read (``cold_read_spread``; 0 with a row)
+        self._spread = 0.0
         self._layout = Layout(rows={})
         #: the round whose column round read ``_layout`` (None: the last read was not for one)
         self._column_read: int | None = None
@@ -294,7 +297,7 @@ class MoshpitAverager:
         if self.row is None:
             # No row yet (a cold start, or a joiner): so may every other peer be, all reading
             # the same key's replicas at this instant. Spread the reads (cold_read_spread).
-            spread = cold_read_spread(self._own_estimate())
+            spread = self._spread = cold_read_spread(self._own_estimate())
             wait = min(self._spread_rng.uniform(0.0, spread), (deadline - trio.current_time()) / 4)
             await trio.sleep(max(0.0, wait))
         records: list[Record] | None = None
@@ -369,6 +372,8 @@ class MoshpitAverager:
     async def _auto_group(self, round_: int, deadline: float) -> GroupInfo | None:
         """Read the directory, take this round's place in the plan (a row, or a column), and
         form a group there (``auto_grid``)."""
+        began = trio.current_time()
+        self._spread = 0.0
         if self._column_read is not None and self._column_read == round_ - 1:
             # A row round right after a column round: only row rounds write the directory,
             # so it holds what the column round read; not reading it again halves the load
@@ -417,10 +422,17 @@ class MoshpitAverager:
         else:
             estimate = self._own_estimate()
         rows = cold_start_rows(estimate, self._rng, self.max_group_size)
+        # Everyone else is starting cold too, reading over the spread: wait for them all to
+        # announce before judging who is here (COLD_SETTLE).
+        settle = began + self._spread + COLD_SETTLE
         for attempt, row in enumerate(rows, 1):
             try:
                 return await self._form(
-                    (0, row), round_, deadline, overflow=attempt < COLD_ATTEMPTS
+                    (0, row),
+                    round_,
+                    deadline,
+                    overflow=attempt < COLD_ATTEMPTS,
+                    settle_until=settle,
                 )
             except KeyFull:
                 continue
@@ -441,6 +453,7 @@ class MoshpitAverager:
         *,
         overflow: bool = False,
         expected: int | None = None,
+        settle_until: float | None = None,
     ) -> GroupInfo | None:
         self.key = key
         self.announcement = group_key_name(self.run_id, key, round_)
@@ -454,6 +467,7 @@ class MoshpitAverager:
             raise_if_unseen=overflow,
             # (a plan that expects nobody here, as for a peer it has not placed: no hint)
             expected=expected or None,
+            settle_until=settle_until,
         )
 
     async def _record_row(

@@ -221,6 +221,7 @@ class Matchmaker:
         balance: bool = False,
         raise_if_unseen: bool = False,
         expected: int | None = None,
+        settle_until: float | None = None,
     ) -> GroupInfo | None:
         """Find or lead a group of at most ``capacity`` under ``dht_key`` by ``deadline``
         (trio time); ``None`` when none formed (a solo round).
@@ -231,7 +232,9 @@ class Matchmaker:
         ``raise_if_unseen``: raise :class:`KeyFull` when no other peer kept our announcement,
         instead of waiting for a group nobody can see us in. ``expected``: how many peers are
         expected under the key (``auto_grid``'s plan knows): once that many have announced, the
-        gathering is over without waiting for a second read to agree."""
+        gathering is over without waiting for a second read to agree. ``settle_until``
+        (trio time): before then, two reads alike do not end the gathering (announcers are
+        still coming: a cold start's peers read and announce spread over time)."""
         # When to stop gathering: a full group (a fixed grid's key holds one), the number the
         # plan expects; with balance and no expectation, only reads that agree (a key may hold
         # several groups, and every reader must see all of them to cut them alike).
@@ -253,7 +256,7 @@ class Matchmaker:
         self._attempt = attempt
         try:
             with trio.move_on_at(deadline):
-                return await self._form(attempt, dht_key, deadline)
+                return await self._form(attempt, dht_key, deadline, settle_until)
             return self._close(attempt)
         finally:
             attempt.closed = True
@@ -262,7 +265,9 @@ class Matchmaker:
             if self._attempt is attempt:
                 self._attempt = None
 
-    async def _form(self, attempt: _Attempt, dht_key: str, deadline: float) -> GroupInfo | None:
+    async def _form(
+        self, attempt: _Attempt, dht_key: str, deadline: float, settle_until: float | None = None
+    ) -> GroupInfo | None:
         started = trio.current_time()
         dht = self.peer.dht
         ttl = max(deadline - trio.current_time(), 0.5)
@@ -280,7 +285,11 @@ class Matchmaker:
             if (
                 len(announced) >= attempt.enough
                 or trio.current_time() >= gather_until
-                or (now_seen == seen and len(announced) >= 2)
+                or (
+                    now_seen == seen
+                    and len(announced) >= 2
+                    and (settle_until is None or trio.current_time() >= settle_until)
+                )
             ):
                 break
             seen = now_seen
