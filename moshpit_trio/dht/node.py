@@ -581,10 +581,13 @@ class DHTNode:
         waiting = set(in_flight)
         now = trio.current_time()
         liveness = self.transport.liveness
+        # A lookup waits out exactly two slow_afters for its last slow peers: the sum of
+        # clock readings must not fall a rounding error short of that (4.496 - 3.996 < 0.5).
+        silent_for = 2 * self.settings.slow_after - 1e-9
         for contact, at in asked.items():
             if (
                 contact.peer_id in waiting
-                and now - at >= 2 * self.settings.slow_after
+                and now - at >= silent_for
                 and not liveness.heard_since(contact.peer_id, at)
             ):
                 self.transport.mark_unresponsive(
