@@ -180,6 +180,34 @@ async def test_frozen_nodes_are_routed_around(autojump_clock: Any) -> None:
         assert elapsed < DHTSettings().rpc_timeout + 1.0
 
 
+async def test_silent_for_two_slow_afters_less_a_rounding_error_counts(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A lookup waits out exactly two slow_afters for its last slow peer, and then marks it
+    silent; the difference of two clock readings can fall a rounding error short of that
+    (seen at 1024 peers: a frozen peer left unmarked, for the next lookup to wait on)."""
+    net = MemoryNetwork(seed=8, latency=LATENCY)
+    async with swarm(net, 3) as peers:
+        node, frozen = peers[0].dht, peers[1]
+        net.freeze("h1")
+        contact = node.table.get(frozen.id)
+        assert contact is not None
+        asked_at = trio.current_time()
+        autojump_clock.jump(2 * node.settings.slow_after - 1e-12)
+        assert trio.current_time() - asked_at < 2 * node.settings.slow_after
+        node._note_silent({contact: asked_at}, [frozen.id])
+        assert peers[0].transport.unresponsive(frozen.id)
+        assert node.table.get(frozen.id) is None
+        # one that was heard meanwhile is not marked
+        other = node.table.get(peers[2].id)
+        assert other is not None
+        asked_at = trio.current_time()
+        await peers[0].transport.call(peers[2].id, "dht.ping", _ping(""), timeout=5)
+        autojump_clock.jump(2 * node.settings.slow_after)
+        node._note_silent({other: asked_at}, [peers[2].id])
+        assert not peers[0].transport.unresponsive(peers[2].id)
+
+
 async def test_nodes_dying_mid_lookup(autojump_clock: Any) -> None:
     net = MemoryNetwork(seed=9, latency=LATENCY)
     async with swarm(net, 40) as peers:
