@@ -220,6 +220,8 @@ class MoshpitAverager:
         self._spread_rng = random.Random(b"cold read " + peer.id.to_bytes())
         #: the spread of this round's directory read (``cold_read_spread``; 0 with a row)
         self._spread = 0.0
+        #: how long this round's read of the directory took (0 without one)
+        self._read_took = 0.0
         self._layout = Layout(rows={})
         #: the round whose column round read ``_layout`` (None: the last read was not for one)
         self._column_read: int | None = None
@@ -303,10 +305,12 @@ class MoshpitAverager:
         records: list[Record] | None = None
         self.directory_reads += 1
         near: list[Contact] = []
+        read_from = trio.current_time()
         try:
             key = directory_key(self.run_id)
             records = list((await self.peer.dht.get_records(key, near=near)).values())
             self._directory_near = (round_, [c.peer_id.to_bytes() for c in near])
+            self._read_took = trio.current_time() - read_from
         except MoshpitError as exc:
             # Nobody answered this time: go by the last directory read (an empty one would
             # send this peer back to a cold start).
@@ -373,7 +377,7 @@ class MoshpitAverager:
         """Read the directory, take this round's place in the plan (a row, or a column), and
         form a group there (``auto_grid``)."""
         began = trio.current_time()
-        self._spread = 0.0
+        self._spread = self._read_took = 0.0
         if self._column_read is not None and self._column_read == round_ - 1:
             # A row round right after a column round: only row rounds write the directory,
             # so it holds what the column round read; not reading it again halves the load
@@ -425,6 +429,12 @@ class MoshpitAverager:
         # Everyone else is starting cold too, reading over the spread: wait for them all to
         # announce before judging who is here (COLD_SETTLE).
         settle = began + self._spread + COLD_SETTLE
+        # ... and, in a crowd, until the last reader's announcement could have landed: it
+        # read by the end of the spread, taking about as long as our read, then stored,
+        # taking about as long as our store (the matchmaker adds that): at 1024 peers a
+        # store took a second, and views judged complete at the spread plus COLD_SETTLE
+        # missed the last few announcers (their keys were cut in different places).
+        landed = began + self._spread + self._read_took
         for attempt, row in enumerate(rows, 1):
             try:
                 return await self._form(
@@ -433,6 +443,7 @@ class MoshpitAverager:
                     deadline,
                     overflow=attempt < COLD_ATTEMPTS,
                     settle_until=settle,
+                    announcing_until=landed,
                 )
             except KeyFull:
                 continue
@@ -454,6 +465,7 @@ class MoshpitAverager:
         overflow: bool = False,
         expected: int | None = None,
         settle_until: float | None = None,
+        announcing_until: float | None = None,
     ) -> GroupInfo | None:
         self.key = key
         self.announcement = group_key_name(self.run_id, key, round_)
@@ -468,6 +480,7 @@ class MoshpitAverager:
             # (a plan that expects nobody here, as for a peer it has not placed: no hint)
             expected=expected or None,
             settle_until=settle_until,
+            announcing_until=announcing_until,
         )
 
     async def _record_row(
@@ -519,6 +532,13 @@ class MoshpitAverager:
         deadline = start + timeout
         round_ = self.round
         matchmaking_deadline = start + self.matchmaking_fraction * timeout
+        if self.grid is None and self.row is None:
+            # No row (a cold start, or a joiner): the directory read waits a part of the read
+            # spread first (cold_read_spread), and a cold key's gathering waits for the
+            # spread to end. Those seconds are the crowd's, not matchmaking's: add them,
+            # from what the reduction would have had, at most half of it.
+            spread = cold_read_spread(self._own_estimate())
+            matchmaking_deadline += min(spread, (deadline - matchmaking_deadline) / 2)
         group: GroupInfo | None = None
         with trio.move_on_at(deadline):
             if self.grid is None:

@@ -222,6 +222,7 @@ class Matchmaker:
         raise_if_unseen: bool = False,
         expected: int | None = None,
         settle_until: float | None = None,
+        announcing_until: float | None = None,
     ) -> GroupInfo | None:
         """Find or lead a group of at most ``capacity`` under ``dht_key`` by ``deadline``
         (trio time); ``None`` when none formed (a solo round).
@@ -234,7 +235,10 @@ class Matchmaker:
         expected under the key (``auto_grid``'s plan knows): once that many have announced, the
         gathering is over without waiting for a second read to agree. ``settle_until``
         (trio time): before then, two reads alike do not end the gathering (announcers are
-        still coming: a cold start's peers read and announce spread over time)."""
+        still coming: a cold start's peers read and announce spread over time).
+        ``announcing_until`` (trio time): others may start to announce until then; nor do two
+        reads alike end the gathering before their announcements could have landed, judged
+        by how long our own store took."""
         # When to stop gathering: a full group (a fixed grid's key holds one), the number the
         # plan expects; with balance and no expectation, only reads that agree (a key may hold
         # several groups, and every reader must see all of them to cut them alike).
@@ -256,7 +260,7 @@ class Matchmaker:
         self._attempt = attempt
         try:
             with trio.move_on_at(deadline):
-                return await self._form(attempt, dht_key, deadline, settle_until)
+                return await self._form(attempt, dht_key, deadline, settle_until, announcing_until)
             return self._close(attempt)
         finally:
             attempt.closed = True
@@ -266,12 +270,20 @@ class Matchmaker:
                 self._attempt = None
 
     async def _form(
-        self, attempt: _Attempt, dht_key: str, deadline: float, settle_until: float | None = None
+        self,
+        attempt: _Attempt,
+        dht_key: str,
+        deadline: float,
+        settle_until: float | None = None,
+        announcing_until: float | None = None,
     ) -> GroupInfo | None:
         started = trio.current_time()
         dht = self.peer.dht
         ttl = max(deadline - trio.current_time(), 0.5)
         held = await dht.store(dht_key, _encode(self.me), ttl=ttl)
+        if announcing_until is not None:
+            landed = announcing_until + (trio.current_time() - started)
+            settle_until = landed if settle_until is None else max(settle_until, landed)
         if attempt.raise_if_unseen and held <= (0 if self.me.client_mode else 1) and len(dht.table):
             raise KeyFull(f"nobody else kept our announcement under {dht_key!r}")
         # Gather: read until a full group has announced, or the announcers stopped changing
@@ -293,7 +305,13 @@ class Matchmaker:
             ):
                 break
             seen = now_seen
-            await trio.sleep(min(self.poll_interval, max(gather_until - trio.current_time(), 0)))
+            wake = trio.current_time() + self.poll_interval
+            if settle_until is not None and attempt.enough > attempt.max_capacity:
+                # No count ends this gathering (a cold key: nobody knows how many will
+                # come), only two reads alike, the second at the settle or after: a read
+                # before then would be wasted, and a cold start has a thousand readers.
+                wake = max(wake, settle_until)
+            await trio.sleep_until(min(wake, gather_until))
         # Our own place in the order is where our record stands, as everyone else sees it.
         mine = [i for i, (_, m) in enumerate(announced) if m.peer_id == self.me.peer_id]
         place = mine[0] if mine else len(announced)

@@ -1,0 +1,132 @@
+"""When a matchmaker's gathering ends, under the virtual clock, with a DHT that is only a
+schedule: each announcement lands at a given moment, our own store takes a given time.
+
+A cold key's gathering has no count that ends it (nobody knows how many will come), only two
+reads alike, the second no earlier than the settle; ``announcing_until`` moves the settle to
+when the last announcer could have landed, judged by how long our own store took. Reads
+before the settle are skipped: at a cold start a thousand peers poll their keys."""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import msgspec
+import pytest
+import trio
+
+from moshpit_trio.averaging.matchmaking import Matchmaker, MemberInfo
+from moshpit_trio.identity import Identity
+
+STORE_TAKES = 1.0
+
+
+def ident(i: int) -> Identity:
+    return Identity.from_seed(i.to_bytes(32, "big"))
+
+
+def _listening(i: int) -> MemberInfo:
+    pid = ident(i).peer_id
+    return MemberInfo(pid.to_bytes(), f"ws://h{i}:1/{pid}", 1e8, False)
+
+
+class ScheduledDHT:
+    """Announcements that land at given trio times; our own store takes ``STORE_TAKES``."""
+
+    def __init__(self, landings: dict[int, float]) -> None:
+        self.landings = landings
+        self.reads: list[float] = []
+        self.table: list[object] = []
+        self.mine: dict[bytes, Any] = {}
+
+    async def store(self, key: str, value: bytes, ttl: float) -> int:
+        await trio.sleep(STORE_TAKES)
+        member = msgspec.msgpack.decode(value, type=MemberInfo)
+        self.mine = {member.peer_id: types.SimpleNamespace(value=value, expiration=ttl)}
+        return 5
+
+    async def get_records(self, key: str) -> dict[bytes, Any]:
+        now = trio.current_time()
+        self.reads.append(round(now, 9))
+        landed = {
+            _listening(i).peer_id: types.SimpleNamespace(
+                value=msgspec.msgpack.encode(_listening(i)), expiration=100.0 + i
+            )
+            for i, at in self.landings.items()
+            if at <= now
+        }
+        return {**landed, **self.mine}
+
+
+def _client_matchmaker(dht: ScheduledDHT) -> tuple[Matchmaker, list[tuple[float, int]]]:
+    """A client-mode matchmaker (it never leads) whose joins only note when they were tried
+    and how many announcers it saw: enough to see when and on what its gathering ended."""
+    me = ident(99)
+    transport = types.SimpleNamespace(
+        relay=types.SimpleNamespace(live_reservations=list), unresponsive_since=lambda p: None
+    )
+    peer = types.SimpleNamespace(id=me.peer_id, address=None, transport=transport, dht=dht)
+    matchmaker = Matchmaker(peer, "cold", bandwidth=1e8)
+    tried: list[tuple[float, int]] = []
+
+    async def join(leader: MemberInfo, attempt: Any, deadline: float) -> None:
+        tried.append((round(trio.current_time(), 9), len(dht.reads)))
+
+    matchmaker._join = join  # type: ignore[method-assign]
+    return matchmaker, tried
+
+
+# (announcing_until, the reads' times, how many others the last read saw)
+SCENARIOS = [
+    # the floor alone (settle 1.05): reads at the store's end and at the settle agree, and the
+    # announcer landing at 2.6 (a slow store in a crowd) is missed
+    pytest.param(None, [1.0, 1.2], 2, id="settle floor only"),
+    # its reader finished reading at 1.6 and its store took as long as ours: wait to 2.6
+    pytest.param(1.6, [1.0, 2.6, 2.8], 3, id="until the last could land"),
+    # announcing ended long ago: the floor rules
+    pytest.param(0.0, [1.0, 1.2], 2, id="announcing long over"),
+]
+
+
+@pytest.mark.parametrize(("announcing_until", "reads", "seen"), SCENARIOS)
+async def test_when_a_cold_gathering_ends(
+    autojump_clock: Any, announcing_until: float | None, reads: list[float], seen: int
+) -> None:
+    dht = ScheduledDHT({1: 0.5, 2: 1.0, 3: 2.6})
+    matchmaker, tried = _client_matchmaker(dht)
+    start = trio.current_time()
+    assert start == 0.0
+    group = await matchmaker.form_group(
+        "mp.avg/cold/0/0.65536",
+        0,
+        (0, 65536),
+        32,
+        deadline=8.0,
+        balance=True,
+        settle_until=1.05,
+        announcing_until=announcing_until,
+    )
+    assert group is None  # nobody took it (the joins here only take notes)
+    assert dht.reads == reads
+    # every other announcer it saw was asked in turn, right after the last read
+    assert [t for t, _ in tried] == [reads[-1]] * seen
+    assert all(n == len(reads) for _, n in tried)
+
+
+async def test_a_count_that_can_end_it_is_still_polled_for(autojump_clock: Any) -> None:
+    """With an expected count (a planned key), reads go on every poll interval before the
+    settle: the count may be reached any moment, and ends the gathering at once."""
+    dht = ScheduledDHT({1: 0.5, 2: 1.0, 3: 1.3})
+    matchmaker, tried = _client_matchmaker(dht)
+    await matchmaker.form_group(
+        "mp.avg/cold/1/0.3",
+        1,
+        (0, 3),
+        32,
+        deadline=8.0,
+        balance=True,
+        expected=4,
+        settle_until=5.0,
+    )
+    assert dht.reads == [1.0, 1.2, 1.4]
+    assert [t for t, _ in tried] == [1.4] * 3
