@@ -38,7 +38,8 @@ Methods (``--methods``):
                          the averager calls, run for every simulated peer: each round each live
                          peer reads the run's directory (``Layout.from_records``), computes the
                          ``Plan`` and announces under its row (row rounds: ``Plan.place``, a
-                         peer with no row ``Plan.row_for_joiner``, with an empty directory the
+                         peer with no row, or none the plan has (``Plan.seat``),
+                         ``Plan.row_for_joiner``, with an empty directory the
                          rows of ``cold_start_rows`` for the size ``estimate_size_around``
                          judges) or its column (``Plan.column``; a peer with no
                          row picks a column at random); announcers under one key are cut into
@@ -85,7 +86,8 @@ Choices, where the issue leaves them open:
   (a shuffle). Group ids are sha256 of the sorted members' 16-byte ids and the round, cut to
   16 bytes. Every peer is reachable (no client-mode peers). A failed peer does not announce,
   so its row's next entry leaves it out; when it is back its old group is no longer in the
-  directory and its place is unknown: it stays in its row (``Plan.place(row, None)``).
+  directory and its place is unknown: it goes back to its row (``Plan.place(row, None)``), or
+  places itself as a joiner when the plan no longer has that row (``Plan.seat``).
 * The solo check (``--solo-n``, default 2-64; only when moshpit-auto runs): moshpit-auto at
   p = 0 for each N, 10 whole rounds (not stopped at 1e-9) per seed, solo rounds counted; one
   table line, and one JSON row per N.
@@ -428,6 +430,7 @@ class MoshpitAuto:
         for i in self.rng.permutation(np.flatnonzero(live)).tolist():
             row, group = self.row[i], self.group[i]
             position = None if row is None or group is None else layout.position(row, *group)
+            row = plan.seat(row, position)
             key: tuple[str, int]
             if kind == "row":
                 if row is None and not layout.rows:

@@ -334,19 +334,34 @@ def test_overflow_rows_go_in_turn_then_double_in_range() -> None:
         assert len(seen) >= min(low, 50)
 
 
-def test_joiners_go_to_missing_places_weighted_by_how_many() -> None:
-    # 3 rows planned with targets (20, 20, 20); row 0 misses 1 place, row 2 misses 3.
-    plan = Plan.of(layout_of({0: [19], 1: [20, 1], 2: [17]}), 32)
-    # 57 peers: targets (19, 19, 19); missing: row 0 none, row 2 two (row 1 has 2 excess).
-    assert plan.targets == (19, 19, 19)
+def test_joiners_go_where_there_is_room_weighted_by_how_much() -> None:
+    # 32 rows of 32 (as long as a group may be), three of them one short after a failure: a
+    # joiner goes to one of those three (one more would make a full row 33 peers, two half
+    # groups), each as likely.
+    sizes = {r: [32] for r in range(32)}
+    sizes[3], sizes[17], sizes[30] = [31], [31], [31]
+    plan = Plan.of(layout_of(sizes), 32)
     rng = random.Random(5)
-    picks = Counter(plan.row_for_joiner(rng) for _ in range(300))
-    assert set(picks) == {2}
-    plan = Plan.of(layout_of({0: [17], 1: [20], 2: [20], 3: [15]}), 32)
-    assert plan.targets == (18, 18, 18, 18)
+    picks = Counter(plan.row_for_joiner(rng) for _ in range(3000))
+    assert set(picks) == {3, 17, 30}
+    assert min(picks.values()) > 850
+    # Rows of 19 and 18 with groups of at most 20: room for one and for two.
+    plan = Plan.of(layout_of({0: [19], 1: [18]}), 20)
+    assert plan.targets == (19, 18)
     picks = Counter(plan.row_for_joiner(rng) for _ in range(4000))
-    assert set(picks) == {0, 3}
-    assert 2.4 < picks[3] / picks[0] < 3.6  # three missing places against one
+    assert set(picks) == {0, 1}
+    assert 1.6 < picks[1] / picks[0] < 2.4  # two places of room against one
+    # The plan's missing places are no guide: its own moves fill them (row 1's excess peer
+    # fills row 0's missing place), and the joiner goes where the room is.
+    plan = Plan.of(layout_of({0: [29], 1: [31, 1], 2: [31]}), 32)
+    assert plan.targets == (30, 31, 31)  # row 0 misses a place, row 1 has one too many
+    assert {plan.row_for_joiner(rng) for _ in range(300)} == {0, 1, 2}
+
+
+def test_with_every_row_as_long_as_a_group_joiners_spread_over_all() -> None:
+    plan = Plan.of(layout_of({0: [32], 1: [32], 2: [32]}), 32)
+    rng = random.Random(1)
+    assert {plan.row_for_joiner(rng) for _ in range(100)} == {0, 1, 2}
 
 
 def test_with_every_row_at_its_target_joiners_spread_over_all() -> None:
@@ -365,9 +380,29 @@ def test_client_mode_joiners_prefer_rows_with_a_reachable_member() -> None:
     rng = random.Random(2)
     assert {plan.row_for_joiner(rng, reachable=False) for _ in range(200)} == {1}
     assert 2 in {plan.row_for_joiner(rng) for _ in range(200)}
-    # Nobody reachable anywhere: any row will do, missing places first.
-    plan = Plan.of(layout_of({0: [20], 1: [18]}, reachable=False), 32)
+    # Nobody reachable anywhere: any row will do, those with room first.
+    plan = Plan.of(layout_of({0: [20], 1: [19]}, reachable=False), 20)
     assert {plan.row_for_joiner(rng, reachable=False) for _ in range(200)} == {1}
+
+
+def test_a_peer_whose_row_is_gone_and_place_unknown_is_seated_as_a_joiner() -> None:
+    # A cold start's rows (past COLD_ROW_BASE) were placed afresh by the plan of round 2, and
+    # then the planned rows' entries replaced them. A peer that was away in round 2 still has
+    # its cold row, and the directory no longer shows its group.
+    cold = COLD_ROW_BASE + 3
+    plan = Plan.of(layout_of({r: [31] for r in range(32)}), 32)
+    assert plan.seat(cold, None) is None  # a joiner: row_for_joiner, or a random column
+    assert plan.seat(None, None) is None
+    assert plan.seat(5, None) == 5  # back in a row the plan still has: its own row's hole
+    assert plan.seat(5, 7) == 5
+    # Not all of them to the least full row: ten such peers spread over the rows with room.
+    rng = random.Random(4)
+    rows = Counter(
+        plan.row_for_joiner(rng) if plan.seat(cold, None) is None else plan.row(cold, None)
+        for _ in range(10)
+    )
+    assert max(rows.values()) <= 3
+    assert Counter(plan.place(cold, None)[0] for _ in range(10)) == {0: 10}  # what place says
 
 
 def test_default_max_group_size() -> None:

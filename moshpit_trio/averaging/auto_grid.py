@@ -39,8 +39,12 @@ peer computes the same :class:`Plan`:
   in (row, position) order, with missing places (rows short of their target, in row order):
   those peers move before the next row round (:meth:`Plan.place`), and the column round
   before that already puts them in the columns of their new places;
-* a joiner takes a row with a missing place, at random weighted by how many are missing
-  (:meth:`Plan.row_for_joiner`); with no directory yet (a swarm starting all at once) it takes
+* a joiner takes a row with room once the moves are made (its target below
+  ``max_group_size``), at random weighted by how much (:meth:`Plan.row_for_joiner`): a row as
+  long as a group may be, given one peer more, would average as two half groups. So does a peer
+  whose row the plan no longer has and whose place the directory does not show (it was away
+  when its cold row's peers were placed; :meth:`Plan.seat`). With no directory yet (a swarm
+  starting all at once) it takes
   a random one of ``N / max_group_size`` cold rows, ``N`` judged from the peers closest to
   the directory's key, the same for every reader (:func:`estimate_size_around`,
   :func:`cold_row`), so no key holds much more than two groups' worth (past the DHT's 256
@@ -627,6 +631,16 @@ class Plan:
                 columns.add(self.column(row, position, rng))
         return frozenset(rows), frozenset(columns)
 
+    def seat(self, row: int | None, position: int | None) -> int | None:
+        """The row a peer goes by in this plan: its own, or None when it is to place itself as
+        a joiner does (:meth:`row_for_joiner`, :meth:`column_for` with no row). That is a peer
+        in no row, and one whose row the plan does not have (a cold row, once everyone in it
+        was placed) and whose place the directory does not show (it was away then): sent to
+        the least full row, every such peer would land in the same one, and split it."""
+        if row is None or (position is None and row >= self.rows):
+            return None
+        return row
+
     def row(self, row: int, position: int | None, *, reachable: bool = True) -> int:
         """The row the peer at ``position`` of ``row`` averages in on a row round: its place's
         (:meth:`place`). A client-mode peer (``reachable=False``) whose row would have nobody
@@ -656,16 +670,20 @@ class Plan:
         return min(led, key=lambda c: (c - column) % self.columns)
 
     def row_for_joiner(self, rng: random.Random, *, reachable: bool = True) -> int:
-        """A row for a peer not in any: one with a missing place, at random weighted by how many
-        (joiners arriving together spread out), else the least full. A client-mode joiner
-        (``reachable=False``) prefers rows with a reachable member, who can lead it."""
+        """A row for a peer not in any: one with room once the plan's moves are made (a target
+        below the maximum group size), at random weighted by how much (joiners arriving
+        together spread out), else one of the least full. A row already as long as a group may
+        be would take the joiner as one too many and average as two half groups; the plan's
+        missing places are no guide, since its own moves fill every one of them. A
+        client-mode joiner (``reachable=False``) prefers rows with a reachable member, who can
+        lead it."""
         rows = range(self.rows)
         if not reachable:
             led = [r for r in rows if self.layout.reachable(r) > 0]
             rows = led or list(rows)  # type: ignore[assignment]
-        missing = [r for r in rows for _ in range(max(0, self.targets[r] - self.layout.size(r)))]
-        if missing:
-            return rng.choice(missing)
+        room = [r for r in rows for _ in range(max(0, self.max_group_size - self.targets[r]))]
+        if room:
+            return rng.choice(room)
         fill = {r: self.layout.size(r) - self.targets[r] for r in rows}
         low = min(fill.values())
         return rng.choice([r for r, f in fill.items() if f == low])

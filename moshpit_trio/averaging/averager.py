@@ -396,15 +396,16 @@ class MoshpitAverager:
         position = None
         if self.row is not None and self._row_group is not None:
             position = layout.position(self.row, *self._row_group)
+        seat = plan.seat(self.row, position)
         # A client-mode peer never lands where nobody listens: nobody there could lead it.
         reachable = self.peer.address is not None
         if plan.kind(round_) == "column":
             self._column_read = round_
-            column = plan.column_for(self.row, position, self._rng, reachable=reachable)
+            column = plan.column_for(seat, position, self._rng, reachable=reachable)
             expect = plan.expected("column", column)
             return await self._form((1, column), round_, deadline, expected=expect)
-        if self.row is not None:
-            row = plan.row(self.row, position, reachable=reachable)
+        if seat is not None:
+            row = plan.row(seat, position, reachable=reachable)
             expect = plan.expected("row", row)
             return await self._form((0, row), round_, deadline, expected=expect)
         if layout.rows:
