@@ -110,6 +110,25 @@ def test_round_kind() -> None:
     assert [round_kind(t, 5) for t in range(4)] == ["row", "column", "row", "column"]
 
 
+@pytest.mark.parametrize("cold_round", [10, 11])
+def test_the_round_after_a_row_round_averages_columns_whatever_its_number(
+    cold_round: int,
+) -> None:
+    # An empty directory: every round is a row round (a cold start), odd or even.
+    empty = Plan.of(Layout.from_records([]), 32)
+    assert {empty.kind(cold_round), empty.kind(cold_round + 1)} == {"row"}
+    # The cold round's groups wrote the directory: the next round averages columns, the one
+    # after that rows, and a peer reading a directory one row round old agrees.
+    cold = [RowRecord(COLD_ROW_BASE + r, cold_round, gid(r), 30, 30) for r in range(8)]
+    plan = Plan.of(Layout.from_records(cold), 32)
+    assert plan.rows == 15  # 240 peers: 15 rows of 16
+    assert [plan.kind(cold_round + d) for d in (1, 2, 3, 4)] == ["column", "row", "column", "row"]
+    planned = [RowRecord(r, cold_round + 2, gid(100 + r), 16, 16) for r in range(15)]
+    newer = Plan.of(Layout.from_records(cold + planned), 32)
+    for later in range(cold_round + 3, cold_round + 7):
+        assert newer.kind(later) == plan.kind(later)
+
+
 @given(announced=st.integers(0, 600), m=MAXES)  # a DHT key holds 256 announcers
 def test_group_sizes_cut_into_the_fewest_even_groups(announced: int, m: int) -> None:
     sizes = group_sizes(announced, m)

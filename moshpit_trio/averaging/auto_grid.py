@@ -15,11 +15,13 @@ cross them, with both sizes following the live count ``N``:
 * Inside its row a peer has a *position*: its place in the row as the row's last group(s)
   formed it (members by PeerID; a row too long for one group forms several, ordered by group
   id). Positions are thus dense: nobody who left holds one.
-* Even rounds average along rows, odd rounds along columns: the peers at the same position in
-  every row. There are as many columns as the longer rows are long; the k-th shorter row leaves
-  column ``k mod C`` out (its positions from there on shift one right), so no row puts two
-  peers in one column, column sizes differ by at most one, and no column holds more peers than
-  there are rows. With one row, every round is a row round.
+* Rounds alternate between rows and columns, counted from the newest row round the directory
+  shows (only row rounds write it): the round after it averages along columns, the peers at
+  the same position in every row, and the one after that along rows again (:meth:`Plan.kind`).
+  There are as many columns as the longer rows are long; the k-th shorter row leaves column
+  ``k mod C`` out (its positions from there on shift one right), so no row puts two peers in
+  one column, column sizes differ by at most one, and no column holds more peers than there
+  are rows. With one row, every round is a row round.
 
 When ``N = S * L`` and every row holds ``L``, a row round then a column round give every peer
 the exact mean: the paper's 2-D grid, with ``M`` following ``N`` instead of configuration.
@@ -236,7 +238,8 @@ def row_targets(n: int, rows: int) -> list[int]:
 
 
 def round_kind(round: int, rows: int) -> RoundKind:
-    """Rows average in even rounds, columns in odd ones; with one row every round is a row's."""
+    """Rows average in even rounds, columns in odd ones (``round`` counted from the newest row
+    round, see :meth:`Plan.kind`); with one row every round is a row's."""
     return "row" if rows <= 1 or round % 2 == 0 else "column"
 
 
@@ -551,7 +554,17 @@ class Plan:
         return [c for c in range(self.columns) if counts.get(c, 0) == most]
 
     def kind(self, round: int) -> RoundKind:
-        return round_kind(round, self.rows)
+        """Row or column round: alternating from the directory's newest row round, whose
+        records were written after it (the round after it a column round, the one after that
+        a row round; the same for everyone who read the same directory). Counted from the round
+        number alone (rows on even rounds), a cold start that fell on an odd round, rows
+        whatever the number since the directory was empty, was followed by a second row round
+        on the plan's fresh rows, each a block of consecutive cold places: it mixed almost
+        nothing (a 256-peer swarm's variance went from 3.1e-2 to 2.8e-2, where a column round
+        takes it to 3e-4)."""
+        if self.layout.round < 0:
+            return round_kind(round, self.rows)
+        return round_kind(round - self.layout.round, self.rows)
 
     def _missing_place(self, k: int) -> tuple[int, int] | None:
         """The ``k``-th missing place (row, position), rows in order, positions ascending."""
