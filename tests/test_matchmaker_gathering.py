@@ -33,14 +33,15 @@ def _listening(i: int) -> MemberInfo:
 class ScheduledDHT:
     """Announcements that land at given trio times; our own store takes ``STORE_TAKES``."""
 
-    def __init__(self, landings: dict[int, float]) -> None:
+    def __init__(self, landings: dict[int, float], store_takes: float = STORE_TAKES) -> None:
         self.landings = landings
+        self.store_takes = store_takes
         self.reads: list[float] = []
         self.table: list[object] = []
         self.mine: dict[bytes, Any] = {}
 
     async def store(self, key: str, value: bytes, ttl: float) -> int:
-        await trio.sleep(STORE_TAKES)
+        await trio.sleep(self.store_takes)
         member = msgspec.msgpack.decode(value, type=MemberInfo)
         self.mine = {member.peer_id: types.SimpleNamespace(value=value, expiration=ttl)}
         return 5
@@ -130,3 +131,42 @@ async def test_a_count_that_can_end_it_is_still_polled_for(autojump_clock: Any) 
     )
     assert dht.reads == [1.0, 1.2, 1.4]
     assert [t for t, _ in tried] == [1.4] * 3
+
+
+# (how long our store takes, when the others' announcements land, balance, expected, the reads'
+# times); a capacity of 4 and a poll interval of 0.2 s
+COUNTED = [
+    # everyone stored at once, some a little slower than us: one read a poll after our store
+    # (it used to read at 1.0, find two of three, and read again at 1.2)
+    pytest.param(1.0, {1: 0.5, 2: 1.0, 3: 1.1}, True, 4, [1.2], id="planned key, slow store"),
+    # a store quicker than a poll: wait as long again, not a whole poll
+    pytest.param(0.05, {1: 0.02, 2: 0.05, 3: 0.09}, True, 4, [0.1], id="planned key, quick"),
+    # a fixed grid's key: a full group is the count
+    pytest.param(1.0, {1: 0.5, 2: 1.0, 3: 1.1}, False, None, [1.2], id="grid key"),
+    # the count never comes (a member is gone): two reads a poll apart that agree end it
+    pytest.param(1.0, {1: 0.5, 2: 1.0}, True, 4, [1.2, 1.4], id="one short"),
+    # the last announcer lands after the first read: read again a poll later
+    pytest.param(1.0, {1: 0.5, 2: 1.0, 3: 1.3}, True, 4, [1.2, 1.4], id="one late"),
+]
+
+
+@pytest.mark.parametrize(("store", "landings", "balance", "expected", "reads"), COUNTED)
+async def test_a_counted_key_is_first_read_after_the_others_stores(
+    autojump_clock: Any,
+    store: float,
+    landings: dict[int, float],
+    balance: bool,
+    expected: int | None,
+    reads: list[float],
+) -> None:
+    """Peers of a round announce on the same clock slot: a read made the moment our own store
+    ends mostly finds the key short of those still storing, and a whole lookup is made again.
+    With a count that ends the gathering, the first read waits as long as our store took (at
+    most a poll); a cold key (``settle_until``) is not read before its settle anyway."""
+    dht = ScheduledDHT(landings, store_takes=store)
+    matchmaker, tried = _client_matchmaker(dht)
+    await matchmaker.form_group(
+        "mp.avg/run/2/0.1", 2, (0, 1), 4, deadline=8.0, balance=balance, expected=expected
+    )
+    assert dht.reads == reads
+    assert [t for t, _ in tried] == [reads[-1]] * len(landings)
