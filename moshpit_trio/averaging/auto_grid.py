@@ -677,8 +677,12 @@ class Plan:
         row one of the emptiest columns. A client-mode peer (``reachable=False``) whose column
         would have nobody who listens takes the next column (in order, wrapping) that has one."""
         column = rng.choice(self._emptiest) if row is None else self.column(row, position, rng)
+        if reachable:
+            return column
+        # (only now: _led places every listening member of the swarm, a thousand at 1024 peers,
+        # and every peer plans for itself)
         led = self._led[1]
-        if reachable or not led or column in led:
+        if not led or column in led:
             return column
         return min(led, key=lambda c: (c - column) % self.columns)
 
