@@ -299,6 +299,50 @@ def test_closest_matches_brute_force(
     assert t.closest(PeerID(target), count, exclude=exclude) == got
 
 
+# Random ids fall almost all in the top few buckets; these spread over every distance band,
+# the target too (and sometimes the local id itself), with some contacts failing.
+near_distances = st.integers(min_value=0, max_value=12).flatmap(
+    lambda bits: st.integers(min_value=1, max_value=(1 << (bits * 20)) - 1) if bits else st.just(1)
+)
+
+
+@settings(max_examples=300)
+@given(
+    distances=st.lists(near_distances, max_size=150, unique=True),
+    target_distance=st.one_of(st.just(0), near_distances),
+    count=st.integers(min_value=0, max_value=40),
+    k=st.integers(min_value=1, max_value=10),
+    n_exclude=st.integers(min_value=0, max_value=5),
+    n_failing=st.integers(min_value=0, max_value=10),
+    skip_failing=st.booleans(),
+)
+def test_closest_matches_brute_force_in_every_distance_band(
+    distances: list[int],
+    target_distance: int,
+    count: int,
+    k: int,
+    n_exclude: int,
+    n_failing: int,
+    skip_failing: bool,
+) -> None:
+    t = RoutingTable(LOCAL, k=k)
+    for i, d in enumerate(distances):
+        t.add(contact(at(LOCAL, d)), float(i))
+    held = [c.peer_id for c in t]
+    for pid in held[-n_failing:] if n_failing else []:
+        t.failed(pid)  # with a replacement waiting, it goes; without, it stays, failing
+    exclude = set(held[:n_exclude])
+    target = at(LOCAL, target_distance)
+    kept = [
+        c.peer_id
+        for c in t
+        if c.peer_id not in exclude and not (skip_failing and t.failures(c.peer_id))
+    ]
+    expected = sorted(kept, key=lambda p: distance(p, target))
+    got = t.closest(target, count, exclude=exclude, skip_failing=skip_failing)
+    assert [c.peer_id for c in got] == expected[:count]
+
+
 # -- refresh -----------------------------------------------------------------------------------
 
 

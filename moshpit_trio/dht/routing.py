@@ -24,7 +24,6 @@ float, e.g. ``trio.current_time()``) and randomness comes from a passed ``random
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import random
 from collections import OrderedDict, defaultdict
 from collections.abc import Container, Iterator
@@ -284,14 +283,36 @@ class RoutingTable:
         t = _as_int(target)
         if count <= 0:
             return []
-        # A table holds at most 256*k entries, a few hundred in practice: one pass with a
-        # bounded heap costs less than walking buckets in distance order would save.
-        entries = (
-            e
-            for e in self._entries.values()
-            if not (skip_failing and e.failures) and e.contact.peer_id not in exclude
-        )
-        return [e.contact for e in heapq.nsmallest(count, entries, key=lambda e: e.key ^ t)]
+        # The buckets come in distance order, so only the nearest few are looked at (every
+        # find_node and find_value a node answers asks this; a pass over the whole table was
+        # 4% of a 256-peer swarm's CPU). With b the bucket the target falls in (the highest
+        # bit where it differs from us): bucket b's contacts agree with the target above bit
+        # b, so they are nearer than 2**b; every bucket below b agrees with us at bit b where
+        # the target does not, so all of them lie in [2**b, 2**(b+1)), one band, in no order
+        # among themselves; each bucket j above b lies in [2**j, 2**(j+1)). Whole bands are
+        # taken, nearest first, until they hold ``count``; then one sort.
+        b = (self._local ^ t).bit_length() - 1  # -1: the target is our own id
+        buckets = self._buckets
+        picked: list[_Entry] = []
+
+        def take(bucket: OrderedDict[PeerID, _Entry]) -> None:
+            picked.extend(
+                e
+                for e in bucket.values()
+                if not (skip_failing and e.failures) and e.contact.peer_id not in exclude
+            )
+
+        if b in buckets:
+            take(buckets[b])
+        if len(picked) < count:
+            for j in [j for j in buckets if j < b]:
+                take(buckets[j])
+            for j in sorted(j for j in buckets if j > b):
+                if len(picked) >= count:
+                    break
+                take(buckets[j])
+        picked.sort(key=lambda e: e.key ^ t)
+        return [e.contact for e in picked[:count]]
 
     # -- refresh -----------------------------------------------------------------------------
 
