@@ -696,6 +696,38 @@ async def test_idle_connections_beyond_the_cap_close_the_least_recently_used_fir
         await others[0].call(hub.address, "echo", b"y", timeout=5)
 
 
+async def test_idle_connections_are_looked_for_at_most_once_a_tenth_of_idle_after(
+    autojump_clock: Any, identities: list[Identity]
+) -> None:
+    # Looking is a pass over every connection; a new one within a tenth of idle_after (1 s
+    # here) of the last look does not look again, so a connection that just turned idle is
+    # closed by the next newcomer after that.
+    limits = dataclasses.replace(SMALL, idle_connections=0, idle_after=10.0)
+    net = MemoryNetwork(seed=3, latency=0.005)
+    async with AsyncExitStack() as stack:
+        hub = await stack.enter_async_context(peer(net, "hub", identities[0], limits=limits))
+        assert hub.address is not None
+        p0, p1, p2, p3 = [
+            await stack.enter_async_context(peer(net, f"p{i}", identities[1 + i])) for i in range(4)
+        ]
+
+        def remote() -> set[PeerID]:
+            return {c.remote_peer_id for c in hub.connections()}
+
+        await p0.call(hub.address, "echo", b"x", timeout=5)
+        await trio.sleep(9.8)
+        await p1.call(hub.address, "echo", b"x", timeout=5)  # a look: p0 quiet 9.8 s, kept
+        await trio.sleep(0.5)
+        await p2.call(hub.address, "echo", b"x", timeout=5)  # 0.5 s after the look: none
+        await trio.sleep(0.1)
+        assert p0.peer_id in remote()  # idle for 0.4 s, not closed yet
+        await trio.sleep(0.5)
+        await p3.call(hub.address, "echo", b"x", timeout=5)  # 1.1 s after: a look
+        await trio.sleep(0.1)
+        assert p0.peer_id not in remote()
+        assert {p1.peer_id, p2.peer_id, p3.peer_id} <= remote()
+
+
 async def test_a_crowded_peer_makes_room_with_a_quiet_connection_and_refuses_only_busy_ones(
     autojump_clock: Any, identities: list[Identity], logs: list[dict[str, Any]]
 ) -> None:

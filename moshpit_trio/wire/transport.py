@@ -107,7 +107,8 @@ class TransportLimits:
     #: the websocket upgrade plus our handshake must finish within this, both ways
     handshake_timeout: float = 10.0
     #: idle connections kept open (no call or stream in flight, no message for ``idle_after``
-    #: seconds); beyond that the least recently used close, so that a peer of a large swarm
+    #: seconds); beyond that the least recently used close (looked for when a connection
+    #: opens, at most once per tenth of ``idle_after``), so that a peer of a large swarm
     #: holds connections to the peers it works with, not to everyone it ever met. A round's
     #: group and DHT lookups are done within seconds; a 256-peer swarm that kept 64 idle ones
     #: for 30 s held 144 connections a peer (65 KB each in memory), and a 1024-peer one would
@@ -191,6 +192,8 @@ class Transport:
         self._closed_idle: dict[PeerID, None] = {}
         self._open_streams = 0  # connections being set up or running, both directions
         self._sweeping = False  # a task closes idle relayed connections (while any is open)
+        # when a new connection next looks for idle ones to close (``_add``)
+        self._trim_due = -math.inf
         self._closing = False
         #: refusals at the connection limit: in all, and since the last warning about them
         self.refused_at_limit = 0
@@ -248,7 +251,14 @@ class Transport:
         event = self._connected_events.pop(conn.remote_peer_id, None)
         if event is not None:
             event.set()
-        self._trim(self.limits.idle_connections)
+        # Looking for idle connections means a pass over all of them, and a busy peer adds
+        # dozens a second (a replica of a crowded key, the members of a forming group): 3% of
+        # a 256-peer swarm's CPU went to that pass. Which connections have been silent for
+        # ``idle_after`` hardly changes within a tenth of it, so one look in that time does.
+        now = trio.current_time()
+        if now >= self._trim_due:
+            self._trim_due = now + self.limits.idle_after / 10
+            self._trim(self.limits.idle_connections)
         if conn.via is not None and not self._sweeping:
             self._sweeping = True
             self._nursery.start_soon(self._sweep_relayed)
