@@ -79,13 +79,14 @@ def _client_matchmaker(dht: ScheduledDHT) -> tuple[Matchmaker, list[tuple[float,
 
 # (announcing_until, the reads' times, how many others the last read saw)
 SCENARIOS = [
-    # the floor alone (settle 1.05): reads at the store's end and at the settle agree, and the
-    # announcer landing at 2.6 (a slow store in a crowd) is missed
-    pytest.param(None, [1.0, 1.2], 2, id="settle floor only"),
+    # the floor alone (settle 1.05): the first read waits for it (our store ended at 1.0), the
+    # next a poll later agrees, and the announcer landing at 2.6 (a slow store in a crowd) is
+    # missed
+    pytest.param(None, [1.05, 1.25], 2, id="settle floor only"),
     # its reader finished reading at 1.6 and its store took as long as ours: wait to 2.6
-    pytest.param(1.6, [1.0, 2.6, 2.8], 3, id="until the last could land"),
+    pytest.param(1.6, [2.6, 2.8], 3, id="until the last could land"),
     # announcing ended long ago: the floor rules
-    pytest.param(0.0, [1.0, 1.2], 2, id="announcing long over"),
+    pytest.param(0.0, [1.05, 1.25], 2, id="announcing long over"),
 ]
 
 
