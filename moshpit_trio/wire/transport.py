@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -293,16 +293,19 @@ class Transport:
     def _idle(self, after: float | None = None) -> list[Connection]:
         """Open connections with nothing in flight and no message for ``after`` seconds
         (``idle_after`` by default), the least recently used first."""
-        now = trio.current_time()
-        since = now - (self.limits.idle_after if after is None else after)
-        idle = [
-            c
-            for conns in self._conns.values()
-            for c in conns
-            if not c.closed and not c.busy and c.last_active <= since and c.pinned_until <= now
-        ]
+        idle = list(self._quiet(self.limits.idle_after if after is None else after))
         idle.sort(key=lambda c: c.last_active)
         return idle
+
+    def _quiet(self, after: float) -> Iterator[Connection]:
+        """Open, unpinned connections with nothing in flight and no message for ``after``
+        seconds, in no order."""
+        now = trio.current_time()
+        since = now - after
+        for conns in self._conns.values():
+            for c in conns:
+                if not c.closed and not c.busy and c.last_active <= since and c.pinned_until <= now:
+                    yield c
 
     def _trim(self, keep: int) -> int:
         """Close the least recently used idle connections beyond ``keep``; how many."""
@@ -857,8 +860,13 @@ class Transport:
         if at_limit and not self._closing:
             # Make room: the least recently used idle connection closes for this one; in a
             # crowd (none idle), the least recently used quiet one (see crowded_idle_after).
-            room = self._idle()[:1] or self._idle(self.limits.crowded_idle_after)[:1]
-            at_limit = self._close_idle(room) == 0
+            # (One pass for the least recently used quiet one: if any is idle, that is it.)
+            quiet = min(
+                self._quiet(self.limits.crowded_idle_after),
+                key=lambda c: c.last_active,
+                default=None,
+            )
+            at_limit = self._close_idle([] if quiet is None else [quiet]) == 0
         if self._closing:
             # (not a warning: a peer that is shutting down turns newcomers away)
             self.log.info("connection refused: shutting down")
