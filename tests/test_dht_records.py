@@ -792,6 +792,24 @@ def test_a_verified_record_is_not_verified_again_and_a_forgery_still_fails(
         VerifiedSignatures(size=0)
 
 
+def test_accept_answer_checks_a_cached_record_without_verifying_it_again(
+    identities: list[Identity],
+) -> None:
+    # (a row group's directory, handed over by a mate round after round, holds the same row
+    # records for several rounds)
+    ns = namespaces()
+    cache = VerifiedSignatures()
+    record = make_record(AVG_KEY, b"v", NOW + 60, owner=identities[0])
+    forged = with_fields(make_record(AVG_KEY, b"v", NOW + 60, owner=identities[1]), value=b"x")
+    assert accept_answer(AVG_KEY, [record, forged], ns, NOW, verified=cache) == [record]
+    assert cache.hits == 0
+    copy = decode_records(encode_records([record]))[0]
+    assert accept_answer(AVG_KEY, [copy, forged], ns, NOW, verified=cache) == [record]
+    assert cache.hits == 1  # the copy; the forgery is checked, and fails, again
+    assert forged not in cache
+    assert accept_answer(AVG_KEY, [copy], ns, NOW + 61, verified=cache) == []  # expired
+
+
 def test_a_store_verifies_a_record_stored_again_only_once(identities: list[Identity]) -> None:
     cache = VerifiedSignatures()
     s = store(verified=cache)

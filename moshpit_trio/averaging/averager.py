@@ -341,8 +341,14 @@ class MoshpitAverager:
             )
             return None
         dht = self.peer.dht
+        # (The directory's row records stay for several rounds: the node's cache of checked
+        # signatures spares checking each again every time a mate hands them over.)
         return accept_answer(
-            directory_key(self.run_id).encode(), records, dht.namespaces, dht.now()
+            directory_key(self.run_id).encode(),
+            records,
+            dht.namespaces,
+            dht.now(),
+            verified=dht.verified,
         )
 
     async def _on_directory(self, request: Request) -> bytes:

@@ -401,13 +401,15 @@ def accept_answer(
     now: float,
     *,
     max_clock_skew: float = 30.0,
+    verified: VerifiedSignatures | None = None,
 ) -> list[Record]:
     """The records a lookup for ``key`` may believe: of that key, valid, merged by subkey.
 
     Records of another key, invalid ones and forgeries are dropped (compare lengths to count
     them). At most the policy's ``max_subkeys`` are kept, those expiring last (ties by
     subkey), so a node answering with ten thousand subkeys cannot make the reader hold more
-    than a store would. Sorted by subkey.
+    than a store would. Sorted by subkey. ``verified``: a node's cache of records whose
+    signatures it checked lately (see ``validate``).
     """
     key = bytes(key)
     policy = namespaces.policy_for(key)
@@ -416,7 +418,7 @@ def accept_answer(
         if record.key != key:
             continue
         try:
-            validate(record, policy, now, max_clock_skew=max_clock_skew)
+            validate(record, policy, now, max_clock_skew=max_clock_skew, verified=verified)
         except RecordRejected:
             continue
         good.append(record)
