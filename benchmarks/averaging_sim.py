@@ -356,7 +356,7 @@ class MoshpitGrid:
 
 
 #: how many of the closest peers a DHT read converges on
-REPLICA_WIDTH = DHTSettings().replica_width
+NEAR_WIDTH = DHTSettings().near_width
 
 
 class MoshpitAuto:
@@ -405,9 +405,9 @@ class MoshpitAuto:
         # What the averager does: it has just read the (empty) directory, and judges the
         # swarm's size from the peers that lookup found closest to the directory's key
         # (estimate_size_around). Lookups are modelled as exact, as every DHT read here is:
-        # everyone finds the same REPLICA_WIDTH live peers, so everyone judges the same size.
+        # everyone finds the same NEAR_WIDTH live peers, so everyone judges the same size.
         distances = self.id64[live] ^ self.directory_id
-        width = min(REPLICA_WIDTH, len(distances))
+        width = min(NEAR_WIDTH, len(distances))
         nearest = np.sort(np.partition(distances, width - 1)[:width]) ^ self.directory_id
         closest = [int(v).to_bytes(8, "big") for v in nearest]
         return estimate_size_around(int(self.directory_id).to_bytes(8, "big"), closest)

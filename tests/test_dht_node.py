@@ -406,6 +406,6 @@ async def test_every_reader_of_a_key_finds_the_same_peers_around_it(autojump_clo
             ids = [c.peer_id for c in near]
             # the reader itself is never among its own answers: the others, closest first
             expected = [p.id for p in truth if p is not reader][: len(ids)]
-            assert ids == expected and len(ids) == 10  # the replica width: 2 x 5 replicas
+            assert ids == expected and len(ids) == 10  # near_width: 2 x 5 replicas
             seen.append(estimate_size_around(kid, [i.to_bytes() for i in ids]))
         assert max(seen) <= 1.2 * min(seen)

@@ -97,10 +97,20 @@ class DHTSettings:
 
     @property
     def replica_width(self) -> int:
-        """How many of the closest peers a get or a store converges on: the replica set and as
-        many again (peers gone since the record was stored, peers that disagree on who is
-        closest), not the whole k. Records live on the ``replicas`` closest; walking on to
-        the k-th closest only costs rounds of queries."""
+        """How many of the closest peers a get or a store converges on: the replica set and
+        one more, not the whole k. Records live on the ``replicas`` closest, so a reader
+        finds each on every one of those it reaches, and a record survives as long as one
+        holder does: walking on past them only costs queries (and dials, each a handshake).
+        With twice the replica set, a 256-peer averaging swarm sent a third more messages a
+        round and a get took 658 ms instead of 467 (median, 30% of the peers frozen), with
+        the same success."""
+        return min(self.k, self.replicas + 1)
+
+    @property
+    def near_width(self) -> int:
+        """How many of the closest peers a get converges on when its caller asks who they are
+        (``get_records(near=...)``): twice the replica set, since a swarm-size estimate fits
+        their distances (``auto_grid.estimate_size_around``), and six made it noisy."""
         return min(self.k, 2 * self.replicas)
 
     def __post_init__(self) -> None:
@@ -340,13 +350,13 @@ class DHTNode:
     ) -> dict[bytes, Record]:
         """All live records under ``key`` by subkey (withdrawals included), merged from the
         closest peers' answers and this node's own store. ``near``, when given, is extended
-        with the closest peers to the key that answered, closest first: what the swarm looks
-        like around the key, the same for every reader (``auto_grid.estimate_size_around``)."""
+        with the closest peers to the key that answered, closest first (``near_width`` of
+        them, where a plain get converges on ``replica_width``): what the swarm looks like
+        around the key, the same for every reader (``auto_grid.estimate_size_around``)."""
         kid = key_id(_key_bytes(key))
         found: list[Record] = list(self.records.get(kid, self.now()))
-        closest = await self._lookup(
-            kid, want_values=True, found=found, width=self.settings.replica_width
-        )
+        width = self.settings.replica_width if near is None else self.settings.near_width
+        closest = await self._lookup(kid, want_values=True, found=found, width=width)
         if near is not None:
             near.extend(closest)
         return merge(found)
