@@ -6,9 +6,9 @@ it wants its group to start. Then:
 
 1. it reads the key until it sees a full group (M entries), or two reads a poll apart show the
    same announcers, or its gather time is up (the first read waits as long as its own store
-   took, at most a poll, for the others' stores to land; on a key with a settle time, until
-   then); peers the transport found
-   unresponsive (silent when asked, ``wire.liveness``) are left out;
+   took, at most a poll, for the others' stores to land; on a cold key, which no count can
+   end, until its settle); peers the transport found unresponsive (silent when asked,
+   ``wire.liveness``) are left out;
 2. the announcers are ordered by (expiration, PeerID) — the same order for everyone who sees
    them. Leaders come from the listening peers, in that order, then from the relayed ones
    (client mode, holding a relay reservation: reached through the relay, so they lead only
