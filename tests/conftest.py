@@ -6,6 +6,8 @@ from typing import Any
 
 import pytest
 import structlog
+import trio
+import trio.testing
 
 from moshpit_trio.identity import Identity
 
@@ -40,3 +42,30 @@ def _structlog_starts_unconfigured() -> Iterator[None]:
     structlog.reset_defaults()
     yield
     structlog.reset_defaults()
+
+
+@pytest.fixture(autouse=True)
+def _virtual_time_has_a_fixed_unix_phase(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under a mock clock, Unix time is 1.7e9 + trio's clock, in every test.
+
+    Rounds are slots of Unix time (``dht.now()``), and the DHT fixes Unix time minus trio's
+    clock at its first use in a run. Left to the wall clock, that offset gives each run's rounds
+    a different phase against the virtual clock, so each run's virtual times (and their float
+    rounding) differ: a test that passes here could fail on CI. Real-clock tests keep the real
+    offset, since they may talk to processes that read the real one.
+    """
+    from moshpit_trio.dht import node
+
+    real = node._epoch_offset
+
+    def pinned() -> float:
+        if not isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock):
+            return real()
+        try:
+            return node._EPOCH_OFFSET.get()
+        except LookupError:
+            offset = 1_700_000_000.0 - trio.current_time()
+            node._EPOCH_OFFSET.set(offset)
+            return offset
+
+    monkeypatch.setattr(node, "_epoch_offset", pinned)
