@@ -91,7 +91,7 @@ from moshpit_trio.dht.node import DHTSettings, DHTValue  # noqa: E402
 from moshpit_trio.errors import MoshpitError  # noqa: E402
 from moshpit_trio.identity import Identity  # noqa: E402
 from moshpit_trio.peer import Peer, open_peer  # noqa: E402
-from moshpit_trio.testing import MemoryNetwork  # noqa: E402
+from moshpit_trio.testing import MemoryNetwork, pin_unix_time  # noqa: E402
 
 UNOWNED_TTL = 3600.0
 OWNED_TTL = 300.0  # the mp.avg namespace's cap
@@ -772,6 +772,7 @@ async def memory_benchmark(cfg: Config) -> dict[str, Any]:
     """Run the in-memory benchmark in the current trio run (use a MockClock for virtual time)
     and return the result object that ``--json`` prints."""
     cfg.check()
+    pin_unix_time()  # record expiry is Unix time: tied to the virtual clock, a seed repeats
     wall0 = time.perf_counter()
     virtual0 = trio.current_time()
     async with trio.open_nursery() as nursery:

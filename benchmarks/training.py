@@ -213,7 +213,7 @@ from moshpit_trio.averaging.matchmaking import GroupInfo, MemberInfo  # noqa: E4
 from moshpit_trio.errors import MoshpitError  # noqa: E402
 from moshpit_trio.identity import Identity  # noqa: E402
 from moshpit_trio.peer import Peer, open_peer  # noqa: E402
-from moshpit_trio.testing import MemoryNetwork  # noqa: E402
+from moshpit_trio.testing import MemoryNetwork, pin_unix_time  # noqa: E402
 from moshpit_trio.training.state import (  # noqa: E402
     StateServer,
     TrainingState,
@@ -666,6 +666,8 @@ class Run:
     # -- the whole run -----------------------------------------------------------------------
 
     async def run(self) -> dict[str, Any]:
+        # Rounds are slots of Unix time: tied to the virtual clock, a seed repeats its run.
+        pin_unix_time()
         wall0, cpu0 = time.perf_counter(), time.process_time()
         async with trio.open_nursery() as nursery:
             for slot in self.slots:

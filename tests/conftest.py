@@ -10,6 +10,7 @@ import trio
 import trio.testing
 
 from moshpit_trio.identity import Identity
+from moshpit_trio.testing import PINNED_UNIX_TIME, pin_unix_time
 
 
 @pytest.fixture
@@ -46,7 +47,7 @@ def _structlog_starts_unconfigured() -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def _virtual_time_has_a_fixed_unix_phase(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Under a mock clock, Unix time is 1.7e9 + trio's clock, in every test.
+    """Under a mock clock, Unix time is 1.7e9 + trio's clock in every test (``pin_unix_time``).
 
     Rounds are slots of Unix time (``dht.now()``), and the DHT fixes Unix time minus trio's
     clock at its first use in a run. Left to the wall clock, that offset gives each run's rounds
@@ -64,8 +65,8 @@ def _virtual_time_has_a_fixed_unix_phase(monkeypatch: pytest.MonkeyPatch) -> Non
         try:
             return node._EPOCH_OFFSET.get()
         except LookupError:
-            offset = 1_700_000_000.0 - trio.current_time()
-            node._EPOCH_OFFSET.set(offset)
-            return offset
+            # (Unix time 1.7e9 at the first use, which is deterministic under a mock clock)
+            pin_unix_time(PINNED_UNIX_TIME - trio.current_time())
+            return node._EPOCH_OFFSET.get()
 
     monkeypatch.setattr(node, "_epoch_offset", pinned)

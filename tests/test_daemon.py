@@ -37,7 +37,7 @@ from moshpit_trio.daemon import (
 from moshpit_trio.errors import IdentityError, MoshpitError, Rejected, RemoteError, UnknownHandler
 from moshpit_trio.identity import Identity
 from moshpit_trio.log import configure_logging
-from moshpit_trio.testing import MemoryNetwork
+from moshpit_trio.testing import PINNED_UNIX_TIME, MemoryNetwork, pin_unix_time
 from moshpit_trio.wire.connection import Request
 from moshpit_trio.wire.transport import Transport, open_transport
 
@@ -102,10 +102,9 @@ def seeded(tmp_path: Path, i: int) -> Identity:
 def pin_the_clock() -> None:
     """Unix time = 1.7e9 + trio's clock, in this trio run (the DHT fixes its offset on first
     use). Rounds are slots of Unix time, so without this their phase against the virtual
-    clock, and with it every timing in a test, would follow the wall clock."""
-    from moshpit_trio.dht.node import _EPOCH_OFFSET
-
-    _EPOCH_OFFSET.set(1_700_000_000.0 - trio.current_time())
+    clock, and with it every timing in a test, would follow the wall clock. (Under a mock
+    clock conftest pins it at the first use anyway; this pins it at the moment of the call.)"""
+    pin_unix_time(PINNED_UNIX_TIME - trio.current_time())
 
 
 @asynccontextmanager
