@@ -202,7 +202,8 @@ def test_benchmark_runs_tiny_and_reports_every_headline_figure(script: str) -> N
         timeout=bench.timeout,
         check=False,
     )
-    assert done.returncode == 0, done.stderr[-4000:]
+    # (--quiet benchmarks say what failed in their JSON, not on stderr)
+    assert done.returncode == 0, (done.stderr[-4000:], done.stdout[-4000:])
     out = json.loads(done.stdout)
     figures = bench.headline(out)
     assert figures, "no headline figures found"
