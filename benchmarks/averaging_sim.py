@@ -48,7 +48,10 @@ Methods (``--methods``):
                          and columns follow the live count, groups of at most 32), so it runs
                          once per (N, p), shown in the first grid's block. Its JSON rows add
                          ``solo_rounds`` (live peer-rounds spent in a group of one, over all
-                         seeds) and ``rounds_run``.
+                         seeds), ``rounds_run`` and ``overfull_keys`` (keys of planned rounds
+                         that got more announcers than the plan expected and than one group
+                         holds, so were cut into smaller groups than planned: a joiner or a
+                         peer back from an absence one too many; per round run in the table).
 
 Opt-in (not in the default run): ``moshpit-grid-balanced``, the random rule from
 ``balanced_initial_keys()`` dealt to the peers in random order, which shows what the key
@@ -101,7 +104,8 @@ reproduces alone (``--n 768 --p 0.005 --seeds 3``) exactly as inside the full ru
     python benchmarks/averaging_sim.py --plot benchmarks/results/figure3.png
 
 ``--json`` prints a list of rows ``{n, p, grid, method, rounds_1e9, rounds_1e4, seeds,
-unreached_1e9, unreached_1e4}`` (moshpit-auto's also ``solo_rounds, rounds_run``) on stdout
+unreached_1e9, unreached_1e4}`` (moshpit-auto's also ``solo_rounds, rounds_run,
+overfull_keys``) on stdout
 (the table then goes to stderr). ``--plot`` draws the paper's Figure 3 panels (32x32:
 N=1024 p=0, N=1024 p=0.005, N=768 p=0.005): variance against round on a log scale, the mean
 over the seeds, one line per method; it needs matplotlib (``pip install -e .[bench]``).
@@ -398,6 +402,11 @@ class MoshpitAuto:
         self.directory: dict[bytes, RowRecord] = {}
         #: live peer-rounds in which the peer's group was itself alone
         self.solo_rounds = 0
+        #: keys of a planned round that got more announcers than the plan expected there and
+        #: than one group may hold, so that they were cut into smaller groups than planned
+        #: (33 under a maximum of 32: 17 + 16). Peers whose place the plan does not know
+        #: (joiners, peers back from an absence) are who push a key over.
+        self.overfull_keys = 0
         #: the size of every group formed (one entry per group per round)
         self.group_sizes: list[int] = []
 
@@ -452,6 +461,8 @@ class MoshpitAuto:
             counts[key] += 1
             keys[key].append(i)
         for key, members in keys.items():
+            if layout.rows and len(members) > max(self.m, plan.expected(*key)):
+                self.overfull_keys += 1
             # The DHT refuses announcers past its cap: they find nobody this round.
             refused = max(0, len(members) - self.KEY_CAP)
             self.solo_rounds += refused
@@ -577,6 +588,8 @@ class Row:
     curves: list[FloatArray]
     #: moshpit-auto: per seed, live peer-rounds spent alone (None for the other methods)
     solos: list[int] | None = None
+    #: moshpit-auto: per seed, keys cut into smaller groups than planned (``overfull_keys``)
+    overfull: list[int] | None = None
 
     def stats(self, threshold: float, cap: int = CAP) -> tuple[float, int]:
         """Mean rounds (unreached counted as the cap) and the number of unreached seeds."""
@@ -601,6 +614,8 @@ class Row:
         if self.solos is not None:
             row["solo_rounds"] = sum(self.solos)
             row["rounds_run"] = sum(len(c) - 1 for c in self.curves)
+        if self.overfull is not None:
+            row["overfull_keys"] = sum(self.overfull)
         return row
 
 
@@ -621,6 +636,10 @@ def default_configs(
 
 def _solos(sim: Averaging) -> int:
     return int(getattr(sim, "solo_rounds", 0))
+
+
+def _overfull(sim: Averaging) -> int:
+    return int(getattr(sim, "overfull_keys", 0))
 
 
 def simulate(
@@ -648,8 +667,10 @@ def simulate(
                 run_sim(method, config.n, config.p, config.grid, s, rounds=rounds, stop=stop)
                 for s in seeds
             ]
-            solos = [_solos(sim) for _, sim in runs] if method in AUTO_METHODS else None
-            rows.append(Row(config, method, [curve for curve, _ in runs], solos))
+            auto = method in AUTO_METHODS
+            solos = [_solos(sim) for _, sim in runs] if auto else None
+            overfull = [_overfull(sim) for _, sim in runs] if auto else None
+            rows.append(Row(config, method, [curve for curve, _ in runs], solos, overfull))
         if progress:
             progress(
                 f"N={config.n} p={config.p} {config.grid}: {time.perf_counter() - started:.1f}s"
@@ -666,7 +687,15 @@ def solo_check(ns: Sequence[int], seeds: Sequence[int], *, rounds: int = SOLO_RO
             run_sim("moshpit-auto", n, 0.0, Grid((n,)), s, rounds=rounds, stop=None) for s in seeds
         ]
         config = Config(n, 0.0, Grid((n,)))
-        rows.append(Row(config, "moshpit-auto", [c for c, _ in runs], [_solos(r) for _, r in runs]))
+        rows.append(
+            Row(
+                config,
+                "moshpit-auto",
+                [c for c, _ in runs],
+                [_solos(r) for _, r in runs],
+                [_overfull(r) for _, r in runs],
+            )
+        )
     return rows
 
 
@@ -722,6 +751,15 @@ def format_table(rows: Sequence[Row], cap: int = CAP) -> str:
             f"moshpit-auto ignores the grid ({AUTO_GRID}: rows and columns follow the live "
             f"count); solo peer-rounds, all seeds: "
             + ", ".join(f"N={r.config.n} p={r.config.p}: {sum(r.solos or ())}" for r in auto)
+        )
+        lines.append(
+            "moshpit-auto keys cut into smaller groups than planned (a joiner or a returning "
+            "peer one too many), per round run: "
+            + ", ".join(
+                f"N={r.config.n} p={r.config.p}: "
+                f"{sum(r.overfull or ()) / max(1, sum(len(c) - 1 for c in r.curves)):.2f}"
+                for r in auto
+            )
         )
     return "\n".join(lines)
 

@@ -147,3 +147,18 @@ def test_auto_grid_rows_report_solo_rounds(capsys: pytest.CaptureFixture[str]) -
     assert all(r["solo_rounds"] == 0 and r["rounds_run"] == 10 * 2 for r in check)
     assert "solo peer-rounds" in captured.err and "N = 2..5" in captured.err
     assert all("solo_rounds" not in r for r in rows if r["method"] != "moshpit-auto")
+    assert all(r["overfull_keys"] >= 0 for r in auto)
+    assert all("overfull_keys" not in r for r in rows if r["method"] != "moshpit-auto")
+    assert "cut into smaller groups than planned" in captured.err
+
+
+def test_overfull_keys_count_the_stragglers_that_split_a_planned_group() -> None:
+    # At p = 0 everyone holds a planned place after the cold round: no key gets more than the
+    # plan expects. At N = 32**2 and p = 0.01, the rows and columns are full but for the
+    # places the absent peers left, and the peers back from an absence (or that missed the
+    # cold round) pick among those at random: some keys get one too many and split.
+    for n in (64, 1024):
+        _, calm = sim.run_sim("moshpit-auto", n, 0.0, Grid((n,)), 0, rounds=6, stop=None)
+        assert calm.overfull_keys == 0
+    _, busy = sim.run_sim("moshpit-auto", 1024, 0.01, Grid((1024,)), 0, rounds=6, stop=None)
+    assert busy.overfull_keys > 0
