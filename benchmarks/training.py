@@ -49,12 +49,16 @@ this benchmark used before the network shared bandwidth fairly.
 A local step is a real forward/backward/optimizer step on the CPU (instant in virtual time),
 then its compute is charged as virtual time: ``--step-time`` seconds (1.0), times
 ``--slowdown`` for the slow peers, each step varied by ``--jitter`` (±5%, seeded). So timings do
-not depend on how busy this machine is; runs repeat closely but not exactly, since trio may
-order events due at the same virtual instant either way, and the accuracy of the mean model
-lingers between 0.94 and 0.95 for several seconds before it stays above (one test digit is
-0.0028 of accuracy), so a small change in the order of events can move the time to 0.95 by a
-few seconds: Moshpit homo, seed 0, took 24.5 s and 31.0 s in two runs of code that differed
-only in the order peers became live at t=0.
+not depend on how busy this machine is, and a seed repeats its times: trio's scheduler is
+seeded, and Unix time, whose slots the Moshpit rounds are, is pinned to the virtual clock
+(``moshpit_trio.testing.pin_unix_time``; three runs of seed 0's hetero Moshpit and gossip gave
+the same times). Before it was pinned, the rounds' phase against the training followed the
+wall clock, and Moshpit hetero seed 0 took 30.5, 27.0 and 32.0 s in three runs of the same
+code. The pinned phase is one draw of that spread, not a tuned one. The time to 0.95 is that
+sensitive because the accuracy of the mean model lingers between 0.94 and 0.95 for several
+seconds before it stays above (one test digit is 0.0028 of accuracy), so a small change in the
+order of events moves it by a few seconds: Moshpit homo, seed 0, took 24.5 s and 31.0 s in two
+runs of code that differed only in the order peers became live at t=0.
 
 Two scenarios (``--scenario both``, the default, runs each):
 
@@ -127,17 +131,18 @@ Results of the default run and of ``--seed 1`` (virtual seconds to 0.95 and fina
 MB each peer sent over the run, and the communication share):
 
     seed scen.   moshpit             allreduce             gossip              vs gossip vs AR
-    0    hetero  32.0 .958 44MB 48%   82.5 .942 154MB 76%  30.0 .947  94MB 83%  0.94x    2.58x
-    0    homo    25.5 .950 48MB 19%   29.5 .955 179MB 77%  27.0 .942 247MB 89%  1.06x    1.16x
-    1    hetero  25.0 .950 39MB 45%      - .903 195MB 79%  32.0 .939 126MB 90%  1.28x   >6.00x
-    1    homo    24.0 .953 42MB 18%   29.5 .958 175MB 77%  25.0 .955 230MB 88%  1.04x    1.23x
+    0    hetero  24.5 .950 34MB 46%   82.5 .942 154MB 76%  30.0 .947  94MB 83%  1.22x    3.37x
+    0    homo    30.0 .955 54MB 19%   29.5 .955 179MB 77%  27.0 .942 247MB 89%  0.90x    0.98x
+    1    hetero  24.5 .953 39MB 44%      - .903 195MB 79%  32.0 .939 126MB 90%  1.31x   >6.12x
+    1    homo    24.0 .955 42MB 17%   29.5 .958 175MB 77%  25.0 .955 230MB 88%  1.04x    1.23x
 
-Targets: vs All-Reduce >= 1.5 in hetero passes with both seeds (2.58x; seed 1's All-Reduce
-never reached 0.95 in 150 s: at least 6.00x), and so does vs All-Reduce >= 1/1.1 in homo
-(1.16x, 1.23x). Vs gossip >= 1.3 in hetero FAILS with both seeds: 0.94x and 1.28x. The same
-seed and code do not give the same time twice (see above): Moshpit hetero seed 0 took 30.5,
-27.0 and 32.0 s in three runs of this code, so one run's ratio to gossip moves by +-0.15. An
-earlier run of the code before the fix below gave 1.22x and 1.14x. What
+Targets: vs All-Reduce >= 1.5 in hetero passes with both seeds (3.37x; seed 1's All-Reduce
+never reached 0.95 in 150 s: at least 6.12x), and so does vs All-Reduce >= 1/1.1 in homo
+(0.98x, 1.23x). Vs gossip >= 1.3 in hetero FAILS on seed 0 (1.22x) and passes on seed 1
+(1.31x). Only Moshpit's times moved when Unix time was pinned (the other methods have no
+rounds on the clock): before, the same table had Moshpit at 32.0, 25.5, 25.0 and 24.0 s
+(0.94x and 1.28x over gossip in hetero), and with the phase-driven spread above (27.0-32.0 s
+for hetero seed 0) a ratio to gossip moves by about +-0.15 from phase to phase. What
 decides it is whether gossip overlaps its exchanges with compute: with ``--gossip blocking``
 (this benchmark's gossip before, waiting for its pulls after every step) hetero gossip took
 104.5 s (seed 0) and 94.5 s (seed 1), Moshpit 4.2x and 3.3x sooner; but the paper's gossip
@@ -168,8 +173,8 @@ the earlier first-come-first-served network and on the max-min fair one: hetero 
 41.0 / 41.0 s. At 1 GB/s bandwidth hardly matters; All-Reduce's 16-member exchanges are what
 the fair model sped up.
 
-Wall time: the default run (2 scenarios x 3 methods) took 4.6 (seed 1) and 4.3 (seed 0)
-CPU-minutes (4.4 and 4.7 minutes of wall time, the two runs side by side on 2 cores), over
+Wall time: the default run (2 scenarios x 3 methods) took 2.2 (seed 1) and 2.0 (seed 0)
+CPU-minutes (2.3 and 2.1 minutes of wall time, the two runs side by side on 2 cores), over
 two thirds of it All-Reduce's (16 members moving 7.5 MB each per step through the protocol:
 envelope crypto, frames, and the fair-share model, which recomputes its rates as flows start
 and end); ``--scenario hetero`` about half.
