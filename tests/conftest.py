@@ -47,7 +47,8 @@ def _structlog_starts_unconfigured() -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def _virtual_time_has_a_fixed_unix_phase(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Under a mock clock, Unix time is 1.7e9 + trio's clock in every test (``pin_unix_time``).
+    """Under a mock clock, Unix time is 1.7e9 at its first use in a test's trio run, and advances
+    with trio's clock (``pin_unix_time``).
 
     Rounds are slots of Unix time (``dht.now()``), and the DHT fixes Unix time minus trio's
     clock at its first use in a run. Left to the wall clock, that offset gives each run's rounds

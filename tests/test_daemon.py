@@ -100,10 +100,10 @@ def seeded(tmp_path: Path, i: int) -> Identity:
 
 
 def pin_the_clock() -> None:
-    """Unix time = 1.7e9 + trio's clock, in this trio run (the DHT fixes its offset on first
-    use). Rounds are slots of Unix time, so without this their phase against the virtual
-    clock, and with it every timing in a test, would follow the wall clock. (Under a mock
-    clock conftest pins it at the first use anyway; this pins it at the moment of the call.)"""
+    """Unix time = 1.7e9 now, advancing with trio's clock, in this trio run (the DHT fixes its
+    offset on first use). Rounds are slots of Unix time, so without this their phase against
+    the virtual clock, and with it every timing in a test, would follow the wall clock. (Under
+    a mock clock conftest pins it at the first use anyway; this pins it at the call.)"""
     pin_unix_time(PINNED_UNIX_TIME - trio.current_time())
 
 
