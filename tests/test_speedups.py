@@ -393,8 +393,9 @@ class _FakeSocket:
 async def test_message_writer_writes_what_wsproto_writes(
     monkeypatch: pytest.MonkeyPatch, client: bool, h: int, n: int
 ) -> None:
-    head, payload, key = os.urandom(h), os.urandom(n), os.urandom(4)
-    monkeypatch.setattr(os, "urandom", lambda k: key[:k])
+    """The frame wsproto writes when its client draws the all-zero key (ENVELOPE_MASK)."""
+    head, payload = os.urandom(h), os.urandom(n)
+    monkeypatch.setattr(os, "urandom", lambda k: speedups.ENVELOPE_MASK[:k])
     ws = _FakeSocket(client)
     await speedups.MessageWriter(ws).send(head, payload)
     want = ws._wsproto.connection.send(BytesMessage(data=head + payload))
@@ -402,29 +403,72 @@ async def test_message_writer_writes_what_wsproto_writes(
     assert b"".join(bytes(w) for w in writes) == want
     # one write for a small payload; otherwise the head's write, then the payload's
     assert len(writes) == (1 if n < speedups.INLINE_PAYLOAD else 2)
-    if len(writes) == 2 and not client:
-        assert writes[1] is payload  # the server's payload goes out as it was given
+    if len(writes) == 2:
+        assert writes[1] is payload  # the payload goes out as it was given, from either side
 
 
 @pytest.mark.parametrize("client", [True, False])
 @pytest.mark.parametrize(("h", "n"), [(14, 100), (13, 70_001), (15, (4 << 20) + 16)])
-async def test_message_writer_masks_a_writable_payload_in_place(
-    monkeypatch: pytest.MonkeyPatch, client: bool, h: int, n: int
-) -> None:
-    """A writable view (an encrypted envelope body, the caller's to give away) is masked where
-    it is: the same frame as wsproto's, and no new buffer for the payload."""
-    head, original, key = os.urandom(h), os.urandom(n), os.urandom(4)
-    monkeypatch.setattr(os, "urandom", lambda k: key[:k])
+async def test_message_writer_never_touches_the_payload(client: bool, h: int, n: int) -> None:
+    """No masking pass on either side: a large payload is written from the caller's memory,
+    which is left as it was; a client's frame says it is masked, with the zero key."""
+    head, original = os.urandom(h), os.urandom(n)
     owned = np.frombuffer(bytearray(original), dtype=np.uint8)
     ws = _FakeSocket(client)
     await speedups.MessageWriter(ws).send(head, owned.data)
-    want = ws._wsproto.connection.send(BytesMessage(data=head + original))
     writes = ws._stream.writes
-    assert b"".join(bytes(w) for w in writes) == want
     if n >= speedups.INLINE_PAYLOAD:
         assert np.shares_memory(np.frombuffer(writes[1], dtype=np.uint8), owned)
-    # masked in place by a client; a server's frames are not masked, so it stays as it was
-    assert (owned.tobytes() == original) == (not client)
+    assert owned.tobytes() == original
+    frame = b"".join(bytes(w) for w in writes)
+    assert bool(frame[1] & 0x80) == client
+    if client:
+        header = 2 + {126: 2, 127: 8}.get(frame[1] & 0x7F, 0)
+        assert frame[header : header + 4] == speedups.ENVELOPE_MASK
+
+
+@pytest.mark.parametrize("speedups_on", [True, False])
+@pytest.mark.parametrize("n", [0, 100, 511, 512, 70_001, (1 << 20) + 3])
+async def test_zero_key_frames_decode_with_or_without_the_speedups(
+    speedups_on: bool, n: int
+) -> None:
+    """What a client's MessageWriter writes is read back by a server's wsproto, patched or
+    stock (a peer without the speedups, or another implementation, unmasks it as any frame)."""
+    head, payload = os.urandom(9), os.urandom(n)
+    ws = _FakeSocket(client=True)
+    await speedups.MessageWriter(ws).send(head, payload)
+    wire = b"".join(bytes(w) for w in ws._stream.writes)
+    was = speedups.installed()
+    speedups.install() if speedups_on else speedups.uninstall()
+    try:
+        receiver = Connection(ConnectionType.SERVER)
+        for a in range(0, len(wire), 65_536):  # in reads, as from a socket
+            receiver.receive_data(wire[a : a + 65_536])
+        events = list(receiver.events())
+    finally:
+        speedups.install() if was else speedups.uninstall()
+    assert len(events) == 1 and isinstance(events[0], BytesMessage)
+    assert events[0].data == head + payload and events[0].message_finished
+
+
+def test_frame_buffer_hands_zero_key_payloads_over_as_unmasked(patched: None) -> None:
+    """A frame masked with ENVELOPE_MASK costs what an unmasked one does: a payload that
+    arrived in one read is that read's own bytes, one in several reads is joined once, and the
+    masker lets it through as it is."""
+    data = os.urandom(3001)
+    header = b"\x82\xfe" + len(data).to_bytes(2, "big") + speedups.ENVELOPE_MASK
+    for reads in ([data], [data[:5], data[5:1234], data[1234:]]):
+        buf = speedups.FrameBuffer(header)
+        for piece in reads:
+            buf.feed(piece)
+        buf.consume_exactly(2), buf.consume_exactly(2)
+        assert buf.consume_exactly(4) == speedups.ENVELOPE_MASK
+        buf.commit()
+        payload = buf.consume_at_most(len(data))
+        assert type(payload) is bytes and payload == data
+        if len(reads) == 1:
+            assert payload is data
+        assert speedups.FastXorMasker(speedups.ENVELOPE_MASK).process(payload) is payload
 
 
 async def test_message_writer_refuses_a_closed_socket_and_aborts_a_broken_one() -> None:

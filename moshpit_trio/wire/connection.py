@@ -308,8 +308,7 @@ class Connection:
             direction=receiving,
         )
         # (sealed head, encrypted body, whether it holds a queue slot); unbounded because the
-        # slots bound it. The body is the envelope's own buffer (seal_parts made it), so the
-        # writer may mask it in place.
+        # slots bound it. The body is the envelope's own buffer (seal_parts made it).
         self._outbox_send, self._outbox = trio.open_memory_channel[
             tuple[bytes, bytes | memoryview, bool]
         ](math.inf)

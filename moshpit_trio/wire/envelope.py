@@ -63,8 +63,8 @@ _PREFIX_SIZE = 2
 KiB = 1024
 MiB = 1024 * KiB
 # Sealed parts at least this long are encrypted into (and decrypted into) an uninitialised numpy
-# buffer: no zero-filling pass before the cipher's own, and a writable body the websocket writer
-# may mask in place. Shorter ones go through AESGCM.encrypt / decrypt, which cost less per call.
+# buffer: no zero-filling pass before the cipher's own. Shorter ones go through AESGCM.encrypt /
+# decrypt, which cost less per call.
 _INTO_THRESHOLD = 64 * KiB
 
 
@@ -324,9 +324,7 @@ class EnvelopeSealer:
 
         The payload is read once, here (encrypting it is the only pass over it), so the caller
         may change its buffer as soon as this returns. ``body`` is a new buffer that belongs to
-        the caller: bytes when short, else a writable view of its own memory, which a writer
-        may change in place once it no longer needs the envelope (a websocket client masks it
-        there instead of into a copy).
+        the caller: bytes when short, else a writable view of its own memory.
 
         >>> from moshpit_trio.identity import Identity
         >>> me, you = Identity.generate(), Identity.generate()

@@ -52,6 +52,7 @@ from typing import Any, Final
 import numpy as np
 
 __all__ = [
+    "ENVELOPE_MASK",
     "INLINE_PAYLOAD",
     "RECEIVE_BUFFER_SIZE",
     "RECOMMENDED_CHUNK",
@@ -109,6 +110,15 @@ _HEADER64: Final = struct.Struct("!BBQ")
 #: connection hold before trio-websocket's ``max_message_size`` check sees it stays about what
 #: that check allows anyway.
 WHOLE_FRAME_LIMIT: Final = 4 * 1024 * 1024 + 64 * 1024
+
+#: The masking key :class:`MessageWriter` gives a client's envelope frames: all zeros, so masking
+#: them is no pass at all, on either side. RFC 6455 masks client frames so that a script in a
+#: browser cannot choose the bytes that cross a proxy (its section 10.3); an envelope's body is
+#: AES-GCM ciphertext under a session key, which nobody can choose, and a peer is not a browser
+#: running others' scripts (a malicious peer could pick any key anyway: the server cannot tell).
+#: The handshake's frames, sent before there is a key, keep wsproto's random keys. A receiver
+#: reads whatever key a frame carries; this one unmasks for free (see :class:`FrameBuffer`).
+ENVELOPE_MASK: Final = bytes(4)
 
 # Below this many bytes numpy's per-call overhead costs more than Python's big-int XOR.
 _SMALL: Final = 512
@@ -214,6 +224,11 @@ class FastXorMasker:
 
     def process(self, data: bytes | bytearray | memoryview | MaskedPayload) -> bytes | bytearray:
         key = self._masking_key
+        if key == ENVELOPE_MASK:
+            # XOR with zeros changes nothing (and rotating zeros is zeros): no pass.
+            if type(data) is bytes or type(data) is bytearray:
+                return data
+            return bytes(data)
         n = len(data)
         rotation = n % 4
         if rotation:
@@ -264,6 +279,9 @@ class FrameBuffer:
       bytes) since the last frame header began; were that guess ever wrong, only the speed
       would change: the null masker hands a ``MaskedPayload`` on unchanged and the decoder's
       ``bytes(...)`` joins it (``__bytes__``).
+    * hands out a payload masked with the all-zero key (:data:`ENVELOPE_MASK`, every envelope a
+      client sends) as unmasked: XOR with zeros is no change, so it costs what a server's
+      frame costs.
 
     For larger requests it returns what is there, like the original, so a peer announcing a
     huge frame still runs into trio-websocket's ``max_message_size`` as the bytes arrive; what
@@ -349,7 +367,9 @@ class FrameBuffer:
         data = self._gather(self.bytes_used, nbytes)
         self.bytes_used += nbytes
         if nbytes == 4:
-            self._masked = True  # a masking key: the payload that follows is masked
+            # A masking key: the payload that follows is masked, unless the key is all zeros
+            # (an envelope's, see ENVELOPE_MASK), when it is handed out as unmasked bytes.
+            self._masked = data != ENVELOPE_MASK
         elif nbytes == 2 and self.bytes_used == 2:
             self._masked = False  # the first two bytes of a frame header
         return data
@@ -419,14 +439,15 @@ _TRIO_WEBSOCKET_TESTED: Final = ((0, 12),)
 
 class MessageWriter:
     """Sends one binary websocket message given in two pieces, ``head`` and ``payload``,
-    without joining them: the multi-megabyte payload goes from the caller's ``bytes`` to the
-    socket untouched (server side), or through one XOR pass into a fresh buffer (client side,
-    whose frames RFC 6455 requires masked with a random key), where trio-websocket's
-    ``send_message`` needs the message as one ``bytes`` and then copies it into a frame.
+    without joining them: the multi-megabyte payload goes from the caller's buffer to the
+    socket untouched, where trio-websocket's ``send_message`` needs the message as one
+    ``bytes`` and then copies it into a frame (and, on a client, masks it: one more pass).
 
-    The frame is the one wsproto would write (FIN, binary opcode, same length encoding, a
-    masking key from ``os.urandom(4)`` for clients), written under trio-websocket's own send
-    lock, so it never interleaves with the pongs and close frames trio-websocket sends.
+    It is for envelopes only (sent after the handshake, their bodies encrypted): a client's
+    frames carry the all-zero masking key :data:`ENVELOPE_MASK` (see there why), so they need no
+    XOR either. The frame is otherwise the one wsproto would write (FIN, binary opcode, same
+    length encoding), written under trio-websocket's own send lock, so it never interleaves
+    with the pongs and close frames trio-websocket sends.
     Use :func:`message_writer` to get one: it falls back to ``send_message`` where these
     internals are not the ones this was written against.
     """
@@ -437,9 +458,8 @@ class MessageWriter:
         self._ws = ws
 
     async def send(self, head: bytes, payload: bytes | memoryview) -> None:
-        """Send ``head + payload`` as one message. A writable ``payload`` view is taken to be
-        the caller's to give away (``EnvelopeSealer.seal_parts`` makes every large body so): a
-        client masks it in place, so its bytes are not the caller's afterwards."""
+        """Send ``head + payload`` as one message; ``payload`` is read, never changed, and the
+        caller leaves it alone until this returns."""
         from trio_websocket import ConnectionClosed
         from wsproto.connection import ConnectionState
 
@@ -460,27 +480,10 @@ class MessageWriter:
             frame = _HEADER16.pack(0x82, mask_bit | 126, n)
         else:
             frame = _HEADER64.pack(0x82, mask_bit | 127, n)
-        rest: bytes | memoryview
-        if client:
-            key = os.urandom(4)
-            masked_head = bytearray(head)
-            xor_mask(masked_head, key)
-            first = frame + key + masked_head
-            # The mask runs on across the frame's payload: the payload starts len(head) in.
-            turn = len(head) % 4
-            turned = key[turn:] + key[:turn]
-            if isinstance(payload, memoryview) and not payload.readonly:
-                # A buffer that is writable here is the envelope's own (an encrypted body):
-                # mask it where it is, one pass and no new buffer.
-                xor_mask(payload, turned)
-                rest = payload
-            else:
-                out = np.empty(len(payload), dtype=np.uint8)
-                _masked_into(out, payload, turned)
-                rest = out.data
-        else:
-            first, rest = frame + head, payload
-        pieces = [first + bytes(rest)] if len(rest) < INLINE_PAYLOAD else [first, rest]
+        # A client's frame carries ENVELOPE_MASK (all zeros; why that is sound is said there),
+        # so head and payload go out as they are, from either side.
+        first = frame + ENVELOPE_MASK + head if client else frame + head
+        pieces = [first + bytes(payload)] if len(payload) < INLINE_PAYLOAD else [first, payload]
         import trio
 
         async with ws._stream_lock:
