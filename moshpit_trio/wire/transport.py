@@ -56,6 +56,7 @@ from .connection import (
     SendStream,
     StreamHandler,
 )
+from .frame_reads import frame_sized
 from .handshake import (
     HandshakeInitiator,
     HandshakeRejected,
@@ -790,6 +791,7 @@ class Transport:
                 stream = await self._network.connect(address.host, address.port)
             except OSError as exc:
                 raise Unreachable(f"cannot reach {address}: {exc.strerror or exc}") from None
+            stream = frame_sized(stream)
         else:
             stream = pipe
         self._open_streams += 1
@@ -887,6 +889,7 @@ class Transport:
                 self._refused_unwarned = 0
             await self._refuse(stream, _BUSY, b"too many connections; try again later")
             return
+        stream = frame_sized(stream)
         self._open_streams += 1
         try:
             async with trio.open_nursery() as ws_nursery:

@@ -1,0 +1,208 @@
+"""Frame-sized reads: the websocket frame cursor (sans-IO) and the socket stream that uses it."""
+
+from __future__ import annotations
+
+import itertools
+import socket
+from typing import Any
+
+import pytest
+import trio
+import trio_websocket
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from wsproto import ConnectionType
+from wsproto.connection import Connection
+from wsproto.events import BytesMessage, Ping
+
+from moshpit_trio.wire import frame_reads
+from moshpit_trio.wire.frame_reads import FrameCursor, FrameSizedReceiveStream, frame_sized
+
+_HTTP = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n"
+
+
+def _header_size(payload: int, masked: bool) -> int:
+    return 2 + (0 if payload < 126 else 2 if payload < 65536 else 8) + (4 if masked else 0)
+
+
+def _wire(sizes: list[int], masked: bool) -> tuple[bytes, list[tuple[int, int, int]]]:
+    """An HTTP head, then one frame per size as wsproto writes them (a client's are masked);
+    and each frame's (start, header size, end) in the whole."""
+    sender = Connection(ConnectionType.CLIENT if masked else ConnectionType.SERVER)
+    wire = bytearray(_HTTP)
+    frames = []
+    for n in sizes:
+        frame = sender.send(BytesMessage(data=bytes(n)) if n >= 0 else Ping(payload=b"p"))
+        size = n if n >= 0 else 1
+        frames.append((len(wire), _header_size(size, masked), len(wire) + len(frame)))
+        wire += frame
+    return bytes(wire), frames
+
+
+def _truth(pos: int, frames: list[tuple[int, int, int]]) -> int:
+    """What the current frame still lacks once ``pos`` bytes are in (the cursor's contract)."""
+    if pos < len(_HTTP):
+        return 1
+    for start, header, end in frames:
+        if start <= pos < end:
+            into = pos - start
+            if into < 2:
+                return 2 - into
+            if into < header:
+                return header - into
+            return end - pos
+    return 2  # between frames (or after the last): the next header's first two bytes
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    sizes=st.lists(
+        st.one_of(st.integers(-1, 130), st.integers(65_530, 65_540), st.integers(70_000, 300_000)),
+        max_size=6,
+    ),
+    masked=st.booleans(),
+    cuts=st.lists(st.integers(0, 2_000_000), max_size=20),
+)
+def test_the_cursor_knows_what_the_frame_still_lacks(
+    sizes: list[int], masked: bool, cuts: list[int]
+) -> None:
+    wire, frames = _wire(sizes, masked)
+    points = sorted({c % (len(wire) + 1) for c in cuts} | {0, len(wire)})
+    cursor = FrameCursor()
+    assert cursor.missing() == 1 and cursor.in_http
+    for a, b in itertools.pairwise(points):
+        cursor.feed(wire[a:b])
+        assert cursor.missing() == _truth(b, frames), (a, b)
+        assert cursor.in_http == (b < len(_HTTP))
+
+
+def test_the_cursor_finds_the_end_of_the_http_head_split_across_reads() -> None:
+    wire, _ = _wire([1000], masked=False)
+    end = len(_HTTP)
+    for cut in range(end - 4, end + 1):
+        cursor = FrameCursor()
+        cursor.feed(wire[:cut])
+        assert cursor.in_http == (cut < end)
+        cursor.feed(wire[cut : end + 4])  # the head's end, then the frame's first 4 bytes
+        assert not cursor.in_http
+        assert cursor.missing() == 1000 - 0  # 2 + 2 length bytes in: the payload is next
+
+
+def test_the_cursor_reads_a_64_bit_length() -> None:
+    cursor = FrameCursor()
+    cursor.feed(_HTTP + bytes([0x82, 127]) + (5 << 30).to_bytes(8, "big") + bytes(7))
+    assert cursor.missing() == (5 << 30) - 7
+
+
+# ---- the stream over real sockets ---------------------------------------------------------
+
+
+async def _socket_pair(nursery: trio.Nursery) -> tuple[trio.SocketStream, trio.SocketStream]:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    client = await trio.open_tcp_stream("127.0.0.1", port)
+    server = await listeners[0].accept()
+    await listeners[0].aclose()
+    return client, server
+
+
+@pytest.mark.parametrize("usable", [True, False])
+async def test_a_websocket_over_frame_sized_reads(
+    monkeypatch: pytest.MonkeyPatch, usable: bool
+) -> None:
+    """Big messages arrive whole and the reads wait for the frame (the mark goes up to
+    MAX_WAIT); a small message right after one is read at once (the mark is back down), so a
+    peer that sends and then waits for an answer is answered. Where the socket option cannot
+    be set, the stream reads as a plain one."""
+    marks: list[int] = []
+    real_set_mark = FrameSizedReceiveStream._set_mark
+
+    def set_mark(self: FrameSizedReceiveStream, mark: int) -> None:
+        if not usable:
+            self._usable = False
+            return
+        marks.append(mark)
+        real_set_mark(self, mark)
+
+    monkeypatch.setattr(FrameSizedReceiveStream, "_set_mark", set_mark)
+    sizes = [3 << 20, 10, 200_000, 5, (4 << 20) - 100, 0]
+    kwargs: dict[str, Any] = {"max_message_size": 8 << 20}
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            client_stream, server_stream = await _socket_pair(nursery)
+            wrapped = frame_sized(client_stream)
+            assert isinstance(wrapped, FrameSizedReceiveStream)
+            assert wrapped.socket is client_stream.socket
+
+            async def serve() -> None:
+                request = await trio_websocket.wrap_server_stream(nursery, server_stream, **kwargs)
+                ws = await request.accept()
+                for n in sizes:  # each message waits for the client's answer to the last
+                    await ws.send_message(bytes([n % 251]) * n)
+                    assert await ws.get_message() == str(n).encode()
+                await ws.aclose()
+
+            nursery.start_soon(serve)
+            ws = await trio_websocket.wrap_client_stream(
+                nursery, wrapped, "127.0.0.1", "/", **kwargs
+            )
+            for n in sizes:
+                message = await ws.get_message()
+                assert message == bytes([n % 251]) * n
+                await ws.send_message(str(n).encode())
+            if usable:  # between frames the kernel's mark is back to 1
+                got = client_stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT)
+                assert got == 1
+            await ws.aclose()
+    if usable:
+        assert max(marks) == frame_reads.MAX_WAIT
+        assert marks[-1] == 1
+    else:
+        assert marks == []
+
+
+async def test_a_socket_that_refuses_the_option_reads_as_a_plain_stream(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            client_stream, server_stream = await _socket_pair(nursery)
+            wrapped = FrameSizedReceiveStream(client_stream)
+
+            def refuse(*args: Any) -> None:
+                raise OSError("not here")
+
+            monkeypatch.setattr(client_stream.socket, "setsockopt", refuse)
+            wrapped._cursor.feed(_HTTP + bytes([0x82, 127]) + (1 << 20).to_bytes(8, "big"))
+            await server_stream.send_all(b"x" * 100)
+            assert await wrapped.receive_some(1000) == b"x" * 100  # no wait for the rest
+            assert not wrapped._usable
+            await wrapped.aclose()
+            await server_stream.aclose()
+
+
+async def test_only_tcp_sockets_are_wrapped() -> None:
+    a, _b = trio.testing.memory_stream_pair()
+    assert frame_sized(a) is a
+
+
+async def test_tcp_network_streams_keep_a_megabytes_unsent_data_in_the_kernel() -> None:
+    """trio's 16 KiB TCP_NOTSENT_LOWAT is raised, so a send() can queue megabytes."""
+    from moshpit_trio.wire.streams import TcpNetwork
+
+    if not hasattr(socket, "TCP_NOTSENT_LOWAT"):
+        pytest.skip("no TCP_NOTSENT_LOWAT on this platform")
+    network = TcpNetwork()
+
+    async def handler(stream: trio.abc.Stream) -> None:
+        await stream.aclose()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            host, port = await nursery.start(network.serve, "127.0.0.1", 0, handler)
+            stream = await network.connect(host, port)
+            assert isinstance(stream, trio.SocketStream)
+            got = stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
+            assert got == 4 * 1024 * 1024
+            await stream.aclose()
+            nursery.cancel_scope.cancel()
