@@ -39,16 +39,26 @@ def test_a_verdict_is_about_now_and_the_next_message_clears_it() -> None:
     window=st.floats(min_value=1e-3, max_value=1e4),
     bandwidth=st.floats(min_value=1.0, max_value=1e12),
     chunk=st.integers(min_value=1, max_value=2**26),
+    streams=st.integers(min_value=1, max_value=64),
 )
 def test_the_progress_timeout_is_never_under_the_floor_nor_over_half_the_window_above_it(
-    window: float, bandwidth: float, chunk: int
+    window: float, bandwidth: float, chunk: int, streams: int
 ) -> None:
-    t = progress_timeout(window=window, bandwidth=bandwidth, chunk=chunk)
+    t = progress_timeout(window=window, bandwidth=bandwidth, chunk=chunk, streams=streams)
     assert t >= MIN_PROGRESS_TIMEOUT
     assert t <= max(MIN_PROGRESS_TIMEOUT, window / 2)
-    # four chunks at the announced bandwidth fit in it whenever the window allows them
-    if 4 * chunk / bandwidth <= window / 2:
-        assert t >= 4 * chunk / bandwidth
+    # four chunks at a stream's share of the bandwidth fit in it whenever the window allows
+    share = bandwidth / streams
+    if 4 * chunk / share <= window / 2:
+        assert t >= 4 * chunk / share * (1 - 1e-12)
+    # more streams sharing the link never shorten it
+    assert t >= progress_timeout(window=window, bandwidth=bandwidth, chunk=chunk)
+
+
+@pytest.mark.parametrize("streams", [0, -1, 1.5, True])
+def test_a_bad_stream_count_is_refused(streams: object) -> None:
+    with pytest.raises(ValueError, match="streams must be a positive int"):
+        progress_timeout(window=10.0, bandwidth=1e6, streams=streams)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

@@ -592,6 +592,7 @@ class MoshpitAverager:
                     window=max(deadline - formed, 1e-3),
                     bandwidth=bandwidth,
                     chunk=self.peer.transport.limits.connection.stream_chunk,
+                    streams=max(1, len(group.members) - 1),
                 )
                 spans = tuple(
                     await reduce.run(

@@ -40,25 +40,34 @@ __all__ = ["MIN_PROGRESS_TIMEOUT", "Liveness", "Unresponsive", "progress_timeout
 MIN_PROGRESS_TIMEOUT = 0.5
 
 
-def progress_timeout(window: float, bandwidth: float, chunk: int = 4 * 1024 * 1024) -> float:
+def progress_timeout(
+    window: float, bandwidth: float, chunk: int = 4 * 1024 * 1024, streams: int = 1
+) -> float:
     """How long a peer that should be delivering may stay silent before it counts as gone.
 
     ``window`` is the time the stage has (seconds), ``bandwidth`` the slower end's announced
     bytes per second, ``chunk`` the largest message a healthy sender makes us wait for (a
-    stream chunk arrives whole). Four chunks' worth of time at the announced bandwidth, so a
-    slow link is not mistaken for a dead peer; at most half the window, so a frozen peer is
-    found while the stage can still finish; never under ``MIN_PROGRESS_TIMEOUT``.
+    stream chunk arrives whole), ``streams`` how many streams share that link at once (a
+    member of a group of N sends its parts to, and takes results from, N - 1 others together,
+    so each stream gets a share of its link). Four chunks' worth of time at the stream's share
+    of the announced bandwidth, so a slow link is not mistaken for a dead peer; at most half
+    the window, so a frozen peer is found while the stage can still finish; never under
+    ``MIN_PROGRESS_TIMEOUT``.
 
     >>> progress_timeout(window=2.4, bandwidth=1e8)       # fast link: the floor
     0.5
     >>> round(progress_timeout(window=20.0, bandwidth=12.5e6), 3)  # 100 Mbit/s: 4 chunks
     1.342
+    >>> round(progress_timeout(window=20.0, bandwidth=12.5e6, streams=3), 3)  # a third each
+    4.027
     >>> progress_timeout(window=2.0, bandwidth=1e6)       # too slow for the window: capped
     1.0
     """
     if not (window > 0 and bandwidth > 0 and chunk > 0):
         raise ValueError("window, bandwidth and chunk must be positive")
-    transfer = 4 * chunk / bandwidth
+    if type(streams) is not int or streams < 1:
+        raise ValueError(f"streams must be a positive int, got {streams!r}")
+    transfer = 4 * chunk * streams / bandwidth
     return max(MIN_PROGRESS_TIMEOUT, min(transfer, window / 2))
 
 

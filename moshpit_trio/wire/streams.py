@@ -25,9 +25,9 @@ _SOCKET_BUFFER = 4 * 1024 * 1024
 # trio's SocketStream sets TCP_NOTSENT_LOWAT to 16 KiB (latency for interactive traffic): the
 # kernel then takes about one 64 KB segment per send() on a real link and wakes the writer for
 # every one, some 1,000 trips through trio's scheduler per process in an all-reduce round of
-# 10M floats over 1 Gbit/s. Envelopes leave in the order they were queued whatever this is, so a
-# small mark buys no latency here; 4 MiB lets one send() queue a megabyte or more.
-_NOTSENT_LOWAT = 4 * 1024 * 1024
+# 10M floats over 1 Gbit/s. 1 MiB lets one send() queue about that much, while a small message
+# (a ping's answer) queued behind it waits at most about 1 MiB's time on the link.
+_NOTSENT_LOWAT = 1024 * 1024
 
 
 class StreamNetwork(Protocol):
