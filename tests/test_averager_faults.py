@@ -20,10 +20,12 @@ from moshpit_trio.averaging.averager import MoshpitAverager, RoundReport
 from moshpit_trio.averaging.grid import Grid, next_key
 from moshpit_trio.errors import MoshpitError, Rejected
 from moshpit_trio.identity import PeerID
-from moshpit_trio.peer import Peer
+from moshpit_trio.peer import Peer, open_peer
 from moshpit_trio.testing import MemoryNetwork
+from moshpit_trio.wire.connection import ConnectionLimits
+from moshpit_trio.wire.transport import TransportLimits
 
-from .test_averager import check_report_is_true, swarm
+from .test_averager import check_report_is_true, ident, swarm
 
 TIMEOUT = 10.0
 FLOATS = 50_000
@@ -392,3 +394,67 @@ def _receiving_parts(averager: MoshpitAverager) -> bool:
         and any(r.accumulator.delivered(i) for i in range(len(r.members)) if i != r.index)
         for r in rounds
     )
+
+
+async def test_a_slow_member_streaming_to_five_reducers_is_not_taken_for_frozen(
+    autojump_clock: Any,
+) -> None:
+    """The slowest of six members sends its parts to the five reducers at once, so each of its
+    streams gets a fifth of its link: a 256 KiB chunk arrives on each about every 1.3 s (at
+    1 MB/s). The progress timeout used to count the whole link (four chunks: 1.05 s, a probe
+    after 0.52 s of silence, whose answer waits behind the chunk in flight), and the others
+    took the slow member for frozen and left its parts out. It now counts the five streams
+    sharing the link: every member averages every span, in about the time the link needs."""
+    slow = 1e6  # bytes/s, the slow host's upload and download
+    chunk = 256 * 1024
+    floats = 1_000_000  # the slow member's parts: about 780 KB each, three chunks
+    timeout = 30.0
+    n = 6
+    net = MemoryNetwork(seed=3, latency=0.005)
+    net.set_host("h0", upload=slow, download=slow)
+    limits = TransportLimits(connection=ConnectionLimits(stream_chunk=chunk))
+    rng = np.random.default_rng(1)
+    async with AsyncExitStack() as stack:
+        peers: list[Peer] = []
+        for i in range(n):
+            peers.append(
+                await stack.enter_async_context(
+                    open_peer(
+                        ident(i + 1),
+                        listen=f"h{i}:0",
+                        network=net.host(f"h{i}"),
+                        bootstrap=[p.address for p in peers[:3]],  # type: ignore[misc]
+                        limits=limits,
+                    )
+                )
+            )
+        values = [rng.normal(size=floats).astype(np.float32) for _ in range(n)]
+        averagers = [
+            await stack.enter_async_context(
+                MoshpitAverager(p, "slow", [v], grid=(n,), bandwidth=slow if i == 0 else 10 * slow)
+            )
+            for i, (p, v) in enumerate(zip(peers, values, strict=True))
+        ]
+        before = {p.id: v.copy() for p, v in zip(peers, values, strict=True)}
+        reports: dict[int, RoundReport] = {}
+        took: dict[int, float] = {}
+        start = trio.current_time()
+
+        async def step(i: int) -> None:
+            reports[i] = await averagers[i].step(timeout=timeout)
+            took[i] = trio.current_time() - start
+
+        async with trio.open_nursery() as nursery:
+            for i in range(n):
+                nursery.start_soon(step, i)
+        weights = {p.id: 1.0 for p in peers}
+        for i in range(n):
+            report = reports[i]
+            assert report.succeeded, (i, report.lost, report.excluded)
+            assert all(len(span.included or ()) == n for span in report.spans)
+            check_report_is_true(report, before, weights, values[i])
+        for p in peers[1:]:
+            assert not p.transport.unresponsive(peers[0].id)
+        # The slow link moves about 3.9 MB of parts up, then as much in results down: some
+        # 8 s; well inside the step's timeout.
+        assert 7.0 < max(took.values()) < 12.0, took
