@@ -160,7 +160,8 @@ that run. Synchronous averaging of every step needs about 21 steps (see above), 
 24-32 s is near what any method can do here, and 1.3x over a gossip at 30-32 s would take 23 s.
 
 All-Reduce judges a member silent as the averager judges it for a Moshpit group
-(``wire.liveness.progress_timeout`` from the slowest member's bandwidth). Until this was
+(``AllReduce.progress_timeout``: from the slowest member's bandwidth, shared by the N - 1
+streams it sends or takes at once). Until this was
 passed, the all-reduce used the 0.5 s floor, and on uneven links every hetero attempt lost a
 member whose part crossed a 25 Mbit/s host a chunk at a time (0 of 315 rounds averaged; the
 run reported a bogus 4.92x over All-Reduce).
@@ -225,7 +226,6 @@ from moshpit_trio.training.state import (  # noqa: E402
     download_state,
 )
 from moshpit_trio.wire.connection import Request  # noqa: E402
-from moshpit_trio.wire.liveness import progress_timeout  # noqa: E402
 
 METHODS = ("moshpit", "allreduce", "gossip")
 BOOTSTRAP_PEERS = 3
@@ -971,14 +971,14 @@ class Run:
                 registry.add(reduce)
                 start = trio.current_time()
                 # How long a member may stay silent before it is lost, judged as the averager
-                # judges it for a Moshpit group: from the slowest member's bandwidth (a part
-                # through a 25 Mbit/s host shared by 15 flows arrives a chunk at a time, more
-                # than a second apart), not the 0.5 s floor, which lost a member in every
-                # attempt on uneven links.
-                silence = progress_timeout(
+                # judges it for a Moshpit group: from the slowest member's bandwidth, shared by
+                # the 15 streams it sends or takes at once (a part through a 25 Mbit/s host
+                # arrives a chunk at a time, more than a second apart), not the 0.5 s floor,
+                # which lost a member in every attempt on uneven links.
+                silence = reduce.progress_timeout(
                     window=timeout,
                     bandwidth=min(m.bandwidth for m in group.members),
-                    chunk=peer.transport.limits.connection.stream_chunk,
+                    stream_chunk=peer.transport.limits.connection.stream_chunk,
                 )
                 try:
                     with trio.CancelScope() as scope:

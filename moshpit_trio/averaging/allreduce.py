@@ -47,7 +47,7 @@ from ..identity import PeerID
 from ..wire.address import PeerAddress
 from ..wire.connection import StreamRequest
 from ..wire.envelope import SharedPayload
-from ..wire.liveness import MIN_PROGRESS_TIMEOUT
+from ..wire.liveness import MIN_PROGRESS_TIMEOUT, progress_timeout
 from .compression import Codec, codec
 from .matchmaking import GroupInfo, MemberInfo
 from .partition import spans as make_spans
@@ -206,6 +206,19 @@ class AllReduce:
                             nursery.start_soon(self._send_result, transport, run_id, i, deadline)
             with trio.move_on_at(deadline):
                 await self.all_results.wait()
+
+    def progress_timeout(self, window: float, bandwidth: float, stream_chunk: int) -> float:
+        """How long a member may stay silent in this run before it counts as lost
+        (``wire.liveness.progress_timeout``): ``bandwidth`` is the slowest member's, and its
+        link is shared by the N - 1 streams it sends or takes at once, each of which may keep
+        us waiting for one message: a stream chunk, or a whole part when parts are smaller."""
+        largest_part = max(self.codec.encoded_size(end - start) for start, end in self.spans)
+        return progress_timeout(
+            window=window,
+            bandwidth=bandwidth,
+            chunk=max(1, min(stream_chunk, largest_part)),
+            streams=max(1, len(self.members) - 1),
+        )
 
     # -- members lost mid-round --------------------------------------------------------------
 

@@ -36,7 +36,6 @@ from ..errors import ConfigError, MoshpitError, Rejected
 from ..identity import PeerID
 from ..log import get_logger
 from ..wire.connection import Request
-from ..wire.liveness import progress_timeout
 from .allreduce import AllReduce, RoundRegistry, SpanReport
 from .auto_grid import (
     COLD_ATTEMPTS,
@@ -588,18 +587,10 @@ class MoshpitAverager:
                     # Nobody listens: every byte goes through a relay, paced to its circuit
                     # rate and queued in its streams' windows; a ping waits behind that.
                     bandwidth = min(bandwidth, RELAYED_BANDWIDTH)
-                # A healthy member may keep us waiting for one message of each of the streams
-                # that share its link: a stream chunk, or a whole part when parts are smaller.
-                largest_part = max(
-                    reduce.codec.encoded_size(end - start) for start, end in reduce.spans
-                )
-                silence = progress_timeout(
+                silence = reduce.progress_timeout(
                     window=max(deadline - formed, 1e-3),
                     bandwidth=bandwidth,
-                    chunk=max(
-                        1, min(self.peer.transport.limits.connection.stream_chunk, largest_part)
-                    ),
-                    streams=max(1, len(group.members) - 1),
+                    stream_chunk=self.peer.transport.limits.connection.stream_chunk,
                 )
                 spans = tuple(
                     await reduce.run(
