@@ -206,3 +206,31 @@ async def test_tcp_network_streams_keep_a_megabyte_unsent_in_the_kernel() -> Non
             assert got == 1024 * 1024
             await stream.aclose()
             nursery.cancel_scope.cancel()
+
+
+async def test_a_closed_stream_reports_closed_as_the_plain_stream_does() -> None:
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            client_stream, server_stream = await _socket_pair(nursery)
+            wrapped = FrameSizedReceiveStream(client_stream)
+            wrapped._cursor.feed(_HTTP + bytes([0x82, 127]) + (1 << 20).to_bytes(8, "big"))
+            await wrapped.aclose()
+            with pytest.raises(trio.ClosedResourceError):
+                await wrapped.receive_some(1000)
+            await server_stream.aclose()
+
+
+async def test_a_peer_that_closes_mid_frame_ends_the_read() -> None:
+    """End of stream wakes a read that waits for the rest of a frame."""
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            client_stream, server_stream = await _socket_pair(nursery)
+            wrapped = FrameSizedReceiveStream(client_stream)
+            wrapped._cursor.feed(_HTTP + bytes([0x82, 127]) + (1 << 20).to_bytes(8, "big"))
+            await server_stream.send_all(b"y" * 10)
+            await server_stream.aclose()
+            got = b""
+            while chunk := await wrapped.receive_some(1000):
+                got += chunk
+            assert got == b"y" * 10
+            await wrapped.aclose()
