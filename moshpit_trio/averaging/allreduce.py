@@ -209,15 +209,23 @@ class AllReduce:
 
     def progress_timeout(self, window: float, bandwidth: float, stream_chunk: int) -> float:
         """How long a member may stay silent in this run before it counts as lost
-        (``wire.liveness.progress_timeout``): ``bandwidth`` is the slowest member's, and its
-        link is shared by the N - 1 streams it sends or takes at once, each of which may keep
-        us waiting for one message: a stream chunk, or a whole part when parts are smaller."""
+        (``wire.liveness.progress_timeout``), from ``bandwidth``, the slowest member's.
+
+        Its link is shared by the N - 1 streams it sends or takes at once, each of which may
+        keep us waiting for one message: a stream chunk, or the whole part when that is
+        smaller. Four such messages at a stream's share of the link, but never less than four
+        chunks at the whole link (the rule before streams were counted): an announced
+        bandwidth can be higher than the link really is."""
         largest_part = max(self.codec.encoded_size(end - start) for start, end in self.spans)
-        return progress_timeout(
-            window=window,
-            bandwidth=bandwidth,
-            chunk=max(1, min(stream_chunk, largest_part)),
-            streams=max(1, len(self.members) - 1),
+        message = max(1, min(stream_chunk, largest_part))
+        return max(
+            progress_timeout(window=window, bandwidth=bandwidth, chunk=stream_chunk),
+            progress_timeout(
+                window=window,
+                bandwidth=bandwidth,
+                chunk=message,
+                streams=max(1, len(self.members) - 1),
+            ),
         )
 
     # -- members lost mid-round --------------------------------------------------------------
