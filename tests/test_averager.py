@@ -17,6 +17,7 @@ from moshpit_trio.errors import ConfigError
 from moshpit_trio.identity import Identity
 from moshpit_trio.peer import Peer, open_peer
 from moshpit_trio.testing import MemoryNetwork
+from moshpit_trio.wire.transport import TransportLimits
 
 LATENCY = 0.005
 
@@ -26,7 +27,9 @@ def ident(i: int) -> Identity:
 
 
 @asynccontextmanager
-async def swarm(net: MemoryNetwork, n: int) -> AsyncIterator[list[Peer]]:
+async def swarm(
+    net: MemoryNetwork, n: int, *, limits: TransportLimits | None = None
+) -> AsyncIterator[list[Peer]]:
     async with AsyncExitStack() as stack:
         peers: list[Peer] = []
         for i in range(n):
@@ -38,6 +41,7 @@ async def swarm(net: MemoryNetwork, n: int) -> AsyncIterator[list[Peer]]:
                         listen=f"h{i}:0",
                         network=net.host(f"h{i}"),
                         bootstrap=boot,  # type: ignore[arg-type]
+                        limits=limits,
                     )
                 )
             )

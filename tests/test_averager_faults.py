@@ -20,12 +20,12 @@ from moshpit_trio.averaging.averager import MoshpitAverager, RoundReport
 from moshpit_trio.averaging.grid import Grid, next_key
 from moshpit_trio.errors import MoshpitError, Rejected
 from moshpit_trio.identity import PeerID
-from moshpit_trio.peer import Peer, open_peer
+from moshpit_trio.peer import Peer
 from moshpit_trio.testing import MemoryNetwork
 from moshpit_trio.wire.connection import ConnectionLimits
 from moshpit_trio.wire.transport import TransportLimits
 
-from .test_averager import check_report_is_true, ident, swarm
+from .test_averager import check_report_is_true, swarm
 
 TIMEOUT = 10.0
 FLOATS = 50_000
@@ -414,20 +414,7 @@ async def test_a_slow_member_streaming_to_five_reducers_is_not_taken_for_frozen(
     net.set_host("h0", upload=slow, download=slow)
     limits = TransportLimits(connection=ConnectionLimits(stream_chunk=chunk))
     rng = np.random.default_rng(1)
-    async with AsyncExitStack() as stack:
-        peers: list[Peer] = []
-        for i in range(n):
-            peers.append(
-                await stack.enter_async_context(
-                    open_peer(
-                        ident(i + 1),
-                        listen=f"h{i}:0",
-                        network=net.host(f"h{i}"),
-                        bootstrap=[p.address for p in peers[:3]],  # type: ignore[misc]
-                        limits=limits,
-                    )
-                )
-            )
+    async with swarm(net, n, limits=limits) as peers, AsyncExitStack() as stack:
         values = [rng.normal(size=floats).astype(np.float32) for _ in range(n)]
         averagers = [
             await stack.enter_async_context(
