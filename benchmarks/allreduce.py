@@ -23,7 +23,8 @@ matchmaking; ``moshpit_allreduce_s`` is the all-reduce stage alone (``RoundRepor
 
 Correctness is checked in every round: process i starts each round from
 ``v_i = base * (i + 1) + i`` (``base[k] = (k mod 997) / 997``), so the mean is known exactly;
-after the round every process compares its vector with the mean (tolerance by codec), and
+after the round (once all N have ended it, so that no check takes CPU from a process still in
+its round) every process compares its vector with the mean (tolerance by codec), and
 moshpit (whatever the codec) and gloo processes must all hold exactly the same vector (equal
 float64 checksums; hivemind applies the average to each local tensor as a delta, so its peers
 differ in the last bit and only the tolerance applies). Failures are counted per (round,
@@ -166,8 +167,9 @@ def check(values: np.ndarray, expected: np.ndarray, tol: float) -> dict[str, Any
 
 # --------------------------------------------------------------------------------------------
 # Child processes: one line of JSON per message each way. The parent writes {"op": "go", "at":
-# unix_time, "timed": bool} or {"op": "stop"}; the child answers "ready" once, then one result
-# per round. stdout is kept for these lines only (anything else printing goes to stderr).
+# unix_time, "timed": bool} or {"op": "stop"}; the child answers "ready" once, then per round
+# "timed" when its round ended, and, once the parent has sent "check" (every process ended the
+# round), the result. stdout is kept for these lines only (anything else printing goes to stderr).
 
 
 class Control:
@@ -186,6 +188,13 @@ class Control:
             return {"op": "stop"}  # the parent went away
         parsed: dict[str, Any] = json.loads(line)
         return parsed
+
+    def recv_check(self) -> None:
+        """Wait for the parent's word that every process has ended the round (then, and only
+        then, this one checks its values)."""
+        message = self.recv()
+        if message["op"] != "check":
+            raise RuntimeError(f"expected 'check' from the parent, got {message['op']!r}")
 
 
 def _wait_until(at: float) -> float:
@@ -282,6 +291,8 @@ def _moshpit_child(spec: dict[str, Any], ctl: Control, profiler: _Profiler) -> N
                         report = await averager.step(timeout=spec["step_timeout"])
                     seconds = time.time() - at
                     cpu = time.process_time() - cpu
+                    ctl.send(op="timed")
+                    await trio.to_thread.run_sync(ctl.recv_check, abandon_on_cancel=True)
                     result = check(vec, expected, tol)
                     np.copyto(vec, init)  # the next round starts from v_rank again
                     ctl.send(
@@ -334,6 +345,8 @@ def _gloo_child(spec: dict[str, Any], ctl: Control, profiler: _Profiler) -> None
                 tensor /= peers
             seconds = time.time() - msg["at"]
             cpu = time.process_time() - cpu
+            ctl.send(op="timed")
+            ctl.recv_check()
             result = check(tensor.numpy(), expected, tol)
             tensor.copy_(init)
             ctl.send(op="result", seconds=seconds, cpu=cpu, late=late, succeeded=True, **result)
@@ -375,6 +388,8 @@ def _hivemind_child(spec: dict[str, Any], ctl: Control, profiler: _Profiler) -> 
                 gathered = averager.step(timeout=spec["step_timeout"])
             seconds = time.time() - msg["at"]
             cpu = None  # hivemind averages in a background process of its own
+            ctl.send(op="timed")
+            ctl.recv_check()
             with averager.get_tensors() as tensors:
                 result = check(tensors[0].numpy(), expected, tol)
                 tensors[0].copy_(init)
@@ -618,6 +633,13 @@ def _read(proc: subprocess.Popen[bytes], deadline: float, what: str) -> dict[str
     return message
 
 
+def _expect(proc: subprocess.Popen[bytes], deadline: float, what: str, op: str) -> dict[str, Any]:
+    message = _read(proc, deadline, what)
+    if message.get("op") != op:
+        raise ArmFailed(f"{what}: expected {op!r} from a process, got {message.get('op')!r}")
+    return message
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
@@ -701,7 +723,14 @@ def run_arm(
             at = time.time() + lead
             for proc in procs:
                 _send(proc, {"op": "go", "at": at, "timed": r >= warmup})
-            results = [_read(proc, deadline, f"{arm} round {r}") for proc in procs]
+            # Every process has ended its round before any checks its values (the check is
+            # the benchmark's, not the arm's: run early, it would take CPU from a process
+            # still in the round).
+            for proc in procs:
+                _expect(proc, deadline, f"{arm} round {r}", "timed")
+            for proc in procs:
+                _send(proc, {"op": "check"})
+            results = [_expect(proc, deadline, f"{arm} round {r}", "result") for proc in procs]
             if r >= warmup:
                 per_round.append(results)
         moved = None
