@@ -110,10 +110,10 @@ async def _socket_pair(nursery: trio.Nursery) -> tuple[trio.SocketStream, trio.S
 async def test_a_websocket_over_frame_sized_reads(
     monkeypatch: pytest.MonkeyPatch, usable: bool
 ) -> None:
-    """Big messages arrive whole and the reads wait for the frame (the mark goes up to
-    MAX_WAIT); a small message right after one is read at once (the mark is back down), so a
-    peer that sends and then waits for an answer is answered. Where the socket option cannot
-    be set, the stream reads as a plain one."""
+    """Big messages arrive whole and the reads wait for the whole payload; a small message
+    right after one is read at once (the mark is back down), so a peer that sends and then
+    waits for an answer is answered. Where the socket option cannot be set, the stream reads
+    as a plain one."""
     marks: list[int] = []
     real_set_mark = FrameSizedReceiveStream._set_mark
 
@@ -155,10 +155,78 @@ async def test_a_websocket_over_frame_sized_reads(
                 assert got == 1
             await ws.aclose()
     if usable:
-        assert max(marks) == frame_reads.MAX_WAIT
+        # each large payload's wait starts at its whole size (its header was read alone)
+        assert {3 << 20, 200_000, (4 << 20) - 100} <= set(marks)
         assert marks[-1] == 1
     else:
         assert marks == []
+
+
+async def _queued(sock: Any, nbytes: int) -> None:
+    """Wait until ``nbytes`` are queued for reading on ``sock`` (loopback delivers at once)."""
+    import fcntl
+    import struct
+    import termios
+
+    with trio.fail_after(5):
+        while True:
+            raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+            if struct.unpack("i", raw)[0] >= nbytes:
+                return
+            await trio.sleep(0.001)
+
+
+async def test_every_frame_starts_a_read_and_a_large_payload_is_one_read() -> None:
+    """With the frames all queued, the reads follow them exactly: a large payload (MIN_WAIT or
+    more) is read alone and whole, after its header alone; a small frame is one read, never
+    joined with the next frame's bytes (which would cut a following large payload in two)."""
+    from moshpit_trio.wire.streams import _tune
+
+    sizes = [300_000, 10, 0, -1, 100_000, 200_000, 5, 65_535, 65_536]
+    wire, frames = _wire(sizes, masked=True)
+    body = wire[len(_HTTP) :]
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            client_stream, server_stream = await _socket_pair(nursery)
+            for stream in (client_stream, server_stream):
+                _tune(stream.socket)
+            wrapped = FrameSizedReceiveStream(server_stream)
+            wrapped._cursor.feed(_HTTP)
+            await client_stream.send_all(body)
+            await _queued(server_stream.socket, len(body))
+            reads: list[bytes] = []
+            while sum(map(len, reads)) < len(body):
+                reads.append(bytes(await wrapped.receive_some(4 << 20)))
+            await client_stream.aclose()
+            await wrapped.aclose()
+    assert b"".join(reads) == body
+    expected = []
+    for (start, header, end), n in zip(frames, sizes, strict=True):
+        if n >= frame_reads.MIN_WAIT:
+            expected += [header, end - start - header]
+        else:
+            expected.append(end - start)
+    assert [len(r) for r in reads] == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    size=st.one_of(st.integers(0, 130), st.integers(65_530, 65_540), st.integers(1, 1 << 40)),
+    masked=st.booleans(),
+    cut=st.integers(0, 14),
+)
+def test_a_frame_head_is_read_only_once_it_is_all_there(size: int, masked: bool, cut: int) -> None:
+    header = _header_size(size, masked)
+    code = size if size < 126 else 126 if size < 65536 else 127
+    raw = bytes([0x82, (0x80 if masked else 0) | code])
+    if code == 126:
+        raw += size.to_bytes(2, "big")
+    elif code == 127:
+        raw += size.to_bytes(8, "big")
+    raw += bytes(4) if masked else b""
+    assert len(raw) == header
+    got = frame_reads._frame_head(raw[:cut] if cut < header else raw + b"payload")
+    assert got == (None if cut < header else (header, size))
 
 
 async def test_a_socket_that_refuses_the_option_reads_as_a_plain_stream(

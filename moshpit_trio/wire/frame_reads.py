@@ -1,23 +1,35 @@
-"""Wake the websocket reader once per chunk of a frame, not once per few packets.
+"""Read a large websocket frame's payload out of the socket in one piece, in one read.
 
 A multi-megabyte envelope is one websocket frame, and the websocket layer can do nothing with it
-until the whole frame is there (``speedups.FrameBuffer`` holds it until then). Yet a socket is
-readable as soon as one packet is in, so the reader wakes, reads what came and goes back to
-sleep, over and over: on a 1 Gbit/s link about 60 KB a time, some 1,200 wake-ups per process
-per all-reduce round of 10M floats, each a trip through trio's scheduler, trio-websocket and
-wsproto. With four peers on two cores that Python work, not the link, set the round's pace.
+until the whole frame is there (``speedups.FrameBuffer`` holds it until then). Two costs come
+from reading it as the bytes happen to arrive:
+
+* Wake-ups. A socket is readable as soon as one packet is in, so the reader wakes, reads what
+  came and sleeps again: on a 1 Gbit/s link about 60 KB a time, some 1,200 trips through trio's
+  scheduler, trio-websocket and wsproto per process per all-reduce round of 10M floats.
+* A copy. A payload read in several pieces must be joined into one ``bytes`` before it can be
+  decrypted: one more pass over every received byte (on loopback, about a sixth of a round's
+  CPU), the only copy between the kernel's and the decryption's.
 
 The kernel can wait for us: with ``SO_RCVLOWAT`` set to ``L``, ``epoll`` reports the socket
 readable only once ``L`` bytes are queued (or at end of stream, or when the receive window is
 nearly shut: the kernel never lets this deadlock a connection). :class:`FrameCursor` follows the
-stream's websocket framing (RFC 6455 section 5.2, after the HTTP upgrade) to know how many bytes
-the frame being received still lacks; :class:`FrameSizedReceiveStream` asks the kernel to wait
-for that many (up to :data:`MAX_WAIT`) before it reads. The reads are then about a megabyte each.
+stream's websocket framing (RFC 6455 section 5.2, after the HTTP upgrade).
+:class:`FrameSizedReceiveStream` uses it so that a payload of :data:`MIN_WAIT` bytes or more
+comes out of the socket as one ``bytes`` object that nothing downstream copies again:
 
-It never waits for a byte the frame does not need: the low-water mark is at most what completes
-the current frame (2, a header's first bytes, between frames), so a peer that sends a frame
-and then waits for an answer is read as soon as the frame is whole, as before. Small frames
-(calls, pings) are read as they come: below :data:`MIN_WAIT` the mark stays at 1.
+* between frames it looks at the next header without taking it (``MSG_PEEK``); when that frame's
+  payload is large it reads the header alone, so the payload's first bytes are not taken with
+  it and cut off from the rest;
+* inside a large payload it sets the mark to what the payload still lacks (the kernel caps it at
+  half the receive buffer: 4 MiB with ``TcpNetwork``'s buffers) and reads no further than the
+  payload's end, in one read once the mark is reached.
+
+When the mark falls short (a payload over the kernel's cap, an early wake-up) the payload comes
+in more than one piece and is joined as before: only the speed changes. It never waits for a
+byte the frame does not need, so a peer that sends a frame and then waits for an answer is read
+as soon as the frame is whole. Small frames (calls, pings) are read as they come: below
+:data:`MIN_WAIT` the mark stays at 1.
 """
 
 from __future__ import annotations
@@ -30,14 +42,16 @@ import trio
 
 __all__ = ["MAX_WAIT", "MIN_WAIT", "FrameCursor", "FrameSizedReceiveStream", "frame_sized"]
 
-#: The most a read waits for. Linux caps the mark at half the receive buffer anyway (4 MiB with
-#: ``TcpNetwork``'s 8 MiB); a megabyte keeps the reads large while the kernel's queue stays well
-#: inside the window.
-MAX_WAIT: Final = 1024 * 1024
-#: Below this many missing bytes a read takes what is there (no system call to change the mark).
+#: The most one read waits for and takes. Linux caps the mark lower anyway, at half the
+#: receive buffer (4 MiB with ``TcpNetwork``'s); this bounds what a frame header announcing
+#: exabytes can make us ask of the kernel, or allocate, when no ``max_bytes`` is given.
+MAX_WAIT: Final = 16 * 1024 * 1024
+#: Payloads from this size on are read whole; below it a read takes what is there (no system
+#: call to change the mark, no look at the header first).
 MIN_WAIT: Final = 64 * 1024
 
 _HTTP_END: Final = b"\r\n\r\n"
+_MAX_HEADER: Final = 14  # 2 + an 8-byte length + a 4-byte masking key
 _SO_RCVLOWAT: Final = getattr(socket, "SO_RCVLOWAT", None)
 
 
@@ -119,6 +133,16 @@ class FrameCursor:
             return int.from_bytes(header[2:10], "big")
         return code
 
+    @property
+    def at_boundary(self) -> bool:
+        """Between two frames (past the HTTP upgrade): the next byte starts a frame header."""
+        return not self._in_http and not self._payload_left and not self._header
+
+    @property
+    def payload_left(self) -> int:
+        """Bytes of the current frame's payload still to come (0 outside a payload)."""
+        return self._payload_left
+
     def missing(self) -> int:
         """Bytes still to arrive before the current frame is whole (at least 1). In the HTTP
         upgrade, 1: its length is not known."""
@@ -133,9 +157,27 @@ class FrameCursor:
         return self._header_size() - len(header)
 
 
+def _frame_head(data: bytes) -> tuple[int, int] | None:
+    """``(header size, payload length)`` of the frame header ``data`` starts with, or None
+    while ``data`` holds less than the whole header."""
+    if len(data) < 2:
+        return None
+    code = data[1] & 0x7F
+    size = 2 + (2 if code == 126 else 8 if code == 127 else 0) + (4 if data[1] & 0x80 else 0)
+    if len(data) < size:
+        return None
+    if code == 126:
+        return size, int.from_bytes(data[2:4], "big")
+    if code == 127:
+        return size, int.from_bytes(data[2:10], "big")
+    return size, code
+
+
 class FrameSizedReceiveStream(trio.abc.HalfCloseableStream):
-    """A ``trio.SocketStream`` carrying a websocket, whose reads wait in the kernel for the rest
-    of the frame being received (up to :data:`MAX_WAIT`); everything else is passed through.
+    """A ``trio.SocketStream`` carrying a websocket, whose reads follow its frames: none runs
+    past the end of the frame being received, and a payload of :data:`MIN_WAIT` bytes or more
+    is waited for in the kernel (up to :data:`MAX_WAIT`) and read alone, in one piece when the
+    kernel's mark allows. Everything else is passed through.
 
     Where ``SO_RCVLOWAT`` cannot be set (another platform, another kind of socket), it reads as
     the plain stream does.
@@ -165,18 +207,47 @@ class FrameSizedReceiveStream(trio.abc.HalfCloseableStream):
         self._mark = mark
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        if self._usable:
-            wait = min(self._cursor.missing(), MAX_WAIT)
-            if wait >= MIN_WAIT:
-                self._set_mark(wait)
-                if self._usable:
-                    # Readable once `wait` bytes are queued (or at end of stream).
-                    await trio.lowlevel.wait_readable(self._stream.socket)
-            else:
-                self._set_mark(1)
-        data = await self._stream.receive_some(max_bytes)
+        data = await self._stream.receive_some(await self._read_size(max_bytes))
         self._cursor.feed(data)
         return data
+
+    async def _read_size(self, max_bytes: int | None) -> int | None:
+        """How much the next read takes: never past the end of the frame being received (so
+        every frame starts a read of its own, and a large payload is never cut off from its
+        first bytes), having waited in the kernel for all of a large payload."""
+        cursor = self._cursor
+        if not self._usable or cursor.in_http:
+            return max_bytes
+        left = min(cursor.payload_left, MAX_WAIT)
+        if left >= MIN_WAIT:
+            self._set_mark(left)
+            if self._usable:
+                # Readable once `left` bytes are queued (or at end of stream).
+                await trio.lowlevel.wait_readable(self._stream.socket)
+        else:
+            self._set_mark(1)
+            if cursor.at_boundary:
+                left = await self._frame_start(max_bytes)
+            elif not left:
+                left = cursor.missing()  # the rest of a header
+        return left if max_bytes is None else min(left, max_bytes)
+
+    async def _frame_start(self, max_bytes: int | None) -> int:
+        """What to read of the frame whose header is next: the header alone when its payload
+        is large, else the whole frame. A look at the queued bytes (``MSG_PEEK``, which waits
+        as the read would until something is there) tells which."""
+        try:
+            head = await self._stream.socket.recv(_MAX_HEADER, socket.MSG_PEEK)
+        except (OSError, trio.ClosedResourceError):
+            head = b""
+        if not head:
+            # End of stream, or an error: the read itself reports it as the plain stream does.
+            return MAX_WAIT if max_bytes is None else max_bytes
+        known = _frame_head(head)
+        if known is None:
+            return len(head)  # a header not all here yet: the part that is
+        header, payload = known
+        return header if payload >= MIN_WAIT else header + payload
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self._stream.send_all(data)

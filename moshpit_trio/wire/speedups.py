@@ -71,10 +71,10 @@ __all__ = [
 ]
 
 #: ``receive_buffer_size`` to give trio-websocket: how much one ``receive_some`` may return.
-#: Matches the kernel socket buffers ``TcpNetwork`` asks for, so one read can drain them. With
-#: :class:`FrameBuffer` the size matters little above 256 KiB (a frame is one event whatever the
-#: reads); below that the per-read Python work shows (4 KiB reads: 3.4 ms per 4 MiB masked).
-RECEIVE_BUFFER_SIZE: Final = 4 * 1024 * 1024
+#: Just over the largest envelope frame (a 4 MiB stream chunk and its envelope header), so that
+#: ``frame_reads`` can take a whole payload in one read and it reaches the decryption uncopied.
+#: Below 256 KiB the per-read Python work shows (4 KiB reads: 3.4 ms per 4 MiB masked).
+RECEIVE_BUFFER_SIZE: Final = 4 * 1024 * 1024 + 64 * 1024
 
 #: Payload bytes per stream message that measured best (see ``benchmarks/wire_throughput.py``):
 #: per-message costs (event dispatch, signing, a credit round trip) fade out by 1-4 MiB.
