@@ -320,3 +320,45 @@ async def test_a_peer_that_closes_mid_frame_ends_the_read() -> None:
                 got += chunk
             assert got == b"y" * 10
             await wrapped.aclose()
+
+
+class _RecordingSocket:
+    def __init__(self) -> None:
+        self.options: dict[tuple[int, int], int] = {}
+
+    def setsockopt(self, level: int, option: int, value: int) -> None:
+        self.options[(level, option)] = value
+
+
+@pytest.mark.parametrize(
+    ("rmem_max", "wmem_max", "pinned"),
+    [
+        (4 << 20, 4 << 20, {socket.SO_RCVBUF, socket.SO_SNDBUF}),  # granted whole: asked for
+        (212_992, 212_992, set()),  # a stock kernel's caps: left to autotuning
+        (8 << 20, 212_992, {socket.SO_RCVBUF}),
+        (None, None, {socket.SO_RCVBUF, socket.SO_SNDBUF}),  # caps unknown: asked for
+    ],
+)
+def test_socket_buffers_are_asked_for_only_where_the_kernel_grants_them_whole(
+    monkeypatch: pytest.MonkeyPatch, rmem_max: int | None, wmem_max: int | None, pinned: set[int]
+) -> None:
+    from moshpit_trio.wire import streams
+
+    caps = {"/proc/sys/net/core/rmem_max": rmem_max, "/proc/sys/net/core/wmem_max": wmem_max}
+    monkeypatch.setattr(streams, "_kernel_cap", caps.__getitem__)
+    sock = _RecordingSocket()
+    streams._tune(sock)
+    buffers = {opt for (level, opt) in sock.options if opt in (socket.SO_RCVBUF, socket.SO_SNDBUF)}
+    assert buffers == pinned
+    assert all(sock.options[(socket.SOL_SOCKET, opt)] == 4 << 20 for opt in pinned)
+
+
+def test_a_kernel_cap_is_read_from_its_sysctl_file(tmp_path: Any) -> None:
+    from moshpit_trio.wire.streams import _kernel_cap
+
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    good.write_text("212992\n")
+    bad.write_text("lots\n")
+    assert _kernel_cap(str(good)) == 212_992
+    assert _kernel_cap(str(bad)) is None
+    assert _kernel_cap(str(tmp_path / "missing")) is None
