@@ -641,9 +641,11 @@ async def test_many_concurrent_calls_on_one_connection(
 async def test_goodbye_behind_a_backlog_takes_one_close_timeout(
     autojump_clock: Any, identities: list[Identity]
 ) -> None:
-    # A peer leaving with a stream's chunks still queued on a slow link (a round it abandoned)
-    # says goodbye within one close_timeout in all: the wait for its writer to drain the queue
-    # and the websocket's close handshake share that budget instead of each taking it whole.
+    # A peer leaving with a stream's chunks still queued on a slow link (a stream still
+    # sending) says goodbye within one close_timeout in all: the wait for its writer to drain
+    # the queue and the websocket's close handshake share that budget instead of each taking
+    # it whole. (Chunks of a stream whose sender gave up are not in the queue any more: they
+    # are dropped unsealed.)
     net = MemoryNetwork(seed=1, bandwidth=50e3)  # 256 KiB (a window) takes about 5 s
     close_timeout = SMALL.connection.close_timeout
 
@@ -652,15 +654,19 @@ async def test_goodbye_behind_a_backlog_takes_one_close_timeout(
             pass
         return b""
 
-    async with peer(net, "s", identities[0]) as server:
+    async with peer(net, "s", identities[0]) as server, trio.open_nursery() as nursery:
         server.register_stream("sink", sink)
         assert server.address is not None
         async with peer(net, "c", identities[1]) as client:
             await client.connect(server.address)
-            with trio.move_on_after(0.5):
-                async with client.open_stream(server.address, "sink", timeout=60) as stream:
-                    await stream.send(bytes(SMALL.connection.stream_window))
-                    await stream.finish()
+
+            async def send() -> None:
+                with pytest.raises(ConnectionLost):
+                    async with client.open_stream(server.address, "sink", timeout=60) as stream:
+                        await stream.send(bytes(SMALL.connection.stream_window))
+
+            nursery.start_soon(send)
+            await trio.sleep(0.5)
             leaving = trio.current_time()
         # leaving the block closed the client's transport
         took = trio.current_time() - leaving
@@ -968,3 +974,73 @@ def test_transport_limits_that_cannot_work_are_config_errors(
 ) -> None:
     with pytest.raises(ConfigError, match=why):
         TransportLimits(**changes)
+
+
+async def test_a_credit_does_not_wait_behind_chunks_queued_the_other_way(
+    autojump_clock: Any, identities: list[Identity]
+) -> None:
+    """A peer whose uplink is busy with its own stream's chunks still lets the remote's stream
+    start at once: the STREAM_CREDIT it owes goes out before the chunks it has queued (only
+    the envelope being written, 64 KiB, is ahead of it), not after them. Queued behind them,
+    the credit would wait for the whole window on this slow uplink (256 KiB: about 5 s)."""
+    net = MemoryNetwork(seed=1, latency=0.005)
+    net.set_host("a", upload=50e3, download=10e6)
+    window = SMALL.connection.stream_window
+    chunk = SMALL.connection.stream_chunk
+
+    async def sink(request: StreamRequest) -> bytes:
+        async for _ in request:
+            pass
+        return b""
+
+    async with peer(net, "a", identities[0]) as a, peer(net, "b", identities[1]) as b:
+        a.register_stream("sink", sink)
+        b.register_stream("sink", sink)
+        assert a.address is not None and b.address is not None
+        await a.connect(b.address)
+        async with trio.open_nursery() as nursery:
+
+            async def a_sends() -> None:
+                async with a.open_stream(b.address, "sink", timeout=60) as stream:
+                    await stream.send(bytes(window))  # a window's chunks, queued on a's uplink
+                    await stream.finish()
+
+            nursery.start_soon(a_sends)
+            await trio.sleep(0.1)
+            start = trio.current_time()
+            async with b.open_stream(a.address, "sink", timeout=60) as stream:
+                await stream.send(bytes(chunk))  # needs a's credit first
+                took = trio.current_time() - start
+                await stream.finish()
+    # at most the chunk a is writing (64 KiB at 50 KB/s: 1.3 s) and round trips
+    assert took < chunk / 50e3 + 0.2, took
+
+
+async def test_chunks_of_a_stream_given_up_are_never_written(
+    autojump_clock: Any, identities: list[Identity]
+) -> None:
+    """Envelopes are sealed as the writer comes to them, so the chunks a stream had queued when
+    its sender gave up are dropped, not sent: only the one being written goes out. The
+    connection goes on."""
+    net = MemoryNetwork(seed=1, bandwidth=50e3)  # 256 KiB (a window) takes about 5 s
+    chunk = SMALL.connection.stream_chunk
+    got = 0
+
+    async def sink(request: StreamRequest) -> bytes:
+        nonlocal got
+        async for c in request:
+            got += len(c)
+        return b""
+
+    async with peer(net, "s", identities[0]) as server, peer(net, "c", identities[1]) as client:
+        server.register_stream("sink", sink)
+        assert server.address is not None
+        await client.connect(server.address)
+        with trio.move_on_after(0.5):
+            async with client.open_stream(server.address, "sink", timeout=60) as stream:
+                await stream.send(bytes(SMALL.connection.stream_window))
+        sent = client.bytes_sent
+        await trio.sleep(10.0)  # the whole window would have crossed by now
+        assert got <= chunk
+        assert client.bytes_sent - sent <= chunk + 1024
+        assert await client.call(server.address, "echo", b"x", timeout=5) == b"x"

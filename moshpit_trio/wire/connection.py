@@ -307,11 +307,14 @@ class Connection:
             limits.envelope,
             direction=receiving,
         )
-        # (sealed head, encrypted body, whether it holds a queue slot); unbounded because the
-        # slots bound it. The body is the envelope's own buffer (seal_parts made it).
-        self._outbox_send, self._outbox = trio.open_memory_channel[
-            tuple[bytes, bytes | memoryview, bool]
-        ](math.inf)
+        # Envelopes to write, in order, sealed by the writer as it comes to each (so that the
+        # sequence numbers follow the order of writing); unbounded because the slots bound it.
+        # None: only a wake-up (a credit is waiting in _credits).
+        self._outbox_send, self._outbox = trio.open_memory_channel[_Outgoing | None](math.inf)
+        # STREAM_CREDITs to write before anything still in the outbox: a credit lets the
+        # remote's stream go on, and must not wait behind megabytes of our own chunks queued
+        # for a link that the remote's data does not even use (its direction is the other).
+        self._credits: deque[_Outgoing] = deque()
         self._writer_done = trio.Event()
         self._finished = trio.Event()
         self._closed_event = trio.Event()
@@ -430,6 +433,15 @@ class Connection:
         lost = ConnectionLost(f"connection to {self.remote_peer_id.short} ended: {reason}")
         for waiter in self._waiters.values():
             waiter.finish(None, lost)
+        # Envelopes the writer will never come to: whoever waits for one to be sealed is told.
+        self._credits.clear()
+        while True:
+            try:
+                item = self._outbox.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+            if item is not None:
+                item.sealed(lost)
         for scope, _ in self._incoming.values():
             scope.cancel()
         # Senders waiting for room in the queue: the writer will free none now. Wake each one;
@@ -444,17 +456,41 @@ class Connection:
 
     async def _writer(self) -> None:
         try:
-            async for head, payload, counted in self._outbox:
-                await self._write_message(head, payload)
-                self.bytes_sent += len(head) + len(payload)
-                self.messages_sent += 1
-                self.last_active = trio.current_time()
-                if counted:
-                    self._queue_slots.release()
+            async for item in self._outbox:
+                while self._credits:
+                    await self._write(self._credits.popleft())
+                if item is not None:
+                    await self._write(item)
         except ConnectionClosed:
             self._shutdown("websocket closed while sending")
         finally:
             self._writer_done.set()
+
+    async def _write(self, item: _Outgoing) -> None:
+        """Seal ``item`` (its payload is read here, once) and write it."""
+        if item.dropped:
+            if item.counted:
+                self._queue_slots.release()
+            return
+        try:
+            deadline_ms = _ms_left(item.deadline) if item.deadline is not None else 0
+            head, body = self._sealer.seal_parts(
+                item.kind, item.call_id, item.payload, deadline_ms=deadline_ms, name=item.name
+            )
+        except MoshpitError as exc:  # a payload or name over the limits: the caller's error
+            item.sealed(exc)
+            if item.counted:
+                self._queue_slots.release()
+            return
+        item.sealed(None)
+        try:
+            await self._write_message(head, body)
+        finally:
+            if item.counted:
+                self._queue_slots.release()
+        self.bytes_sent += len(head) + len(body)
+        self.messages_sent += 1
+        self.last_active = trio.current_time()
 
     async def _send(
         self,
@@ -462,35 +498,39 @@ class Connection:
         call_id: int,
         payload: bytes | memoryview | SharedSlice = b"",
     ) -> None:
-        """Seal and queue one envelope of a running call or stream, waiting (cancellably) for
-        room in the queue."""
+        """Queue one envelope of a running call or stream, waiting (cancellably) for room in
+        the queue, then until the writer has sealed it: its payload is read then, so the
+        caller may change its buffer once this returns. Cancelled before that, the envelope
+        is dropped, never written."""
+        await (await self._queue(kind, call_id, payload)).wait_sealed()
+
+    async def _queue(
+        self, kind: Kind, call_id: int, payload: bytes | memoryview | SharedSlice
+    ) -> _Outgoing:
+        """Queue one envelope, waiting (cancellably) for room in the queue; the caller waits
+        for it to be sealed before changing the payload's buffer."""
         await self._acquire_slot()
-        # From here to send_nowait there is no checkpoint: a seq number once taken is queued.
-        try:
-            head, body = self._sealer.seal_parts(kind, call_id, payload)
-        except BaseException:
-            self._queue_slots.release()
-            raise
-        self._outbox_send.send_nowait((head, body, True))
+        item = _Outgoing(kind, call_id, payload, counted=True)
+        self._outbox_send.send_nowait(item)
+        return item
 
     async def _start_call(
         self, kind: Kind, name: str, payload: bytes | memoryview, deadline: float
     ) -> tuple[int, _Waiter]:
-        """Open a call or a stream: wait for room, then take its call id and seal and queue its
+        """Open a call or a stream: wait for room, then take its call id and queue its
         REQUEST / STREAM_OPEN with no checkpoint in between. Ids thus reach the wire in the
-        order they were taken, which the receiver insists on, however many calls start at once.
+        order they were taken, which the receiver insists on, however many calls start at once
+        (one dropped on the way, its caller cancelled, leaves a gap, which is allowed).
         """
         await self._acquire_slot()
         call_id, waiter = self._new_waiter(name)
+        item = _Outgoing(kind, call_id, payload, counted=True, deadline=deadline, name=name)
+        self._outbox_send.send_nowait(item)
         try:
-            head, body = self._sealer.seal_parts(
-                kind, call_id, payload, deadline_ms=_ms_left(deadline), name=name
-            )
+            await item.wait_sealed()
         except BaseException:
             self._waiters.pop(call_id, None)
-            self._queue_slots.release()
             raise
-        self._outbox_send.send_nowait((head, body, True))
         return call_id, waiter
 
     async def _acquire_slot(self) -> None:
@@ -502,11 +542,17 @@ class Connection:
 
     def _queue_control(self, kind: Kind, call_id: int, payload: bytes = b"") -> None:
         """Queue a small control envelope (CANCEL, CREDIT, ERROR, GOODBYE) without waiting for
-        room: they are small, and must go out even from a task that is being cancelled."""
+        room: they are small, and must go out even from a task that is being cancelled. A
+        STREAM_CREDIT goes before everything queued (see ``_credits``); the others keep their
+        place after what is queued (a STREAM_END after its stream's chunks, a GOODBYE last)."""
         if self._closed or self._closing:
             return
-        head, body = self._sealer.seal_parts(kind, call_id, payload)
-        self._outbox_send.send_nowait((head, body, False))
+        item = _Outgoing(kind, call_id, payload, counted=False)
+        if kind is Kind.STREAM_CREDIT:
+            self._credits.append(item)
+            self._outbox_send.send_nowait(None)  # wakes a writer waiting for work
+        else:
+            self._outbox_send.send_nowait(item)
 
     def _check_open(self) -> None:
         if self._closed or self._closing:
@@ -749,6 +795,75 @@ class Connection:
         await trio.lowlevel.checkpoint()
 
 
+class _Outgoing:
+    """An envelope waiting for the writer, not yet sealed."""
+
+    __slots__ = (
+        "call_id",
+        "counted",
+        "deadline",
+        "dropped",
+        "error",
+        "kind",
+        "name",
+        "payload",
+        "sealed_event",
+    )
+
+    def __init__(
+        self,
+        kind: Kind,
+        call_id: int,
+        payload: bytes | memoryview | SharedSlice,
+        *,
+        counted: bool,
+        deadline: float | None = None,
+        name: str = "",
+    ) -> None:
+        self.kind = kind
+        self.call_id = call_id
+        self.payload = payload
+        self.counted = counted  # holds a queue slot
+        self.deadline = deadline  # a call's: its deadline_ms is what is left when sealed
+        self.name = name
+        self.dropped = False
+        self.error: MoshpitError | None = None
+        self.sealed_event: trio.Event | None = None
+
+    def drop(self) -> None:
+        """Not to be written after all (its sender gave up), if it is not sealed yet."""
+        if self.sealed_event is not _SEALED:
+            self.dropped = True
+            self.payload = b""
+
+    def sealed(self, error: MoshpitError | None) -> None:
+        self.error = error
+        self.payload = b""  # read: nothing here refers to the caller's memory any more
+        if self.sealed_event is not None:
+            self.sealed_event.set()
+        self.sealed_event = _SEALED
+
+    async def wait_sealed(self) -> None:
+        """Until the writer has sealed this (raising its error, if it could not). Cancelled
+        before that, it is dropped if its payload is a view of someone's memory, which may
+        change from now on; ``bytes`` cannot change and still go out (an answer a frozen peer
+        owed, say: once it runs again, it is heard from)."""
+        if self.sealed_event is None:
+            self.sealed_event = trio.Event()
+        try:
+            await self.sealed_event.wait()
+        except BaseException:
+            if not isinstance(self.payload, bytes):
+                self.drop()
+            raise
+        if self.error is not None:
+            raise self.error
+
+
+_SEALED = trio.Event()
+_SEALED.set()
+
+
 class SendStream:
     """The sending end of a stream. ``send`` waits for credit, so a slow receiver slows us."""
 
@@ -810,21 +925,37 @@ class SendStream:
             raise ConfigError("send() after finish()")
 
     async def send(self, data: bytes | bytearray | memoryview | SharedPayload) -> None:
-        """Send ``data``, cut into chunks; returns when all of it is queued for the wire.
+        """Send ``data``, cut into chunks; returns once every chunk has been sealed for the
+        wire (the writer seals envelopes in order, as it comes to each).
 
         Each chunk is encrypted as it is sealed, straight from ``data`` (no copy before): the
-        caller leaves ``data`` alone until this returns, and may reuse it after. A
+        caller leaves ``data`` alone until this returns, and may reuse it after. Cancelled
+        before that, the chunks not sealed yet are dropped, never sent. A
         :class:`SharedPayload` is sent the same way (e.g. one average to several peers)."""
         chunk = self._conn.limits.stream_chunk
+        pieces: list[memoryview | SharedSlice]
         if isinstance(data, SharedPayload):
-            for start in range(0, len(data), chunk):
-                await self._guarded(self._send_chunk(data.slice(start, start + chunk)))
-            return
-        view = memoryview(data).cast("B")
-        for start in range(0, len(view), chunk):
-            await self._guarded(self._send_chunk(view[start : start + chunk]))
+            pieces = [data.slice(start, start + chunk) for start in range(0, len(data), chunk)]
+        else:
+            view = memoryview(data).cast("B")
+            pieces = [view[start : start + chunk] for start in range(0, len(view), chunk)]
+        queued: list[_Outgoing] = []
+        try:
+            for piece in pieces:
+                await self._guarded(self._send_chunk(piece, queued))
+            # The writer seals in order: once the last chunk is sealed, all of them are, and
+            # `data` has been read.
+            if queued:
+                await self._guarded(queued[-1].wait_sealed())
+        except BaseException:
+            for item in queued:
+                item.drop()
+            raise
+        for item in queued:
+            if item.error is not None:
+                raise item.error
 
-    async def _send_chunk(self, piece: memoryview | SharedSlice) -> None:
+    async def _send_chunk(self, piece: memoryview | SharedSlice, queued: list[_Outgoing]) -> None:
         waiter = self._waiter
         assert waiter is not None
         while True:
@@ -836,7 +967,7 @@ class SendStream:
         waiter.credit -= len(piece)
         self._queueing = True
         try:
-            await self._conn._send(Kind.STREAM_DATA, self._call_id, piece)
+            queued.append(await self._conn._queue(Kind.STREAM_DATA, self._call_id, piece))
         finally:
             self._queueing = False
             if self._end_deferred:

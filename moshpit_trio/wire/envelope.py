@@ -188,9 +188,9 @@ class SharedPayload:
     @classmethod
     def borrow(cls, buffer: memoryview) -> SharedPayload:
         """Carry ``buffer`` (a flat, contiguous byte view of memory the caller owns) without
-        copying it. Each chunk is read when its envelope is sealed (in ``SendStream.send``), so
-        the caller leaves the memory alone until the send that carries it has returned; after
-        that the queued envelopes hold ciphertext of their own."""
+        copying it. Each chunk is read when its envelope is sealed (by the connection's writer,
+        before ``SendStream.send`` returns), so the caller leaves the memory alone until the
+        send that carries it has returned; after that nothing refers to it any more."""
         view = buffer if isinstance(buffer, memoryview) else memoryview(buffer)
         if not view.c_contiguous:
             raise ConfigError("a borrowed payload must be contiguous memory")
