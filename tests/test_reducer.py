@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moshpit_trio.averaging.partition import chunk_ranges
-from moshpit_trio.averaging.reducer import BadContribution, SpanAccumulator
+from moshpit_trio.averaging.reducer import BadContribution, SpanAccumulator, SpanRange
 from moshpit_trio.errors import ConfigError, ProtocolError
 
 rng = np.random.default_rng(11)
@@ -152,14 +152,16 @@ def test_each_bad_contribution_is_excluded_with_its_tag(tag: str, misbehave: Any
     np.testing.assert_allclose(avg, reference([ps[0], ps[2]], [1.0, 3.0]), rtol=1e-6)
 
 
-def test_norm_is_checked_over_the_whole_part() -> None:
-    # Every chunk is under the bound on its own; the whole part is not.
+def test_norm_is_checked_over_what_arrived_so_far() -> None:
+    # Every chunk is under the bound on its own; the part is not: found at the chunk that takes
+    # the running norm over it (sqrt(90) > 9), before a range holding it could be taken.
     acc = SpanAccumulator(100, 1, max_norm=9.0)
     part = np.ones(100, np.float32)  # norm 10
-    for a in range(0, 90, 10):
+    for a in range(0, 80, 10):
         acc.add(0, a, part[a : a + 10], 1.0)
     with pytest.raises(BadContribution, match="norm"):
-        acc.add(0, 90, part[90:], 1.0)
+        acc.add(0, 80, part[80:90], 1.0)
+    assert acc.excluded == {0: "norm"}
     # Huge finite values overflow a float32 sum of squares but are neither NaN nor Inf.
     acc = SpanAccumulator(4, 1, max_norm=1e30)
     acc.add(0, 0, np.full(4, 3e20, np.float32), 1.0)
@@ -310,3 +312,107 @@ def test_result_is_independent_of_chunk_arrival_order(
     np.testing.assert_allclose(
         any_order[0], reference([ps[s] for s in full], [ws[s] for s in full]), rtol=1e-5, atol=1e-6
     )
+
+
+# -- take(): the span averaged range by range as the parts come in -----------------------------
+
+
+def test_take_averages_what_every_sender_has_delivered() -> None:
+    ps = parts(3, 30)
+    acc = SpanAccumulator(30, 3)
+    acc.add(0, 0, ps[0], 1.0)  # whole
+    acc.add(1, 0, ps[1][:20], 1.0)
+    assert acc.ready() == 0 and acc.take() is None  # sender 2 has sent nothing yet
+    acc.add(2, 0, ps[2][:10], 1.0)
+    assert acc.ready() == 10
+    assert acc.take(min_length=11) is None  # too short, and not the end
+    first = acc.take()
+    assert first is not None and (first.start, first.end, first.included) == (0, 10, (0, 1, 2))
+    assert first.values is not None
+    np.testing.assert_allclose(first.values, reference([p[:10] for p in ps], [1.0] * 3), rtol=1e-6)
+    assert acc.done == 10 and acc.take() is None and not acc.finalized
+    acc.add(2, 10, ps[2][10:], 1.0)
+    acc.add(1, 20, ps[1][20:], 1.0)
+    rest = acc.take(min_length=1000)  # the end: taken whatever its length
+    assert rest is not None and (rest.start, rest.end) == (10, 30) and acc.finalized
+    assert acc.take() is None
+    with pytest.raises(BadContribution) as info:
+        acc.add(1, 0, ps[1][:1], 1.0)
+    assert info.value.reason == "late"
+
+
+def test_a_sender_excluded_mid_way_is_in_the_ranges_before_and_in_none_after() -> None:
+    ps = parts(3, 40)
+    acc = SpanAccumulator(40, 3, max_norm=1e3)
+    for s in range(3):
+        acc.add(s, 0, ps[s][:20], [1.0, 2.0, 3.0][s])
+    first = acc.take()
+    assert first is not None and first.included == (0, 1, 2)
+    acc.add(0, 20, ps[0][20:], 1.0)
+    acc.add(2, 20, ps[2][20:], 3.0)
+    with pytest.raises(BadContribution):
+        acc.add(1, 20, np.full(20, 1e3, np.float32), 2.0)  # over the norm bound: excluded
+    rest = acc.take()
+    assert rest is not None and (rest.start, rest.end, rest.included) == (20, 40, (0, 2))
+    assert rest.values is not None
+    np.testing.assert_allclose(
+        rest.values, reference([ps[0][20:], ps[2][20:]], [1.0, 3.0]), rtol=1e-6
+    )
+    assert acc.excluded == {1: "norm"}
+
+
+def test_a_range_nobody_is_counted_for_has_no_average() -> None:
+    acc = SpanAccumulator(10, 2)
+    acc.add(0, 0, np.ones(4, np.float32), 1.0)
+    acc.add(1, 0, np.ones(6, np.float32), 1.0)
+    first = acc.take()
+    assert first is not None and (first.start, first.end, first.included) == (0, 4, (0, 1))
+    acc.exclude(0, "lost")
+    acc.exclude(1, "late")
+    rest = acc.take()
+    assert rest == SpanRange(4, 10, None, ()) and acc.finalized
+
+
+def test_finalize_after_take_is_refused() -> None:
+    acc = SpanAccumulator(4, 1)
+    acc.add(0, 0, np.ones(2, np.float32), 1.0)
+    assert acc.take() is not None
+    with pytest.raises(ConfigError):
+        acc.finalize()
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    length=st.integers(1, 200),
+    senders=st.integers(1, 4),
+    chunk=st.integers(1, 50),
+    min_length=st.integers(1, 80),
+    seed=st.integers(0, 2**32 - 1),
+    data=st.data(),
+)
+def test_ranges_taken_as_chunks_arrive_are_the_whole_average(
+    length: int, senders: int, chunk: int, min_length: int, seed: int, data: st.DataObject
+) -> None:
+    """With every part delivered whole, the ranges taken along the way (in order, without gap
+    or overlap, each over every sender) join into exactly what finalize() gives, bit for bit,
+    whatever the order in which chunks arrive."""
+    gen = np.random.default_rng(seed)
+    ps = [gen.standard_normal(length).astype(np.float32) for _ in range(senders)]
+    ws = [float(w) for w in gen.uniform(0.1, 10.0, senders)]
+    messages = [(s, a, b) for s in range(senders) for a, b in chunk_ranges(0, length, chunk)]
+    order = data.draw(st.permutations(messages))
+    whole = SpanAccumulator(length, senders)
+    streamed = SpanAccumulator(length, senders)
+    ranges = []
+    for s, a, b in order:
+        whole.add(s, a, ps[s][a:b], ws[s])
+        streamed.add(s, a, ps[s][a:b], ws[s])
+        if (taken := streamed.take(min_length)) is not None:
+            ranges.append(taken)
+    assert streamed.finalized and streamed.take() is None
+    assert [r.start for r in ranges] == [0] + [r.end for r in ranges[:-1]]
+    assert ranges[-1].end == length
+    assert all(r.included == tuple(range(senders)) for r in ranges)
+    expected, _ = whole.finalize()
+    joined = np.concatenate([r.values for r in ranges if r.values is not None])
+    assert np.array_equal(joined, expected)

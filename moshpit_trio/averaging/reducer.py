@@ -2,11 +2,17 @@
 
 Every member of the group sends its part of span ``j`` to reducer ``j`` in chunks (decoded to
 float32 by the caller). :class:`SpanAccumulator` keeps each sender's chunks in a buffer of its
-own, and a sender only counts once its whole part has arrived and passed every check: a sender
-that stops half-way, or sends anything wrong, is left out of the average entirely, never half
-in (MOSHPIT.md §1, "Failures inside a group"). The average is rescaled over the senders that
-qualified, and :meth:`SpanAccumulator.finalize` says which ones those were, so the round report
-can tell every member exactly what its span ``j`` contains.
+own, and a chunk only counts once it has arrived whole and passed every check: a sender that
+sends anything wrong is left out from there on, never half a chunk in (MOSHPIT.md §1, "Failures
+inside a group").
+
+Two ways to average. :meth:`SpanAccumulator.finalize` averages the whole span once, over the
+senders whose whole part arrived. :meth:`SpanAccumulator.take` averages it range by range as
+the parts come in (the all-reduce streams each range back while the rest is still arriving):
+a range ``[done, ready)`` is taken once every sender still counted has delivered it, over those
+senders, so a sender excluded half-way (lost, late, over the norm bound) is in the ranges taken
+before and in none after. Either way the result says which senders each average holds, so the
+round report can tell every member exactly what its span ``j`` contains.
 
 Checks, each with the tag a :class:`BadContribution` carries:
 
@@ -16,7 +22,7 @@ Checks, each with the tag a :class:`BadContribution` carries:
 ``"duplicate"``  the chunk repeats elements the sender already delivered
 ``"nonfinite"``  NaN or ±Inf in the chunk
 ``"weight"``     the weight is not finite and positive, or differs from the sender's first chunk
-``"norm"``       the L2 norm of the sender's whole part is over ``max_norm``
+``"norm"``       the L2 norm of what the sender delivered so far is over ``max_norm``
 ``"late"``       a chunk arrived after :meth:`SpanAccumulator.finalize` (nobody is excluded)
 
 A sender that fails a check (all but ``"sender"`` and ``"late"``) is excluded, as if it had
@@ -26,6 +32,7 @@ failed, and later chunks from it are dropped without another error.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 import operator
 from typing import Any
@@ -35,13 +42,61 @@ import numpy.typing as npt
 
 from ..errors import ConfigError, ProtocolError
 
-__all__ = ["BadContribution", "SpanAccumulator"]
+__all__ = ["BadContribution", "SpanAccumulator", "SpanRange"]
 
 FloatArray = npt.NDArray[np.float32]
 
 # finalize() works through the span in blocks this long, so the float64 partial sums stay in
 # cache instead of streaming a float64 array of the whole span through memory once per sender.
 _BLOCK = 1 << 17
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SpanRange:
+    """A range ``[start, end)`` of the span (offsets within it), averaged by
+    :meth:`SpanAccumulator.take` over the senders ``included`` (ascending); ``values`` None
+    when nobody was included."""
+
+    start: int
+    end: int
+    values: FloatArray | None
+    included: tuple[int, ...]
+
+
+def _average_into(
+    out: FloatArray, buffers: list[FloatArray], weights: list[float], start: int, end: int
+) -> None:
+    """``out[start:end]`` = the weighted average of ``buffers[start:end]``: summed in float64
+    in sender order and rounded once to float32, so it does not depend on the order in which
+    chunks arrived, and the average of identical parts is exactly that part."""
+    if len(buffers) == 1:
+        out[start:end] = buffers[0][start:end]
+        return
+    # Scale by the largest weight first so that the sum of weights cannot overflow.
+    top = max(weights)
+    scaled = [w / top for w in weights]
+    total = math.fsum(scaled)
+    coefficients = [w / total for w in scaled]
+    acc = np.empty(min(_BLOCK, end - start), dtype=np.float64)
+    tmp = np.empty_like(acc)
+    # Equal weights (the usual case): add up in float64, then scale once; five passes over a
+    # block instead of eight, and the same float32 result up to a double rounding.
+    equal = all(w == weights[0] for w in weights)
+    for lo in range(start, end, _BLOCK):
+        hi = min(lo + _BLOCK, end)
+        a, t = acc[: hi - lo], tmp[: hi - lo]
+        if equal:
+            np.add(buffers[0][lo:hi], buffers[1][lo:hi], out=a, dtype=np.float64)
+            for buffer in buffers[2:]:
+                np.add(a, buffer[lo:hi], out=a)
+            a *= coefficients[0]
+        else:
+            # dtype=float64: a Python float times a float32 array is computed in float32.
+            np.multiply(buffers[0][lo:hi], coefficients[0], out=a, dtype=np.float64)
+            for buffer, c in zip(buffers[1:], coefficients[1:], strict=True):
+                np.multiply(buffer[lo:hi], c, out=t, dtype=np.float64)
+                a += t
+        out[lo:hi] = a
 
 
 class BadContribution(ProtocolError):
@@ -121,6 +176,8 @@ class SpanAccumulator:
         self._parts: list[_Part | None] = [_Part() for _ in range(senders)]
         self._excluded: dict[int, str] = {}
         self._finalized = False
+        self._done = 0  # take(): the span is averaged up to here
+        self._result: FloatArray | None = None
 
     @property
     def excluded(self) -> dict[int, str]:
@@ -216,7 +273,9 @@ class SpanAccumulator:
             wide = kept.astype(np.float64)
             sumsq = float(np.dot(wide, wide))
         part.sumsq += sumsq
-        if part.delivered == self.length and self.max_norm is not None:
+        # The norm of what arrived so far: it only grows, so a part over the bound is found at
+        # the chunk that takes it over, before a range it is in can be averaged (take()).
+        if self.max_norm is not None:
             norm = math.sqrt(part.sumsq)
             if norm > self.max_norm:
                 raise bad("norm", f"L2 norm {norm:.6g} is over the bound {self.max_norm:.6g}")
@@ -249,6 +308,8 @@ class SpanAccumulator:
         """
         if self._finalized:
             raise ConfigError("finalize() was already called for this span")
+        if self._done:
+            raise ConfigError("finalize() after take(): take the rest instead")
         self._finalized = True
         included = [s for s in range(self.senders) if self.complete(s)]
         buffers: list[FloatArray] = []
@@ -261,33 +322,63 @@ class SpanAccumulator:
         self._parts = [None] * self.senders
         if not included:
             raise ValueError("no sender delivered its whole part of the span")
-        # Scale by the largest weight first so that the sum of weights cannot overflow.
-        top = max(weights)
-        scaled = [w / top for w in weights]
-        total = math.fsum(scaled)
-        coefficients = [w / total for w in scaled]
         result = np.empty(self.length, dtype=np.float32)
-        if len(buffers) == 1:
-            result[:] = buffers[0]
-            return result, included
-        acc = np.empty(min(_BLOCK, self.length), dtype=np.float64)
-        tmp = np.empty_like(acc)
-        # Equal weights (the usual case): add up in float64, then scale once; five passes over
-        # a block instead of eight, and the same float32 result up to a double rounding.
-        equal = all(w == weights[0] for w in weights)
-        for start in range(0, self.length, _BLOCK):
-            stop = min(start + _BLOCK, self.length)
-            a, t = acc[: stop - start], tmp[: stop - start]
-            if equal:
-                np.add(buffers[0][start:stop], buffers[1][start:stop], out=a, dtype=np.float64)
-                for buffer in buffers[2:]:
-                    np.add(a, buffer[start:stop], out=a)
-                a *= coefficients[0]
-            else:
-                # dtype=float64: a Python float times a float32 array is computed in float32.
-                np.multiply(buffers[0][start:stop], coefficients[0], out=a, dtype=np.float64)
-                for buffer, c in zip(buffers[1:], coefficients[1:], strict=True):
-                    np.multiply(buffer[start:stop], c, out=t, dtype=np.float64)
-                    a += t
-            result[start:stop] = a
+        _average_into(result, buffers, weights, 0, self.length)
         return result, included
+
+    @property
+    def done(self) -> int:
+        """How far :meth:`take` has averaged the span (``[0, done)``)."""
+        return self._done
+
+    def ready(self) -> int:
+        """How far the span can be averaged now: the end of the prefix that every sender still
+        counted (not excluded) has delivered, at least :attr:`done`. The span's length when
+        nobody is counted any more (what is left then has no average)."""
+        end = self.length
+        for part in self._parts:
+            if part is None:
+                continue
+            if part.weight is None or not part.starts or part.starts[0] != 0:
+                return self._done
+            end = min(end, part.ends[0])
+        return max(end, self._done)
+
+    def take(self, min_length: int = 1) -> SpanRange | None:
+        """Average the next range of the span that every sender still counted has delivered,
+        ``[done, ready())``, once it holds ``min_length`` values or reaches the span's end;
+        None before that.
+
+        This is the streaming form of :meth:`finalize`: ranges are averaged as the parts come
+        in, each over the senders counted when it is taken (a sender excluded later, say over
+        the norm bound or lost, is in the ranges taken before and in none after; a chunk is in
+        a range whole or not at all). A range nobody is counted for any more has no average
+        (``values`` None, ``included`` empty): the members keep their own values there. Once
+        a range reaches the span's end the span is finalized (:attr:`finalized`); the
+        senders' buffers are dropped.
+        """
+        if self._finalized:
+            return None  # finalize() took it all, or take() reached the end
+        end = self.ready()
+        start = self._done
+        if end <= start or (end - start < min_length and end < self.length):
+            return None
+        included = tuple(s for s, part in enumerate(self._parts) if part is not None)
+        self._done = end
+        values: FloatArray | None = None
+        if included:
+            if self._result is None:
+                self._result = np.empty(self.length, dtype=np.float32)
+            buffers: list[FloatArray] = []
+            weights: list[float] = []
+            for s in included:
+                part = self._parts[s]
+                assert part is not None and part.buffer is not None and part.weight is not None
+                buffers.append(part.buffer)
+                weights.append(part.weight)
+            _average_into(self._result, buffers, weights, start, end)
+            values = self._result[start:end]
+        if end == self.length:
+            self._finalized = True
+            self._parts = [None] * self.senders
+        return SpanRange(start, end, values, included)
