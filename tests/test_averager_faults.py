@@ -442,6 +442,85 @@ async def test_a_slow_member_streaming_to_five_reducers_is_not_taken_for_frozen(
             check_report_is_true(report, before, weights, values[i])
         for p in peers[1:]:
             assert not p.transport.unresponsive(peers[0].id)
-        # The slow link moves about 3.9 MB of parts up, then as much in results down: some
-        # 8 s; well inside the step's timeout.
-        assert 7.0 < max(took.values()) < 12.0, took
+        # The slow link moves about 3.9 MB of parts up and as much in results down (3.9 s at
+        # least). One after the other, as the all-reduce did before it streamed its ranges,
+        # that took 7.9 s; now each range's results come down while the next ranges' parts
+        # still go up (6.96 s: the first range waits for a chunk of every part to arrive, and
+        # for the slow member's credit to come back behind the chunk it is writing).
+        assert 3.9 < max(took.values()) < 7.4, took
+
+
+async def test_a_member_killed_half_way_through_its_parts_is_in_the_ranges_averaged_before(
+    autojump_clock: Any,
+) -> None:
+    """Each reducer averages its span range by range as the parts come in. A member killed
+    after some of its chunks were averaged is in those ranges and in none after: every
+    survivor's report says so range by range, its values match what each range names, the
+    round ends at once (the loss is news at once), and the next round averages the others."""
+    slow = 200e3  # bytes/s: the victim's parts trickle in, a 64 KiB chunk at a time
+    chunk = 64 * 1024
+    floats = 300_000  # the victim's parts: about 570 KB each, nine chunks
+    n = 3
+    net = MemoryNetwork(seed=5, latency=0.005)
+    net.set_host("h0", upload=slow, download=10 * slow)
+    limits = TransportLimits(connection=ConnectionLimits(stream_chunk=chunk))
+    rng = np.random.default_rng(2)
+    async with swarm(net, n, limits=limits) as peers, AsyncExitStack() as stack:
+        values = [rng.normal(size=floats).astype(np.float32) for _ in range(n)]
+        averagers = [
+            await stack.enter_async_context(
+                MoshpitAverager(p, "half", [v], grid=(n,), bandwidth=slow if i == 0 else 10 * slow)
+            )
+            for i, (p, v) in enumerate(zip(peers, values, strict=True))
+        ]
+        before = {p.id: v.copy() for p, v in zip(peers, values, strict=True)}
+        victim = peers[0].id
+        reports: dict[int, RoundReport] = {}
+        ended: dict[int, float] = {}
+
+        async def step(i: int, scope: trio.CancelScope) -> None:
+            with scope:
+                reports[i] = await averagers[i].step(timeout=30.0)
+                ended[i] = trio.current_time()
+
+        def taken_with_victim() -> bool:
+            for i in (1, 2):
+                for r in averagers[i]._rounds._rounds.values():
+                    k = r.group.index_of(victim)
+                    if any(k in t.included for t in r._ranges) and r.reduced is None:
+                        return True
+            return False
+
+        scopes = [trio.CancelScope() for _ in range(n)]
+        async with trio.open_nursery() as nursery:
+            for i in range(n):
+                nursery.start_soon(step, i, scopes[i])
+            for _ in range(20_000):  # polled every virtual millisecond
+                if taken_with_victim():
+                    break
+                await trio.sleep(0.001)
+            else:
+                raise AssertionError("no range with the victim in it was taken mid-span")
+            killed = trio.current_time()
+            net.kill("h0")
+            scopes[0].cancel()
+        weights = {p.id: 1.0 for p in peers}
+        for i in (1, 2):
+            report = reports[i]
+            check_report_is_true(report, before, weights, values[i])
+            assert ended[i] - killed < 0.1, (i, ended[i], killed)  # no deadline waited out
+            with_victim = [s for s in report.spans if s.included and victim in s.included]
+            without = [s for s in report.spans if s.included and victim not in s.included]
+            assert with_victim and without, report.spans
+            # a span split where the victim dropped out: the same reducer, back to back
+            assert any(
+                a.end == b.start and a.reducer == b.reducer for a in with_victim for b in without
+            ), report.spans
+        # the next round: the survivors average together
+        before = {p.id: v.copy() for p, v in zip(peers, values, strict=True)}
+        async with trio.open_nursery() as nursery:
+            for i in (1, 2):
+                nursery.start_soon(step, i, trio.CancelScope())
+        for i in (1, 2):
+            assert reports[i].succeeded and len(reports[i].members) == 2
+            check_report_is_true(reports[i], before, weights, values[i])

@@ -5,15 +5,20 @@ The flat vector is cut into one span per member (``partition.spans``: proportion
 there to reduce). Then, all under stage deadlines:
 
 1. *scatter*: every member streams its part of span j to member j (``avg.RUN.part``);
-2. *reduce*: member j accumulates the parts (``reducer.SpanAccumulator``: a part counts whole or
-   not at all; bad data is excluded and named), until every member delivered or the reduce
-   deadline passes, and averages over exactly those that delivered;
-3. *gather*: member j streams the average of span j, with the list of members it contains, to
-   every member (``avg.RUN.result``).
+2. *reduce*: member j accumulates the parts (``reducer.SpanAccumulator``: a chunk counts whole
+   or not at all; bad data is excluded and named) and averages span j range by range, each
+   range as soon as every member still counted has delivered it (``SpanAccumulator.take``),
+   over exactly those members; at the reduce deadline the members still incomplete are left
+   out of the rest;
+3. *gather*: member j streams each range of its average, with the list of members it contains,
+   to every member as soon as it is taken (``avg.RUN.result``, one stream per range), while
+   the parts of the next ranges are still coming in. Scatter and gather overlap: a member
+   behind a slow link takes results in while its parts still go out.
 
-A member keeps its own values for every span whose result did not reach it. So each member
-knows, span by span, whose data its values contain, and every member that got span j's result
-got the same result with the same list: no member is left with a silently mixed average.
+A member keeps its own values for every range whose result did not reach it. So each member
+knows, range by range, whose data its values contain, and every member that got a range of
+span j's result got the same values with the same list: no member is left with a silently
+mixed average.
 
 A member lost mid-round is news at once, not at a deadline: each member watches the others it
 depends on (everyone, for a reducer; the reducers, for a member without a span). When the last
@@ -93,6 +98,48 @@ class _ResultHeader(msgspec.Struct, array_like=True, forbid_unknown_fields=True)
     codec: str
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Taken:
+    """A range of our own span's average (offsets within the span); ``values`` None when
+    nobody's data could be averaged there (then ``payload`` is None too)."""
+
+    start: int
+    end: int
+    values: np.ndarray | None
+    included: tuple[int, ...]
+    payload: SharedPayload | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Received:
+    """A range of span j's result as it arrived (offsets within the span): ``(offset in the
+    range, values)`` pieces, and the members it averages."""
+
+    start: int
+    end: int
+    pieces: list[tuple[int, np.ndarray]]
+    included: tuple[int, ...]
+
+
+def _report(reports: list[SpanReport], report: SpanReport) -> None:
+    """Append ``report``, merged into the last one when it continues it with the same reducer
+    and the same members (a span averaged in several ranges over the same members is one)."""
+    if reports:
+        last = reports[-1]
+        if (last.end, last.reducer, last.included) == (
+            report.start,
+            report.reducer,
+            report.included,
+        ):
+            reports[-1] = dataclasses.replace(last, end=report.end)
+            return
+    reports.append(report)
+
+
+#: result streams a reducer keeps in flight to one member (a receiver takes at most 16 streams
+#: at once, ``ConnectionLimits.max_incoming_streams``, over all its peers)
+_RESULT_STREAMS = 4
+
 _encode = msgspec.msgpack.Encoder().encode
 _part_decoder = msgspec.msgpack.Decoder(_PartHeader)
 _result_decoder = msgspec.msgpack.Decoder(_ResultHeader)
@@ -131,12 +178,16 @@ class AllReduce:
             if end > start
             else None
         )
-        self.all_delivered = trio.Event()
-        # span j's result as (offset, values) pieces, and the members it averages
-        self.results: dict[int, tuple[list[tuple[int, np.ndarray]], tuple[int, ...]]] = {}
+        # Our span's average, range by range as the accumulator takes them; `reduced` is the
+        # whole list once the span is settled (every range taken), None before.
+        self._ranges: list[_Taken] = []
+        self._ranges_changed = trio.Event()
+        self._settled = trio.Event()
+        self.reduced: list[_Taken] | None = None
+        # span j's result, as the ranges that arrived (each whole, with the members it averages)
+        self.results: dict[int, list[_Received]] = {}
+        self._claimed: dict[int, list[tuple[int, int]]] = {}  # ranges arrived or arriving
         self.all_results = trio.Event()
-        self.reduced: tuple[np.ndarray, list[int]] | None = None
-        self._result_payload: SharedPayload | None = None
         self.excluded: dict[int, str] = {}
         self._progress_timeout = MIN_PROGRESS_TIMEOUT
         self.bytes_sent = 0
@@ -197,13 +248,14 @@ class AllReduce:
                 if j != self.index and end > start:
                     nursery.start_soon(self._send_part, transport, run_id, j, reduce_deadline)
             if self.accumulator is not None:
+                # Each range of our span's average goes out as soon as it is taken, while the
+                # parts of the rest are still coming in.
+                for i in range(len(self.members)):
+                    if i != self.index:
+                        nursery.start_soon(self._send_results, transport, run_id, i, deadline)
                 with trio.move_on_at(reduce_deadline):
-                    await self.all_delivered.wait()
-                self._reduce()
-                if self.reduced is not None:
-                    for i in range(len(self.members)):
-                        if i != self.index:
-                            nursery.start_soon(self._send_result, transport, run_id, i, deadline)
+                    await self._settled.wait()
+                self._settle()
             with trio.move_on_at(deadline):
                 await self.all_results.wait()
 
@@ -274,34 +326,58 @@ class AllReduce:
             and i not in acc.excluded
         ):
             acc.exclude(i, reason)
-            self._check_delivered()
-        if i in self._expected_results and i not in self.results:
+            self._advance()
+        if i in self._expected_results and not self._result_complete(i):
             self._expected_results.discard(i)
-            if self._expected_results <= set(self.results):
-                self.all_results.set()
+            self._check_results()
 
-    def _reduce(self) -> None:
-        assert self.accumulator is not None
-        for i in range(len(self.members)):
-            if not self.accumulator.complete(i) and i not in self.accumulator.excluded:
-                self.accumulator.exclude(i, "late")
-        self.excluded = dict(self.accumulator.excluded)
-        try:
-            average, included = self.accumulator.finalize()
-        except ValueError:
-            self.reduced = None
+    def _advance(self) -> None:
+        """Take every range of our span that can be averaged now, and wake the result
+        senders. Each range is encoded once for every member (and encrypted for each as it is
+        sent); everyone else gets it through the codec, so we keep exactly what they get:
+        members holding a range of span j hold the same values. Uncompressed, the average
+        itself goes out (nothing writes to it: it is ours alone and only ever read)."""
+        acc = self.accumulator
+        assert acc is not None
+        taken = False
+        while (got := acc.take()) is not None:
+            taken = True
+            values, payload = got.values, None
+            if values is not None:
+                if self.codec.name == "none" and _NATIVE_IS_WIRE:
+                    payload = SharedPayload.borrow(values.data)
+                else:
+                    payload = SharedPayload(self.codec.encode(values))
+                    if self.codec.name != "none":
+                        values = self.codec.decode(payload.data, len(values))
+            self._ranges.append(_Taken(got.start, got.end, values, got.included, payload))
+        if acc.finalized and self.reduced is None:
+            self.excluded = dict(acc.excluded)
+            self.reduced = self._ranges
+            self._settled.set()
+        if taken:
+            self._ranges_changed.set()
+            self._ranges_changed = trio.Event()
+
+    def _settle(self) -> None:
+        """The reduce stage is over: senders still incomplete are left out of the rest of our
+        span ("late"), which is averaged over the others now."""
+        acc = self.accumulator
+        assert acc is not None
+        if self.reduced is not None:
             return
-        # Encoded once for every member (and encrypted for each as it is sent). Everyone else
-        # gets the average through the codec, so keep exactly what they get: members holding
-        # span j's result hold the same values. Uncompressed, the average itself goes out
-        # (nothing writes to it: it is ours alone and only ever read).
-        if self.codec.name == "none" and _NATIVE_IS_WIRE:
-            self._result_payload = SharedPayload.borrow(average.data)
-        else:
-            self._result_payload = SharedPayload(self.codec.encode(average))
-        if self.codec.name != "none":
-            average = self.codec.decode(self._result_payload.data, len(average))
-        self.reduced = (average, included)
+        for i in range(len(self.members)):
+            if not acc.complete(i) and i not in acc.excluded:
+                acc.exclude(i, "late")
+        self._advance()
+
+    def _result_complete(self, j: int) -> bool:
+        start, end = self.spans[j]
+        return sum(r.end - r.start for r in self.results.get(j, ())) == end - start
+
+    def _check_results(self) -> None:
+        if all(self._result_complete(j) for j in self._expected_results):
+            self.all_results.set()
 
     def _apply(self) -> list[SpanReport]:
         ids = self.group.peer_ids
@@ -309,20 +385,31 @@ class AllReduce:
         for j, (start, end) in enumerate(self.spans):
             if end <= start:
                 continue
-            got: tuple[list[tuple[int, np.ndarray]], Sequence[int]] | None
+            # what arrived for span j (or our own average of it): ranges within the span, each
+            # (start, end, [(offset in the range, values)], members)
+            got: list[tuple[int, int, list[tuple[int, np.ndarray]], tuple[int, ...]]]
             if j == self.index:
-                got = None if self.reduced is None else ([(0, self.reduced[0])], self.reduced[1])
+                got = [
+                    (r.start, r.end, [(0, r.values)], r.included)
+                    for r in self.reduced or ()
+                    if r.values is not None
+                ]
             else:
-                got = self.results.get(j)
-            if got is None:
-                reports.append(SpanReport(start, end, ids[j], None))
-                continue
-            pieces, included = got
-            for offset, values in pieces:
-                self.pieces.append((start + offset, values))
-                if self._in_place:
-                    self.flat[start + offset : start + offset + len(values)] = values
-            reports.append(SpanReport(start, end, ids[j], tuple(ids[i] for i in included)))
+                got = [(r.start, r.end, r.pieces, r.included) for r in self.results.get(j, ())]
+            pos = 0
+            for a, b, pieces, included in sorted(got, key=lambda r: r[0]):
+                if a > pos:
+                    _report(reports, SpanReport(start + pos, start + a, ids[j], None))
+                for offset, values in pieces:
+                    at = start + a + offset
+                    self.pieces.append((at, values))
+                    if self._in_place:
+                        self.flat[at : at + len(values)] = values
+                members = tuple(ids[i] for i in included)
+                _report(reports, SpanReport(start + a, start + b, ids[j], members))
+                pos = b
+            if pos < end - start:
+                _report(reports, SpanReport(start + pos, end, ids[j], None))
         return reports
 
     async def _let_it_dial(self, transport: Any, i: int, by: float) -> None:
@@ -356,16 +443,49 @@ class AllReduce:
         name = f"avg.{run_id}.part"
         await self._stream_to(transport, j, name, _encode(header), payload, deadline)
 
-    async def _send_result(self, transport: Any, run_id: str, i: int, deadline: float) -> None:
-        assert self.reduced is not None and self._result_payload is not None
-        start, end = self.spans[self.index]
-        header = _ResultHeader(
-            self.group.group_id, start, end, list(self.reduced[1]), self.codec.name
-        )
-        # If member i is gone, it keeps its own values for this span, and its report says so.
-        await self._stream_to(
-            transport, i, f"avg.{run_id}.result", _encode(header), self._result_payload, deadline
-        )
+    async def _send_results(self, transport: Any, run_id: str, i: int, deadline: float) -> None:
+        """Stream every range of our span's average to member ``i``, one stream each, as the
+        ranges are taken. If member i is gone (or refuses one), it keeps its own values for
+        the ranges it did not get, and its report says so.
+
+        A range does not wait for the previous one's answer (a few are in flight at once):
+        that answer comes back over member i's uplink, behind the parts it is still sending,
+        and waiting for it would hold the results to the pace of that queue."""
+        start = self.spans[self.index][0]
+        name = f"avg.{run_id}.result"
+        in_flight = trio.CapacityLimiter(_RESULT_STREAMS)
+        refused = False
+
+        async def send(r: _Taken) -> None:
+            nonlocal refused
+            assert r.payload is not None
+            header = _ResultHeader(
+                self.group.group_id,
+                start + r.start,
+                start + r.end,
+                list(r.included),
+                self.codec.name,
+            )
+            async with in_flight:
+                if refused:
+                    return
+                if not await self._stream_to(
+                    transport, i, name, _encode(header), r.payload, deadline
+                ):
+                    refused = True
+
+        sent = 0
+        async with trio.open_nursery() as streams:
+            while not refused:
+                changed = self._ranges_changed
+                while sent < len(self._ranges):
+                    r = self._ranges[sent]
+                    sent += 1
+                    if r.payload is not None:  # (None: nobody's average; everyone keeps theirs)
+                        streams.start_soon(send, r)
+                if self.reduced is not None and sent == len(self._ranges):
+                    return
+                await changed.wait()
 
     async def _stream_to(
         self,
@@ -413,15 +533,7 @@ class AllReduce:
         try:
             self.accumulator.add(sender, offset, values, weight)
         finally:
-            self._check_delivered()
-
-    def _check_delivered(self) -> None:
-        assert self.accumulator is not None
-        if all(
-            self.accumulator.complete(i) or i in self.accumulator.excluded
-            for i in range(len(self.members))
-        ):
-            self.all_delivered.set()
+            self._advance()
 
     async def on_part(self, request: StreamRequest, header: _PartHeader) -> bytes:
         if not 0 <= header.sender < len(self.members) or header.sender == self.index:
@@ -436,16 +548,19 @@ class AllReduce:
         sender = header.sender
         try:
             # Each run of whole values goes to the accumulator as it arrives (no joined copy
-            # of the part). The last one waits for the end of the stream: the part is complete
-            # only once the sender said that was all, and no more than it announced came.
+            # of the part), so the ranges it completes are averaged and sent on at once. The
+            # run that completes the part waits for the end of the stream: the part is
+            # complete only once the sender said that was all, and no more than it announced
+            # came.
             pending: tuple[int, np.ndarray] | None = None
             async with contextlib.aclosing(self._values(request, end - start)) as runs:
                 async for offset, values in runs:
                     if self.reduced is not None:
                         raise Rejected("too late: the span was already reduced")
-                    if pending is not None:
-                        self._add(sender, *pending, header.weight)
-                    pending = (offset, values)
+                    if offset + len(values) < end - start:
+                        self._add(sender, offset, values, header.weight)
+                    else:
+                        pending = (offset, values)
             if self.reduced is not None:
                 raise Rejected("too late: the span was already reduced")
             if pending is not None:
@@ -454,7 +569,7 @@ class AllReduce:
             # the accumulator excluded it already when the check was its own; make sure
             if sender not in self.accumulator.excluded:
                 self.accumulator.exclude(sender, exc.reason)
-            self._check_delivered()
+            self._advance()
             raise Rejected(f"bad contribution ({exc.reason}): {exc.detail}") from None
         except trio.Cancelled:
             # Cut off before its deadline: the sender gave up on us (say after taking us for
@@ -507,7 +622,13 @@ class AllReduce:
         )
         if j is None or j == self.index or j not in self._expected_results:
             raise Rejected("no result expected from that peer")
-        if (header.start, header.end) != self.spans[j] or header.codec != self.codec.name:
+        span_start, span_end = self.spans[j]
+        claimed = self._claimed.setdefault(j, [])
+        if (
+            not span_start <= header.start < header.end <= span_end
+            or any(a < header.end and header.start < b for a, b in claimed)
+            or header.codec != self.codec.name
+        ):
             raise Rejected("the result does not match the span")
         if (
             not header.included
@@ -516,7 +637,9 @@ class AllReduce:
         ):
             raise Rejected("bad list of included members")
         # Kept as the pieces they arrived in, and written into our vector only once the whole
-        # result is in and checked: a result counts whole or not at all.
+        # range is in and checked: a result counts whole or not at all.
+        claim = (header.start, header.end)
+        claimed.append(claim)
         pieces: list[tuple[int, np.ndarray]] = []
         try:
             async with contextlib.aclosing(
@@ -527,16 +650,28 @@ class AllReduce:
                         raise Rejected("non-finite values in a result")
                     pieces.append((offset, values))
         except BadContribution as exc:
+            claimed.remove(claim)
             raise Rejected(f"bad result: {exc}") from None
+        except Rejected:
+            claimed.remove(claim)
+            raise
         except trio.Cancelled:
+            claimed.remove(claim)
             # Cut off before its deadline (the reducer gave up on us, say after taking us for
-            # frozen): its result is not coming, and waiting would hold us to our deadline.
+            # frozen): the rest of its result is not coming, and waiting would hold us to our
+            # deadline.
             if trio.current_time() < request.deadline:
                 self._lose(j, _cut_off_by(request))
             raise
-        self.results[j] = (pieces, tuple(sorted(header.included)))
-        if self._expected_results <= set(self.results):
-            self.all_results.set()
+        self.results.setdefault(j, []).append(
+            _Received(
+                header.start - span_start,
+                header.end - span_start,
+                pieces,
+                tuple(sorted(header.included)),
+            )
+        )
+        self._check_results()
         return b""
 
 
