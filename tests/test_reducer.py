@@ -416,3 +416,28 @@ def test_ranges_taken_as_chunks_arrive_are_the_whole_average(
     expected, _ = whole.finalize()
     joined = np.concatenate([r.values for r in ranges if r.values is not None])
     assert np.array_equal(joined, expected)
+
+
+def test_no_short_rest_keeps_a_short_tail_with_the_range_before_it() -> None:
+    """With no_short_rest a range is not taken while what would remain after it is shorter
+    than it: a span that arrives as a 8-value chunk and a 2-value one is one range, not two;
+    a long rest is still taken range by range."""
+    ps = parts(2, 10)
+    acc = SpanAccumulator(10, 2)
+    for s in range(2):
+        acc.add(s, 0, ps[s][:8], 1.0)
+    assert acc.take(no_short_rest=True) is None  # [0, 8) would leave 2 < 8
+    taken = acc.take()  # without it: taken
+    assert taken is not None and (taken.start, taken.end) == (0, 8)
+    acc = SpanAccumulator(10, 2)
+    for s in range(2):
+        acc.add(s, 0, ps[s][:4], 1.0)
+    first = acc.take(no_short_rest=True)  # [0, 4) leaves 6 >= 4
+    assert first is not None and (first.start, first.end) == (0, 4)
+    for s in range(2):
+        acc.add(s, 4, ps[s][4:8], 1.0)
+    assert acc.take(no_short_rest=True) is None  # [4, 8) would leave 2 < 4
+    for s in range(2):
+        acc.add(s, 8, ps[s][8:], 1.0)
+    rest = acc.take(no_short_rest=True)  # the end: taken whatever it leaves
+    assert rest is not None and (rest.start, rest.end) == (4, 10) and acc.finalized

@@ -8,8 +8,9 @@ there to reduce). Then, all under stage deadlines:
 2. *reduce*: member j accumulates the parts (``reducer.SpanAccumulator``: a chunk counts whole
    or not at all; bad data is excluded and named) and averages span j range by range, each
    range as soon as every member still counted has delivered it (``SpanAccumulator.take``),
-   over exactly those members; at the reduce deadline the members still incomplete are left
-   out of the rest;
+   over exactly those members, but never leaving a rest shorter than the range (a quick span
+   is one or two ranges, not one per chunk: each range is a stream to every member); at the
+   reduce deadline the members still incomplete are left out of the rest;
 3. *gather*: member j streams each range of its average, with the list of members it contains,
    to every member as soon as it is taken (``avg.RUN.result``, one stream per range), while
    the parts of the next ranges are still coming in. Scatter and gather overlap: a member
@@ -340,7 +341,9 @@ class AllReduce:
         acc = self.accumulator
         assert acc is not None
         taken = False
-        while (got := acc.take()) is not None:
+        # (no_short_rest: a range is never followed by a shorter one, so a span that arrives
+        # quickly is one or two streams per member, not one per chunk)
+        while (got := acc.take(no_short_rest=True)) is not None:
             taken = True
             values, payload = got.values, None
             if values is not None:

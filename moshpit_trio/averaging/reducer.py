@@ -344,10 +344,13 @@ class SpanAccumulator:
             end = min(end, part.ends[0])
         return max(end, self._done)
 
-    def take(self, min_length: int = 1) -> SpanRange | None:
+    def take(self, min_length: int = 1, *, no_short_rest: bool = False) -> SpanRange | None:
         """Average the next range of the span that every sender still counted has delivered,
         ``[done, ready())``, once it holds ``min_length`` values or reaches the span's end;
-        None before that.
+        None before that. With ``no_short_rest``, also not while what would remain after it
+        is shorter than the range itself: that rest is taken together with it at the end
+        instead (fewer, larger ranges: a span's last chunk, often a short one, does not cost
+        a range of its own).
 
         This is the streaming form of :meth:`finalize`: ranges are averaged as the parts come
         in, each over the senders counted when it is taken (a sender excluded later, say over
@@ -361,7 +364,9 @@ class SpanAccumulator:
             return None  # finalize() took it all, or take() reached the end
         end = self.ready()
         start = self._done
-        if end <= start or (end - start < min_length and end < self.length):
+        if end <= start or (end < self.length and end - start < min_length):
+            return None
+        if no_short_rest and end < self.length and self.length - end < end - start:
             return None
         included = tuple(s for s, part in enumerate(self._parts) if part is not None)
         self._done = end
