@@ -1020,8 +1020,8 @@ async def test_chunks_of_a_stream_given_up_are_never_written(
     autojump_clock: Any, identities: list[Identity]
 ) -> None:
     """Envelopes are sealed as the writer comes to them, so the chunks a stream had queued when
-    its sender gave up are dropped, not sent: only the one being written goes out. The
-    connection goes on."""
+    its sender gave up are dropped, not sent, when they are views of memory that may change
+    (an averager's parts are): only the one being written goes out. The connection goes on."""
     net = MemoryNetwork(seed=1, bandwidth=50e3)  # 256 KiB (a window) takes about 5 s
     chunk = SMALL.connection.stream_chunk
     got = 0
@@ -1038,7 +1038,7 @@ async def test_chunks_of_a_stream_given_up_are_never_written(
         await client.connect(server.address)
         with trio.move_on_after(0.5):
             async with client.open_stream(server.address, "sink", timeout=60) as stream:
-                await stream.send(bytes(SMALL.connection.stream_window))
+                await stream.send(bytearray(SMALL.connection.stream_window))
         sent = client.bytes_sent
         await trio.sleep(10.0)  # the whole window would have crossed by now
         assert got <= chunk

@@ -500,17 +500,25 @@ class Connection:
     ) -> None:
         """Queue one envelope of a running call or stream, waiting (cancellably) for room in
         the queue, then until the writer has sealed it: its payload is read then, so the
-        caller may change its buffer once this returns. Cancelled before that, the envelope
-        is dropped, never written."""
-        await (await self._queue(kind, call_id, payload)).wait_sealed()
+        caller may change its buffer once this returns. Cancelled before that, an envelope
+        whose payload is a view of the caller's memory is dropped, never written (``bytes``
+        cannot change, and still go out)."""
+        item = await self._queue(kind, call_id, payload, keep=isinstance(payload, bytes))
+        await item.wait_sealed()
 
     async def _queue(
-        self, kind: Kind, call_id: int, payload: bytes | memoryview | SharedSlice
+        self,
+        kind: Kind,
+        call_id: int,
+        payload: bytes | memoryview | SharedSlice,
+        *,
+        keep: bool,
     ) -> _Outgoing:
         """Queue one envelope, waiting (cancellably) for room in the queue; the caller waits
-        for it to be sealed before changing the payload's buffer."""
+        for it to be sealed before changing the payload's buffer. ``keep``: written even if
+        its sender gives up before then (the payload cannot change)."""
         await self._acquire_slot()
-        item = _Outgoing(kind, call_id, payload, counted=True)
+        item = _Outgoing(kind, call_id, payload, counted=True, keep=keep)
         self._outbox_send.send_nowait(item)
         return item
 
@@ -524,7 +532,15 @@ class Connection:
         """
         await self._acquire_slot()
         call_id, waiter = self._new_waiter(name)
-        item = _Outgoing(kind, call_id, payload, counted=True, deadline=deadline, name=name)
+        item = _Outgoing(
+            kind,
+            call_id,
+            payload,
+            counted=True,
+            keep=isinstance(payload, bytes),
+            deadline=deadline,
+            name=name,
+        )
         self._outbox_send.send_nowait(item)
         try:
             await item.wait_sealed()
@@ -547,7 +563,7 @@ class Connection:
         place after what is queued (a STREAM_END after its stream's chunks, a GOODBYE last)."""
         if self._closed or self._closing:
             return
-        item = _Outgoing(kind, call_id, payload, counted=False)
+        item = _Outgoing(kind, call_id, payload, counted=False, keep=True)
         if kind is Kind.STREAM_CREDIT:
             self._credits.append(item)
             self._outbox_send.send_nowait(None)  # wakes a writer waiting for work
@@ -804,6 +820,7 @@ class _Outgoing:
         "deadline",
         "dropped",
         "error",
+        "keep",
         "kind",
         "name",
         "payload",
@@ -817,6 +834,7 @@ class _Outgoing:
         payload: bytes | memoryview | SharedSlice,
         *,
         counted: bool,
+        keep: bool,
         deadline: float | None = None,
         name: str = "",
     ) -> None:
@@ -824,6 +842,7 @@ class _Outgoing:
         self.call_id = call_id
         self.payload = payload
         self.counted = counted  # holds a queue slot
+        self.keep = keep  # written even if its sender gives up first (it cannot change)
         self.deadline = deadline  # a call's: its deadline_ms is what is left when sealed
         self.name = name
         self.dropped = False
@@ -845,15 +864,15 @@ class _Outgoing:
 
     async def wait_sealed(self) -> None:
         """Until the writer has sealed this (raising its error, if it could not). Cancelled
-        before that, it is dropped if its payload is a view of someone's memory, which may
-        change from now on; ``bytes`` cannot change and still go out (an answer a frozen peer
-        owed, say: once it runs again, it is heard from)."""
+        before that, it is dropped unless ``keep``: a view of someone's memory may change from
+        now on, while what cannot change still goes out (an answer a frozen peer owed, say:
+        once it runs again, it is heard from; the last frames of a relayed pipe)."""
         if self.sealed_event is None:
             self.sealed_event = trio.Event()
         try:
             await self.sealed_event.wait()
         except BaseException:
-            if not isinstance(self.payload, bytes):
+            if not self.keep:
                 self.drop()
             raise
         if self.error is not None:
@@ -930,9 +949,14 @@ class SendStream:
 
         Each chunk is encrypted as it is sealed, straight from ``data`` (no copy before): the
         caller leaves ``data`` alone until this returns, and may reuse it after. Cancelled
-        before that, the chunks not sealed yet are dropped, never sent. A
-        :class:`SharedPayload` is sent the same way (e.g. one average to several peers)."""
+        before that, the chunks not sealed yet are dropped, never sent, when ``data`` is
+        memory that may change (anything but ``bytes``, or a :class:`SharedPayload` of bytes);
+        chunks of immutable data still go out in order. A :class:`SharedPayload` is sent the
+        same way (e.g. one average to several peers)."""
         chunk = self._conn.limits.stream_chunk
+        keep = isinstance(data, bytes) or (
+            isinstance(data, SharedPayload) and isinstance(data.data, bytes)
+        )
         pieces: list[memoryview | SharedSlice]
         if isinstance(data, SharedPayload):
             pieces = [data.slice(start, start + chunk) for start in range(0, len(data), chunk)]
@@ -942,20 +966,23 @@ class SendStream:
         queued: list[_Outgoing] = []
         try:
             for piece in pieces:
-                await self._guarded(self._send_chunk(piece, queued))
+                await self._guarded(self._send_chunk(piece, queued, keep))
             # The writer seals in order: once the last chunk is sealed, all of them are, and
             # `data` has been read.
             if queued:
                 await self._guarded(queued[-1].wait_sealed())
         except BaseException:
-            for item in queued:
-                item.drop()
+            if not keep:
+                for item in queued:
+                    item.drop()
             raise
         for item in queued:
             if item.error is not None:
                 raise item.error
 
-    async def _send_chunk(self, piece: memoryview | SharedSlice, queued: list[_Outgoing]) -> None:
+    async def _send_chunk(
+        self, piece: memoryview | SharedSlice, queued: list[_Outgoing], keep: bool
+    ) -> None:
         waiter = self._waiter
         assert waiter is not None
         while True:
@@ -967,7 +994,9 @@ class SendStream:
         waiter.credit -= len(piece)
         self._queueing = True
         try:
-            queued.append(await self._conn._queue(Kind.STREAM_DATA, self._call_id, piece))
+            queued.append(
+                await self._conn._queue(Kind.STREAM_DATA, self._call_id, piece, keep=keep)
+            )
         finally:
             self._queueing = False
             if self._end_deferred:
