@@ -35,6 +35,7 @@ import bisect
 import dataclasses
 import math
 import operator
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -312,19 +313,24 @@ class SpanAccumulator:
             raise ConfigError("finalize() after take(): take the rest instead")
         self._finalized = True
         included = [s for s in range(self.senders) if self.complete(s)]
-        buffers: list[FloatArray] = []
-        weights: list[float] = []
-        for s in included:
-            part = self._parts[s]
-            assert part is not None and part.buffer is not None and part.weight is not None
-            buffers.append(part.buffer)
-            weights.append(part.weight)
+        buffers, weights = self._buffers(included)
         self._parts = [None] * self.senders
         if not included:
             raise ValueError("no sender delivered its whole part of the span")
         result = np.empty(self.length, dtype=np.float32)
         _average_into(result, buffers, weights, 0, self.length)
         return result, included
+
+    def _buffers(self, senders: Sequence[int]) -> tuple[list[FloatArray], list[float]]:
+        """The buffers and weights of ``senders``, each of which has delivered something."""
+        buffers: list[FloatArray] = []
+        weights: list[float] = []
+        for s in senders:
+            part = self._parts[s]
+            assert part is not None and part.buffer is not None and part.weight is not None
+            buffers.append(part.buffer)
+            weights.append(part.weight)
+        return buffers, weights
 
     @property
     def done(self) -> int:
@@ -374,13 +380,7 @@ class SpanAccumulator:
         if included:
             if self._result is None:
                 self._result = np.empty(self.length, dtype=np.float32)
-            buffers: list[FloatArray] = []
-            weights: list[float] = []
-            for s in included:
-                part = self._parts[s]
-                assert part is not None and part.buffer is not None and part.weight is not None
-                buffers.append(part.buffer)
-                weights.append(part.weight)
+            buffers, weights = self._buffers(included)
             _average_into(self._result, buffers, weights, start, end)
             values = self._result[start:end]
         if end == self.length:
