@@ -336,10 +336,11 @@ async def test_streams_with_malformed_headers_are_rejected(autojump_clock: Any, 
 
 async def test_a_part_stream_cut_short_leaves_nothing_in_its_buffer(autojump_clock: Any) -> None:
     """Parts are encrypted straight from the averager's flat buffer, without a copy. A part
-    stream to a frozen reducer does not finish, and its sealed chunks can wait in the
-    connection's queue past the end of the round; they hold ciphertext of their own, so the
-    next round flattens into the same buffer and is exact, and the chunks that go out when the
-    reducer thaws are the ones sealed (else the reducer would refuse them: "mac")."""
+    stream to a frozen reducer does not finish; when the round gives up on it, the chunks
+    still queued for that connection and not yet sealed are dropped (they are views of the
+    buffer), and the ones already sealed hold ciphertext of their own. So the next round
+    flattens into the same buffer and is exact, and what goes out when the reducer thaws is
+    what was sealed (else the reducer would refuse it: "mac")."""
     net = MemoryNetwork(seed=3, latency=0.005, bandwidth=2e6)
     rng = np.random.default_rng(1)
     async with swarm(net, 4) as peers, AsyncExitStack() as stack:
