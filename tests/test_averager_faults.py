@@ -19,7 +19,7 @@ from moshpit_trio.averaging import allreduce as allreduce_module
 from moshpit_trio.averaging.averager import MoshpitAverager, RoundReport
 from moshpit_trio.averaging.grid import Grid, next_key
 from moshpit_trio.errors import MoshpitError, Rejected
-from moshpit_trio.identity import PeerID
+from moshpit_trio.identity import Identity, PeerID
 from moshpit_trio.peer import Peer
 from moshpit_trio.testing import MemoryNetwork
 from moshpit_trio.wire.connection import ConnectionLimits
@@ -525,3 +525,98 @@ async def test_a_member_killed_half_way_through_its_parts_is_in_the_ranges_avera
         for i in (1, 2):
             assert reports[i].succeeded and len(reports[i].members) == 2
             check_report_is_true(reports[i], before, weights, values[i])
+
+
+class _FakeResultStream:
+    """What AllReduce.on_result reads of a StreamRequest: the caller, the chunks, a deadline."""
+
+    def __init__(self, peer: PeerID, chunks: list[bytes]) -> None:
+        self.peer = peer
+        self._chunks = chunks
+        self.deadline = 1e9
+        self.connection = None
+
+    def __aiter__(self) -> Any:
+        return self._iterate()
+
+    async def _iterate(self) -> Any:
+        for c in self._chunks:
+            yield memoryview(c)
+
+
+def _two_member_round() -> tuple[Any, list[PeerID], tuple[int, int]]:
+    from moshpit_trio.averaging.allreduce import AllReduce
+    from moshpit_trio.averaging.matchmaking import GroupInfo, MemberInfo
+
+    ids = [Identity.from_seed(bytes([60 + i]) * 32).peer_id for i in range(2)]
+    members = tuple(
+        MemberInfo(p.to_bytes(), f"ws://h{i}:1/x", 1e6, False) for i, p in enumerate(ids)
+    )
+    group = GroupInfo(b"g" * 16, 0, (), members, members[0].peer_id)
+    reduce = AllReduce(
+        group, ids[0], np.zeros(10, np.float32), 1.0, codec_name="none", max_norm=None
+    )
+    return reduce, ids, reduce.spans[1]
+
+
+def _values(n: int, value: float = 1.0) -> list[bytes]:
+    return [np.full(n, value, np.float32).tobytes()]
+
+
+@pytest.mark.parametrize(
+    ("what", "fields", "chunks", "error"),
+    [
+        ("starts before the span", {"start": -1}, None, "does not match the span"),
+        ("ends past the span", {"end": 99}, None, "does not match the span"),
+        ("empty", {"end": "start"}, None, "does not match the span"),
+        ("another codec", {"codec": "fp16"}, None, "does not match the span"),
+        ("nobody included", {"included": []}, None, "bad list of included members"),
+        ("a member twice", {"included": [0, 0]}, None, "bad list of included members"),
+        ("no such member", {"included": [0, 2]}, None, "bad list of included members"),
+        ("too few bytes", {}, [b"\x00" * 4], "bad result"),
+        ("a NaN", {}, "nan", "non-finite values in a result"),
+    ],
+)
+async def test_a_result_range_is_refused_when_malformed(
+    what: str, fields: dict[str, Any], chunks: Any, error: str
+) -> None:
+    from moshpit_trio.averaging.allreduce import _ResultHeader
+
+    reduce, ids, (start, end) = _two_member_round()
+    values: dict[str, Any] = {"start": start, "end": end, "included": [0, 1], "codec": "none"}
+    values.update(fields)
+    if values["end"] == "start":
+        values["end"] = start
+    n = max(0, min(values["end"], end) - max(values["start"], start))
+    if chunks == "nan":
+        chunks = _values(n, float("nan"))
+    header = _ResultHeader(b"g" * 16, **values)
+    with pytest.raises(Rejected, match=error):
+        await reduce.on_result(_FakeResultStream(ids[1], chunks or _values(n)), header)
+    assert reduce.results == {} and not reduce.all_results.is_set(), what
+
+
+async def test_result_ranges_may_not_overlap_and_a_refused_one_frees_its_place() -> None:
+    from moshpit_trio.averaging.allreduce import _ResultHeader
+
+    reduce, ids, (start, end) = _two_member_round()
+    mid = (start + end) // 2
+
+    def header(a: int, b: int) -> Any:
+        return _ResultHeader(b"g" * 16, a, b, [0, 1], "none")
+
+    peer = ids[1]
+    await reduce.on_result(_FakeResultStream(peer, _values(mid - start)), header(start, mid))
+    with pytest.raises(Rejected, match="does not match the span"):  # overlaps what came
+        await reduce.on_result(_FakeResultStream(peer, _values(end - start)), header(start, end))
+    with pytest.raises(Rejected, match="non-finite"):
+        bad = _values(end - mid, float("inf"))
+        await reduce.on_result(_FakeResultStream(peer, bad), header(mid, end))
+    assert not reduce.all_results.is_set()
+    # the refused range left no claim behind: it may come again, and completes the span
+    await reduce.on_result(_FakeResultStream(peer, _values(end - mid)), header(mid, end))
+    assert reduce.all_results.is_set()
+    assert [(r.start, r.end) for r in reduce.results[1]] == [
+        (0, mid - start),
+        (mid - start, end - start),
+    ]
