@@ -387,10 +387,11 @@ def test_sigterm_mid_round_exits_0_in_its_bound_and_groupmates_report_it_missing
         # The round finished, as "partial": the victim's average of its span never came back
         # (it left first), so that span kept this peer's own values, and the report names the
         # victim as that span's reducer. This peer's reducer left the victim's part out, as
-        # "late" (the round's deadline came first) or "lost" (its connection ended first);
+        # "late" (the round's deadline came first), "withdrew" (the victim's abandoned round
+        # reset its part streams before its goodbye) or "lost" (its connection ended first);
         # nobody else is missing.
         assert line["outcome"] == "partial", line
-        assert set(line["excluded"].items()) <= {(vid, "late"), (vid, "lost")}
+        assert set(line["excluded"].items()) <= {(vid, "late"), (vid, "withdrew"), (vid, "lost")}
         (victim_span,) = [span for span in line["spans"] if span[2] == vid]
         assert victim_span[3] is None
         for _, _, reducer, included in line["spans"]:
