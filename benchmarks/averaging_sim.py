@@ -45,7 +45,8 @@ Methods (``--methods``):
                          row picks a column at random); announcers under one key are cut into
                          groups as ``group_sizes`` cuts them; after a row round each group's
                          lowest-id member stores its ``RowRecord``. The grid is ignored (rows
-                         and columns follow the live count, groups of at most 32), so it runs
+                         and columns follow the live count, laid out for groups of 32; keys
+                         are cut into groups of at most 40, the library's defaults), so it runs
                          once per (N, p), shown in the first grid's block. Its JSON rows add
                          ``solo_rounds`` (live peer-rounds spent in a group of one, over all
                          seeds), ``rounds_run`` and ``overfull_keys`` (keys of planned rounds
@@ -133,6 +134,7 @@ if str(ROOT) not in sys.path:
 
 from moshpit_trio.averaging.auto_grid import (  # noqa: E402
     DEFAULT_MAX_GROUP_SIZE,
+    DEFAULT_TARGET_GROUP_SIZE,
     Layout,
     Plan,
     RowRecord,
@@ -165,7 +167,7 @@ PAPER_GRID = "32x32"
 EXTRA_GRIDS = {512: "8x8x8"}  # the paper's 3-D grid is run for N = 512 only
 # Methods that ignore the grid: run once per (N, p), in the first grid's block.
 AUTO_METHODS = frozenset({"moshpit-auto"})
-AUTO_GRID = f"auto (max group {DEFAULT_MAX_GROUP_SIZE})"
+AUTO_GRID = f"auto (groups of {DEFAULT_TARGET_GROUP_SIZE}, at most {DEFAULT_MAX_GROUP_SIZE})"
 # The solo check: moshpit-auto at p = 0 for every N here, SOLO_ROUNDS rounds each, never stopped.
 SOLO_N = range(2, 65)
 SOLO_ROUNDS = 10
@@ -382,10 +384,13 @@ class MoshpitAuto:
         grid: Grid,
         rng: np.random.Generator,
         *,
+        target_group_size: int = DEFAULT_TARGET_GROUP_SIZE,
         max_group_size: int = DEFAULT_MAX_GROUP_SIZE,
     ) -> None:
         n = len(x0)
         self.x = x0.copy()
+        # the plan lays rows out for the target; a key's announcers are cut at the maximum
+        self.target = target_group_size
         self.m = max_group_size
         self.rng = rng
         # The library draws from a random.Random (a joiner's row, an unknown place's column).
@@ -423,14 +428,14 @@ class MoshpitAuto:
 
     def _cold_row(self, estimate: int, counts: dict[tuple[str, int], int]) -> int | None:
         # The rows of cold_start_rows while the tried key is full; None when all of them were.
-        for row in cold_start_rows(estimate, self.draw, self.m):
+        for row in cold_start_rows(estimate, self.draw, self.target):
             if counts.get(("row", row), 0) < self.KEY_CAP:
                 return row
         return None
 
     def step(self, t: int, live: BoolArray) -> None:
         layout = Layout.from_records(self.directory.values())
-        plan = Plan.of(layout, self.m)
+        plan = Plan.of(layout, self.target)
         kind = plan.kind(t)
         keys: dict[tuple[str, int], list[int]] = defaultdict(list)
         counts: dict[tuple[str, int], int] = defaultdict(int)

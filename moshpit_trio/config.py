@@ -52,8 +52,8 @@ from the file only.
 ``[relay]`` has two halves. A listening peer *offers* relaying (``offer``; the other keys but
 ``relays`` and ``want`` are its limits, ``wire.relay_table.RelayLimits``); a client-mode peer
 *uses* relays (``relays``, ``want``). Keys of the half that does not apply are mistakes, as
-``max_group_size`` with a fixed grid is: ``offer = true`` in client mode, ``relays`` or ``want``
-on a listening peer, relay limits on a peer that does not relay.
+``target_group_size`` or ``max_group_size`` with a fixed grid is: ``offer = true`` in client
+mode, ``relays`` or ``want`` on a listening peer, relay limits on a peer that does not relay.
 
 Every mistake is a ``ConfigError`` that names the file, the key (and the variable or flag the
 value came from), what was expected and what was found; unknown sections and keys are mistakes
@@ -78,6 +78,12 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final, Literal, TypeAlias
 
+from .averaging.auto_grid import (
+    DEFAULT_MAX_GROUP_SIZE,
+    DEFAULT_TARGET_GROUP_SIZE,
+    MAX_GROUP_SIZE_LIMIT,
+    group_size_limits,
+)
 from .errors import ConfigError, InvalidPeerID
 from .identity import PeerID
 from .wire.relay_table import RelayLimits
@@ -173,8 +179,10 @@ class AveragingRun:
     min_group_size: int
     #: the vector's first values: "zeros", or "random" (normal, seeded by the PeerID)
     init: Literal["zeros", "random"]
-    #: grid "auto": the largest group a round forms
-    max_group_size: int = 32
+    #: grid "auto": the group size rows are laid out for, and the largest group a round forms
+    #: (``auto_grid.group_size_limits``)
+    target_group_size: int = DEFAULT_TARGET_GROUP_SIZE
+    max_group_size: int = DEFAULT_MAX_GROUP_SIZE
     kind: Literal["averaging"] = "averaging"
 
 
@@ -196,8 +204,9 @@ class TrainingRun:
     listen: str | None
     #: free-form settings handed to the entry point as ``context.options``
     options: Mapping[str, Any]
-    #: grid "auto": the largest group a round forms
-    max_group_size: int = 32
+    #: grid "auto": the group size rows are laid out for, and the largest group a round forms
+    target_group_size: int = DEFAULT_TARGET_GROUP_SIZE
+    max_group_size: int = DEFAULT_MAX_GROUP_SIZE
     kind: Literal["training"] = "training"
 
 
@@ -650,7 +659,9 @@ def _run_schema(base: Path, kind: str) -> dict[str, _Key]:
         "kind": _Key(_choice("averaging", "training"), "str", required=True),
         "run_id": _Key(_run_id, "str", required=True),
         "grid": _Key(_grid, "list", "auto"),
-        "max_group_size": _Key(_integer(2, 256), "int", 32),
+        # None: follows the other (auto_grid.group_size_limits)
+        "target_group_size": _Key(_integer(2, MAX_GROUP_SIZE_LIMIT), "int", None),
+        "max_group_size": _Key(_integer(2, MAX_GROUP_SIZE_LIMIT), "int", None),
         "round_period": _Key(_seconds(allow_zero=False), "float", 5.0),
         "round_timeout": _Key(_seconds(allow_zero=False), "float", None),
         "compression": _Key(_choice("none", "fp16", "8bit"), "str", "none"),
@@ -972,12 +983,19 @@ def _runs(source: str, raw: Any, base: Path) -> tuple[RunConfig, ...]:
                 f"seconds shorter than round_period ({period:g} s), or rounds skip slots",
                 values["round_timeout"],
             )
-        if values["grid"] != "auto" and "max_group_size" in table:
+        for key in ("target_group_size", "max_group_size"):
+            if values["grid"] != "auto" and key in table:
+                raise _Where(source, f"{label}.{key}").fail(
+                    f"no {key} with a fixed grid (its axes size the groups); "
+                    f'set grid = "auto" or remove {key}',
+                    values[key],
+                )
+        target, most = values["target_group_size"], values["max_group_size"]
+        if target is not None and most is not None and most < target:
             raise _Where(source, f"{label}.max_group_size").fail(
-                "no max_group_size with a fixed grid (its axes size the groups); "
-                'set grid = "auto" or remove max_group_size',
-                values["max_group_size"],
+                f"at least target_group_size ({target})", most
             )
+        values["target_group_size"], values["max_group_size"] = group_size_limits(target, most)
         if values["min_group_size"] > values["max_group_size"]:
             raise _Where(source, f"{label}.min_group_size").fail(
                 f"at most max_group_size ({values['max_group_size']})", values["min_group_size"]

@@ -48,7 +48,6 @@ import trio
 
 from . import __version__
 from .averaging.allreduce import SpanReport
-from .averaging.auto_grid import DEFAULT_MAX_GROUP_SIZE
 from .averaging.averager import MoshpitAverager, RoundReport
 from .config import AccessConfig, AveragingRun, DaemonConfig, LimitsConfig, TrainingRun
 from .errors import (
@@ -776,7 +775,8 @@ class _AveragingService(_RunService):
             bandwidth=spec.bandwidth,
             min_group_size=spec.min_group_size,
             round_period=spec.round_period,
-            max_group_size=(spec.max_group_size if spec.grid == "auto" else DEFAULT_MAX_GROUP_SIZE),
+            target_group_size=spec.target_group_size if spec.grid == "auto" else None,
+            max_group_size=spec.max_group_size if spec.grid == "auto" else None,
         )
         async with averager:
             self.state = "running"
@@ -927,7 +927,14 @@ class _TrainingService(_RunService):
             announce_host=peer_config.announce_host,
             optimizer_options={
                 "grid": spec.grid,
-                **({"max_group_size": spec.max_group_size} if spec.grid == "auto" else {}),
+                **(
+                    {
+                        "target_group_size": spec.target_group_size,
+                        "max_group_size": spec.max_group_size,
+                    }
+                    if spec.grid == "auto"
+                    else {}
+                ),
                 "round_period": spec.round_period,
                 "round_timeout": spec.round_timeout,
                 "compression": spec.compression,

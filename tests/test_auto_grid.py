@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from collections import Counter, defaultdict
 
 import msgspec
@@ -14,18 +15,22 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from moshpit_trio.averaging.auto_grid import (
+    COLD_GROUPS_PER_ROW,
     COLD_ROW_BASE,
     DEFAULT_MAX_GROUP_SIZE,
+    DEFAULT_TARGET_GROUP_SIZE,
     STALE_ROUNDS,
     Layout,
     Plan,
     RowRecord,
     capacity_at,
     cold_row,
+    cold_rows,
     decode_record,
     encode_record,
     estimate_size,
     feasible,
+    group_size_limits,
     group_sizes,
     listening_bits,
     overflow_row,
@@ -98,7 +103,7 @@ def test_row_targets_deal_evenly(n: int, rows: int) -> None:
 
 
 @pytest.mark.parametrize("bad", [0, 1, -3, 2.5, "32", True, None])
-def test_bad_max_group_size_is_a_config_error(bad: object) -> None:
+def test_bad_target_group_size_is_a_config_error(bad: object) -> None:
     with pytest.raises(ConfigError):
         plan_rows(100, bad)  # type: ignore[arg-type]
     with pytest.raises(ConfigError):
@@ -421,8 +426,75 @@ def test_a_peer_whose_row_is_gone_and_place_unknown_is_seated_as_a_joiner() -> N
     assert Counter(plan.place(cold, None)[0] for _ in range(10)) == {0: 10}  # what place says
 
 
-def test_default_max_group_size() -> None:
-    assert DEFAULT_MAX_GROUP_SIZE == 32 and plan_rows(DEFAULT_MAX_GROUP_SIZE) == 1
+def test_default_group_sizes() -> None:
+    assert (DEFAULT_TARGET_GROUP_SIZE, DEFAULT_MAX_GROUP_SIZE) == group_size_limits() == (32, 40)
+    assert plan_rows(DEFAULT_TARGET_GROUP_SIZE) == 1
+    assert plan_rows(DEFAULT_TARGET_GROUP_SIZE + 1) > 1
+
+
+@pytest.mark.parametrize(
+    ("target", "most", "limits"),
+    [
+        (None, None, (32, 40)),
+        (16, None, (16, 20)),  # the maximum follows the target: a quarter more
+        (2, None, (2, 3)),  # at least one more
+        (3, None, (3, 4)),
+        (250, None, (250, 256)),  # never past what a DHT key holds
+        (256, None, (256, 256)),
+        (None, 16, (16, 16)),  # only the maximum, below the default target: no room
+        (None, 64, (32, 64)),
+        (None, 2, (2, 2)),
+        (8, 8, (8, 8)),  # both: as given
+        (8, 100, (8, 100)),
+    ],
+)
+def test_group_size_limits(target: int | None, most: int | None, limits: tuple[int, int]) -> None:
+    assert group_size_limits(target, most) == limits
+
+
+@pytest.mark.parametrize(
+    ("target", "most", "message"),
+    [
+        (33, 32, "target_group_size <= max_group_size <= 256"),
+        (None, 257, "<= 256"),
+        (257, None, "<= 256"),
+        (1, None, "target_group_size must be at least 2"),
+        (None, 1, "max_group_size must be at least 2"),
+        (8.0, None, "target_group_size must be an integer"),
+        (None, "40", "max_group_size must be an integer"),
+        (True, None, "target_group_size must be an integer"),
+    ],
+)
+def test_bad_group_size_limits(target: object, most: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        group_size_limits(target, most)  # type: ignore[arg-type]
+
+
+@settings(max_examples=200)
+@given(target=st.none() | st.integers(2, 256), most=st.none() | st.integers(2, 256))
+def test_group_size_limits_keep_what_is_given(target: int | None, most: int | None) -> None:
+    if target is not None and most is not None and most < target:
+        with pytest.raises(ConfigError):
+            group_size_limits(target, most)
+        return
+    t, m = group_size_limits(target, most)
+    assert 2 <= t <= m <= 256
+    assert target is None or t == target
+    assert most is None or m == most
+
+
+def test_a_peer_back_from_a_round_away_fits_a_full_row_without_splitting_it() -> None:
+    # 32 rows of 32 (the target): a returning peer (place unknown) makes its row 33, which
+    # the maximum (40) still takes as one group; a row as long as the maximum would not.
+    layout = layout_of({r: [32] for r in range(32)})
+    plan = Plan.of(layout)
+    assert plan.rows == 32 and plan.targets == (32,) * 32
+    assert plan.row(5, None) == 5
+    assert group_sizes(32 + 1, DEFAULT_MAX_GROUP_SIZE) == [33]
+    assert group_sizes(32 + 1, DEFAULT_TARGET_GROUP_SIZE) == [17, 16]
+    # A joiner at a full swarm: no row has room below the target, so one of the least full,
+    # which the room to the maximum takes.
+    assert plan.row_for_joiner(random.Random(1)) in range(32)
 
 
 # -- client-mode peers are never placed where nobody listens --------------------------------
@@ -509,11 +581,19 @@ def test_a_small_table_knows_everyone_and_a_full_one_estimates_the_swarm() -> No
 
 
 @given(estimate=st.integers(min_value=1, max_value=100_000), seed=st.integers(0, 2**32))
-def test_cold_rows_hold_about_a_group_or_two_and_lie_past_every_planned_row(
+def test_cold_rows_hold_about_four_groups_and_lie_past_every_planned_row(
     estimate: int, seed: int
 ) -> None:
     row = cold_row(estimate, random.Random(seed))
-    assert COLD_ROW_BASE <= row < COLD_ROW_BASE + max(1, estimate // DEFAULT_MAX_GROUP_SIZE)
+    count = cold_rows(estimate)
+    assert COLD_ROW_BASE <= row < COLD_ROW_BASE + count
+    assert count == max(1, math.ceil(estimate / (COLD_GROUPS_PER_ROW * DEFAULT_TARGET_GROUP_SIZE)))
+    # at most four groups' worth a key (half the 256 a DHT key holds, at the default target),
+    # and more than two where there is more than one key
+    per_key = estimate / count
+    assert per_key <= COLD_GROUPS_PER_ROW * DEFAULT_TARGET_GROUP_SIZE
+    if count > 1:
+        assert per_key > 2 * DEFAULT_TARGET_GROUP_SIZE
     assert plan_rows(estimate) <= COLD_ROW_BASE
 
 

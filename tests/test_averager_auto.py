@@ -125,8 +125,20 @@ async def test_bad_arguments_are_refused(autojump_clock: Any) -> None:
             MoshpitAverager(peer, "r", [v], max_group_size=1)
         with pytest.raises(ConfigError, match="max_group_size"):
             MoshpitAverager(peer, "r", [v], max_group_size=True)  # type: ignore[arg-type]
-        with pytest.raises(ConfigError, match="max_group_size is for grid='auto'"):
+        with pytest.raises(ConfigError, match="max_group_size are for grid='auto'"):
             MoshpitAverager(peer, "r", [v], grid=(4, 4), max_group_size=8)
+        with pytest.raises(ConfigError, match="target_group_size and max_group_size are for"):
+            MoshpitAverager(peer, "r", [v], grid=(4, 4), target_group_size=8)
+        with pytest.raises(ConfigError, match="target_group_size must be at least 2"):
+            MoshpitAverager(peer, "r", [v], target_group_size=1)
+        with pytest.raises(ConfigError, match="target_group_size <= max_group_size"):
+            MoshpitAverager(peer, "r", [v], target_group_size=20, max_group_size=16)
+        with pytest.raises(ConfigError, match="<= 256"):
+            MoshpitAverager(peer, "r", [v], max_group_size=300)
+        averager = MoshpitAverager(peer, "r", [v], target_group_size=8)
+        assert (averager.target_group_size, averager.max_group_size) == (8, 10)
+        averager = MoshpitAverager(peer, "r", [v])
+        assert (averager.target_group_size, averager.max_group_size) == (32, 40)
         with pytest.raises(ConfigError, match="initial_key"):
             MoshpitAverager(peer, "r", [v], initial_key=(1,))
         with pytest.raises(ConfigError, match="min_group_size"):

@@ -11,6 +11,7 @@ from types import ModuleType
 import numpy as np
 import pytest
 
+from moshpit_trio.averaging.auto_grid import DEFAULT_MAX_GROUP_SIZE, DEFAULT_TARGET_GROUP_SIZE
 from moshpit_trio.averaging.grid import Grid
 
 SEEDS = (0, 1)
@@ -117,13 +118,13 @@ def test_main_rejects_unknown_methods(capsys: pytest.CaptureFixture[str]) -> Non
 @pytest.mark.parametrize(("n", "most"), [(2, 1), (32, 1), (64, 3), (100, 3), (512, 3)])
 def test_auto_grid_reaches_the_mean_in_a_few_rounds_with_nobody_alone(n: int, most: int) -> None:
     """grid="auto" at p = 0: one group of all up to 32 peers (exact in one round); beyond, a
-    cold start over rows of uneven (binomial) sizes, then a column round and a row round on
-    planned places; never a peer alone."""
+    cold start over keys of about four groups' worth, then a column round and a row round on
+    planned places; never a peer alone, never a group past the maximum."""
     for seed in SEEDS:
         curve, state = sim.run_sim("moshpit-auto", n, 0.0, Grid((n,)), seed, rounds=8, stop=None)
         assert 1 <= sim.rounds_to(curve, 1e-9) <= most
         assert state.solo_rounds == 0
-        assert max(state.group_sizes) <= 32
+        assert max(state.group_sizes) <= DEFAULT_MAX_GROUP_SIZE
 
 
 def test_auto_grid_rows_report_solo_rounds(capsys: pytest.CaptureFixture[str]) -> None:
@@ -152,13 +153,25 @@ def test_auto_grid_rows_report_solo_rounds(capsys: pytest.CaptureFixture[str]) -
     assert "cut into smaller groups than planned" in captured.err
 
 
-def test_overfull_keys_count_the_stragglers_that_split_a_planned_group() -> None:
+def test_overfull_keys_count_the_stragglers_that_split_a_planned_group(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # At p = 0 everyone holds a planned place after the cold round: no key gets more than the
     # plan expects. At N = 32**2 and p = 0.01, the rows and columns are full but for the
     # places the absent peers left, and the peers back from an absence (or that missed the
-    # cold round) pick among those at random: some keys get one too many and split.
+    # cold round) pick among those at random: some keys get one too many. The room between
+    # the target (32) and the maximum (40) takes them; with no room, they split their keys.
     for n in (64, 1024):
         _, calm = sim.run_sim("moshpit-auto", n, 0.0, Grid((n,)), 0, rounds=6, stop=None)
         assert calm.overfull_keys == 0
-    _, busy = sim.run_sim("moshpit-auto", 1024, 0.01, Grid((1024,)), 0, rounds=6, stop=None)
-    assert busy.overfull_keys > 0
+    _, roomy = sim.run_sim("moshpit-auto", 1024, 0.01, Grid((1024,)), 0, rounds=6, stop=None)
+    assert roomy.overfull_keys == 0
+    assert max(roomy.group_sizes) > DEFAULT_TARGET_GROUP_SIZE  # the room was used
+    monkeypatch.setitem(
+        sim.ALL_METHODS,
+        "moshpit-auto",
+        lambda x, g, r: sim.MoshpitAuto(x, g, r, max_group_size=DEFAULT_TARGET_GROUP_SIZE),
+    )
+    _, tight = sim.run_sim("moshpit-auto", 1024, 0.01, Grid((1024,)), 0, rounds=6, stop=None)
+    assert tight.overfull_keys > 0
+    assert max(tight.group_sizes) == DEFAULT_TARGET_GROUP_SIZE

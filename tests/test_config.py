@@ -136,7 +136,15 @@ def test_defaults() -> None:
     run = parse_config('[[runs]]\nkind = "averaging"\nrun_id = "r"\nsize = 3\n').runs[0]
     assert isinstance(run, AveragingRun)
     assert (run.grid, run.round_period, run.round_timeout) == ("auto", 5.0, 4.0)
-    assert run.max_group_size == 32
+    assert (run.target_group_size, run.max_group_size) == (32, 40)
+    run = parse_config(
+        '[[runs]]\nkind = "averaging"\nrun_id = "r"\nsize = 3\ntarget_group_size = 8\n'
+    ).runs[0]
+    assert (run.target_group_size, run.max_group_size) == (8, 10)  # the maximum follows
+    run = parse_config(
+        '[[runs]]\nkind = "averaging"\nrun_id = "r"\nsize = 3\nmax_group_size = 16\n'
+    ).runs[0]
+    assert (run.target_group_size, run.max_group_size) == (16, 16)  # so does the target
     assert (run.compression, run.bandwidth, run.weight, run.init) == ("none", 1e8, 1.0, "zeros")
 
 
@@ -210,6 +218,20 @@ def test_status_allow() -> None:
             "[[runs]]\nkind = 'averaging'\nrun_id = 'a'\nsize = 1\ngrid = [4, 4]\n"
             "max_group_size = 8",
             r"runs\[0\].max_group_size: expected no max_group_size with a fixed grid",
+        ),
+        (
+            "[[runs]]\nkind = 'averaging'\nrun_id = 'a'\nsize = 1\ngrid = [4, 4]\n"
+            "target_group_size = 8",
+            r"runs\[0\].target_group_size: expected no target_group_size with a fixed grid",
+        ),
+        (
+            "[[runs]]\nkind = 'averaging'\nrun_id = 'a'\nsize = 1\ntarget_group_size = 300",
+            r"runs\[0\].target_group_size: expected",
+        ),
+        (
+            "[[runs]]\nkind = 'averaging'\nrun_id = 'a'\nsize = 1\ntarget_group_size = 20\n"
+            "max_group_size = 16",
+            r"runs\[0\].max_group_size: expected at least target_group_size \(20\)",
         ),
         (
             "[[runs]]\nkind = 'averaging'\nrun_id = 'a'\nsize = 1\nmax_group_size = 4\n"

@@ -337,6 +337,10 @@ def test_interpreter_exit_without_close_does_not_hang() -> None:
         ({"batch_size": 0}, "batch_size"),
         ({"bootstrap": "ws://127.0.0.1:1/x"}, "list of addresses"),
         ({"identity": 42}, "identity"),
+        ({"grid": (4, 4), "target_group_size": 8}, "are for grid='auto'"),
+        ({"grid": (4, 4), "max_group_size": 8}, "are for grid='auto'"),
+        ({"target_group_size": 1}, "target_group_size must be at least 2"),
+        ({"target_group_size": 20, "max_group_size": 16}, "target_group_size <= max_group_size"),
     ],
 )
 def test_bad_arguments_are_config_errors(kwargs: dict[str, Any], match: str) -> None:

@@ -3,14 +3,18 @@
 A fixed grid needs its shape chosen for a swarm size nobody knows, and keys drawn from PeerIDs
 fill its lines unevenly: small swarms go solo, large ones need extra rounds. The auto grid
 instead lays the live peers out as *rows* that persist from round to round and *columns* that
-cross them, with both sizes following the live count ``N``:
+cross them, with both sizes following the live count ``N``. Two sizes bound them
+(:func:`group_size_limits`): the *target* ``T`` (``target_group_size``, default 32) that rows
+and columns are laid out for, and the *maximum* (``max_group_size``, default 40) past which a
+key's announcers are cut into several groups. The room between the two takes the peers no
+plan can place (one back from a round away, a joiner) without splitting a full row in half.
 
 * ``S`` rows (ids ``0 .. S-1``); ``N`` is dealt to them as evenly as possible
   (:func:`row_targets`), so row sizes differ by at most one; the longer targets go to the rows
   that hold the most already, so a row short by a failed peer is not refilled from elsewhere
-  (its peer, back, fills it again). ``N <= max_group_size``: one row,
+  (its peer, back, fills it again). ``N <= T``: one row,
   the whole swarm in one group every round. Larger: :func:`plan_rows` picks ``S`` so that rows
-  are at most ``max_group_size`` long, preferring an ``S`` that divides ``N`` (every row full)
+  are at most ``T`` long, preferring an ``S`` that divides ``N`` (every row full)
   and, among those, rows about as long as there are rows.
 * Inside its row a peer has a *position*: its place in the row as the row's last group(s)
   formed it (members by PeerID; a row too long for one group forms several, ordered by group
@@ -25,33 +29,33 @@ cross them, with both sizes following the live count ``N``:
 
 When ``N = S * L`` and every row holds ``L``, a row round then a column round give every peer
 the exact mean: the paper's 2-D grid, with ``M`` following ``N`` instead of configuration.
-(2-D only: the column count grows past ``max_group_size`` beyond ``max_group_size**2`` peers,
-and columns then form several groups each.)
+(2-D only: the column count grows past ``T`` beyond ``T**2`` peers, and columns past the
+maximum then form several groups each.)
 
 Who is where is written down, not derived from PeerIDs: after each row round the first member
 (lowest PeerID) of each group stores a :class:`RowRecord` (row, round, group id, size, reachable
 members) under the run's *directory* key ``mp.avg/RUN/rows``, an owned record with one entry
 per row group. Every peer reads it before a round (about ``S`` entries: bounded by the group
-size while ``N <= max_group_size**2``) and turns it into a :class:`Layout`; from the layout every
+size while ``N <= T**2``) and turns it into a :class:`Layout`; from the layout every
 peer computes the same :class:`Plan`:
 
-* ``S`` stays as it is while it is feasible (rows no longer than ``max_group_size``, no row
+* ``S`` stays as it is while it is feasible (rows no longer than ``T``, no row
   shorter than two), so churn does not reshuffle the swarm; otherwise it is planned afresh;
 * excess places (positions past a row's target, and every place in a row ``>= S``) are paired,
   in (row, position) order, with missing places (rows short of their target, in row order):
   those peers move before the next row round (:meth:`Plan.place`), and the column round
   before that already puts them in the columns of their new places;
-* a joiner takes a row with room once the moves are made (its target below
-  ``max_group_size``), at random weighted by how much (:meth:`Plan.row_for_joiner`): a row as
-  long as a group may be, given one peer more, would average as two half groups. So does a peer
+* a joiner takes a row with room once the moves are made (its target below ``T``), at random
+  weighted by how much (:meth:`Plan.row_for_joiner`), else one of the least full: the
+  room up to the maximum takes it there. So does a peer
   whose row the plan no longer has and whose place the directory does not show (it was away
   when its cold row's peers were placed; :meth:`Plan.seat`). With no directory yet (a swarm
   starting all at once) it takes
-  a random one of ``N / max_group_size`` cold rows, ``N`` judged from the peers closest to
+  a random one of ``N / (4 T)`` cold rows, ``N`` judged from the peers closest to
   the directory's key, the same for every reader (:func:`estimate_size_around`,
-  :func:`cold_row`), so no key holds much more than two groups' worth (past the DHT's 256
-  entries a key, it tries the rest of :func:`cold_start_rows`); cold rows
-  are numbered past any planned row, so the next plan places everyone afresh;
+  :func:`cold_row`), so a key holds about four groups' worth, cut into balanced groups
+  (past the DHT's 256 entries a key, it tries the rest of :func:`cold_start_rows`); cold
+  rows are numbered past any planned row, so the next plan places everyone afresh;
 * a client-mode peer never lands in a row or column where nobody listens (nobody there could
   lead it): the records say which members listen (:meth:`Plan.row`, :meth:`Plan.column_for`).
 
@@ -81,11 +85,14 @@ from .grid import GROUP_KEY_NAMESPACE
 
 __all__ = [
     "COLD_ATTEMPTS",
+    "COLD_GROUPS_PER_ROW",
     "COLD_READ_RATE",
     "COLD_READ_SPREAD_MAX",
     "COLD_ROW_BASE",
     "COLD_SETTLE",
     "DEFAULT_MAX_GROUP_SIZE",
+    "DEFAULT_TARGET_GROUP_SIZE",
+    "MAX_GROUP_SIZE_LIMIT",
     "Layout",
     "Plan",
     "RoundKind",
@@ -94,10 +101,12 @@ __all__ = [
     "capacity_at",
     "cold_read_spread",
     "cold_row",
+    "cold_rows",
     "cold_start_rows",
     "directory_key",
     "estimate_size",
     "estimate_size_around",
+    "group_size_limits",
     "group_sizes",
     "listening_bits",
     "overflow_row",
@@ -106,7 +115,12 @@ __all__ = [
     "row_targets",
 ]
 
-DEFAULT_MAX_GROUP_SIZE = 32
+#: the group size rows are laid out for, and the largest group a key's announcers make
+#: (``group_size_limits``)
+DEFAULT_TARGET_GROUP_SIZE = 32
+DEFAULT_MAX_GROUP_SIZE = 40
+#: a DHT key holds at most this many entries: no group can be larger
+MAX_GROUP_SIZE_LIMIT = 256
 #: the first of the rows a cold start uses: past any row a plan makes, so that the first plan
 #: after a cold start lays the rows out afresh and every cold place counts as one to move
 COLD_ROW_BASE = 1 << 16
@@ -183,42 +197,71 @@ def directory_key(run_id: str) -> str:
     return f"{GROUP_KEY_NAMESPACE}/{run_id}/rows"
 
 
-def _check_max(max_group_size: int) -> int:
-    if isinstance(max_group_size, bool) or not isinstance(max_group_size, int):
-        raise ConfigError(f"max_group_size must be an integer, got {max_group_size!r}")
-    if max_group_size < 2:
-        raise ConfigError(f"max_group_size must be at least 2, got {max_group_size}")
-    return max_group_size
+def _check_size(group_size: int, name: str = "target_group_size") -> int:
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise ConfigError(f"{name} must be an integer, got {group_size!r}")
+    if group_size < 2:
+        raise ConfigError(f"{name} must be at least 2, got {group_size}")
+    return group_size
 
 
-def feasible(n: int, rows: int, max_group_size: int) -> bool:
-    """Can ``n`` peers sit in ``rows`` rows, none longer than the maximum, none shorter than 2
-    (one row only while everyone fits in one group)?"""
+def group_size_limits(target: int | None = None, most: int | None = None) -> tuple[int, int]:
+    """The (target, maximum) group sizes of a run, from what its configuration says (None: not
+    said). The target lays the rows out; the maximum is what a key's announcers are cut at.
+
+    The room between them is for the peers a plan cannot place: one back from a round away,
+    joiners. With rows as long as the maximum, the 33rd announcer of a 32-peer row made two
+    half groups (17 + 16) of it, a whole round of mixing lost in that row; below the maximum
+    it joins the group. Neither given: 32 and 40. Only the target: a quarter more (at least
+    one). Only the maximum: the target is 32, or the maximum if that is smaller (no room).
+
+    >>> group_size_limits(), group_size_limits(16), group_size_limits(None, 16)
+    ((32, 40), (16, 20), (16, 16))
+    """
+    if target is not None:
+        _check_size(target)
+    if most is not None:
+        _check_size(most, "max_group_size")
+    if target is None:
+        target = DEFAULT_TARGET_GROUP_SIZE if most is None else min(DEFAULT_TARGET_GROUP_SIZE, most)
+    if most is None:
+        most = min(MAX_GROUP_SIZE_LIMIT, target + max(1, target // 4))
+    if not target <= most <= MAX_GROUP_SIZE_LIMIT:
+        raise ConfigError(
+            f"expected target_group_size <= max_group_size <= {MAX_GROUP_SIZE_LIMIT} (a DHT key "
+            f"holds {MAX_GROUP_SIZE_LIMIT} entries), got {target} and {most}"
+        )
+    return target, most
+
+
+def feasible(n: int, rows: int, group_size: int) -> bool:
+    """Can ``n`` peers sit in ``rows`` rows, none longer than the target group size, none
+    shorter than 2 (one row only while everyone fits in one group)?"""
     if rows == 1:
-        return n <= max_group_size
+        return n <= group_size
     return (
-        n > max_group_size
-        and math.ceil(n / rows) <= max_group_size
+        n > group_size
+        and math.ceil(n / rows) <= group_size
         and n // rows >= 2
-        # columns hold about one peer per row: no more rows than a group may hold, while
-        # the swarm fits in max_group_size**2 at all
-        and (rows <= max_group_size or n > max_group_size**2)
+        # columns hold about one peer per row: no more rows than a group should hold, while
+        # the swarm fits in group_size**2 at all
+        and (rows <= group_size or n > group_size**2)
     )
 
 
-def plan_rows(n: int, max_group_size: int = DEFAULT_MAX_GROUP_SIZE) -> int:
+def plan_rows(n: int, group_size: int = DEFAULT_TARGET_GROUP_SIZE) -> int:
     """How many rows ``n`` live peers should sit in.
 
     >>> plan_rows(16), plan_rows(1024), plan_rows(900), plan_rows(768), plan_rows(61)
     (1, 32, 30, 24, 8)
     """
-    _check_max(max_group_size)
-    if n <= max_group_size:
+    _check_size(group_size)
+    if n <= group_size:
         return 1
-    lo = math.ceil(n / max_group_size)
-    if lo > max_group_size:  # beyond max_group_size**2: the longest rows, columns past the max
+    lo = math.ceil(n / group_size)
+    if lo > group_size:  # beyond group_size**2: the longest rows, columns past the target
         return lo
-    candidates = [s for s in range(lo, max_group_size + 1) if feasible(n, s, max_group_size)]
+    candidates = [s for s in range(lo, group_size + 1) if feasible(n, s, group_size)]
     exact = [s for s in candidates if n % s == 0]
     # Nothing feasible (3 peers, groups of at most 2): the shortest rows; one is short of 2.
     pool = exact or candidates or [lo]
@@ -344,28 +387,47 @@ def estimate_size_around(key: bytes, closest: Sequence[bytes]) -> int:
     return estimate_size(key, closest, len(closest))
 
 
-def cold_row(
-    estimate: int, rng: random.Random, max_group_size: int = DEFAULT_MAX_GROUP_SIZE
-) -> int:
+def cold_rows(estimate: int, group_size: int = DEFAULT_TARGET_GROUP_SIZE) -> int:
+    """How many cold rows a swarm of about ``estimate`` peers starts in: one per
+    :data:`COLD_GROUPS_PER_ROW` groups of the target size, rounded up (an estimate a third
+    low still leaves a 256-peer swarm two keys, not one key as full as the DHT allows).
+
+    >>> cold_rows(1024), cold_rows(100), cold_rows(200), cold_rows(1024, 8)
+    (8, 1, 2, 32)
+    """
+    _check_size(group_size)
+    return max(1, -(-estimate // (COLD_GROUPS_PER_ROW * group_size)))
+
+
+def cold_row(estimate: int, rng: random.Random, group_size: int = DEFAULT_TARGET_GROUP_SIZE) -> int:
     """The row a peer with no directory to go by starts in (a swarm starting all at once): one
-    of ``estimate // max_group_size`` cold rows (at least one) at random, so that each cold
-    row's key holds about one to two groups' worth of announcers (the matchmaker cuts them
-    into balanced groups), not the whole swarm, whose every reader would read all of it,
-    several times. That many per key leaves nobody alone even when the estimate is off by half.
+    of :func:`cold_rows` at random, so that each cold row's key holds a few groups' worth of
+    announcers, which the matchmaker cuts into groups of sizes differing by at most one, not
+    the whole swarm, whose every reader would read all of it, several times.
+
+    Why a few groups' worth, not one: a key's count is binomial, and the matchmaker cuts it
+    into as few groups as the maximum allows. At one group's worth a key (32 rows at 1024
+    peers) the groups were 6 to 32 peers (median 21); at four (8 rows of about 128, spread
+    about 11), 26 to 40 (median 34). In ``benchmarks/averaging_sim.py`` (N = 1024, p = 0.01,
+    40 seeds) the variance after the cold round went from 10**-1.28 to 10**-1.42, and after
+    the column round that follows (with the room up to the maximum too) from 10**-2.87 to
+    10**-3.15 (the paper's full 32 x 32 grid: 10**-1.41 and 10**-3.18). An estimate off by
+    half still keeps a key well under the DHT's 256.
     Cold rows are numbered from :data:`COLD_ROW_BASE`: the next plan lays the rows out afresh
-    (the cold rows are uneven, binomial) and moves everyone to their planned places.
+    and moves everyone to their planned places.
 
     >>> cold_row(40, random.Random(0)) - COLD_ROW_BASE
     0
-    >>> 0 <= cold_row(1024, random.Random(0)) - COLD_ROW_BASE < 32
+    >>> 0 <= cold_row(1024, random.Random(0)) - COLD_ROW_BASE < 8
     True
     """
-    _check_max(max_group_size)
-    return COLD_ROW_BASE + rng.randrange(max(1, estimate // max_group_size))
+    return COLD_ROW_BASE + rng.randrange(cold_rows(estimate, group_size))
 
 
 #: rows a peer with no directory tries before it sits the round out (see ``cold_start_rows``)
 COLD_ATTEMPTS = 10
+#: how many groups' worth of peers a cold row's key holds (see ``cold_row``)
+COLD_GROUPS_PER_ROW = 4
 
 #: peers with no row read the run's directory spread over time at about this many a second
 #: (``cold_read_spread``), and never later than ``COLD_READ_SPREAD_MAX`` into the round
@@ -399,7 +461,7 @@ def cold_read_spread(estimate: int) -> float:
 def cold_start_rows(
     estimate: int,
     rng: random.Random,
-    max_group_size: int = DEFAULT_MAX_GROUP_SIZE,
+    group_size: int = DEFAULT_TARGET_GROUP_SIZE,
     attempts: int = COLD_ATTEMPTS,
 ) -> Iterator[int]:
     """The rows a peer with no directory to go by tries, in order, moving on while a row's key
@@ -409,10 +471,10 @@ def cold_start_rows(
     through this.
 
     >>> [r - COLD_ROW_BASE for r in cold_start_rows(64, random.Random(0))]
-    [1, 2, 3, 4, 5, 6, 7, 8, 9, 16]
+    [0, 1, 2, 3, 4, 5, 6, 7, 8, 15]
     """
-    yield cold_row(estimate, rng, max_group_size)
-    past = COLD_ROW_BASE + max(1, estimate // max_group_size)
+    yield cold_row(estimate, rng, group_size)
+    past = COLD_ROW_BASE + cold_rows(estimate, group_size)
     for attempt in range(attempts - 1):
         yield past + overflow_row(attempt, rng)
 
@@ -502,19 +564,20 @@ class Plan:
     layout: Layout
     rows: int
     targets: tuple[int, ...]
-    max_group_size: int
+    #: the target group size the rows are laid out for (``group_size_limits``)
+    group_size: int
 
     @classmethod
-    def of(cls, layout: Layout, max_group_size: int = DEFAULT_MAX_GROUP_SIZE) -> Plan:
-        _check_max(max_group_size)
+    def of(cls, layout: Layout, group_size: int = DEFAULT_TARGET_GROUP_SIZE) -> Plan:
+        _check_size(group_size)
         n = layout.total
         current = max(layout.rows, default=-1) + 1
         if n == 0:
             rows = 1
-        elif current >= 1 and feasible(n, current, max_group_size):
+        elif current >= 1 and feasible(n, current, group_size):
             rows = current  # churn alone does not reshuffle the swarm
         else:
-            rows = plan_rows(n, max_group_size)
+            rows = plan_rows(n, group_size)
         # The even targets, the longer ones dealt to the rows that hold the most already (ties:
         # the lower row): a row that lost a peer to a failure keeps the shorter target, so
         # nobody moves in and the peer, back, fits in its own row again. Dealt in row order
@@ -525,7 +588,7 @@ class Plan:
         targets = [0] * rows
         for r, target in zip(by_size, dealt, strict=True):
             targets[r] = target
-        return cls(layout, rows, tuple(targets), max_group_size)
+        return cls(layout, rows, tuple(targets), group_size)
 
     @property
     def total(self) -> int:
@@ -688,17 +751,18 @@ class Plan:
 
     def row_for_joiner(self, rng: random.Random, *, reachable: bool = True) -> int:
         """A row for a peer not in any: one with room once the plan's moves are made (a target
-        below the maximum group size), at random weighted by how much (joiners arriving
-        together spread out), else one of the least full. A row already as long as a group may
-        be would take the joiner as one too many and average as two half groups; the plan's
-        missing places are no guide, since its own moves fill every one of them. A
+        below the target group size), at random weighted by how much (joiners arriving
+        together spread out), else one of the least full, where the room between the target
+        and the maximum group size takes it (past the maximum the row would average as two
+        half groups). The plan's missing places are no guide, since its own moves fill every
+        one of them. A
         client-mode joiner (``reachable=False``) prefers rows with a reachable member, who can
         lead it."""
         rows = range(self.rows)
         if not reachable:
             led = [r for r in rows if self.layout.reachable(r) > 0]
             rows = led or list(rows)  # type: ignore[assignment]
-        room = [r for r in rows for _ in range(max(0, self.max_group_size - self.targets[r]))]
+        room = [r for r in rows for _ in range(max(0, self.group_size - self.targets[r]))]
         if room:
             return rng.choice(room)
         fill = {r: self.layout.size(r) - self.targets[r] for r in rows}

@@ -40,7 +40,6 @@ from .allreduce import AllReduce, RoundRegistry, SpanReport
 from .auto_grid import (
     COLD_ATTEMPTS,
     COLD_SETTLE,
-    DEFAULT_MAX_GROUP_SIZE,
     Layout,
     Plan,
     RowRecord,
@@ -51,6 +50,7 @@ from .auto_grid import (
     encode_record,
     estimate_size,
     estimate_size_around,
+    group_size_limits,
     listening_bits,
 )
 from .compression import codec as find_codec
@@ -135,6 +135,12 @@ class MoshpitAverager:
     "fp16", "8bit"; ``bandwidth`` this peer's, in bytes/s, for sizing spans; ``index_rule``
     "random" (seeded by the group id) or "rank"; ``max_norm`` refuses parts with a larger L2 norm.
 
+    With ``grid="auto"`` (the default) groups are formed from the live peers
+    (``auto_grid``): ``target_group_size`` (default 32) is the group size rows and columns are
+    laid out for, ``max_group_size`` (default a quarter more: 40) the largest group ever
+    formed; the room between them takes a peer back from an absence without splitting its
+    row in two. Give one, and the other follows (``auto_grid.group_size_limits``).
+
     ``round_period`` (seconds) aligns rounds to the swarm's clock: ``step()`` first waits for
     the next multiple of ``round_period`` of Unix time (``peer.dht.now()``) and takes that
     slot's index as its round number. Peers that step at different paces, skip rounds, or
@@ -152,7 +158,8 @@ class MoshpitAverager:
         *,
         initial_key: Sequence[int] | None = None,
         min_group_size: int = 2,
-        max_group_size: int = DEFAULT_MAX_GROUP_SIZE,
+        target_group_size: int | None = None,
+        max_group_size: int | None = None,
         compression: str = "none",
         bandwidth: float = 1e8,
         index_rule: Literal["random", "rank"] = "random",
@@ -165,22 +172,21 @@ class MoshpitAverager:
         self.grid: Grid | None = (
             None if isinstance(grid, str) and grid.strip().lower() == "auto" else Grid.parse(grid)  # type: ignore[arg-type]
         )
-        if self.grid is not None and max_group_size != DEFAULT_MAX_GROUP_SIZE:
-            raise ConfigError("max_group_size is for grid='auto'; a fixed grid's axes size groups")
+        if self.grid is not None and (max_group_size, target_group_size) != (None, None):
+            raise ConfigError(
+                "target_group_size and max_group_size are for grid='auto'; "
+                "a fixed grid's axes size groups"
+            )
         if self.grid is None and initial_key is not None:
             raise ConfigError("initial_key is for a fixed grid; grid='auto' places peers itself")
-        if isinstance(max_group_size, bool) or not isinstance(max_group_size, int):
-            raise ConfigError(f"max_group_size must be an integer, got {max_group_size!r}")
-        if not 2 <= max_group_size <= 256:
-            raise ConfigError(
-                f"max_group_size must be in 2..256 (a DHT key holds 256 entries), "
-                f"got {max_group_size}"
-            )
-        if min_group_size > max_group_size:
+        #: grid="auto": the group size rows are laid out for, and the largest group
+        self.target_group_size, self.max_group_size = group_size_limits(
+            target_group_size, max_group_size
+        )
+        if min_group_size > self.max_group_size:
             raise ConfigError("min_group_size cannot exceed max_group_size")
-        self.max_group_size = max_group_size
         #: this round's largest group (grid="auto": smaller in a run where nobody listens)
-        self._most = max_group_size
+        self._most = self.max_group_size
         group_key_name(run_id, (0,) * (1 if self.grid is None else self.grid.d - 1), 0)
         self.run_id = run_id
         self.tensors = list(tensors)
@@ -393,11 +399,11 @@ class MoshpitAverager:
         self._column_read = None
         # A run in which nobody listens averages through relays: its groups stay within what a
         # relay grants one peer (every member reaches every other through it).
-        most = self.max_group_size
+        target, most = self.target_group_size, self.max_group_size
         if layout.rows and not any(layout.reachable(row) for row in layout.rows):
-            most = min(most, RELAYED_GROUP_MAX)
+            target, most = min(target, RELAYED_GROUP_MAX), min(most, RELAYED_GROUP_MAX)
         self._most = most
-        plan = Plan.of(layout, most)
+        plan = Plan.of(layout, target)
         position = None
         if self.row is not None and self._row_group is not None:
             position = layout.position(self.row, *self._row_group)
@@ -431,7 +437,7 @@ class MoshpitAverager:
             estimate = estimate_size_around(key_id(directory_key(self.run_id).encode()), near[1])
         else:
             estimate = self._own_estimate()
-        rows = cold_start_rows(estimate, self._rng, self.max_group_size)
+        rows = cold_start_rows(estimate, self._rng, self.target_group_size)
         # Everyone else is starting cold too, reading over the spread: wait for them all to
         # announce before judging who is here (COLD_SETTLE).
         settle = began + self._spread + COLD_SETTLE

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import trio
 
+from ..averaging.auto_grid import group_size_limits
 from ..averaging.averager import MoshpitAverager, RoundReport
 from ..errors import ConfigError, MoshpitError
 from ..identity import Identity, PeerID
@@ -66,7 +67,9 @@ class MoshpitOptimizer:
 
     ``identity`` is an ``Identity``, or a key file path (created, mode 0600, if missing; keep it
     to come back as the same peer), or ``None`` for a fresh identity. ``listen`` /
-    ``client_mode`` / ``announce_host`` are ``open_peer``'s. ``round_period`` (seconds) aligns
+    ``client_mode`` / ``announce_host`` are ``open_peer``'s; ``grid``, ``target_group_size``,
+    ``max_group_size``, ``min_group_size``, ``compression`` and ``bandwidth`` are
+    ``MoshpitAverager``'s. ``round_period`` (seconds) aligns
     rounds to the swarm's clock (needed for background rounds; recommended whenever peers
     step at different speeds); ``round_timeout`` bounds one round (default: 80% of the period,
     or 30 s). ``samples_per_epoch`` lets ``swarm.epoch`` count global epochs. ``limits``,
@@ -85,7 +88,8 @@ class MoshpitOptimizer:
         announce_host: str | None = None,
         client_mode: bool = False,
         grid: Sequence[int] | str = "auto",
-        max_group_size: int = 32,
+        target_group_size: int | None = None,
+        max_group_size: int | None = None,
         average_every: int | Literal["background"] = 4,
         average_state: bool = False,
         round_period: float | None = None,
@@ -133,6 +137,13 @@ class MoshpitOptimizer:
             raise ConfigError("bootstrap is a list of addresses, not one address")
         if isinstance(relays, str):
             raise ConfigError("relays is a list of addresses, not one address")
+        # Checked now, not when the averager starts on the bridge's thread.
+        if not isinstance(grid, str) and (target_group_size, max_group_size) != (None, None):
+            raise ConfigError(
+                "target_group_size and max_group_size are for grid='auto'; "
+                "a fixed grid's axes size groups"
+            )
+        group_size_limits(target_group_size, max_group_size)
         self.optimizer = optimizer
         self.run_id = run_id
         self.average_every: int | Literal["background"] = average_every
@@ -166,7 +177,9 @@ class MoshpitOptimizer:
             },
             averager_options={
                 "grid": grid if isinstance(grid, str) else tuple(grid),
-                **({"max_group_size": max_group_size} if isinstance(grid, str) else {}),
+                # (the averager refuses either with a fixed grid)
+                "target_group_size": target_group_size,
+                "max_group_size": max_group_size,
                 "compression": compression,
                 "bandwidth": bandwidth,
                 "min_group_size": min_group_size,
