@@ -51,7 +51,7 @@ peer computes the same :class:`Plan`:
   whose row the plan no longer has and whose place the directory does not show (it was away
   when its cold row's peers were placed; :meth:`Plan.seat`). With no directory yet (a swarm
   starting all at once) it takes
-  a random one of ``N / (4 T)`` cold rows, ``N`` judged from the peers closest to
+  a random one of ``ceil(N / 4T)`` cold rows, ``N`` judged from the peers closest to
   the directory's key, the same for every reader (:func:`estimate_size_around`,
   :func:`cold_row`), so a key holds about four groups' worth, cut into balanced groups
   (past the DHT's 256 entries a key, it tries the rest of :func:`cold_start_rows`); cold
