@@ -559,10 +559,11 @@ def lower_bounds(peers: int, floats: int, rates: list[float]) -> dict[str, float
     much, ``floats - n_i + (N - 1) n_i`` values each way. gloo's ring moves ``2 (N - 1) / N``
     of the vector each way per peer in N - 1 lockstep steps, so at the slowest link's rate.
 
-    ``moshpit_phased``: the same bytes, but as the butterfly moves them today, in two phases
-    one after the other (a reducer averages once every part is in): scatter (up: its parts,
+    ``moshpit_phased``: the same bytes, but as the butterfly moved them before its reducers
+    streamed their averages range by range, in two phases one after the other (a reducer
+    averaged once every part was in): scatter (up: its parts,
     ``floats - n_i``; down: the parts of its span, ``(N - 1) n_i``), then gather (the reverse).
-    Each phase lasts as long as its slowest peer, so a peer with a slow link cannot overlap its
+    Each phase lasted as long as its slowest peer, so a peer with a slow link could not overlap its
     upload (scatter) with its download (gather).
     """
     from moshpit_trio.averaging.partition import spans as make_spans
@@ -1157,9 +1158,10 @@ def _report(
             link = summary["links"]
             print(
                 f"links {args.links}: bound s = the payload the slowest peer must move over its "
-                "own link (full duplex; TCP/IP headers not counted). moshpit's butterfly moves "
-                "it in two phases, one after the other (a reducer averages once every part is "
-                f"in): with that, its bound is {link['moshpit_phased_bound_s']:.3f} s"
+                "own link (full duplex; TCP/IP headers not counted). In two phases, one after "
+                "the other, as moshpit's butterfly moved it before its reducers streamed their "
+                "averages range by range, the bound would be "
+                f"{link['moshpit_phased_bound_s']:.3f} s"
             )
         if breakdown is not None:
             print("\n" + _profile_table(breakdown, args.rounds))
