@@ -205,7 +205,9 @@ def _check_size(group_size: int, name: str = "target_group_size") -> int:
     return group_size
 
 
-def group_size_limits(target: int | None = None, most: int | None = None) -> tuple[int, int]:
+def group_size_limits(
+    target: int | None = None, most: int | None = None, *, fixed_grid: bool = False
+) -> tuple[int, int]:
     """The (target, maximum) group sizes of a run, from what its configuration says (None: not
     said). The target lays the rows out; the maximum is what a key's announcers are cut at.
 
@@ -215,9 +217,17 @@ def group_size_limits(target: int | None = None, most: int | None = None) -> tup
     it joins the group. Neither given: 32 and 40. Only the target: a quarter more (at least
     one). Only the maximum: the target is 32, or the maximum if that is smaller (no room).
 
+    ``fixed_grid``: the run has a fixed grid, whose axes size its groups; either size given
+    is then a mistake.
+
     >>> group_size_limits(), group_size_limits(16), group_size_limits(None, 16)
     ((32, 40), (16, 20), (16, 16))
     """
+    if fixed_grid and (target, most) != (None, None):
+        raise ConfigError(
+            "target_group_size and max_group_size are for grid='auto'; "
+            "a fixed grid's axes size groups"
+        )
     if target is not None:
         _check_size(target)
     if most is not None:

@@ -172,17 +172,12 @@ class MoshpitAverager:
         self.grid: Grid | None = (
             None if isinstance(grid, str) and grid.strip().lower() == "auto" else Grid.parse(grid)  # type: ignore[arg-type]
         )
-        if self.grid is not None and (max_group_size, target_group_size) != (None, None):
-            raise ConfigError(
-                "target_group_size and max_group_size are for grid='auto'; "
-                "a fixed grid's axes size groups"
-            )
-        if self.grid is None and initial_key is not None:
-            raise ConfigError("initial_key is for a fixed grid; grid='auto' places peers itself")
         #: grid="auto": the group size rows are laid out for, and the largest group
         self.target_group_size, self.max_group_size = group_size_limits(
-            target_group_size, max_group_size
+            target_group_size, max_group_size, fixed_grid=self.grid is not None
         )
+        if self.grid is None and initial_key is not None:
+            raise ConfigError("initial_key is for a fixed grid; grid='auto' places peers itself")
         if min_group_size > self.max_group_size:
             raise ConfigError("min_group_size cannot exceed max_group_size")
         #: this round's largest group (grid="auto": smaller in a run where nobody listens)

@@ -138,12 +138,7 @@ class MoshpitOptimizer:
         if isinstance(relays, str):
             raise ConfigError("relays is a list of addresses, not one address")
         # Checked now, not when the averager starts on the bridge's thread.
-        if not isinstance(grid, str) and (target_group_size, max_group_size) != (None, None):
-            raise ConfigError(
-                "target_group_size and max_group_size are for grid='auto'; "
-                "a fixed grid's axes size groups"
-            )
-        group_size_limits(target_group_size, max_group_size)
+        group_size_limits(target_group_size, max_group_size, fixed_grid=not isinstance(grid, str))
         self.optimizer = optimizer
         self.run_id = run_id
         self.average_every: int | Literal["background"] = average_every
