@@ -563,37 +563,53 @@ def _values(n: int, value: float = 1.0) -> list[bytes]:
     return [np.full(n, value, np.float32).tobytes()]
 
 
+def _record(start: int, end: int, included: list[int] | None = None, value: float = 1.0) -> bytes:
+    """A result stream's record: the range's header, then its values (all ``value``)."""
+    from moshpit_trio.averaging.result_stream import range_record
+
+    values = np.full(max(0, end - start), value, np.float32).tobytes()
+    return range_record(start, end, [0, 1] if included is None else included) + values
+
+
 @pytest.mark.parametrize(
-    ("what", "fields", "chunks", "error"),
+    ("what", "body", "error"),
     [
-        ("starts before the span", {"start": -1}, None, "does not match the span"),
-        ("ends past the span", {"end": 99}, None, "does not match the span"),
-        ("empty", {"end": "start"}, None, "does not match the span"),
-        ("another codec", {"codec": "fp16"}, None, "does not match the span"),
-        ("nobody included", {"included": []}, None, "bad list of included members"),
-        ("a member twice", {"included": [0, 0]}, None, "bad list of included members"),
-        ("no such member", {"included": [0, 2]}, None, "bad list of included members"),
-        ("too few bytes", {}, [b"\x00" * 4], "bad result"),
-        ("a NaN", {}, "nan", "non-finite values in a result"),
+        ("starts before the span", lambda a, b: _record(a - 1, b), "does not match the span"),
+        ("ends past the span", lambda a, b: _record(a, b + 1), "does not match the span"),
+        ("empty", lambda a, b: _record(a, a), "bad result: .*empty range"),
+        ("reversed", lambda a, b: _record(b, a), "bad result: .*empty range"),
+        ("nobody included", lambda a, b: _record(a, b, []), "bad list of included members"),
+        ("a member twice", lambda a, b: _record(a, b, [0, 0]), "bad list of included members"),
+        ("no such member", lambda a, b: _record(a, b, [0, 2]), "bad list of included members"),
+        ("too few bytes", lambda a, b: _record(a, b)[:-4], "bad result: .*inside a range"),
+        ("only a header", lambda a, b: _record(a, b)[:12], "bad result: .*inside a range"),
+        ("half a length", lambda a, b: b"\x00\x00", "bad result: .*inside a range"),
+        ("a NaN", lambda a, b: _record(a, b, value=float("nan")), "non-finite values"),
+        ("a zero length", lambda a, b: bytes(4), "bad result: .*header of 0 bytes"),
+        ("a huge length", lambda a, b: b"\xff" * 4, "bad result: .*header of 4294967295"),
+        ("a header that is not one", lambda a, b: b"\x00\x00\x00\x01\xc1", "does not decode"),
     ],
 )
-async def test_a_result_range_is_refused_when_malformed(
-    what: str, fields: dict[str, Any], chunks: Any, error: str
-) -> None:
+async def test_a_result_range_is_refused_when_malformed(what: str, body: Any, error: str) -> None:
     from moshpit_trio.averaging.allreduce import _ResultHeader
 
     reduce, ids, (start, end) = _two_member_round()
-    values: dict[str, Any] = {"start": start, "end": end, "included": [0, 1], "codec": "none"}
-    values.update(fields)
-    if values["end"] == "start":
-        values["end"] = start
-    n = max(0, min(values["end"], end) - max(values["start"], start))
-    if chunks == "nan":
-        chunks = _values(n, float("nan"))
-    header = _ResultHeader(b"g" * 16, **values)
+    header = _ResultHeader(b"g" * 16, "none")
     with pytest.raises(Rejected, match=error):
-        await reduce.on_result(_FakeResultStream(ids[1], chunks or _values(n)), header)
+        await reduce.on_result(_FakeResultStream(ids[1], [body(start, end)]), header)
     assert reduce.results == {} and not reduce.all_results.is_set(), what
+    assert reduce._claimed.get(1, []) == [], "a refused range gives its place back"
+
+
+async def test_a_result_stream_in_another_codec_is_refused() -> None:
+    from moshpit_trio.averaging.allreduce import _ResultHeader
+
+    reduce, ids, (start, end) = _two_member_round()
+    with pytest.raises(Rejected, match="does not match the span"):
+        await reduce.on_result(
+            _FakeResultStream(ids[1], [_record(start, end)]), _ResultHeader(b"g" * 16, "fp16")
+        )
+    assert reduce.results == {}
 
 
 async def test_result_ranges_may_not_overlap_and_a_refused_one_frees_its_place() -> None:
@@ -601,22 +617,68 @@ async def test_result_ranges_may_not_overlap_and_a_refused_one_frees_its_place()
 
     reduce, ids, (start, end) = _two_member_round()
     mid = (start + end) // 2
+    header = _ResultHeader(b"g" * 16, "none")
 
-    def header(a: int, b: int) -> Any:
-        return _ResultHeader(b"g" * 16, a, b, [0, 1], "none")
+    def stream(*records: bytes) -> Any:
+        return _FakeResultStream(ids[1], [b"".join(records)])
 
-    peer = ids[1]
-    await reduce.on_result(_FakeResultStream(peer, _values(mid - start)), header(start, mid))
+    await reduce.on_result(stream(_record(start, mid)), header)
     with pytest.raises(Rejected, match="does not match the span"):  # overlaps what came
-        await reduce.on_result(_FakeResultStream(peer, _values(end - start)), header(start, end))
+        await reduce.on_result(stream(_record(start, end)), header)
     with pytest.raises(Rejected, match="non-finite"):
-        bad = _values(end - mid, float("inf"))
-        await reduce.on_result(_FakeResultStream(peer, bad), header(mid, end))
+        await reduce.on_result(stream(_record(mid, end, value=float("inf"))), header)
     assert not reduce.all_results.is_set()
     # the refused range left no claim behind: it may come again, and completes the span
-    await reduce.on_result(_FakeResultStream(peer, _values(end - mid)), header(mid, end))
+    await reduce.on_result(stream(_record(mid, end)), header)
     assert reduce.all_results.is_set()
     assert [(r.start, r.end) for r in reduce.results[1]] == [
         (0, mid - start),
         (mid - start, end - start),
     ]
+
+
+async def test_a_bad_record_leaves_the_ranges_before_it_whole() -> None:
+    """One stream carries every range of a reducer's result: a bad record refuses the stream
+    from there on, and the ranges that came whole before it stay."""
+    from moshpit_trio.averaging.allreduce import _ResultHeader
+
+    reduce, ids, (start, end) = _two_member_round()
+    mid = (start + end) // 2
+    body = _record(start, mid, value=2.0) + _record(mid, end, value=float("nan"))
+    # cut at odd places, as a relay may cut it: inside a length, a header and a value
+    chunks = [body[:2], body[2:9], body[9:23], body[23:]]
+    with pytest.raises(Rejected, match="non-finite"):
+        await reduce.on_result(_FakeResultStream(ids[1], chunks), _ResultHeader(b"g" * 16, "none"))
+    assert [(r.start, r.end, r.included) for r in reduce.results[1]] == [(0, mid - start, (0, 1))]
+    (got,) = reduce.results[1]
+    assert np.concatenate([v for _, v in got.pieces]).tolist() == [2.0] * (mid - start)
+    assert reduce._claimed[1] == [(start, mid)]
+    assert not reduce.all_results.is_set()
+
+
+def test_parts_over_slow_links_go_in_chunks_of_a_tenth_of_a_second() -> None:
+    """A part's chunk is what its stream moves in PART_CHUNK_TIME at its share (1 / (N - 1))
+    of the slower of the two links, at least 64 KiB: a reducer averages a range only once
+    every member delivered it, so 4 MiB chunks over a 100 Mbit/s link would hold every
+    average, and the results coming back, a second behind."""
+    from moshpit_trio.averaging.allreduce import PART_CHUNK_TIME, AllReduce
+    from moshpit_trio.averaging.matchmaking import GroupInfo, MemberInfo
+
+    assert PART_CHUNK_TIME == 0.1
+    rates = [12.5e6, 31.25e6, 125e6, 1e3]  # bytes/s; the last one all but stalled
+    ids = [Identity.from_seed(bytes([70 + i]) * 32).peer_id for i in range(4)]
+    members = tuple(
+        MemberInfo(p.to_bytes(), f"ws://h{i}:1/x", rates[i], False) for i, p in enumerate(ids)
+    )
+    group = GroupInfo(b"g" * 16, 0, (), members, members[0].peer_id)
+
+    def chunk(me: int, to: int) -> int:
+        reduce = AllReduce(
+            group, ids[me], np.zeros(1000, np.float32), 1.0, codec_name="none", max_norm=None
+        )
+        return reduce._part_chunk(to)
+
+    assert chunk(0, 2) == int(12.5e6 / 3 * 0.1)  # 416 KiB: the sender's link is the slower
+    assert chunk(2, 0) == int(12.5e6 / 3 * 0.1)  # the reducer's link is the slower
+    assert chunk(1, 2) == int(31.25e6 / 3 * 0.1)
+    assert chunk(2, 3) == 64 * 1024  # never below 64 KiB

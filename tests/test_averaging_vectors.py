@@ -42,6 +42,7 @@ from moshpit_trio.averaging.matchmaking import (
     group_id_of,
 )
 from moshpit_trio.averaging.partition import spans
+from moshpit_trio.averaging.result_stream import RangeHeader, range_record
 from moshpit_trio.dht.node import default_namespaces
 from moshpit_trio.dht.records import Record, decode_records, validate
 from moshpit_trio.identity import PeerID
@@ -209,17 +210,32 @@ def test_the_join_answer() -> None:
     assert not follower._valid_group(group, small, MEMBERS["alice"])
 
 
+_HEADER_TYPES: dict[str, Any] = {
+    "part": _PartHeader,
+    "result": _ResultHeader,
+    "range": RangeHeader,
+}
+
+
 @pytest.mark.parametrize("vector", DATA["headers"], ids=lambda v: v["what"])
 def test_stream_headers_reproduced_byte_for_byte(vector: dict[str, Any]) -> None:
     data = bytes.fromhex(vector["hex"])
-    decoder = _part_decoder if vector["stream"] == "part" else _result_decoder
-    header = decoder.decode(data)
-    assert isinstance(header, _PartHeader if vector["stream"] == "part" else _ResultHeader)
-    assert header.group_id.hex() == DATA["matchmaking"]["group_id"]
+    kind = _HEADER_TYPES[vector["stream"]]
+    fields = dict(vector["fields"])
+    if kind is RangeHeader:
+        # a result stream's record: a 4-byte big-endian length, then the header
+        assert int.from_bytes(data[:4], "big") == len(data) - 4
+        header = _DECODERS["range"].decode(data[4:])
+        assert range_record(header.start, header.end, header.included) == data
+        data = data[4:]
+    else:
+        header = _DECODERS[vector["stream"]].decode(data)
+        assert header.group_id.hex() == DATA["matchmaking"]["group_id"]
+        fields["group_id"] = bytes.fromhex(fields["group_id"])
+    assert isinstance(header, kind)
     assert _encode(header) == data
     # built from its fields by name, and as the array SPEC.md lists them in
-    fields = dict(vector["fields"], group_id=bytes.fromhex(vector["fields"]["group_id"]))
-    built = (_PartHeader if vector["stream"] == "part" else _ResultHeader)(**fields)
+    built = kind(**fields)
     assert built == header
     assert _encode(built) == data
     assert data == msgspec.msgpack.encode(list(fields.values()))
@@ -237,6 +253,7 @@ _DECODERS: dict[str, Any] = {
     "group": _group_decoder,
     "part": _part_decoder,
     "result": _result_decoder,
+    "range": msgspec.msgpack.Decoder(RangeHeader),
     "dir": msgspec.msgpack.Decoder(int),
 }
 

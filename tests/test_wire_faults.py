@@ -1044,3 +1044,33 @@ async def test_chunks_of_a_stream_given_up_are_never_written(
         assert got <= chunk
         assert client.bytes_sent - sent <= chunk + 1024
         assert await client.call(server.address, "echo", b"x", timeout=5) == b"x"
+
+
+async def test_a_stream_sent_in_smaller_chunks_arrives_in_them(
+    autojump_clock: Any, identities: list[Identity]
+) -> None:
+    """``send(chunk=...)`` cuts finer than the connection's stream_chunk (a part over a slow
+    link), never coarser; a chunk that is not a positive int is refused before anything goes."""
+    net = MemoryNetwork(seed=1, bandwidth=100e6)
+    limit = SMALL.connection.stream_chunk
+    sizes: list[list[int]] = []
+
+    async def sizes_of(request: StreamRequest) -> bytes:
+        sizes.append([len(c) async for c in request])
+        return b""
+
+    async with peer(net, "s", identities[0]) as server, peer(net, "c", identities[1]) as client:
+        server.register_stream("sizes", sizes_of)
+        assert server.address is not None
+        for chunk in (1000, 4 * limit):
+            async with client.open_stream(server.address, "sizes", timeout=20) as stream:
+                await stream.send(bytes(2 * limit + 500), chunk=chunk)
+                await stream.finish()
+        for bad in (0, -1, 1.5):
+            with pytest.raises(ConfigError, match="chunk must be a positive"):
+                async with client.open_stream(server.address, "sizes", timeout=20) as stream:
+                    await stream.send(b"x", chunk=bad)  # type: ignore[arg-type]
+    n = 2 * limit + 500
+    assert sizes[0] == [1000] * (n // 1000) + [n % 1000]
+    assert sizes[1] == [limit, limit, 500]
+    assert len(sizes) == 2  # (the streams whose send was refused were cancelled, not ended)

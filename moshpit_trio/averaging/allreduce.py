@@ -9,12 +9,14 @@ there to reduce). Then, all under stage deadlines:
    or not at all; bad data is excluded and named) and averages span j range by range, each
    range as soon as every member still counted has delivered it (``SpanAccumulator.take``),
    over exactly those members, but never leaving a rest shorter than the range (a quick span
-   is one or two ranges, not one per chunk: each range is a stream to every member); at the
-   reduce deadline the members still incomplete are left out of the rest;
+   is one or two ranges, not one per chunk: each range goes to every member); at the reduce
+   deadline the members still incomplete are left out of the rest. Parts go in chunks sized
+   for the link (``_part_chunk``), so over a slow one the ranges follow its sender closely;
 3. *gather*: member j streams each range of its average, with the list of members it contains,
-   to every member as soon as it is taken (``avg.RUN.result``, one stream per range), while
-   the parts of the next ranges are still coming in. Scatter and gather overlap: a member
-   behind a slow link takes results in while its parts still go out.
+   to every member as soon as it is taken, while the parts of the next ranges are still coming
+   in: one stream per member (``avg.RUN.result``) carries all the ranges, one record each
+   (``result_stream``). Scatter and gather overlap: a member behind a slow link takes results
+   in while its parts still go out.
 
 A member keeps its own values for every range whose result did not reach it. So each member
 knows, range by range, whose data its values contain, and every member that got a range of
@@ -41,7 +43,7 @@ import contextlib
 import dataclasses
 import math
 import sys
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -51,13 +53,14 @@ import trio
 from ..errors import CrossedIdleClose, MoshpitError, Rejected
 from ..identity import PeerID
 from ..wire.address import PeerAddress
-from ..wire.connection import StreamRequest
+from ..wire.connection import SendStream, StreamRequest
 from ..wire.envelope import SharedPayload
 from ..wire.liveness import MIN_PROGRESS_TIMEOUT, progress_timeout
 from .compression import Codec, codec
 from .matchmaking import GroupInfo, MemberInfo
 from .partition import spans as make_spans
 from .reducer import BadContribution, SpanAccumulator
+from .result_stream import RangeHeader, ResultRecords, range_record
 
 __all__ = ["AllReduce", "RoundRegistry", "SpanReport"]
 
@@ -92,10 +95,9 @@ class _PartHeader(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
 
 
 class _ResultHeader(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    """A result stream's header; the ranges follow in its body (``result_stream``)."""
+
     group_id: bytes
-    start: int
-    end: int
-    included: list[int]
     codec: str
 
 
@@ -137,9 +139,9 @@ def _report(reports: list[SpanReport], report: SpanReport) -> None:
     reports.append(report)
 
 
-#: result streams a reducer keeps in flight to one member (a receiver takes at most 16 streams
-#: at once, ``ConnectionLimits.max_incoming_streams``, over all its peers)
-_RESULT_STREAMS = 4
+#: seconds of a part stream's share of its link per chunk (``AllReduce._part_chunk``)
+PART_CHUNK_TIME = 0.1
+_MIN_PART_CHUNK = 64 * 1024
 
 _encode = msgspec.msgpack.Encoder().encode
 _part_decoder = msgspec.msgpack.Decoder(_PartHeader)
@@ -342,7 +344,8 @@ class AllReduce:
         assert acc is not None
         taken = False
         # (no_short_rest: a range is never followed by a shorter one, so a span that arrives
-        # quickly is one or two streams per member, not one per chunk)
+        # quickly is one or two records per member, each encrypted once for each, not one per
+        # chunk)
         while (got := acc.take(no_short_rest=True)) is not None:
             taken = True
             values, payload = got.values, None
@@ -358,6 +361,7 @@ class AllReduce:
             self.excluded = dict(acc.excluded)
             self.reduced = self._ranges
             self._settled.set()
+            taken = True  # (the result senders wait for this too)
         if taken:
             self._ranges_changed.set()
             self._ranges_changed = trio.Event()
@@ -443,52 +447,63 @@ class AllReduce:
             if self._borrow
             else self.codec.encode(self.flat[start:end])
         )
+
+        chunk = self._part_chunk(j)
+
+        async def body(stream: SendStream) -> int:
+            await stream.send(payload, chunk=chunk)
+            return len(payload)
+
         name = f"avg.{run_id}.part"
-        await self._stream_to(transport, j, name, _encode(header), payload, deadline)
+        await self._stream_to(transport, j, name, _encode(header), body, deadline)
+
+    def _part_chunk(self, j: int) -> int:
+        """Bytes per chunk of our part to reducer ``j``: what our stream to it moves in
+        ``PART_CHUNK_TIME`` at its share of the slower of our two links (each carries N - 1
+        streams at once), at least 64 KiB (the connection caps it at its ``stream_chunk``).
+
+        Reducer j averages a range once every member delivered it, and a chunk counts whole:
+        over a slow link, 4 MiB chunks would keep j's ranges, and so the averages coming back
+        to us, seconds behind the parts we send, and the last range's results would all come
+        after our last chunk went out, where they could have come while it went."""
+        share = min(self.members[self.index].bandwidth, self.members[j].bandwidth) / max(
+            1, len(self.members) - 1
+        )
+        return max(_MIN_PART_CHUNK, int(share * PART_CHUNK_TIME))
 
     async def _send_results(self, transport: Any, run_id: str, i: int, deadline: float) -> None:
-        """Stream every range of our span's average to member ``i``, one stream each, as the
-        ranges are taken. If member i is gone (or refuses one), it keeps its own values for
-        the ranges it did not get, and its report says so.
+        """Stream every range of our span's average to member ``i`` as the ranges are taken,
+        all on one stream (``result_stream``): a range never waits for an answer to the one
+        before, which would come back over member i's uplink behind the parts it is still
+        sending. If member i is gone (or refuses the stream), it keeps its own values for the
+        ranges it did not get, and its report says so."""
+        span_start = self.spans[self.index][0]
+        # Nothing to open until there is a range to send (a span nobody's data reached has none).
+        while not any(r.payload is not None for r in self._ranges):
+            if self.reduced is not None:
+                return
+            await self._ranges_changed.wait()
 
-        A range does not wait for the previous one's answer (a few are in flight at once):
-        that answer comes back over member i's uplink, behind the parts it is still sending,
-        and waiting for it would hold the results to the pace of that queue."""
-        start = self.spans[self.index][0]
-        name = f"avg.{run_id}.result"
-        in_flight = trio.CapacityLimiter(_RESULT_STREAMS)
-        refused = False
-
-        async def send(r: _Taken) -> None:
-            nonlocal refused
-            assert r.payload is not None
-            header = _ResultHeader(
-                self.group.group_id,
-                start + r.start,
-                start + r.end,
-                list(r.included),
-                self.codec.name,
-            )
-            async with in_flight:
-                if refused:
-                    return
-                if not await self._stream_to(
-                    transport, i, name, _encode(header), r.payload, deadline
-                ):
-                    refused = True
-
-        sent = 0
-        async with trio.open_nursery() as streams:
-            while not refused:
+        async def body(stream: SendStream) -> int:
+            sent = size = 0
+            while True:
                 changed = self._ranges_changed
                 while sent < len(self._ranges):
                     r = self._ranges[sent]
                     sent += 1
-                    if r.payload is not None:  # (None: nobody's average; everyone keeps theirs)
-                        streams.start_soon(send, r)
+                    if r.payload is None:  # (nobody's average there: everyone keeps theirs)
+                        continue
+                    at = span_start + r.start
+                    record = range_record(at, at + r.end - r.start, list(r.included))
+                    await stream.send(record)
+                    await stream.send(r.payload)
+                    size += len(r.payload)
                 if self.reduced is not None and sent == len(self._ranges):
-                    return
+                    return size
                 await changed.wait()
+
+        header = _encode(_ResultHeader(self.group.group_id, self.codec.name))
+        await self._stream_to(transport, i, f"avg.{run_id}.result", header, body, deadline)
 
     async def _stream_to(
         self,
@@ -496,10 +511,13 @@ class AllReduce:
         i: int,
         name: str,
         header: bytes,
-        payload: bytes | SharedPayload,
+        body: Callable[[SendStream], Awaitable[int]],
         deadline: float,
     ) -> bool:
-        """Stream ``payload`` to member ``i``; whether the receiver took all of it."""
+        """Open a stream to member ``i`` and send it what ``body`` sends (returning how many
+        bytes); whether the receiver took all of it (then they count in ``bytes_sent``).
+        (``body`` runs again from its start on a new connection when the first one was closed
+        as idle before it was served.)"""
         timeout = deadline - trio.current_time()
         if timeout <= 0 or i in self.lost:
             return False
@@ -517,13 +535,13 @@ class AllReduce:
                         async with transport.open_stream(
                             self._target(self.members[i]), name, header, timeout=timeout
                         ) as stream:
-                            await stream.send(payload)
+                            size = await body(stream)
                             await stream.finish()
                     except CrossedIdleClose:
                         if again:
                             return False
                         continue  # never served there: once more, on a new connection
-                    self.bytes_sent += len(payload)
+                    self.bytes_sent += size
                     return True
             except MoshpitError:
                 return False
@@ -625,57 +643,74 @@ class AllReduce:
         )
         if j is None or j == self.index or j not in self._expected_results:
             raise Rejected("no result expected from that peer")
-        span_start, span_end = self.spans[j]
-        claimed = self._claimed.setdefault(j, [])
-        if (
-            not span_start <= header.start < header.end <= span_end
-            or any(a < header.end and header.start < b for a, b in claimed)
-            or header.codec != self.codec.name
-        ):
+        if header.codec != self.codec.name:
             raise Rejected("the result does not match the span")
-        if (
-            not header.included
-            or len(set(header.included)) != len(header.included)
-            or not all(0 <= i < len(self.members) for i in header.included)
-        ):
-            raise Rejected("bad list of included members")
-        # Kept as the pieces they arrived in, and written into our vector only once the whole
-        # range is in and checked: a result counts whole or not at all.
-        claim = (header.start, header.end)
-        claimed.append(claim)
-        pieces: list[tuple[int, np.ndarray]] = []
+        # Each range is kept as the pieces it arrived in, and counts only once it is whole and
+        # checked (a result range counts whole or not at all); the ranges before it stay.
+        records = ResultRecords(self.codec)
+        current: _Received | None = None
         try:
-            async with contextlib.aclosing(
-                self._values(request, header.end - header.start)
-            ) as runs:
-                async for offset, values in runs:
-                    if not _all_finite(values):
-                        raise Rejected("non-finite values in a result")
-                    pieces.append((offset, values))
+            async for chunk in request:
+                before = records.value_bytes
+                for item in records.feed(chunk):
+                    if isinstance(item, RangeHeader):
+                        current = self._claim_range(j, item)
+                        continue
+                    assert current is not None
+                    if item.values is not None:
+                        if not _all_finite(item.values):
+                            raise Rejected("non-finite values in a result")
+                        current.pieces.append((item.offset, item.values))
+                    if item.last:
+                        self.results.setdefault(j, []).append(current)
+                        current = None
+                        self._check_results()
+                # (the values' bytes, as for parts: framing is not counted)
+                self.bytes_received += records.value_bytes - before
+            if not records.between_records:
+                raise BadContribution("length", "the stream ended inside a range")
         except BadContribution as exc:
-            claimed.remove(claim)
+            self._unclaim(j, current)
             raise Rejected(f"bad result: {exc}") from None
         except Rejected:
-            claimed.remove(claim)
+            self._unclaim(j, current)
             raise
         except trio.Cancelled:
-            claimed.remove(claim)
+            self._unclaim(j, current)
             # Cut off before its deadline (the reducer gave up on us, say after taking us for
             # frozen): the rest of its result is not coming, and waiting would hold us to our
             # deadline.
-            if trio.current_time() < request.deadline:
+            if trio.current_time() < request.deadline and not self._result_complete(j):
                 self._lose(j, _cut_off_by(request))
             raise
-        self.results.setdefault(j, []).append(
-            _Received(
-                header.start - span_start,
-                header.end - span_start,
-                pieces,
-                tuple(sorted(header.included)),
-            )
-        )
-        self._check_results()
         return b""
+
+    def _claim_range(self, j: int, header: RangeHeader) -> _Received:
+        """Check a range of span j's result announced by its record header, and hold its place
+        (no other range of span j may overlap it) until it is whole or refused."""
+        span_start, span_end = self.spans[j]
+        claimed = self._claimed.setdefault(j, [])
+        if not span_start <= header.start < header.end <= span_end or any(
+            a < header.end and header.start < b for a, b in claimed
+        ):
+            raise Rejected("the result does not match the span")
+        included = header.included
+        if (
+            not included
+            or len(set(included)) != len(included)
+            or not all(0 <= i < len(self.members) for i in included)
+        ):
+            raise Rejected("bad list of included members")
+        claimed.append((header.start, header.end))
+        return _Received(
+            header.start - span_start, header.end - span_start, [], tuple(sorted(included))
+        )
+
+    def _unclaim(self, j: int, received: _Received | None) -> None:
+        """Give back the place of a range refused or cut off before it was whole."""
+        if received is not None:
+            span_start = self.spans[j][0]
+            self._claimed[j].remove((span_start + received.start, span_start + received.end))
 
 
 # The "none" codec's bytes are little-endian float32: the flat vector's own bytes on a

@@ -943,9 +943,13 @@ class SendStream:
         if self._finished:
             raise ConfigError("send() after finish()")
 
-    async def send(self, data: bytes | bytearray | memoryview | SharedPayload) -> None:
-        """Send ``data``, cut into chunks; returns once every chunk has been sealed for the
-        wire (the writer seals envelopes in order, as it comes to each).
+    async def send(
+        self, data: bytes | bytearray | memoryview | SharedPayload, *, chunk: int | None = None
+    ) -> None:
+        """Send ``data``, cut into chunks of the connection's ``stream_chunk`` bytes, or of
+        ``chunk`` when that is smaller (a receiver can use each chunk as it arrives, so a
+        sender on a slow link may want them sooner); returns once every chunk has been sealed
+        for the wire (the writer seals envelopes in order, as it comes to each).
 
         Each chunk is encrypted as it is sealed, straight from ``data`` (no copy before): the
         caller leaves ``data`` alone until this returns, and may reuse it after. Cancelled
@@ -953,7 +957,12 @@ class SendStream:
         memory that may change (anything but ``bytes``, or a :class:`SharedPayload` of bytes);
         chunks of immutable data still go out in order. A :class:`SharedPayload` is sent the
         same way (e.g. one average to several peers)."""
-        chunk = self._conn.limits.stream_chunk
+        limit = self._conn.limits.stream_chunk
+        if chunk is None:
+            chunk = limit
+        elif not isinstance(chunk, int) or chunk < 1:
+            raise ConfigError(f"chunk must be a positive number of bytes, not {chunk!r}")
+        chunk = min(chunk, limit)
         keep = isinstance(data, bytes) or (
             isinstance(data, SharedPayload) and isinstance(data.data, bytes)
         )

@@ -44,6 +44,7 @@ from moshpit_trio.averaging.matchmaking import (  # noqa: E402
     group_id_of,
 )
 from moshpit_trio.averaging.partition import spans  # noqa: E402
+from moshpit_trio.averaging.result_stream import RangeHeader, range_record  # noqa: E402
 from moshpit_trio.dht.records import Record, encode_records, make_record  # noqa: E402
 from moshpit_trio.identity import Identity, PeerID  # noqa: E402
 from moshpit_trio.wire.address import PeerAddress  # noqa: E402
@@ -216,17 +217,26 @@ def join_and_answer(members: dict[str, MemberInfo]) -> dict[str, Any]:
 
 def headers(group: GroupInfo) -> list[dict[str, Any]]:
     gid = group.group_id
-    cases: list[tuple[str, str, _PartHeader | _ResultHeader]] = [
+    cases: list[tuple[str, str, _PartHeader | _ResultHeader | RangeHeader]] = [
         ("part", "member 1 -> reducer 0, weight 32", _PartHeader(gid, 1, 0, 417, 32.0, "none")),
         ("part", "8-bit, weight 1.5", _PartHeader(gid, 2, 417, 1000, 1.5, "8bit")),
-        ("result", "reducer 0, all three", _ResultHeader(gid, 0, 417, [0, 1, 2], "none")),
-        ("result", "fp16, only member 1", _ResultHeader(gid, 417, 1000, [1], "fp16")),
+        ("result", "uncompressed", _ResultHeader(gid, "none")),
+        ("result", "fp16", _ResultHeader(gid, "fp16")),
+        # a result stream's records: the length, then the header (the values follow)
+        ("range", "reducer 0's span, all three", RangeHeader(0, 417, [0, 1, 2])),
+        ("range", "a range of span 1, only member 1", RangeHeader(417, 1000, [1])),
     ]
     out = []
     for stream, what, header in cases:
         fields = msgspec.structs.asdict(header)
-        fields["group_id"] = gid.hex()
-        out.append({"stream": stream, "what": what, "fields": fields, "hex": _encode(header).hex()})
+        if "group_id" in fields:
+            fields["group_id"] = gid.hex()
+        data = (
+            range_record(header.start, header.end, header.included)
+            if isinstance(header, RangeHeader)
+            else _encode(header)
+        )
+        out.append({"stream": stream, "what": what, "fields": fields, "hex": data.hex()})
     return out
 
 
@@ -247,8 +257,11 @@ def invalid_messages(group: GroupInfo, bob: MemberInfo) -> list[dict[str, Any]]:
         ("part", "seven fields", enc([gid, 1, 0, 417, 32.0, "none", 0])),
         ("part", "a float sender", enc([gid, 1.0, 0, 417, 32.0, "none"])),
         ("part", "a bin codec", enc([gid, 1, 0, 417, 32.0, b"none"])),
-        ("result", "included not an array", enc([gid, 0, 417, 0, "none"])),
-        ("result", "a bool in included", enc([gid, 0, 417, [True], "none"])),
+        ("result", "three fields", enc([gid, 0, "none"])),
+        ("result", "an int codec", enc([gid, 0])),
+        ("range", "included not an array", enc([0, 417, 0])),
+        ("range", "a bool in included", enc([0, 417, [True]])),
+        ("range", "a float start", enc([0.0, 417, [0]])),
         ("dir", "a bool round", enc(True)),
         ("dir", "an array", enc([ROUND])),
     ]
