@@ -58,12 +58,13 @@ measure them; the library's defaults otherwise).
 namespace of its own, joined to a hub namespace's bridge by a veth pair shaped with ``tc tbf``
 at that peer's rate in both directions (its upload and its download): ``--links 1gbit`` gives
 every peer the same link, ``--links 100mbit,250mbit,500mbit,1gbit`` one rate per peer (tc's
-units: bit, kbit, mbit, gbit). Each moshpit peer announces its link rate as its bandwidth, so
-its span is proportional to it. Beside each arm it prints the physical lower bound: the payload
-bytes each peer must move over its own link, at that link's rate, for the slowest peer
-(moshpit's butterfly over its spans: ``floats - n_i + (N - 1) n_i`` values each way for a span
-of ``n_i``; gloo's ring: ``2 (N - 1) / N`` of the vector each way, in lockstep, so at the
-slowest link's rate; TCP/IP headers, some 3% more, are not counted), and the bytes the busiest
+units: bit, kbit, mbit, gbit). Each moshpit peer announces its link rate as its bandwidth, and
+its span is sized from it (``partition.spans``: the slowest links may get none). Beside each
+arm it prints the physical lower bound: the payload bytes each peer must move over its own
+link, at that link's rate, for the slowest peer (moshpit's butterfly over its spans: ``floats
+- n_i + (N - 1) n_i`` values each way for a span of ``n_i``; gloo's ring: ``2 (N - 1) / N``
+of the vector each way, in lockstep, so at the slowest link's rate; TCP/IP headers, some 3%
+more, are not counted), and the bytes the busiest
 peer's link actually carried per timed round (its interface counters, in the heavier
 direction). Needs root, ``ip`` and ``tc`` with tbf; otherwise it says why and exits with 2.
 Every namespace it creates it removes, whatever happens; addresses are 10.215.15.x inside them.
@@ -115,7 +116,7 @@ _START_TIMEOUT = 60.0  # a child must be up (peer open, process group formed) wi
 _TARGET_RATIO = 2.5
 _TARGET_HIVEMIND = 3.0
 # --links: all links equal, moshpit within 15% of gloo; mixed links, faster than gloo (a ring
-# waits on its slowest link; bandwidth-proportional spans need not)
+# waits on its slowest link; spans sized for the links need not)
 _TARGET_LINKS_EQUAL = 1.15
 _TARGET_LINKS_MIXED = 0.8
 
@@ -554,7 +555,7 @@ class Links:
 def lower_bounds(peers: int, floats: int, rates: list[float]) -> dict[str, float]:
     """Seconds the slowest peer needs to move the payload its arm must move over its link.
 
-    moshpit: member i reduces a span of ``n_i`` values (proportional to its announced rate):
+    moshpit: member i reduces a span of ``n_i`` values (``partition.spans`` of the rates):
     it sends its part of every other span and its average to the N - 1 others, and receives as
     much, ``floats - n_i + (N - 1) n_i`` values each way. gloo's ring moves ``2 (N - 1) / N``
     of the vector each way per peer in N - 1 lockstep steps, so at the slowest link's rate.

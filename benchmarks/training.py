@@ -11,7 +11,7 @@ shard, with three methods on identical data, model, initialisation, optimizer an
   ``params += averaged_snapshot - snapshot`` (the overlap the paper's experiments used).
 * **allreduce**: All-Reduce SGD. After every local step, a butterfly all-reduce of the
   parameters over every live peer (the library's ``AllReduce``, the same code a Moshpit group
-  uses, spans in proportion to each member's bandwidth as in Moshpit's groups), which waits for
+  uses, spans sized from each member's bandwidth as in Moshpit's groups), which waits for
   the slowest member's part (up to half of ``--allreduce-patience`` slowest steps). Its
   communication overlaps the step's compute as data-parallel training overlaps it with the
   backward pass: it starts once the forward part of the step has passed (1 -
@@ -920,7 +920,7 @@ class Run:
             MemberInfo(
                 peer_id=s.identity.peer_id.to_bytes(),
                 address=str(s.peer.address) if s.peer is not None else "",
-                bandwidth=s.bandwidth,  # spans in proportion, as Moshpit's groups get
+                bandwidth=s.bandwidth,  # spans sized as Moshpit's groups get them
                 client_mode=False,
             )
             for s in members

@@ -173,7 +173,7 @@ class AveragingRun:
     round_period: float
     round_timeout: float
     compression: str
-    #: bytes/s this peer announces; spans are sized in proportion to it
+    #: bytes/s this peer announces; spans are sized from it (``partition.spans``)
     bandwidth: float
     weight: float
     min_group_size: int

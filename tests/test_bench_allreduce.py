@@ -84,15 +84,20 @@ def test_links_lower_bounds() -> None:
     equal = bench.lower_bounds(4, floats, [1000 * mbit] * 4)
     assert equal["moshpit"] == pytest.approx(0.48)
     assert equal["gloo"] == pytest.approx(0.48)
-    # mixed links: the ring goes at 100 Mbit/s; the 100 Mbit/s peer reduces 100/1850 of the
-    # vector, so it moves 40 MB * (1 + 2 * 100/1850) each way
+    # mixed links: the ring goes at 100 Mbit/s; the 100 Mbit/s peer reduces nothing (its link
+    # is too slow for a span: partition.spans), so it moves the 40 MB vector each way, and the
+    # two fastest ones, with 1/6 and 5/6 of it, finish sooner (40 MB * 8/3 at 1 Gbit/s)
     mixed = bench.lower_bounds(4, floats, [100 * mbit, 250 * mbit, 500 * mbit, 1000 * mbit])
     assert mixed["gloo"] == pytest.approx(4.8)
-    assert mixed["moshpit"] == pytest.approx(3.2 * (1 + 2 * 100 / 1850), rel=1e-6)
-    # in two phases: the slow peer uploads its parts (all but its span), then downloads the
+    assert mixed["moshpit"] == pytest.approx(3.2, rel=1e-6)
+    # in two phases: the slow peer uploads its parts (the whole vector), then downloads the
     # results (as much); on equal links the two phases cost nothing more
-    assert mixed["moshpit_phased"] == pytest.approx(2 * 3.2 * (1 - 100 / 1850), rel=1e-6)
+    assert mixed["moshpit_phased"] == pytest.approx(2 * 3.2, rel=1e-6)
     assert equal["moshpit_phased"] == pytest.approx(0.48)
+    # 400, 500, 500, 500 Mbit/s: every link gets a span, and all four finish at once: the slow
+    # one reduces 500/3800 of the vector (an equal cut would need 40 MB * 1.5 at 50 MB/s, 1.2 s)
+    close = bench.lower_bounds(4, floats, [400 * mbit] + [500 * mbit] * 3)
+    assert close["moshpit"] == pytest.approx(40e6 * (1 + 2 * 500 / 3800) / 50e6, rel=1e-6)
 
 
 def test_links_say_clearly_when_they_cannot_run(

@@ -1,9 +1,9 @@
 """Daemons in separate network namespaces, joined by veth links shaped with ``tc tbf``.
 
 Three peers upload at 20, 100 and 400 Mbit/s. The same rounds run twice: once with each
-daemon announcing its own link rate as its ``bandwidth`` (spans proportional to it), once with
-every daemon announcing the same. Proportional spans must finish rounds sooner; the test prints
-both round times and the span sizes (``pytest -s``).
+daemon announcing its own link rate as its ``bandwidth`` (spans sized from it), once with
+every daemon announcing the same. Spans sized for the links must finish rounds sooner; the test
+prints both round times and the span sizes (``pytest -s``).
 
 Needs root, ``ip netns`` and ``tc`` with the tbf qdisc; skipped cleanly otherwise. Every
 namespace and link it makes is named after this process and removed in a ``finally``.

@@ -1,5 +1,5 @@
 """Flattening tensors and writing them back (numpy and torch, every dtype, any strides, masks),
-bandwidth-proportional spans and chunk ranges."""
+spans sized for the links and chunk ranges."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from moshpit_trio.averaging.partition import (
     TensorLayout,
     chunk_ranges,
     flatten,
+    link_shares,
     spans,
     unflatten_into,
     write_pieces,
@@ -319,7 +320,7 @@ bandwidth = st.floats(min_value=1e-3, max_value=1e9, allow_nan=False)
         lambda m: not all(c for _, c in m)
     ),
 )
-def test_spans_cover_exactly_and_are_proportional(
+def test_spans_cover_exactly_and_follow_the_link_shares(
     total: int, members: list[tuple[float, bool]]
 ) -> None:
     bws = [b for b, _ in members]
@@ -329,28 +330,65 @@ def test_spans_cover_exactly_and_are_proportional(
     assert result[0][0] == 0 and result[-1][1] == total
     for (_, end), (start, _) in itertools.pairwise(result):
         assert end == start
-    reducing = sum(Fraction(b) for b, c in members if not c)
-    for (start, end), (b, client) in zip(result, members, strict=True):
+    weights = link_shares({i: Fraction(b) for i, (b, c) in enumerate(members) if not c}, len(bws))
+    reducing = sum(weights.values())
+    for i, ((start, end), (_, client)) in enumerate(zip(result, members, strict=True)):
         assert start <= end
         if client:
             assert start == end
         else:
-            assert abs((end - start) - total * Fraction(b) / reducing) < 1
+            assert abs((end - start) - total * weights[i] / reducing) < 1
     # Deterministic: the same inputs give the same spans (every member computes them alone).
     assert spans(total, list(bws), client_mode=list(clients)) == result
 
 
+@settings(max_examples=300)
+@given(
+    bandwidths=st.lists(st.integers(1, 10**6), min_size=1, max_size=40),
+    clients=st.integers(0, 10),
+)
+def test_link_shares_let_the_busiest_link_finish_first(bandwidths: list[int], clients: int) -> None:
+    """The spans minimise the time of the busiest link: with ``f`` the fractions, a member
+    moves ``1 + (N - 2) f`` each way, so every reducer with a span finishes at one time T, and
+    every one without has a link too slow to beat T even with nothing of its own (the
+    conditions for the minimum of the maximum). Members in client mode count in N."""
+    n = len(bandwidths) + clients
+    weights = link_shares({i: Fraction(b) for i, b in enumerate(bandwidths)}, n)
+    assert all(w >= 0 for w in weights.values()) and sum(weights.values()) > 0
+    f = {i: w / sum(weights.values()) for i, w in weights.items()}
+    if n <= 2:  # two members move 1 each way whatever the cut: kept proportional
+        assert weights == {i: Fraction(b) for i, b in enumerate(bandwidths)}
+        return
+    times = {(1 + (n - 2) * f[i]) / bandwidths[i] for i in f if f[i] > 0}
+    assert len(times) == 1
+    (t,) = times
+    assert all(Fraction(1, bandwidths[i]) >= t for i in f if f[i] == 0)
+    # the faster never gets less than the slower
+    for i, j in itertools.permutations(f, 2):
+        if bandwidths[i] > bandwidths[j]:
+            assert f[i] >= f[j]
+
+
 def test_spans_examples() -> None:
     assert spans(10, [1, 1, 1]) == [(0, 4), (4, 7), (7, 10)]  # ties go to the lower index
-    assert spans(10, [1, 3]) == [(0, 3), (3, 10)]  # 2.5 / 7.5: tie, lower index first
-    assert spans(10, [2, 1, 1], client_mode=[False, True, False]) == [(0, 7), (7, 7), (7, 10)]
+    assert spans(12, [5, 5, 5, 5]) == [(0, 3), (3, 6), (6, 9), (9, 12)]  # equal links, equal spans
+    assert spans(10, [1, 3]) == [(0, 3), (3, 10)]  # two members: 2.5 / 7.5, lower index first
+    # 100, 250, 500 and 1000 Mbit/s: the two slower ones would finish later with any span at all
+    assert spans(6, [12.5e6, 31.25e6, 62.5e6, 125e6]) == [(0, 0), (0, 0), (0, 1), (1, 6)]
+    # member 0 moves the whole vector each way at twice member 2's rate: 1 = 1, the best cut
+    assert spans(10, [2, 1, 1], client_mode=[False, True, False]) == [(0, 10), (10, 10), (10, 10)]
+    assert spans(10, [3, 1, 2], client_mode=[False, True, False]) == [(0, 8), (8, 8), (8, 10)]
     assert spans(0, [1, 2]) == [(0, 0), (0, 0)]
     assert spans(5, [1, 0.0], client_mode=[False, True]) == [(0, 5), (5, 5)]
 
 
 def test_min_span_gives_tiny_shares_to_the_others() -> None:
-    assert spans(100, [1, 1, 98], min_span=5) == [(0, 0), (0, 0), (0, 100)]
-    assert spans(100, [3, 4, 93], min_span=4) == [(0, 0), (0, 4), (4, 100)]
+    # (two members: proportional, so 1 + 1 + 98 is 3 members: link shares give 0, 0, all)
+    assert spans(100, [3, 97], min_span=5) == [(0, 0), (0, 100)]
+    assert spans(100, [3, 97], min_span=3) == [(0, 3), (3, 100)]
+    # the third's link share is 0.1 / 26.7 of the vector: under min_span, it goes to the others
+    assert spans(1000, [10, 10, 6.7]) == [(0, 498), (498, 996), (996, 1000)]
+    assert spans(1000, [10, 10, 6.7], min_span=10) == [(0, 500), (500, 1000), (1000, 1000)]
     # The last member standing keeps everything, however small.
     assert spans(3, [1, 1], min_span=10) == [(0, 3), (3, 3)]
     assert spans(100, [1, 1], min_span=10) == [(0, 50), (50, 100)]

@@ -1,6 +1,6 @@
 """Butterfly all-reduce inside one group, with the failure rules of MOSHPIT.md §1.
 
-The flat vector is cut into one span per member (``partition.spans``: proportional to bandwidth;
+The flat vector is cut into one span per member (``partition.spans``: sized for bandwidth;
 ``no_span`` members get none: client-mode ones, and relayed ones too when a listening member is
 there to reduce). Then, all under stage deadlines:
 

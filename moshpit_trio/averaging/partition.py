@@ -1,4 +1,4 @@
-"""Tensors to one flat float32 vector and back; bandwidth-proportional spans; chunks (sans-IO).
+"""Tensors to one flat float32 vector and back; spans sized for the links; chunks (sans-IO).
 
 A round averages a list of user tensors as if they were one vector: :class:`TensorLayout`
 records where each tensor sits in it, :func:`flatten` copies them in (as float32, whatever their
@@ -12,8 +12,9 @@ Supported tensors are numpy ``float32``/``float16`` arrays and CPU torch ``float
 exist if the caller imported torch, so it is looked up in ``sys.modules`` (importing torch costs
 seconds and most of the package never needs it).
 
-:func:`spans` cuts the flat vector into one contiguous span per group member, sized in proportion
-to each member's bandwidth; every member computes it on its own from the group the leader fixed,
+:func:`spans` cuts the flat vector into one contiguous span per group member, sized from the
+members' bandwidths so that the busiest link finishes first (:func:`link_shares`; equal
+bandwidths, equal spans); every member computes it on its own from the group the leader fixed,
 so it uses exact rational arithmetic and must give the same answer on every machine.
 """
 
@@ -375,9 +376,12 @@ def spans(
 ) -> list[tuple[int, int]]:
     """Cut ``[0, total)`` into one contiguous ``(start, end)`` span per member, in member order.
 
-    Span sizes are proportional to bandwidth: member ``i`` gets ``total * b_i / sum(b)`` elements
+    Span sizes follow bandwidth so that the busiest link finishes first (``link_shares``):
+    member ``i`` gets ``total * w_i / sum(w)`` elements with ``w`` the reducers' weights there,
     rounded by the largest-remainder method (each size is the floor or the ceiling of its exact
     share; the leftover elements go to the largest fractional parts, ties to the lower index).
+    Equal bandwidths give equal spans; a reducer whose link is too slow to carry a span of its
+    own in the time the others need gets none.
     A member flagged in ``client_mode`` reduces nothing: it gets an empty span (``start ==
     end``) and its bandwidth is ignored (it may be 0). The all-reduce flags the members
     ``allreduce.no_span`` names: a client-mode one nobody can dial, and a relayed one whenever a
@@ -413,8 +417,9 @@ def spans(
             raise ConfigError(f"member {i}'s bandwidth must be positive and finite, not {b!r}")
         weight[i] = Fraction(b)
     while True:
-        share_sum = sum(weight.values())
-        shares = {i: total * w / share_sum for i, w in weight.items()}
+        filled = link_shares(weight, n)
+        share_sum = sum(filled.values())
+        shares = {i: total * filled[i] / share_sum for i in weight}
         small = [i for i, s in shares.items() if 0 < s < min_span]
         if not small or len(weight) == 1:
             break
@@ -433,6 +438,36 @@ def spans(
         result.append((start, start + size))
         start += size
     return result
+
+
+def link_shares(bandwidths: dict[int, Fraction], members: int) -> dict[int, Fraction]:
+    """Each reducer's weight (not normalized; 0: no span) in a group of ``members``, so that
+    the slowest link to finish, finishes as soon as it can.
+
+    A member with a fraction ``f`` of the vector (length 1) moves ``1 + (N - 2) f`` each way:
+    its part of every other span out and their results in (``1 - f``), and the N - 1 parts
+    of its own span in and its average out (``(N - 1) f``). So the reducers that get a span
+    should all finish at one time ``T``: ``(1 + (N - 2) f_i) / b_i = T``, ``f_i = (T b_i - 1)
+    / (N - 2)``, the fastest k of them for the largest k where even the slowest of those has
+    ``T b > 1``. The others get nothing: they move 1 each way whatever the spans are, and
+    need no less than ``1 / b > T`` for that. Equal bandwidths give equal weights; so does a
+    group of two (it moves 1 each way, whatever its cut), which keeps weights proportional.
+    Exact (fractions), so every member computes the same; ties in bandwidth keep the lower
+    index first."""
+    extra = members - 2
+    if extra <= 0:
+        return dict(bandwidths)
+    fastest = sorted(bandwidths, key=lambda i: (-bandwidths[i], i))
+    for k in range(len(fastest), 0, -1):
+        top = fastest[:k]
+        total = sum(bandwidths[i] for i in top)
+        # T = (N - 2 + k) / total; the slowest of the k must have T b > 1
+        if bandwidths[top[-1]] * (extra + k) > total:
+            weights = dict.fromkeys(bandwidths, Fraction(0))
+            for i in top:
+                weights[i] = bandwidths[i] * (extra + k) - total
+            return weights
+    raise AssertionError("the fastest reducer alone always qualifies")  # k = 1: b (N-1) > b
 
 
 def chunk_ranges(start: int, end: int, chunk: int) -> list[tuple[int, int]]:

@@ -303,12 +303,27 @@ def partitions() -> list[dict[str, Any]]:
         (
             "two listening, one client-mode between them",
             1000,
-            [(12_500_000.0, False, False), (2_500_000.0, True, True), (1e8, False, False)],
+            [(12_500_000.0, False, False), (2_500_000.0, True, True), (2e7, False, False)],
         ),
         (
             "nobody listens: the relayed ones reduce",
             1001,
-            [(2_500_000.0, True, True), (1_000_000.0, True, False), (7_500_000.0, True, True)],
+            [(2_500_000.0, True, True), (1_000_000.0, True, False), (3_000_000.0, True, True)],
+        ),
+        (
+            "uneven links (100, 250, 500, 1000 Mbit/s): the two slower ones reduce nothing",
+            1000,
+            [
+                (12_500_000.0, False, False),
+                (31_250_000.0, False, False),
+                (62_500_000.0, False, False),
+                (125_000_000.0, False, False),
+            ],
+        ),
+        (
+            "a third reducer barely fast enough for a span of its own",
+            1000,
+            [(10.0, False, False), (10.0, False, False), (6.7, False, False)],
         ),
         (
             "exact binary values: 0.1 + 0.2 is not 0.3",
@@ -324,7 +339,7 @@ def partitions() -> list[dict[str, Any]]:
         (
             "largest remainders, not the largest bandwidths",
             100,
-            [(1.0, False, False), (2.0, False, False), (4.0, False, False)],
+            [(4.0, False, False), (5.0, False, False), (6.0, False, False)],
         ),
     ]
     out = []
