@@ -177,27 +177,27 @@ def _describe(lines: list[dict[str, Any]], ids: dict[str, int]) -> tuple[float, 
 
 
 @pytest.mark.timeout(240)
-def test_bandwidth_proportional_spans_finish_rounds_sooner(
+def test_spans_sized_for_the_links_finish_rounds_sooner(
     swarm: Swarm, namespaces: Namespaces
 ) -> None:
-    proportional = _measure(swarm, namespaces, "prop", [f"{rate} Mbit/s" for rate in RATES])
+    sized = _measure(swarm, namespaces, "prop", [f"{rate} Mbit/s" for rate in RATES])
     equal = _measure(swarm, namespaces, "equal", ["100 Mbit/s"] * len(RATES))
     ids = {}
     for d in swarm.daemons:
         ids[d.wait_for(started, 1)["peer_id"]] = int(d.name[-1])
-    prop_time, prop_spans = _describe(proportional, ids)
+    sized_time, sized_spans = _describe(sized, ids)
     equal_time, equal_spans = _describe(equal, ids)
     report = (
         f"\nnetns + tbf, uploads {RATES} Mbit/s, {SIZE} float32 ({SIZE * 4 / 1e6:.1f} MB) per "
         f"peer, {ROUNDS} whole rounds each:\n"
-        f"  proportional spans: all-reduce median {prop_time:.3f} s "
-        f"(rounds: {[line['seconds']['allreduce'] for line in proportional]}); "
-        f"span sizes {prop_spans}\n"
+        f"  link-sized spans:   all-reduce median {sized_time:.3f} s "
+        f"(rounds: {[line['seconds']['allreduce'] for line in sized]}); "
+        f"span sizes {sized_spans}\n"
         f"  equal spans:        all-reduce median {equal_time:.3f} s "
         f"(rounds: {[line['seconds']['allreduce'] for line in equal]}); "
         f"span sizes {equal_spans}\n"
-        f"  proportional / equal = {prop_time / equal_time:.2f}"
+        f"  link-sized / equal = {sized_time / equal_time:.2f}"
     )
     print(report)
     Path(swarm.root / "netns-report.txt").write_text(report)
-    assert prop_time < equal_time
+    assert sized_time < equal_time
