@@ -1066,7 +1066,7 @@ async def test_a_stream_sent_in_smaller_chunks_arrives_in_them(
             async with client.open_stream(server.address, "sizes", timeout=20) as stream:
                 await stream.send(bytes(2 * limit + 500), chunk=chunk)
                 await stream.finish()
-        for bad in (0, -1, 1.5):
+        for bad in (0, -1, 1.5, True):
             with pytest.raises(ConfigError, match="chunk must be a positive"):
                 async with client.open_stream(server.address, "sizes", timeout=20) as stream:
                     await stream.send(b"x", chunk=bad)  # type: ignore[arg-type]

@@ -960,7 +960,7 @@ class SendStream:
         limit = self._conn.limits.stream_chunk
         if chunk is None:
             chunk = limit
-        elif not isinstance(chunk, int) or chunk < 1:
+        elif isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
             raise ConfigError(f"chunk must be a positive number of bytes, not {chunk!r}")
         chunk = min(chunk, limit)
         keep = isinstance(data, bytes) or (
