@@ -116,3 +116,19 @@ def test_a_stream_cut_inside_a_record_is_not_between_records() -> None:
     list(records.feed(memoryview(body)))
     assert records.between_records
     assert records.value_bytes == 4 * 4  # the values only, not the length and header
+
+
+def test_value_runs_take_empty_pieces_and_refuse_more_than_is_left() -> None:
+    """``ValueRuns`` (compression.py) decodes a part's or a range's values for both streams:
+    an empty piece changes nothing, and a piece past the values' end is a caller's bug."""
+    from moshpit_trio.averaging.compression import ValueRuns
+
+    data = codec("8bit").encode(np.arange(10, dtype=np.float32))
+    runs = ValueRuns(codec("8bit"), 10)
+    assert runs.feed(memoryview(b"")) is None
+    assert runs.feed(memoryview(data)[:5]) is None  # a blocked codec waits for every byte
+    offset, values = runs.feed(memoryview(data)[5:]) or (None, None)
+    assert offset == 0 and values is not None and len(values) == 10 and runs.left == 0
+    assert runs.feed(memoryview(b"")) is None
+    with pytest.raises(ValueError, match="1 bytes fed where 0 were left"):
+        runs.feed(memoryview(b"x"))

@@ -56,7 +56,7 @@ from ..wire.address import PeerAddress
 from ..wire.connection import SendStream, StreamRequest
 from ..wire.envelope import SharedPayload
 from ..wire.liveness import MIN_PROGRESS_TIMEOUT, progress_timeout
-from .compression import Codec, codec
+from .compression import Codec, ValueRuns, codec
 from .matchmaking import GroupInfo, MemberInfo
 from .partition import spans as make_spans
 from .reducer import BadContribution, SpanAccumulator
@@ -104,13 +104,15 @@ class _ResultHeader(msgspec.Struct, array_like=True, forbid_unknown_fields=True)
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Taken:
     """A range of our own span's average (offsets within the span); ``values`` None when
-    nobody's data could be averaged there (then ``payload`` is None too)."""
+    nobody's data could be averaged there (then ``payload`` and ``record`` are None too).
+    ``record``: the range's record header on a result stream, the same for every member."""
 
     start: int
     end: int
     values: np.ndarray | None
     included: tuple[int, ...]
     payload: SharedPayload | None
+    record: bytes | None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -356,7 +358,11 @@ class AllReduce:
                     payload = SharedPayload(self.codec.encode(values))
                     if self.codec.name != "none":
                         values = self.codec.decode(payload.data, len(values))
-            self._ranges.append(_Taken(got.start, got.end, values, got.included, payload))
+            record = None
+            if payload is not None:
+                at = self.spans[self.index][0] + got.start
+                record = range_record(at, at + got.end - got.start, list(got.included))
+            self._ranges.append(_Taken(got.start, got.end, values, got.included, payload, record))
         if acc.finalized and self.reduced is None:
             self.excluded = dict(acc.excluded)
             self.reduced = self._ranges
@@ -477,7 +483,6 @@ class AllReduce:
         before, which would come back over member i's uplink behind the parts it is still
         sending. If member i is gone (or refuses the stream), it keeps its own values for the
         ranges it did not get, and its report says so."""
-        span_start = self.spans[self.index][0]
         # Nothing to open until there is a range to send (a span nobody's data reached has none).
         while not any(r.payload is not None for r in self._ranges):
             if self.reduced is not None:
@@ -493,9 +498,8 @@ class AllReduce:
                     sent += 1
                     if r.payload is None:  # (nobody's average there: everyone keeps theirs)
                         continue
-                    at = span_start + r.start
-                    record = range_record(at, at + r.end - r.start, list(r.included))
-                    await stream.send(record)
+                    assert r.record is not None
+                    await stream.send(r.record)
                     await stream.send(r.payload)
                     size += len(r.payload)
                 if self.reduced is not None and sent == len(self._ranges):
@@ -608,34 +612,19 @@ class AllReduce:
         chunks arrive when the codec encodes values one by one (the arrays are views of the
         received bytes), else in one piece at the end. BadContribution("length") as soon as
         more bytes than ``count`` values arrive, or at the end when fewer did."""
-        size = self.codec.encoded_size(count)
-        itemsize = self.codec.itemsize
+        runs = ValueRuns(self.codec, count)
+        size = runs.left
         received = 0
-        offset = 0
-        held: list[memoryview] = []  # bytes not yet decoded: a partial value, or a blocked codec
         async for chunk in request:
             received += len(chunk)
             self.bytes_received += len(chunk)
-            if received > size:
+            if len(chunk) > runs.left:
                 raise BadContribution("length", f"more than the {size} bytes of {count} values")
-            if itemsize is None:
-                held.append(chunk)
-                continue
-            data: bytes | memoryview = chunk
-            if held:  # a value cut between chunks (never by our own senders): rejoin it
-                data = b"".join((*held, chunk))
-                held.clear()
-            usable = len(data) - len(data) % itemsize
-            if usable < len(data):
-                held.append(memoryview(data)[usable:])
-            if usable:
-                n = usable // itemsize
-                yield offset, self.codec.decode(memoryview(data)[:usable], n)
-                offset += n
-        if received != size:
+            run = runs.feed(chunk)
+            if run is not None:
+                yield run
+        if runs.left:
             raise BadContribution("length", f"{received} bytes, not the {size} of {count} values")
-        if itemsize is None:
-            yield 0, self.codec.decode(b"".join(held), count)
 
     async def on_result(self, request: StreamRequest, header: _ResultHeader) -> bytes:
         j = next(

@@ -41,7 +41,7 @@ import numpy.typing as npt
 from ..errors import ConfigError
 from .reducer import BadContribution
 
-__all__ = ["BLOCK", "FP16", "NONE", "UINT8", "Codec", "codec"]
+__all__ = ["BLOCK", "FP16", "NONE", "UINT8", "Codec", "ValueRuns", "codec"]
 
 FloatArray = npt.NDArray[np.float32]
 Buffer = bytes | bytearray | memoryview
@@ -247,3 +247,48 @@ def codec(name: str) -> Codec:
         raise ConfigError(
             f"unknown compression {name!r}: choose one of {', '.join(_CODECS)}"
         ) from None
+
+
+class ValueRuns:
+    """Decodes ``count`` values of ``codec`` from bytes that arrive in pieces of any size
+    (sans-IO): as runs of whole values while they come when the codec encodes values one by
+    one (views of the received bytes where a piece holds whole values; a value cut between
+    two pieces is rejoined), else in one piece once all the bytes are in."""
+
+    def __init__(self, codec: Codec, count: int) -> None:
+        self.codec = codec
+        self.count = count
+        #: encoded bytes still to come
+        self.left = codec.encoded_size(count)
+        self._offset = 0
+        self._held: list[memoryview] = []  # a partial value, or everything of a blocked codec
+
+    def feed(self, piece: memoryview) -> tuple[int, FloatArray] | None:
+        """Take ``piece`` (at most ``left`` bytes); the ``(offset, values)`` run it completes,
+        if any."""
+        if len(piece) > self.left:
+            raise ValueError(f"{len(piece)} bytes fed where {self.left} were left")
+        if not piece:
+            return None
+        self.left -= len(piece)
+        itemsize = self.codec.itemsize
+        if itemsize is None:
+            self._held.append(piece)
+            if self.left:
+                return None
+            whole = b"".join(self._held)
+            self._held.clear()
+            return 0, self.codec.decode(whole, self.count)
+        data: bytes | memoryview = piece
+        if self._held:
+            data = b"".join((*self._held, piece))
+            self._held.clear()
+        usable = len(data) - len(data) % itemsize
+        if usable < len(data):
+            self._held.append(memoryview(data)[usable:])
+        if not usable:
+            return None
+        n = usable // itemsize
+        run = self._offset, self.codec.decode(memoryview(data)[:usable], n)
+        self._offset += n
+        return run

@@ -17,12 +17,12 @@ the sender); it checks framing only, the caller checks what a header says.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Generator, Iterator
+from collections.abc import Iterator
 
 import msgspec
 import numpy as np
 
-from .compression import Codec
+from .compression import Codec, ValueRuns
 from .reducer import BadContribution
 
 __all__ = ["MAX_RANGE_HEADER", "RangeHeader", "RangeValues", "ResultRecords", "range_record"]
@@ -65,26 +65,34 @@ class ResultRecords:
 
     def __init__(self, codec: Codec) -> None:
         self._codec = codec
-        self._held: list[memoryview] = []  # bytes of a length, a header or a value not complete
+        self._held: list[memoryview] = []  # bytes of a length or a header not complete
         self._held_bytes = 0
         self._need = 4  # bytes the length or the header still lacks
         self._header = False  # reading a header (else a length), when not in values
-        self._left = 0  # encoded bytes of the current range still to come; 0: between records
-        self._count = 0
-        self._offset = 0  # values of the current range yielded so far
+        self._values: ValueRuns | None = None  # the current range's, until it is whole
         #: bytes of values taken in so far (everything but the lengths and headers)
         self.value_bytes = 0
 
     @property
     def between_records(self) -> bool:
         """Whether every record fed so far is complete (a stream may end here)."""
-        return not self._left and not self._held_bytes and not self._header
+        return self._values is None and not self._held_bytes and not self._header
 
     def feed(self, chunk: memoryview) -> Iterator[RangeHeader | RangeValues]:
         data = chunk
         while data:
-            if self._left:
-                data = yield from self._values(data)
+            if self._values is not None:
+                values = self._values
+                take = min(values.left, len(data))
+                run = values.feed(data[:take])
+                data = data[take:]
+                self.value_bytes += take
+                if not values.left:
+                    self._values = None
+                if run is not None:
+                    yield RangeValues(run[0], run[1], not values.left)
+                elif not values.left:  # (cannot happen: the last byte completes a value)
+                    yield RangeValues(0, None, True)
                 continue
             take = min(self._need - self._held_bytes, len(data))
             self._held.append(data[:take])
@@ -108,39 +116,5 @@ class ResultRecords:
             if not header.start < header.end:
                 raise BadContribution("framing", f"an empty range [{header.start}, {header.end})")
             self._header, self._need = False, 4
-            self._count = header.end - header.start
-            self._left = self._codec.encoded_size(self._count)
-            self._offset = 0
+            self._values = ValueRuns(self._codec, header.end - header.start)
             yield header
-
-    def _values(self, data: memoryview) -> Generator[RangeValues, None, memoryview]:
-        """Take what ``data`` holds of the current range's values; returns the rest."""
-        take = min(self._left, len(data))
-        piece, rest = data[:take], data[take:]
-        self._left -= take
-        self.value_bytes += take
-        itemsize = self._codec.itemsize
-        if itemsize is None:  # a blocked codec: decoded once the range is whole
-            self._held.append(piece)
-            self._held_bytes += len(piece)
-            if not self._left:
-                whole = b"".join(self._held)
-                self._held.clear()
-                self._held_bytes = 0
-                yield RangeValues(0, self._codec.decode(whole, self._count), True)
-            return rest
-        joined: bytes | memoryview = piece
-        if self._held:  # a value cut between chunks: rejoin it
-            joined = b"".join((*self._held, piece))
-            self._held.clear()
-            self._held_bytes = 0
-        usable = len(joined) - len(joined) % itemsize
-        if usable < len(joined):
-            self._held.append(memoryview(joined)[usable:])
-            self._held_bytes = len(joined) - usable
-        n = usable // itemsize
-        if n or not self._left:
-            values = self._codec.decode(memoryview(joined)[:usable], n) if n else None
-            yield RangeValues(self._offset, values, not self._left)
-            self._offset += n
-        return rest
