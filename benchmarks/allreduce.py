@@ -276,6 +276,7 @@ def _moshpit_child(spec: dict[str, Any], ctl: Control, profiler: _Profiler) -> N
                 initial_key=(),
                 compression=spec["compression"],
                 **({"bandwidth": spec["bandwidth"]} if spec.get("bandwidth") else {}),
+                pace=bool(spec.get("pace")),
             )
             async with averager:
                 ctl.send(op="ready", address=str(peer.address))
@@ -666,6 +667,7 @@ def run_arm(
     chunk: int | None = None,
     window: int | None = None,
     links: Links | None = None,
+    pace: bool = False,
 ) -> dict[str, Any]:
     """Start ``peers`` processes of ``arm``, run the rounds, end every process whatever happens.
     With ``links``, each in its own namespace (see ``Links``)."""
@@ -677,6 +679,7 @@ def run_arm(
         "child_deadline": max(deadline - time.monotonic(), 1.0) + 10.0,
         "chunk": chunk,
         "window": window,
+        "pace": pace,
     }
     if arm == "gloo":
         base["port"] = _GLOO_PORT if links else _free_port()
@@ -983,6 +986,11 @@ def main(argv: list[str] | None = None) -> int:
         help="each process in its own netns behind tbf links: one rate, or one per peer "
         "(e.g. 1gbit or 100mbit,250mbit,500mbit,1gbit); needs root",
     )
+    parser.add_argument(
+        "--no-pace",
+        action="store_true",
+        help="with --links: moshpit peers do not pace their sends (MoshpitAverager(pace=...))",
+    )
     parser.add_argument("--lead", type=float, default=0.2, help="round start notice (s)")
     parser.add_argument("--step-timeout", type=float, default=60.0, help="per round (s)")
     parser.add_argument("--timeout", type=float, default=600.0, help="whole benchmark (s)")
@@ -1066,6 +1074,7 @@ def _run_arms(
                 chunk=args.chunk_kib * 1024 if args.chunk_kib else None,
                 window=args.window_mib * 1024 * 1024 if args.window_mib else None,
                 links=links,
+                pace=links is not None and not args.no_pace,
             )
         except ArmFailed as exc:
             results[arm] = {"error": str(exc)}
@@ -1098,6 +1107,7 @@ def _report(
         "compression": args.compression,
         "chunk_bytes": args.chunk_kib * 1024 if args.chunk_kib else None,
         "window_bytes": args.window_mib * 1024 * 1024 if args.window_mib else None,
+        "paced": args.links is not None and not args.no_pace,
         "cores": os.cpu_count(),
         "moshpit_round_s": round_s,
         "moshpit_matchmaking_s": seconds("moshpit", "matchmaking"),

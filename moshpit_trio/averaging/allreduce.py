@@ -50,14 +50,15 @@ import msgspec
 import numpy as np
 import trio
 
-from ..errors import CrossedIdleClose, MoshpitError, Rejected
+from ..errors import ConfigError, CrossedIdleClose, MoshpitError, Rejected
 from ..identity import PeerID
 from ..wire.address import PeerAddress
-from ..wire.connection import SendStream, StreamRequest
+from ..wire.connection import Connection, SendStream, StreamRequest
 from ..wire.envelope import SharedPayload
 from ..wire.liveness import MIN_PROGRESS_TIMEOUT, progress_timeout
 from .compression import Codec, ValueRuns, codec
 from .matchmaking import GroupInfo, MemberInfo
+from .partition import finish_together
 from .partition import spans as make_spans
 from .reducer import BadContribution, SpanAccumulator
 from .result_stream import RangeHeader, ResultRecords, range_record
@@ -145,6 +146,52 @@ def _report(reports: list[SpanReport], report: SpanReport) -> None:
 PART_CHUNK_TIME = 0.1
 _MIN_PART_CHUNK = 64 * 1024
 
+#: chunk boundaries fall on multiples of this many bytes (whole values of every codec that
+#: encodes values one by one)
+_CHUNK_ALIGN = 4096
+
+
+def part_chunks(size: int, chunk: int, floor: int) -> list[int]:
+    """The sizes of the chunks a part of ``size`` bytes is sent in: ``floor`` bytes first,
+    doubling up to ``chunk`` while two chunks' worth is left after; then ``chunk`` bytes each
+    while two chunks' worth is left; then halves of what is left down to ``floor``; then the
+    rest (under ``2 * floor``). Boundaries fall on multiples of 4096 bytes (``chunk`` is
+    rounded down to one, ``floor`` up).
+
+    Why: reducer j averages a range once every member's chunk of it is in, and sends each
+    average back to every member. Small first chunks start those results while the parts
+    still flow (a member's links would otherwise carry only parts until the slowest of N - 1
+    streams had delivered a whole chunk); small last chunks keep the range averaged after the
+    last chunk small. Every chunk but the last is at most what follows it, so a reducer that
+    never takes a range shorter than the rest of its span
+    (``SpanAccumulator.take(no_short_rest=True)``) still takes each chunk as it comes.
+
+    >>> [n >> 10 for n in part_chunks(10 << 20, 4 << 20, 512 << 10)]
+    [512, 1024, 4096, 2304, 1152, 576, 576]
+    """
+    if chunk < 1 or floor < 1 or size < 0:
+        raise ConfigError("chunk and floor must be positive, size at least 0")
+    floor = -(-floor // _CHUNK_ALIGN) * _CHUNK_ALIGN
+    chunk = max(chunk // _CHUNK_ALIGN * _CHUNK_ALIGN, floor)
+    sizes: list[int] = []
+    left = size
+    n = floor
+    while n < chunk and left - n >= 2 * chunk:
+        sizes.append(n)
+        left -= n
+        n *= 2
+    while left > 0:
+        if left >= 2 * chunk:
+            n = chunk
+        elif left >= 2 * floor:
+            n = left // 2 // _CHUNK_ALIGN * _CHUNK_ALIGN
+        else:
+            n = left
+        sizes.append(n)
+        left -= n
+    return sizes
+
+
 _encode = msgspec.msgpack.Encoder().encode
 _part_decoder = msgspec.msgpack.Decoder(_PartHeader)
 _result_decoder = msgspec.msgpack.Decoder(_ResultHeader)
@@ -164,6 +211,7 @@ class AllReduce:
         max_norm: float | None,
         borrow_flat: bool = False,
         in_place: bool = True,
+        pace: bool = False,
     ) -> None:
         self.group = group
         self.me = me
@@ -212,6 +260,9 @@ class AllReduce:
             self.all_results.set()
         #: members lost during the round (connection ended, or silent), and how
         self.lost: dict[int, str] = {}
+        #: with ``pace``: the bytes/s at which we send to each member (``pacing_rates``)
+        self.rates: dict[int, float] = self.pacing_rates() if pace else {}
+        self._paced: list[Connection] = []  # the connections whose sending we capped
         # our streams to each member, so that losing it cancels them
         self._sends: dict[int, list[trio.CancelScope]] = {}
 
@@ -237,12 +288,18 @@ class AllReduce:
             # us out of our own span's average and names us in `excluded`.
             with contextlib.suppress(BadContribution):
                 self._add(self.index, 0, self.flat[start:end], self.weight)
-        async with trio.open_nursery() as watchers:
-            for i in self._depends_on():
-                watchers.start_soon(self._watch, transport, i, progress_timeout)
-            await self._exchange(transport, run_id, reduce_deadline, deadline)
-            # Everything we send and wait for is over: nobody needs watching any more.
-            watchers.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as watchers:
+                for i in self._depends_on():
+                    watchers.start_soon(self._watch, transport, i, progress_timeout)
+                await self._exchange(transport, run_id, reduce_deadline, deadline)
+                # Everything we send and wait for is over: nobody needs watching any more.
+                watchers.cancel_scope.cancel()
+        finally:
+            # Whatever goes over these connections next (the DHT, the next round) is not ours
+            # to pace.
+            for conn in self._paced:
+                conn.pace(None)
         return self._apply()
 
     async def _exchange(
@@ -263,6 +320,28 @@ class AllReduce:
                 self._settle()
             with trio.move_on_at(deadline):
                 await self.all_results.wait()
+
+    def pacing_rates(self) -> dict[int, float]:
+        """The rate (bytes/s) at which we send to each member we send anything to, so that
+        every flow of the round ends at the same time, the earliest the members' announced
+        bandwidths allow (``partition.finish_together``): member i sends member j its part of
+        span j and its average of span i.
+
+        Why: a member sends to N - 1 others at once, over N - 1 TCP connections that share its
+        uplink, and TCP shares it unevenly over the fraction of a second a round takes (one
+        flow crowded out for a while, another ahead, a reducer waiting on the slow one while
+        its own uplink sits idle). Each flow paced at its share keeps them all in step; the
+        pacing is the kernel's (``Connection.pace``), so it costs no CPU here."""
+        sizes = [
+            self.codec.encoded_size(end - start) if end > start else 0 for start, end in self.spans
+        ]
+        n = len(self.members)
+        sent = [[0 if i == j else sizes[i] + sizes[j] for j in range(n)] for i in range(n)]
+        finish = finish_together(sent, [m.bandwidth for m in self.members])
+        if finish <= 0:
+            return {}
+        me = self.index
+        return {j: sent[me][j] / finish for j in range(n) if j != me and sent[me][j] > 0}
 
     def progress_timeout(self, window: float, bandwidth: float, stream_chunk: int) -> float:
         """How long a member may stay silent in this run before it counts as lost
@@ -454,7 +533,13 @@ class AllReduce:
             else self.codec.encode(self.flat[start:end])
         )
 
-        chunk = self._part_chunk(j)
+        size = min(self._part_chunk(j), transport.limits.connection.stream_chunk)
+        chunk: int | list[int] = size
+        if self.codec.itemsize is not None:
+            # Smaller chunks first and last: the averages start coming back sooner, and the
+            # last range averaged after the last chunk is small (see part_chunks). (A codec
+            # that does not encode values one by one is decoded only once the part is in.)
+            chunk = part_chunks(len(payload), size, max(_MIN_PART_CHUNK, size // 8))
 
         async def body(stream: SendStream) -> int:
             await stream.send(payload, chunk=chunk)
@@ -539,6 +624,7 @@ class AllReduce:
                         async with transport.open_stream(
                             self._target(self.members[i]), name, header, timeout=timeout
                         ) as stream:
+                            self._pace(i, stream.connection)
                             size = await body(stream)
                             await stream.finish()
                     except CrossedIdleClose:
@@ -550,6 +636,12 @@ class AllReduce:
             except MoshpitError:
                 return False
         return False
+
+    def _pace(self, i: int, conn: Connection) -> None:
+        """Cap what we send over ``conn`` at member i's rate (``pacing_rates``), once."""
+        rate = self.rates.get(i)
+        if rate is not None and conn not in self._paced and conn.pace(rate):
+            self._paced.append(conn)
 
     # -- what other members send us ----------------------------------------------------------
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Final
 
 import msgspec
@@ -52,6 +52,7 @@ from .envelope import (
     SharedSlice,
 )
 from .handshake import HandshakeResult
+from .streams import Pacer
 
 __all__ = [
     "Connection",
@@ -276,8 +277,10 @@ class Connection:
         admit: Callable[[int], str | None] | None = None,
         on_heard: Callable[[], None] | None = None,
         on_closed: Callable[[Connection], None] | None = None,
+        pacer: Pacer | None = None,
     ) -> None:
         self.remote_peer_id = handshake.remote_peer_id
+        self._pacer = pacer
         self.session = handshake.session
         self.initiator = initiator
         self.registry = registry
@@ -355,6 +358,20 @@ class Connection:
         self.protocol_error: ProtocolError | None = None
         #: the relay this connection's bytes pass through (wire/relay.py); None when direct
         self.via: PeerID | None = None
+
+    def pace(self, rate: float | None) -> bool:
+        """Cap the rate at which this connection sends, in bytes/s (the kernel spaces the
+        socket's packets out: Linux's ``SO_MAX_PACING_RATE``), or lift the cap (None). False,
+        and nothing changes, where there is no such socket: in memory, through a relay, on
+        another platform. (An all-reduce paces what it sends to each member, so that the
+        flows sharing our uplink finish together instead of crowding each other out:
+        ``AllReduce`` with ``pace``.)"""
+        if rate is not None and not (isinstance(rate, int | float) and rate > 0):
+            raise ConfigError(f"a pacing rate is a positive number of bytes/s, not {rate!r}")
+        if self._pacer is None or self._closed:
+            return False
+        self._pacer(None if rate is None or math.isinf(rate) else rate)
+        return True
 
     # -- lifetime ----------------------------------------------------------------------------
 
@@ -907,6 +924,11 @@ class SendStream:
         self._queueing = False
         self._end_deferred = False
 
+    @property
+    def connection(self) -> Connection:
+        """The connection the stream runs on."""
+        return self._conn
+
     async def __aenter__(self) -> SendStream:
         async def start() -> None:
             self._call_id, self._waiter = await self._conn._start_call(
@@ -944,12 +966,18 @@ class SendStream:
             raise ConfigError("send() after finish()")
 
     async def send(
-        self, data: bytes | bytearray | memoryview | SharedPayload, *, chunk: int | None = None
+        self,
+        data: bytes | bytearray | memoryview | SharedPayload,
+        *,
+        chunk: int | Sequence[int] | None = None,
     ) -> None:
         """Send ``data``, cut into chunks of the connection's ``stream_chunk`` bytes, or of
         ``chunk`` when that is smaller (a receiver can use each chunk as it arrives, so a
         sender on a slow link may want them sooner); returns once every chunk has been sealed
-        for the wire (the writer seals envelopes in order, as it comes to each).
+        for the wire (the writer seals envelopes in order, as it comes to each). ``chunk`` may
+        also be the chunks' sizes, in order, adding up to ``len(data)`` (one larger than
+        ``stream_chunk`` is cut at it): say, smaller ones at the end, so that the receiver's
+        last piece of work waits on a small chunk.
 
         Each chunk is encrypted as it is sealed, straight from ``data`` (no copy before): the
         caller leaves ``data`` alone until this returns, and may reuse it after. Cancelled
@@ -958,20 +986,18 @@ class SendStream:
         chunks of immutable data still go out in order. A :class:`SharedPayload` is sent the
         same way (e.g. one average to several peers)."""
         limit = self._conn.limits.stream_chunk
-        if chunk is None:
-            chunk = limit
-        elif isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-            raise ConfigError(f"chunk must be a positive number of bytes, not {chunk!r}")
-        chunk = min(chunk, limit)
+        view: memoryview | SharedPayload = (
+            data if isinstance(data, SharedPayload) else memoryview(data).cast("B")
+        )
+        bounds = _chunk_bounds(len(view), limit, chunk)
         keep = isinstance(data, bytes) or (
             isinstance(data, SharedPayload) and isinstance(data.data, bytes)
         )
         pieces: list[memoryview | SharedSlice]
-        if isinstance(data, SharedPayload):
-            pieces = [data.slice(start, start + chunk) for start in range(0, len(data), chunk)]
+        if isinstance(view, SharedPayload):
+            pieces = [view.slice(start, end) for start, end in bounds]
         else:
-            view = memoryview(data).cast("B")
-            pieces = [view[start : start + chunk] for start in range(0, len(view), chunk)]
+            pieces = [view[start:end] for start, end in bounds]
         queued: list[_Outgoing] = []
         try:
             for piece in pieces:
@@ -1043,6 +1069,34 @@ class SendStream:
             raise waiter.error
         assert waiter.envelope is not None
         return bytes(waiter.envelope.payload)
+
+
+def _chunk_bounds(
+    size: int, limit: int, chunk: int | Sequence[int] | None
+) -> list[tuple[int, int]]:
+    """The ``[start, end)`` of each chunk of ``size`` bytes sent with ``chunk`` (see
+    ``SendStream.send``), none longer than ``limit``; ConfigError for a bad ``chunk``."""
+    if chunk is None or (isinstance(chunk, int) and not isinstance(chunk, bool)):
+        step = limit if chunk is None else chunk
+        if step < 1:
+            raise ConfigError(f"chunk must be a positive number of bytes, not {chunk!r}")
+        step = min(step, limit)
+        return [(start, min(start + step, size)) for start in range(0, size, step)]
+    if not isinstance(chunk, Sequence) or isinstance(chunk, str | bytes | bytearray):
+        raise ConfigError(
+            f"chunk must be a positive number of bytes or a list of them, not {chunk!r}"
+        )
+    bounds: list[tuple[int, int]] = []
+    start = 0
+    for n in chunk:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError(f"chunk sizes must be positive numbers of bytes, not {n!r}")
+        end = start + n
+        bounds.extend((a, min(a + limit, end)) for a in range(start, end, limit))
+        start = end
+    if start != size:
+        raise ConfigError(f"the chunk sizes add up to {start} bytes, not the {size} sent")
+    return bounds
 
 
 def _deadline_from(timeout: float) -> float:

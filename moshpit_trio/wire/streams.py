@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import struct
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import trio
 
-__all__ = ["StreamHandler", "StreamNetwork", "TcpNetwork"]
+__all__ = ["Pacer", "StreamHandler", "StreamNetwork", "TcpNetwork", "pacer_for"]
 
 StreamHandler = Callable[[trio.abc.Stream], Awaitable[None]]
 
@@ -80,6 +82,35 @@ def _tune(sock: Any) -> None:
     if notsent is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, notsent, _NOTSENT_LOWAT)
+
+
+# SO_MAX_PACING_RATE (Linux 3.13+; Python's socket module does not name it): the most bytes
+# per second the kernel sends on the socket, spacing its packets out (TCP paces internally
+# once it is set, whatever the congestion control and the queueing discipline).
+_SO_MAX_PACING_RATE = getattr(socket, "SO_MAX_PACING_RATE", 47)
+_UNPACED = (1 << 64) - 1  # the kernel's "no cap"
+
+#: Caps the rate a connection's socket sends at (bytes/s), or lifts the cap (None).
+Pacer = Callable[[float | None], None]
+
+
+def pacer_for(stream: trio.abc.Stream) -> Pacer | None:
+    """A :data:`Pacer` for ``stream``'s socket when it is a TCP socket on Linux, else None (a
+    stream in memory, a relay's pipe, another platform: nothing to pace)."""
+    sock = getattr(stream, "socket", None)
+    if not sys.platform.startswith("linux") or sock is None:
+        return None
+    if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+
+    def pace(rate: float | None) -> None:
+        value = _UNPACED if rate is None else max(1, min(int(rate), _UNPACED - 1))
+        # best effort, like the buffer sizes: an older kernel refuses it, and nothing but the
+        # pacing is lost
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, _SO_MAX_PACING_RATE, struct.pack("=Q", value))
+
+    return pace
 
 
 class TcpNetwork:

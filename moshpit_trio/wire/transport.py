@@ -68,7 +68,7 @@ from .handshake import (
 from .liveness import Liveness
 from .relay import RelayEndpoint, RelayPipe, RelayService
 from .relay_table import RelayLimits
-from .streams import StreamNetwork, TcpNetwork
+from .streams import StreamNetwork, TcpNetwork, pacer_for
 
 __all__ = ["PING", "SUBPROTOCOL", "Transport", "TransportLimits", "open_transport"]
 
@@ -801,7 +801,9 @@ class Transport:
                 if pipe is not None:
                     ws_nursery.start_soon(pipe.watch)
                 ws, result = await self._initiate(ws_nursery, stream, address)
-                conn = self._new_connection(ws, result, initiator=True)
+                conn = self._new_connection(
+                    ws, result, initiator=True, stream=stream if pipe is None else None
+                )
                 if pipe is not None:
                     conn.via = pipe.relay.remote_peer_id
                 self._add(conn)
@@ -900,7 +902,7 @@ class Transport:
                 if scope.cancelled_caught:
                     self.log.info("handshake timed out; dropped the connection")
                 elif accepted is not None:
-                    await self._serve_accepted(*accepted, pipe=pipe)
+                    await self._serve_accepted(*accepted, pipe=pipe, stream=stream)
                 ws_nursery.cancel_scope.cancel()
         except (*_HANDSHAKE_ERRORS, BaseExceptionGroup) as exc:
             failure = _expected_failure(exc)
@@ -963,10 +965,17 @@ class Transport:
         return ws, responder.receive_finish(await _binary(ws))
 
     async def _serve_accepted(
-        self, ws: WebSocketConnection, result: HandshakeResult, *, pipe: RelayPipe | None = None
+        self,
+        ws: WebSocketConnection,
+        result: HandshakeResult,
+        *,
+        pipe: RelayPipe | None = None,
+        stream: trio.abc.Stream | None = None,
     ) -> None:
         live = [c for c in self._conns.get(result.remote_peer_id, ()) if not c.closed]
-        conn = self._new_connection(ws, result, initiator=False)
+        conn = self._new_connection(
+            ws, result, initiator=False, stream=stream if pipe is None else None
+        )
         if pipe is not None:
             conn.via = pipe.relay.remote_peer_id
             if result.remote_peer_id != pipe.remote:
@@ -992,7 +1001,12 @@ class Transport:
     # -- shared ------------------------------------------------------------------------------
 
     def _new_connection(
-        self, ws: WebSocketConnection, result: HandshakeResult, *, initiator: bool
+        self,
+        ws: WebSocketConnection,
+        result: HandshakeResult,
+        *,
+        initiator: bool,
+        stream: trio.abc.Stream | None = None,
     ) -> Connection:
         return Connection(
             ws,
@@ -1005,6 +1019,7 @@ class Transport:
             admit=self._admit(result.remote_peer_id),
             on_heard=self._heard_from(result.remote_peer_id),
             on_closed=self._connection_closed,
+            pacer=None if stream is None else pacer_for(stream),
         )
 
     def _ws_options(self) -> dict[str, Any]:
