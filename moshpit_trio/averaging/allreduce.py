@@ -58,7 +58,6 @@ from ..wire.envelope import SharedPayload
 from ..wire.liveness import MIN_PROGRESS_TIMEOUT, progress_timeout
 from .compression import Codec, ValueRuns, codec
 from .matchmaking import GroupInfo, MemberInfo
-from .partition import finish_together
 from .partition import spans as make_spans
 from .reducer import BadContribution, SpanAccumulator
 from .result_stream import RangeHeader, ResultRecords, range_record
@@ -322,26 +321,29 @@ class AllReduce:
                 await self.all_results.wait()
 
     def pacing_rates(self) -> dict[int, float]:
-        """The rate (bytes/s) at which we send to each member we send anything to, so that
-        every flow of the round ends at the same time, the earliest the members' announced
-        bandwidths allow (``partition.finish_together``): member i sends member j its part of
-        span j and its average of span i.
+        """The rate (bytes/s) at which we send to each member we send anything to: our
+        announced bandwidth, shared among the members in proportion to the bytes we send each
+        (our part of its span, and our average of ours), so that our flows all end together,
+        as soon as our uplink allows.
 
         Why: a member sends to N - 1 others at once, over N - 1 TCP connections that share its
         uplink, and TCP shares it unevenly over the fraction of a second a round takes (one
         flow crowded out for a while, another ahead, a reducer waiting on the slow one while
-        its own uplink sits idle). Each flow paced at its share keeps them all in step; the
-        pacing is the kernel's (``Connection.pace``), so it costs no CPU here."""
+        its own uplink sits idle). Each flow capped at its share keeps them in step; the
+        pacing is the kernel's (``Connection.pace``), so it costs no CPU here. (Rates that
+        make every flow of the group end together at the busiest link's time were slower on
+        uneven links: they hold a fast member's parts back to that time, and the averages
+        that wait on those parts come later.)"""
         sizes = [
             self.codec.encoded_size(end - start) if end > start else 0 for start, end in self.spans
         ]
-        n = len(self.members)
-        sent = [[0 if i == j else sizes[i] + sizes[j] for j in range(n)] for i in range(n)]
-        finish = finish_together(sent, [m.bandwidth for m in self.members])
-        if finish <= 0:
-            return {}
         me = self.index
-        return {j: sent[me][j] / finish for j in range(n) if j != me and sent[me][j] > 0}
+        sent = {j: sizes[me] + sizes[j] for j in range(len(self.members)) if j != me}
+        total = sum(sent.values())
+        if total <= 0:
+            return {}
+        bandwidth = self.members[me].bandwidth
+        return {j: bandwidth * n / total for j, n in sent.items() if n > 0}
 
     def progress_timeout(self, window: float, bandwidth: float, stream_chunk: int) -> float:
         """How long a member may stay silent in this run before it counts as lost

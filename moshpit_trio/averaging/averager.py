@@ -136,12 +136,11 @@ class MoshpitAverager:
     "random" (seeded by the group id) or "rank"; ``max_norm`` refuses parts with a larger L2 norm.
 
     ``pace=True`` paces what a round sends to each member (the kernel's pacing of each TCP
-    connection, on Linux; nothing elsewhere, in memory or through a relay) at the rate that
-    makes every transfer of the round end together, from the members' announced bandwidths
-    (``AllReduce.pacing_rates``). Turn it on where every member's ``bandwidth`` is what its
-    link really carries: N - 1 flows that share an uplink unpaced crowd each other out by
-    turns (on four 1 Gbit/s links a round of 10M floats took 0.63-0.67 s unpaced, 0.58-0.60 s
-    paced); an announced bandwidth below the real one would cap the round at it.
+    connection, on Linux; nothing elsewhere, in memory or through a relay): ``bandwidth``
+    shared among the members in proportion to what each gets, so that those flows end
+    together (``AllReduce.pacing_rates``). Unpaced, the N - 1 flows that share an uplink
+    crowd each other out by turns. Turn it on where ``bandwidth`` is what this peer's uplink
+    really carries: announced lower, it caps the round's sends at it.
 
     With ``grid="auto"`` (the default) groups are formed from the live peers
     (``auto_grid``): ``target_group_size`` (default 32) is the group size rows and columns are

@@ -40,7 +40,6 @@ __all__ = [
     "Spans",
     "TensorLayout",
     "chunk_ranges",
-    "finish_together",
     "flatten",
     "spans",
     "unflatten_into",
@@ -469,31 +468,6 @@ def link_shares(bandwidths: dict[int, Fraction], members: int) -> dict[int, Frac
                 weights[i] = bandwidths[i] * (extra + k) - total
             return weights
     raise AssertionError("the fastest reducer alone always qualifies")  # k = 1: b (N-1) > b
-
-
-def finish_together(sent: Sequence[Sequence[int]], bandwidths: Sequence[float]) -> float:
-    """The earliest time by which every flow of a round can end: ``sent[i][j]`` bytes go from
-    member i to member j, and each member's upload and download carry ``bandwidths[i]``
-    bytes/s. The busiest link decides it: ``max`` over members of the bytes out, and of the
-    bytes in, over the bandwidth. A flow sent at ``sent[i][j] / T`` then ends at ``T`` with
-    every other, and no link carries more than its bandwidth (a member paces what it sends
-    to each other member at that rate: ``AllReduce`` with ``pace``). 0 when nothing is sent.
-
-    >>> finish_together([[0, 10, 10], [10, 0, 10], [10, 10, 0]], [10.0, 10.0, 10.0])
-    2.0
-    >>> finish_together([[0, 10], [10, 0]], [10.0, 5.0])
-    2.0
-    """
-    n = len(bandwidths)
-    if len(sent) != n or any(len(row) != n for row in sent):
-        raise ConfigError(f"sent must be a {n}x{n} matrix, one row and column per bandwidth")
-    if not all(b > 0 and math.isfinite(b) for b in bandwidths):
-        raise ConfigError("bandwidths must be positive and finite")
-    if any(x < 0 for row in sent for x in row):
-        raise ConfigError("bytes sent cannot be negative")
-    out = (sum(sent[i]) / bandwidths[i] for i in range(n))
-    into = (sum(sent[i][j] for i in range(n)) / bandwidths[j] for j in range(n))
-    return max(0.0, *out, *into)
 
 
 def chunk_ranges(start: int, end: int, chunk: int) -> list[tuple[int, int]]:
