@@ -319,3 +319,66 @@ async def test_values_refuse_too_many_or_too_few_bytes(name: str) -> None:
         with pytest.raises(BadContribution) as info:
             await _decode(name, chunks, 100)
         assert info.value.reason == "length"
+
+
+@pytest.mark.slow
+async def test_paced_rounds_over_real_sockets_pace_each_member_and_lift_it_after(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``pace=True`` over TCP on 127.0.0.1: each member's connections to the others are paced
+    at its rates for the round (``AllReduce.pacing_rates``: a third of its bandwidth to each
+    in a group of four) and unpaced once the round ends; the rounds average exactly, and the
+    next round does again. (In memory pacing is a no-op: test_wire_faults.)"""
+    from moshpit_trio.wire.connection import Connection
+
+    paced: list[tuple[Any, Any, float | None]] = []
+    pace = Connection.pace
+
+    def record(conn: Connection, rate: float | None) -> bool:
+        done = pace(conn, rate)
+        if done:
+            paced.append((conn, conn.remote_peer_id, rate))
+        return done
+
+    monkeypatch.setattr(Connection, "pace", record)
+    bandwidth = 1e9
+    rng = np.random.default_rng(3)
+    values = [rng.normal(size=200_000).astype(np.float32) for _ in range(4)]
+    async with AsyncExitStack() as stack:
+        peers: list[Peer] = []
+        for i in range(4):
+            boot = [str(peers[0].address)] if peers else []
+            peers.append(
+                await stack.enter_async_context(
+                    open_peer(ident(40 + i), listen="127.0.0.1:0", bootstrap=boot)
+                )
+            )
+        averagers = [
+            await stack.enter_async_context(
+                MoshpitAverager(
+                    p, "paced", [v], grid=(4,), initial_key=(), bandwidth=bandwidth, pace=True
+                )
+            )
+            for p, v in zip(peers, values, strict=True)
+        ]
+        for _ in range(2):
+            target = np.mean(values, axis=0)
+            paced.clear()
+            reports: list[RoundReport] = []
+            with trio.fail_after(30):
+                async with trio.open_nursery() as nursery:
+                    for a in averagers:
+                        nursery.start_soon(_step_into, a, reports)
+            assert len(reports) == 4 and all(r.succeeded for r in reports)
+            for v in values:
+                np.testing.assert_allclose(v, target, rtol=1e-5, atol=1e-6)
+            owner = {id(c): p.id for p in peers for c in p.transport.connections()}
+            caps = [(conn, peer, rate) for conn, peer, rate in paced if rate is not None]
+            # every member paced its flow to each of the three others, at a third of its link
+            flows = {(owner[id(conn)], peer) for conn, peer, _ in caps}
+            assert flows == {(a.id, b.id) for a in peers for b in peers if a is not b}
+            assert [rate for _, _, rate in caps] == pytest.approx([bandwidth / 3] * len(caps))
+            # and lifted every cap it set once its round was over
+            for conn, _, _ in caps:
+                assert conn.pacing is None
+                assert any(c is conn and r is None for c, _, r in paced)

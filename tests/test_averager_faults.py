@@ -14,11 +14,13 @@ from typing import Any
 import numpy as np
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from moshpit_trio.averaging import allreduce as allreduce_module
 from moshpit_trio.averaging.averager import MoshpitAverager, RoundReport
 from moshpit_trio.averaging.grid import Grid, next_key
-from moshpit_trio.errors import MoshpitError, Rejected
+from moshpit_trio.errors import ConfigError, MoshpitError, Rejected
 from moshpit_trio.identity import Identity, PeerID
 from moshpit_trio.peer import Peer
 from moshpit_trio.testing import MemoryNetwork
@@ -682,3 +684,110 @@ def test_parts_over_slow_links_go_in_chunks_of_a_tenth_of_a_second() -> None:
     assert chunk(2, 0) == int(12.5e6 / 3 * 0.1)  # the reducer's link is the slower
     assert chunk(1, 2) == int(31.25e6 / 3 * 0.1)
     assert chunk(2, 3) == 64 * 1024  # never below 64 KiB
+
+
+def _paced_round(rates: list[float], me: int, n: int = 1000, codec: str = "none") -> Any:
+    from moshpit_trio.averaging.allreduce import AllReduce
+    from moshpit_trio.averaging.matchmaking import GroupInfo, MemberInfo
+
+    ids = [Identity.from_seed(bytes([80 + i]) * 32).peer_id for i in range(len(rates))]
+    members = tuple(
+        MemberInfo(p.to_bytes(), f"ws://h{i}:1/x", rates[i], False) for i, p in enumerate(ids)
+    )
+    group = GroupInfo(b"g" * 16, 0, (), members, members[0].peer_id)
+    return AllReduce(
+        group, ids[me], np.zeros(n, np.float32), 1.0, codec_name=codec, max_norm=None, pace=True
+    )
+
+
+@pytest.mark.parametrize("codec", ["none", "fp16", "8bit"])
+def test_paced_flows_share_our_uplink_by_what_each_member_gets(codec: str) -> None:
+    """With ``pace``, we send to each member at our bandwidth times its share of the bytes we
+    send in the round (our part of its span, and our average of ours): our flows end together,
+    as soon as our uplink allows. Without it, nothing is paced."""
+    # equal links: a third of ours to each of the three others
+    reduce = _paced_round([1e8] * 4, me=1, codec=codec)
+    assert reduce.rates == pytest.approx({0: 1e8 / 3, 2: 1e8 / 3, 3: 1e8 / 3})
+    # uneven links: spans sized for them (the slowest may reduce nothing)
+    rates = [12.5e6, 31.25e6, 62.5e6, 125e6]
+    for me in range(4):
+        reduce = _paced_round(rates, me=me, n=1_000_000, codec=codec)
+        sizes = [reduce.codec.encoded_size(e - s) if e > s else 0 for s, e in reduce.spans]
+        sent = {j: sizes[me] + sizes[j] for j in range(4) if j != me and sizes[me] + sizes[j]}
+        assert set(reduce.rates) == set(sent)
+        assert sum(reduce.rates.values()) == pytest.approx(rates[me])
+        for j, rate in reduce.rates.items():
+            assert rate == pytest.approx(rates[me] * sent[j] / sum(sent.values()))
+    slowest = _paced_round(rates, me=0, n=1_000_000)
+    assert slowest.spans[0] == (0, 0) and slowest.spans[1][1] == slowest.spans[1][0]
+    assert set(slowest.rates) == {2, 3}  # it sends parts only, to the two reducers
+    # unpaced: no rates; paced with nothing to send (a one-value vector cut four ways): none
+    assert _paced_round([1e8] * 4, me=0).rates != {}
+    from moshpit_trio.averaging.allreduce import AllReduce
+
+    plain = AllReduce(
+        reduce.group, reduce.me, np.zeros(10, np.float32), 1.0, codec_name="none", max_norm=None
+    )
+    assert plain.rates == {}
+
+
+@given(
+    size=st.integers(0, 40 << 20),
+    chunk=st.integers(1, 8 << 20),
+    floor=st.integers(1, 2 << 20),
+)
+@settings(max_examples=300, deadline=None)
+def test_part_chunks_ramp_up_and_taper_off(size: int, chunk: int, floor: int) -> None:
+    """The chunks add up to the part, fall on 4096-byte boundaries, are never larger than the
+    (aligned) chunk, and each but the last is at most what follows it (so a reducer taking
+    ranges with no_short_rest takes each chunk alone); the last is under twice the floor; the
+    first is the floor when there is room to ramp up."""
+    from moshpit_trio.averaging.allreduce import part_chunks
+
+    sizes = part_chunks(size, chunk, floor)
+    lo = -(-floor // 4096) * 4096
+    hi = max(chunk // 4096 * 4096, lo)
+    assert sum(sizes) == size and all(n > 0 for n in sizes)
+    assert all(n % 4096 == 0 for n in sizes[:-1])
+    assert all(n <= hi for n in sizes[:-1])
+    for k, n in enumerate(sizes[:-1]):
+        assert n <= sum(sizes[k + 1 :])
+    if sizes:
+        assert sizes[-1] < 2 * lo or (sizes[-1] <= hi and len(sizes) == 1)
+    if size - lo >= 2 * hi and lo < hi:
+        assert sizes[0] == lo
+
+
+def test_part_chunks_examples_and_bad_arguments() -> None:
+    from moshpit_trio.averaging.allreduce import part_chunks
+
+    mib = 1 << 20
+    assert part_chunks(10 * mib, 4 * mib, mib // 2) == [
+        mib // 2, mib, 4 * mib, 2304 << 10, 1152 << 10, 576 << 10, 576 << 10,
+    ]  # fmt: skip
+    assert part_chunks(0, 4 * mib, mib) == []
+    assert part_chunks(100, 4 * mib, 64 << 10) == [100]
+    for bad in ((-1, 1, 1), (1, 0, 1), (1, 1, 0)):
+        with pytest.raises(ConfigError, match="positive"):
+            part_chunks(*bad)
+
+
+def test_a_reducer_takes_each_part_chunk_as_a_range() -> None:
+    """Members sending their parts in part_chunks, the reducer (no_short_rest) averages each
+    chunk as its own range as it arrives, and the last range is the last, small chunk."""
+    from moshpit_trio.averaging.allreduce import part_chunks
+    from moshpit_trio.averaging.reducer import SpanAccumulator
+
+    n = 2_500_000
+    sizes = [b // 4 for b in part_chunks(4 * n, 4 << 20, 512 << 10)]
+    acc = SpanAccumulator(n, 3)
+    taken = []
+    at = 0
+    for size in sizes:
+        for sender in range(3):
+            acc.add(sender, at, np.full(size, sender, np.float32), 1.0)
+        at += size
+        while (got := acc.take(no_short_rest=True)) is not None:
+            taken.append(got.end - got.start)
+    assert taken == sizes and acc.finalized
+    assert taken[-1] * 4 < 1 << 20  # under 1 MiB averaged after the last chunk (was 5.5 MiB)

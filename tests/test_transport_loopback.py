@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import socket
+import struct
+import sys
 
 import numpy as np
 import pytest
 import trio
+import trio.testing
 
 from moshpit_trio.errors import (
     ConfigError,
@@ -19,6 +23,7 @@ from moshpit_trio.errors import (
 from moshpit_trio.identity import Identity
 from moshpit_trio.wire.address import InvalidAddress, PeerAddress
 from moshpit_trio.wire.connection import Request, StreamRequest
+from moshpit_trio.wire.streams import pacer_for
 from moshpit_trio.wire.transport import open_transport
 
 pytestmark = pytest.mark.slow
@@ -183,3 +188,51 @@ async def test_errors_leave_the_block_unwrapped(identities: list[Identity]) -> N
     with pytest.raises(Unreachable):  # not an ExceptionGroup around it
         async with open_transport(identities[0], listen=None) as a:
             await a.call(identities[1].peer_id, "echo", b"", timeout=1)
+
+
+def _pacing_rate(sock: trio.socket.SocketType) -> int:
+    raw = sock.getsockopt(socket.SOL_SOCKET, getattr(socket, "SO_MAX_PACING_RATE", 47), 8)
+    return int(struct.unpack("=Q", raw)[0])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_MAX_PACING_RATE is Linux's")
+async def test_a_pacer_sets_and_lifts_the_kernels_pacing_rate() -> None:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    async with listeners[0], await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        pace = pacer_for(stream)
+        assert pace is not None
+        unpaced = _pacing_rate(stream.socket)
+        pace(12_500_000.0)
+        assert _pacing_rate(stream.socket) == 12_500_000
+        pace(3e10)  # above 2**32 bytes/s: the kernel takes 64 bits
+        assert _pacing_rate(stream.socket) == 30_000_000_000
+        pace(None)
+        assert _pacing_rate(stream.socket) == unpaced == (1 << 64) - 1
+    # nothing to pace in memory, or over a socket that is not TCP
+    left, _ = trio.testing.memory_stream_pair()
+    assert pacer_for(left) is None
+    a, b = trio.socket.socketpair()
+    with a, b:
+        assert pacer_for(trio.SocketStream(a)) is None
+
+
+async def test_connections_pace_over_tcp_only(identities: list[Identity]) -> None:
+    """``Connection.pace`` caps a TCP connection's sending (both ends can), lifts it with None,
+    and refuses a rate that is not a positive number (in memory it is a no-op: test_wire_faults)."""
+    async with open_transport(identities[0]) as a, open_transport(identities[1]) as b:
+        a.register("echo", echo)
+        assert a.address is not None
+        assert await b.call(a.address, "echo", b"x", timeout=5) == b"x"
+        (conn,) = b.connections()
+        (theirs,) = a.connections()
+        assert conn.pacing is None
+        assert conn.pace(1e6) and theirs.pace(2e6)
+        assert (conn.pacing, theirs.pacing) == (1e6, 2e6)
+        # paced at 1 MB/s, a 256 KiB answer still comes (the cap only spaces packets out)
+        assert await b.call(a.address, "echo", bytes(256 * 1024), timeout=5) == bytes(256 * 1024)
+        assert conn.pace(None) and conn.pacing is None
+        for bad in (0, -1.0, True, "fast", float("nan")):
+            with pytest.raises(ConfigError, match="pacing rate"):
+                conn.pace(bad)  # type: ignore[arg-type]
+        assert conn.pacing is None

@@ -1050,7 +1050,9 @@ async def test_a_stream_sent_in_smaller_chunks_arrives_in_them(
     autojump_clock: Any, identities: list[Identity]
 ) -> None:
     """``send(chunk=...)`` cuts finer than the connection's stream_chunk (a part over a slow
-    link), never coarser; a chunk that is not a positive int is refused before anything goes."""
+    link), never coarser, or in the sizes listed; a chunk that is not a positive int, or a
+    list that is not of them or does not add up to the data, is refused before anything
+    goes."""
     net = MemoryNetwork(seed=1, bandwidth=100e6)
     limit = SMALL.connection.stream_chunk
     sizes: list[list[int]] = []
@@ -1066,11 +1068,41 @@ async def test_a_stream_sent_in_smaller_chunks_arrives_in_them(
             async with client.open_stream(server.address, "sizes", timeout=20) as stream:
                 await stream.send(bytes(2 * limit + 500), chunk=chunk)
                 await stream.finish()
-        for bad in (0, -1, 1.5, True):
-            with pytest.raises(ConfigError, match="chunk must be a positive"):
+        # a list of sizes, in order (one over stream_chunk is cut at it)
+        async with client.open_stream(server.address, "sizes", timeout=20) as stream:
+            await stream.send(bytes(2 * limit + 500), chunk=[100, 2 * limit, 400])
+            await stream.finish()
+        for bad, match in (
+            (0, "chunk must be a positive"),
+            (-1, "chunk must be a positive"),
+            (1.5, "chunk must be a positive"),
+            (True, "chunk must be a positive"),
+            ("1", "chunk must be a positive"),
+            ([0, 1], "chunk sizes must be positive"),
+            ([True], "chunk sizes must be positive"),
+            ([1.0], "chunk sizes must be positive"),
+            ([2], "add up to 2 bytes, not the 1 sent"),
+            ([], "add up to 0 bytes, not the 1 sent"),
+        ):
+            with pytest.raises(ConfigError, match=match):
                 async with client.open_stream(server.address, "sizes", timeout=20) as stream:
                     await stream.send(b"x", chunk=bad)  # type: ignore[arg-type]
     n = 2 * limit + 500
     assert sizes[0] == [1000] * (n // 1000) + [n % 1000]
     assert sizes[1] == [limit, limit, 500]
-    assert len(sizes) == 2  # (the streams whose send was refused were cancelled, not ended)
+    assert sizes[2] == [100, limit, limit, 400]
+    assert len(sizes) == 3  # (the streams whose send was refused were cancelled, not ended)
+
+
+async def test_pacing_is_a_no_op_in_memory(autojump_clock: Any, identities: list[Identity]) -> None:
+    """There is no kernel socket to pace in memory (nor through a relay): ``pace`` says so and
+    changes nothing, and a bad rate is refused all the same."""
+    net = MemoryNetwork(seed=1, bandwidth=100e6)
+    async with peer(net, "s", identities[0]) as server, peer(net, "c", identities[1]) as client:
+        assert server.address is not None
+        assert await client.call(server.address, "echo", b"x", timeout=5) == b"x"
+        (conn,) = client.connections()
+        assert not conn.pace(1e6) and not conn.pace(None)
+        assert conn.pacing is None
+        with pytest.raises(ConfigError, match="pacing rate"):
+            conn.pace(-1.0)

@@ -281,6 +281,8 @@ class Connection:
     ) -> None:
         self.remote_peer_id = handshake.remote_peer_id
         self._pacer = pacer
+        #: the cap on what this connection sends, in bytes/s, as ``pace`` set it (None: none)
+        self.pacing: float | None = None
         self.session = handshake.session
         self.initiator = initiator
         self.registry = registry
@@ -366,11 +368,14 @@ class Connection:
         another platform. (An all-reduce paces what it sends to each member, so that the
         flows sharing our uplink finish together instead of crowding each other out:
         ``AllReduce`` with ``pace``.)"""
-        if rate is not None and not (isinstance(rate, int | float) and rate > 0):
+        if rate is not None and (
+            isinstance(rate, bool) or not isinstance(rate, int | float) or not rate > 0
+        ):
             raise ConfigError(f"a pacing rate is a positive number of bytes/s, not {rate!r}")
         if self._pacer is None or self._closed:
             return False
-        self._pacer(None if rate is None or math.isinf(rate) else rate)
+        self.pacing = None if rate is None or math.isinf(rate) else float(rate)
+        self._pacer(self.pacing)
         return True
 
     # -- lifetime ----------------------------------------------------------------------------
