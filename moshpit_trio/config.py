@@ -183,6 +183,8 @@ class AveragingRun:
     #: (``auto_grid.group_size_limits``)
     target_group_size: int = DEFAULT_TARGET_GROUP_SIZE
     max_group_size: int = DEFAULT_MAX_GROUP_SIZE
+    #: pace a round's sends to each member at its share of ``bandwidth`` (``MoshpitAverager``)
+    pace: bool = False
     kind: Literal["averaging"] = "averaging"
 
 
@@ -207,6 +209,7 @@ class TrainingRun:
     #: grid "auto": the group size rows are laid out for, and the largest group a round forms
     target_group_size: int = DEFAULT_TARGET_GROUP_SIZE
     max_group_size: int = DEFAULT_MAX_GROUP_SIZE
+    pace: bool = False
     kind: Literal["training"] = "training"
 
 
@@ -666,6 +669,7 @@ def _run_schema(base: Path, kind: str) -> dict[str, _Key]:
         "round_timeout": _Key(_seconds(allow_zero=False), "float", None),
         "compression": _Key(_choice("none", "fp16", "8bit"), "str", "none"),
         "bandwidth": _Key(_rate(allow_zero=False), "rate", 1e8),
+        "pace": _Key(_boolean, "bool", False),
         "min_group_size": _Key(_integer(1, 1024), "int", 2),
     }
     if kind == "averaging":

@@ -773,6 +773,7 @@ class _AveragingService(_RunService):
             grid=spec.grid,
             compression=spec.compression,
             bandwidth=spec.bandwidth,
+            pace=spec.pace,
             min_group_size=spec.min_group_size,
             round_period=spec.round_period,
             target_group_size=spec.target_group_size if spec.grid == "auto" else None,
@@ -818,9 +819,9 @@ class _AveragingService(_RunService):
 class TrainingContext:
     """What a training run's entry point is called with (in a worker thread).
 
-    ``optimizer(torch_optimizer, **overrides)`` makes the ``MoshpitOptimizer`` for this run: its
-    run id, grid, round period and timeout, compression, bandwidth and minimum group size come
-    from the configuration, and so do the peer's key file (``identity``), ``listen``,
+    ``optimizer(torch_optimizer, **overrides)`` makes the ``MoshpitOptimizer`` for this run:
+    its run id, grid, round period and timeout, compression, bandwidth, pace and minimum group
+    size come from the configuration, and so do the peer's key file (``identity``), ``listen``,
     ``bootstrap`` (the daemon itself first) and client mode; it averages in the background.
     ``should_stop()`` turns true when the daemon is asked to stop: return soon after (and close
     the optimizer, or use it as a context manager), within the daemon's ``shutdown_timeout``.
@@ -939,6 +940,7 @@ class _TrainingService(_RunService):
                 "round_timeout": spec.round_timeout,
                 "compression": spec.compression,
                 "bandwidth": spec.bandwidth,
+                "pace": spec.pace,
                 "min_group_size": spec.min_group_size,
                 # the training peer keeps the daemon's limits and, in a private swarm, its rules
                 "limits": transport_limits(daemon.config.limits),

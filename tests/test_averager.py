@@ -220,6 +220,14 @@ async def test_round_period_must_be_positive_seconds(period: Any) -> None:
             MoshpitAverager(peers[0], "bad", [np.zeros(4, np.float32)], round_period=period)
 
 
+@pytest.mark.parametrize("pace", [1, "yes", None])
+async def test_pace_is_true_or_false(pace: Any) -> None:
+    net = MemoryNetwork(seed=4)
+    async with swarm(net, 1) as peers:
+        with pytest.raises(ConfigError, match="pace is True or False"):
+            MoshpitAverager(peers[0], "bad", [np.zeros(4, np.float32)], pace=pace)
+
+
 async def test_wait_for_round_then_step_starts_at_the_boundary(autojump_clock: Any) -> None:
     period = 4.0
     net = MemoryNetwork(seed=5, latency=LATENCY)

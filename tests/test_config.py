@@ -66,6 +66,7 @@ round_period = 2
 round_timeout = 1.5
 compression = "fp16"
 bandwidth = "100 Mbit/s"
+pace = true
 weight = 2.5
 min_group_size = 3
 init = "random"
@@ -111,6 +112,7 @@ def test_every_key_is_read(tmp_path: Path) -> None:
         weight=2.5,
         min_group_size=3,
         init="random",
+        pace=True,
     )
     assert isinstance(training, TrainingRun)
     assert (training.entry, training.grid, training.identity) == (
@@ -146,6 +148,7 @@ def test_defaults() -> None:
     ).runs[0]
     assert (run.target_group_size, run.max_group_size) == (16, 16)  # so does the target
     assert (run.compression, run.bandwidth, run.weight, run.init) == ("none", 1e8, 1.0, "zeros")
+    assert run.pace is False
 
 
 def test_status_allow() -> None:
@@ -167,6 +170,10 @@ def test_status_allow() -> None:
         ('[peer]\nbootstrap = "ws://x"', r"\[peer\] bootstrap: expected a list of peer addresses"),
         ('[peer]\nbootstrap = ["ws://1.2.3.4:1/nope"]', r"bootstrap: expected a list of peer"),
         ("[peer]\nclient_mode = 1", r"\[peer\] client_mode: expected true or false, got 1"),
+        (
+            '[[runs]]\nkind = "averaging"\nrun_id = "r"\nsize = 3\npace = "on"',
+            r"pace: expected true or false, got 'on'",
+        ),
         (
             '[peer]\nidentity = "~no_such_user_here/k.pem"',
             r"\[peer\] identity: expected a file path",

@@ -68,7 +68,7 @@ class MoshpitOptimizer:
     ``identity`` is an ``Identity``, or a key file path (created, mode 0600, if missing; keep it
     to come back as the same peer), or ``None`` for a fresh identity. ``listen`` /
     ``client_mode`` / ``announce_host`` are ``open_peer``'s; ``grid``, ``target_group_size``,
-    ``max_group_size``, ``min_group_size``, ``compression`` and ``bandwidth`` are
+    ``max_group_size``, ``min_group_size``, ``compression``, ``bandwidth`` and ``pace`` are
     ``MoshpitAverager``'s. ``round_period`` (seconds) aligns
     rounds to the swarm's clock (needed for background rounds; recommended whenever peers
     step at different speeds); ``round_timeout`` bounds one round (default: 80% of the period,
@@ -98,6 +98,7 @@ class MoshpitOptimizer:
         samples_per_epoch: int | None = None,
         compression: str = "none",
         bandwidth: float = 1e8,
+        pace: bool = False,
         min_group_size: int = 2,
         load_state: bool = True,
         start_timeout: float = 60.0,
@@ -177,6 +178,7 @@ class MoshpitOptimizer:
                 "max_group_size": max_group_size,
                 "compression": compression,
                 "bandwidth": bandwidth,
+                "pace": pace,
                 "min_group_size": min_group_size,
                 "round_period": round_period,
             },
