@@ -59,10 +59,11 @@ namespace of its own, joined to a hub namespace's bridge by a veth pair shaped w
 at that peer's rate in both directions (its upload and its download): ``--links 1gbit`` gives
 every peer the same link, ``--links 100mbit,250mbit,500mbit,1gbit`` one rate per peer (tc's
 units: bit, kbit, mbit, gbit). Each moshpit peer announces its link rate as its bandwidth, and
-its span is sized from it (``partition.spans``: the slowest links may get none). Beside each
-arm it prints the physical lower bound: the payload bytes each peer must move over its own
-link, at that link's rate, for the slowest peer (moshpit's butterfly over its spans: ``floats
-- n_i + (N - 1) n_i`` values each way for a span of ``n_i``; gloo's ring: ``2 (N - 1) / N``
+its span is sized from it (``partition.spans``: the slowest links may get none); it paces its
+sends to it (``MoshpitAverager(pace=True)``: the link rate is known here) unless ``--no-pace``.
+Beside each arm it prints the physical lower bound: the payload bytes each peer must move over
+its own link, at that link's rate, for the slowest peer (moshpit's butterfly over its spans:
+``floats - n_i + (N - 1) n_i`` values each way for a span of ``n_i``; gloo's ring: ``2 (N - 1) / N``
 of the vector each way, in lockstep, so at the slowest link's rate; TCP/IP headers, some 3%
 more, are not counted), and the bytes the busiest
 peer's link actually carried per timed round (its interface counters, in the heavier
@@ -70,7 +71,7 @@ direction). Needs root, ``ip`` and ``tc`` with tbf; otherwise it says why and ex
 Every namespace it creates it removes, whatever happens; addresses are 10.215.15.x inside them.
 
 JSON keys: ``peers``, ``floats``, ``rounds``, ``cores``, ``chunk_bytes`` and ``window_bytes``
-(null: the library's defaults), ``moshpit_round_s``,
+(null: the library's defaults), ``paced`` (moshpit paced its sends), ``moshpit_round_s``,
 ``moshpit_matchmaking_s``, ``moshpit_allreduce_s``, ``gloo_s``, ``ratio_vs_gloo`` (round /
 gloo), ``allreduce_ratio_vs_gloo``, ``hivemind_s`` (null when not run), ``hivemind_note``,
 ``speedup_vs_hivemind`` (hivemind / round), ``failures`` (per arm), ``targets``, ``profile``
