@@ -536,18 +536,19 @@ class AllReduce:
         )
 
         size = min(self._part_chunk(j), transport.limits.connection.stream_chunk)
-        chunk: int | list[int] = size
-        if self.rates and self.codec.itemsize is not None:
-            # Paced, a chunk takes its flow's share of the link to arrive, all round long:
-            # smaller chunks first and last, so that the averages start coming back sooner,
-            # and the range averaged after the last chunk is small (see part_chunks). On four
-            # 1 Gbit/s links, paced: 0.58 s a round with them, 0.70 s without, 0.67 s with
-            # only the small last ones. (Unpaced they gained 3% there, and cost 5% of the
-            # round on loopback, where every range is CPU: so only paced. A codec that does
-            # not encode values one by one is decoded only once the part is in.)
-            chunk = part_chunks(len(payload), size, max(_MIN_PART_CHUNK, size // 8))
 
         async def body(stream: SendStream) -> int:
+            chunk: int | list[int] = size
+            if stream.connection in self._paced and self.codec.itemsize is not None:
+                # Paced, a chunk takes its flow's share of the link to arrive, all round
+                # long: smaller chunks first and last, so that the averages start coming back
+                # sooner, and the range averaged after the last chunk is small (part_chunks).
+                # On four 1 Gbit/s links, paced: 0.58 s a round with them, 0.70 s without,
+                # 0.67 s with only the small last ones. (Unpaced they gained 3% there and
+                # cost 5% of the round on loopback, where every range is CPU: so only paced.
+                # A codec that does not encode values one by one is decoded only once the
+                # part is in.)
+                chunk = part_chunks(len(payload), size, max(_MIN_PART_CHUNK, size // 8))
             await stream.send(payload, chunk=chunk)
             return len(payload)
 
