@@ -207,8 +207,11 @@ async def test_a_pacer_sets_and_lifts_the_kernels_pacing_rate() -> None:
         assert _pacing_rate(stream.socket) == 12_500_000
         pace(3e10)  # above 2**32 bytes/s: the kernel takes 64 bits
         assert _pacing_rate(stream.socket) == 30_000_000_000
-        pace(None)
+        pace(float("inf"))
         assert _pacing_rate(stream.socket) == unpaced == (1 << 64) - 1
+        pace(1.0)
+        pace(None)
+        assert _pacing_rate(stream.socket) == unpaced
     # nothing to pace in memory, or over a socket that is not TCP
     left, _ = trio.testing.memory_stream_pair()
     assert pacer_for(left) is None

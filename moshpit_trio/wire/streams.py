@@ -9,6 +9,7 @@ same two calls, so tests run the very same protocol code over memory, under a vi
 from __future__ import annotations
 
 import contextlib
+import math
 import socket
 import struct
 import sys
@@ -104,7 +105,10 @@ def pacer_for(stream: trio.abc.Stream) -> Pacer | None:
         return None
 
     def pace(rate: float | None) -> None:
-        value = _UNPACED if rate is None else max(1, min(int(rate), _UNPACED - 1))
+        if rate is None or not math.isfinite(rate):
+            value = _UNPACED
+        else:
+            value = max(1, min(int(rate), _UNPACED - 1))
         # best effort, like the buffer sizes: an older kernel refuses it, and nothing but the
         # pacing is lost
         with contextlib.suppress(OSError):
