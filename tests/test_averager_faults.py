@@ -721,7 +721,7 @@ def test_paced_flows_share_our_uplink_by_what_each_member_gets(codec: str) -> No
     slowest = _paced_round(rates, me=0, n=1_000_000)
     assert slowest.spans[0] == (0, 0) and slowest.spans[1][1] == slowest.spans[1][0]
     assert set(slowest.rates) == {2, 3}  # it sends parts only, to the two reducers
-    # unpaced: no rates; paced with nothing to send (a one-value vector cut four ways): none
+    # paced, rates; the same round unpaced (no pace=True): none
     assert _paced_round([1e8] * 4, me=0).rates != {}
     from moshpit_trio.averaging.allreduce import AllReduce
 
