@@ -216,8 +216,12 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
+import resource
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -631,6 +635,8 @@ class Run:
         self.stats = Stats()
         self.curve: list[tuple[float, float, int]] = []  # (t, accuracy, live peers)
         self.spread: list[float] = []  # at each evaluation: mean |x_i - mean|^2 / |mean|^2
+        # (t, median, lowest): the accuracy of each live peer's own model, at each evaluation
+        self.peers_curve: list[tuple[float, float, float]] = []
         self.stopped_at = 0.0
         self.t0 = 0.0
         self.started = trio.Event()
@@ -712,6 +718,7 @@ class Run:
     async def _evaluate_until_done(self) -> None:
         cfg = self.cfg
         reached: float | None = None
+        peers_reached: float | None = None
         k = 0
         while True:
             t = k * cfg.eval_every
@@ -731,8 +738,21 @@ class Run:
                 )
                 if reached is None and acc >= cfg.target_acc:
                     reached = t
+                # What each peer holds: its own model (nobody holds the mean of them all).
+                own = []
+                for row in stack:
+                    self.eval_model.flat[:] = row
+                    own.append(self.eval_model.accuracy(self.data.test_x, self.data.test_y))
+                median = float(np.median(own))
+                self.peers_curve.append((t, median, min(own)))
+                if peers_reached is None and median >= cfg.target_acc:
+                    peers_reached = t
             self.stopped_at = t
-            if reached is not None and not cfg.full and t >= reached + cfg.after_target:
+            # Stop once both have reached the target (and held it a while), so that neither
+            # time is cut short by the other's.
+            both = reached is not None and peers_reached is not None
+            done = max(reached, peers_reached) if both else None  # type: ignore[type-var]
+            if done is not None and not cfg.full and t >= done + cfg.after_target:
                 break
             k += 1
 
@@ -1114,6 +1134,9 @@ class Run:
         st = self.stats
         sent = sum(s.bytes_sent for s in self.net.stats().values())
         reached = next((t for t, acc, _ in self.curve if acc >= self.cfg.target_acc), None)
+        peers_reached = next(
+            (t for t, median, _ in self.peers_curve if median >= self.cfg.target_acc), None
+        )
         return {
             "time_to_target_s": reached,
             "final_accuracy": self.curve[-1][1] if self.curve else None,
@@ -1137,6 +1160,9 @@ class Run:
             "wall_s": wall_s,
             "cpu_s": cpu_s,
             "curve": [[t, a, n] for t, a, n in self.curve],
+            "peers_time_to_target_s": peers_reached,
+            "peers_final_accuracy": self.peers_curve[-1][1] if self.peers_curve else None,
+            "peers_curve": [[t, m, lo] for t, m, lo in self.peers_curve],
         }
 
 
@@ -1167,19 +1193,22 @@ def run_method(cfg: Config, scenario: Scenario, method: str, data: Data) -> dict
     return result
 
 
-def _speedups(methods: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _speedups(methods: dict[str, dict[str, Any]], prefix: str = "") -> dict[str, Any]:
+    """Moshpit's speedups to the target of the mean model, or with ``prefix="peers_"`` of the
+    median peer's own model."""
     out: dict[str, Any] = {}
-    mine = methods.get("moshpit", {}).get("time_to_target_s")
+    key = f"{prefix}time_to_target_s"
+    mine = methods.get("moshpit", {}).get(key)
     for other in ("gossip", "allreduce"):
         theirs = methods.get(other)
         value = bound = None
         if theirs is not None and mine:
-            if theirs["time_to_target_s"] is not None:
-                value = bound = theirs["time_to_target_s"] / mine
+            if theirs[key] is not None:
+                value = bound = theirs[key] / mine
             else:
                 bound = theirs["stopped_at_s"] / mine  # it had not reached it by then
-        out[f"speedup_vs_{other}"] = value
-        out[f"speedup_vs_{other}_at_least"] = bound
+        out[f"{prefix}speedup_vs_{other}"] = value
+        out[f"{prefix}speedup_vs_{other}_at_least"] = bound
     return out
 
 
@@ -1211,30 +1240,105 @@ def _scenario_targets(
     }
 
 
+def config_argv(cfg: Config) -> list[str]:
+    """The command line that gives ``cfg`` back (what each run's own process is started with):
+    every field, floats as their repr, which reads back to the same float."""
+    argv: list[str] = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name == "full":
+            argv += ["--full"] if value else []
+        elif f.name == "grid":
+            argv += [] if value is None else ["--grid", "x".join(map(str, value))]
+        elif f.name == "gossip_mode":
+            argv += ["--gossip", value]
+        else:
+            argv += [f"--{f.name.replace('_', '-')}", repr(value)]
+    return argv
+
+
+def _run_apart(
+    cfg: Config, runs: list[tuple[Scenario, str]], jobs: int, progress: Any
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """Each run (a method in a scenario) in a fresh process of its own, ``jobs`` at once.
+
+    In one process a run's times depend on what ran before it: the same seed's homo Moshpit
+    took 32.0 s as the first run of a process and 27.0 s as its second and third, with the
+    same code and seeds (the order in which trio wakes tasks follows sets hashed by object
+    address, so it follows the process's allocation history). A fresh process per run makes
+    a run's numbers its own, whichever others run beside it. ``PYTHONHASHSEED`` is fixed too,
+    so that no ordering follows the interpreter's per-process hash seed."""
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    script = str(Path(__file__).resolve())
+    results: dict[tuple[str, str], dict[str, Any]] = {}
+    pending = list(runs)
+    running: list[tuple[Scenario, str, subprocess.Popen[bytes], Any]] = []
+    with contextlib.ExitStack() as files:
+        try:
+            while pending or running:
+                while pending and len(running) < jobs:
+                    sc, m = pending.pop(0)
+                    out = files.enter_context(tempfile.TemporaryFile())
+                    argv = [*config_argv(cfg), "--scenario", sc.name, "--methods", m]
+                    cmd = [sys.executable, script, *argv, "--json", "--quiet", "--in-process"]
+                    running.append((sc, m, subprocess.Popen(cmd, stdout=out, env=env), out))
+                # In start order, the oldest first (runs take minutes: polling buys nothing).
+                sc, m, child, out = running[0]
+                if child.wait() != 0:
+                    raise SystemExit(f"the {sc.name} {m} run failed (exit code {child.returncode})")
+                running.pop(0)
+                out.seek(0)
+                row = json.loads(out.read())["scenarios"][sc.name]["methods"][m]
+                results[(sc.name, m)] = row
+                _progress(progress, sc, m, row)
+        finally:
+            for _, _, child, _ in running:  # interrupted, or one failed: end the others
+                child.kill()
+                child.wait()
+    return results
+
+
+def _progress(progress: Any, sc: Scenario, m: str, row: dict[str, Any]) -> None:
+    if progress is not None:
+        t = row["time_to_target_s"]
+        print(
+            f"  {sc.name:>6} {m:>9}: target at {'-' if t is None else f'{t:g} s'}, "
+            f"wall {row['wall_s']:.0f} s, CPU {row['cpu_s']:.0f} s",
+            file=progress,
+            flush=True,
+        )
+
+
 def benchmark(
     cfg: Config,
     which: str = "both",
     methods: tuple[str, ...] = METHODS,
     progress: Any = None,
+    *,
+    apart: bool = False,
+    jobs: int = 1,
 ) -> dict[str, Any]:
-    """Run every method in every chosen scenario; the object ``--json`` prints."""
+    """Run every method in every chosen scenario; the object ``--json`` prints. ``apart``:
+    each run in a fresh process of its own, ``jobs`` at once (``_run_apart``); otherwise all
+    in this process, one after another."""
     cfg.check()
     wall0, cpu0 = time.perf_counter(), time.process_time()
-    data = load_data(cfg)
+    children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    chosen = scenarios(cfg, which)
+    if apart:
+        done = _run_apart(cfg, [(sc, m) for sc in chosen for m in methods], jobs, progress)
+    else:
+        data = load_data(cfg)
+        done = {}
+        for sc in chosen:
+            for m in methods:
+                done[(sc.name, m)] = run_method(cfg, sc, m, data)
+                _progress(progress, sc, m, done[(sc.name, m)])
     result: dict[str, Any] = {"scenarios": {}}
-    for sc in scenarios(cfg, which):
-        ran: dict[str, dict[str, Any]] = {}
-        for m in methods:
-            ran[m] = run_method(cfg, sc, m, data)
-            if progress is not None:
-                t = ran[m]["time_to_target_s"]
-                print(
-                    f"  {sc.name:>6} {m:>9}: target at {'-' if t is None else f'{t:g} s'}, "
-                    f"wall {ran[m]['wall_s']:.0f} s, CPU {ran[m]['cpu_s']:.0f} s",
-                    file=progress,
-                    flush=True,
-                )
+    for sc in chosen:
+        ran = {m: done[(sc.name, m)] for m in methods}
         sp = _speedups(ran)
+        peers_sp = _speedups(ran, prefix="peers_")
         result["scenarios"][sc.name] = {
             "description": sc.describe(cfg),
             "slow_fraction": sc.slow_fraction,
@@ -1244,6 +1348,7 @@ def benchmark(
             "host_bandwidths": host_bandwidths(cfg, sc.link_spread),
             "methods": ran,
             **sp,
+            **peers_sp,
             "targets": _scenario_targets(sc.name, sp, tuple(ran)),
         }
     headline = "hetero" if "hetero" in result["scenarios"] else "homo"
@@ -1265,8 +1370,15 @@ def benchmark(
     config["averaged_bytes"] = 4 * config["averaged_floats"]
     result["config"] = config
     result["time"] = "virtual"
+    result["apart"] = apart
     result["wall_s"] = time.perf_counter() - wall0
-    result["cpu_s"] = time.process_time() - cpu0
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result["cpu_s"] = (
+        time.process_time()
+        - cpu0
+        + (children.ru_utime - children0.ru_utime)
+        + (children.ru_stime - children0.ru_stime)
+    )
     return result
 
 
@@ -1298,7 +1410,7 @@ def print_table(r: dict[str, Any], out: Any = None) -> None:
     for name, sc in r["scenarios"].items():
         print(f"\n{name}: {sc['description']}", file=out)
         header = (
-            f"{'method':>9} {'to ' + format(c['target_acc'], 'g'):>9} {'final':>6} "
+            f"{'method':>9} {'to ' + format(c['target_acc'], 'g'):>9} {'peers to':>8} {'final':>6} "
             f"{'at':>6} {'best':>6} {'steps':>6} {'redone':>6} {'rounds ok':>11} "
             f"{'group':>5} {'preempted':>9} {'MB/peer':>8} {'comm':>5} {'wait':>5} {'wall':>6}"
         )
@@ -1310,6 +1422,7 @@ def print_table(r: dict[str, Any], out: Any = None) -> None:
                 rounds = f"{row['gossip_pulls'] - row['gossip_pulls_failed']}/{row['gossip_pulls']}"
             print(
                 f"{m:>9} {_fmt(row['time_to_target_s'], '.1f', ' s'):>9} "
+                f"{_fmt(row['peers_time_to_target_s'], '.1f', ' s'):>8} "
                 f"{_fmt(row['final_accuracy'], '.3f'):>6} {_fmt(row['stopped_at_s'], '.0f'):>6} "
                 f"{_fmt(row['best_accuracy'], '.3f'):>6} {row['local_steps']:>6} "
                 f"{row['redone_steps']:>6} {rounds:>11} {_fmt(row['mean_group_size'], '.1f'):>5} "
@@ -1319,14 +1432,18 @@ def print_table(r: dict[str, Any], out: Any = None) -> None:
                 file=out,
             )
         for other in ("gossip", "allreduce"):
-            value, bound = sc.get(f"speedup_vs_{other}"), sc.get(f"speedup_vs_{other}_at_least")
-            if value is not None:
-                print(f"Moshpit vs {other}: {value:.2f}x sooner", file=out)
-            elif bound is not None:
-                print(f"Moshpit vs {other}: at least {bound:.2f}x sooner ({other} never got there)",
-                      file=out)  # fmt: skip
+            for prefix, whose in (("", "mean model"), ("peers_", "median peer's own")):
+                value = sc.get(f"{prefix}speedup_vs_{other}")
+                bound = sc.get(f"{prefix}speedup_vs_{other}_at_least")
+                if value is not None:
+                    print(f"Moshpit vs {other} ({whose}): {value:.2f}x sooner", file=out)
+                elif bound is not None:
+                    print(f"Moshpit vs {other} ({whose}): at least {bound:.2f}x sooner "
+                          f"({other} never got there)", file=out)  # fmt: skip
     print(
-        "\n(rounds ok: rounds in which every span averaged every member of the group (Moshpit, "
+        "\n(to X: when the mean of the live peers' models first reached X; peers to: when the "
+        "median live peer's own model did; "
+        "rounds ok: rounds in which every span averaged every member of the group (Moshpit, "
         "All-Reduce) / gossip pulls answered; group: mean group size; at: when the run stopped; "
         "MB/peer: bytes each peer sent, on average, over the run; comm: share of the peers' "
         "training time spent communicating for training (overlapped with compute or not); "
@@ -1368,8 +1485,7 @@ def plot(r: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None, out: Any = None) -> int:
-    """The command line; the table or the JSON object goes to ``out`` (stdout by default)."""
+def parser() -> argparse.ArgumentParser:
     d = Config()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--peers", type=int, default=d.peers)
@@ -1403,6 +1519,8 @@ def main(argv: list[str] | None = None, out: Any = None) -> int:
     p.add_argument("--allreduce-overlap", type=float, default=d.allreduce_overlap,
                    help="part of a step's compute All-Reduce's communication overlaps")  # fmt: skip
     p.add_argument("--gossip-timeout", type=float, default=d.gossip_timeout)
+    p.add_argument("--state-timeout", type=float, default=d.state_timeout,
+                   help="a returning peer's state download, at most (s)")  # fmt: skip
     p.add_argument("--gossip", choices=["overlap", "blocking"], default=d.gossip_mode,
                    help="exchange in the background, or after each step, waiting")  # fmt: skip
     p.add_argument("--scenario", choices=["hetero", "homo", "both"], default="both")
@@ -1411,11 +1529,17 @@ def main(argv: list[str] | None = None, out: Any = None) -> int:
     p.add_argument("--out", type=Path, help="also write the JSON object to this file")
     p.add_argument("--plot", type=Path, metavar="FILE.png", help="accuracy against time")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    args = p.parse_args(argv)
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    if not methods or any(m not in METHODS for m in methods):
-        raise SystemExit(f"--methods is a comma-separated subset of {','.join(METHODS)}")
-    cfg = Config(
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs (a method in a scenario) at once, each in a process")  # fmt: skip
+    p.add_argument("--in-process", action="store_true",
+                   help="every run in this process, one after another (quicker to start; a "
+                   "run's times then depend on what ran before it)")  # fmt: skip
+    return p
+
+
+def config_of(args: argparse.Namespace) -> Config:
+    """The run's settings from the parsed command line."""
+    return Config(
         peers=args.peers,
         slow_fraction=args.slow_fraction,
         slowdown=args.slowdown,
@@ -1443,7 +1567,19 @@ def main(argv: list[str] | None = None, out: Any = None) -> int:
         allreduce_overlap=args.allreduce_overlap,
         gossip_timeout=args.gossip_timeout,
         gossip_mode=args.gossip,
+        state_timeout=args.state_timeout,
     )
+
+
+def main(argv: list[str] | None = None, out: Any = None) -> int:
+    """The command line; the table or the JSON object goes to ``out`` (stdout by default)."""
+    args = parser().parse_args(argv)
+    if args.jobs < 1:
+        raise SystemExit("--jobs must be at least 1")
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    if not methods or any(m not in METHODS for m in methods):
+        raise SystemExit(f"--methods is a comma-separated subset of {','.join(METHODS)}")
+    cfg = config_of(args)
     # The library logs warnings when peers die, as they do here on purpose: errors only.
     # Thousands of live protocol objects: CPython's collector rescanning them over and over
     # costs wall time (as in benchmarks/dht.py); virtual-time results do not depend on it.
@@ -1455,7 +1591,14 @@ def main(argv: list[str] | None = None, out: Any = None) -> int:
     gc.freeze()
     gc.set_threshold(100_000, 50, 100)
     try:
-        result = benchmark(cfg, args.scenario, methods, progress=None if args.quiet else sys.stderr)
+        result = benchmark(
+            cfg,
+            args.scenario,
+            methods,
+            progress=None if args.quiet else sys.stderr,
+            apart=not args.in_process,
+            jobs=args.jobs,
+        )
     finally:
         gc.unfreeze()
         gc.set_threshold(*thresholds)

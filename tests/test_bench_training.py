@@ -34,15 +34,18 @@ def tiny(bench: ModuleType) -> dict[str, Any]:
     floats on 16 Mbit/s links (2-16 in hetero), 12 virtual seconds, a low target (so times to
     it exist), and preemption often enough to happen."""
     out = io.StringIO()
-    argv = [
-        *("--peers", str(PEERS), "--max-time", str(MAX_TIME), "--hidden", "64"),
-        *("--lr", "0.2", "--target-acc", "0.6", "--after-target", "2"),
-        *("--preempt-rate", "8", "--downtime", "2", "--json", "--quiet"),
-        *("--pad-to", str(PAD_TO), "--bandwidth", "2e6", "--link-spread", "8"),
-    ]
-    assert bench.main(argv, out=out) == 0
+    assert bench.main([*TINY, "--json", "--quiet", "--in-process"], out=out) == 0
     result: dict[str, Any] = json.loads(out.getvalue())
+    assert result["apart"] is False
     return result
+
+
+TINY = [
+    *("--peers", str(PEERS), "--max-time", str(MAX_TIME), "--hidden", "64"),
+    *("--lr", "0.2", "--target-acc", "0.6", "--after-target", "2"),
+    *("--preempt-rate", "8", "--downtime", "2"),
+    *("--pad-to", str(PAD_TO), "--bandwidth", "2e6", "--link-spread", "8"),
+]
 
 
 def test_json_has_every_method_and_sane_numbers(tiny: dict[str, Any]) -> None:
@@ -67,6 +70,16 @@ def test_json_has_every_method_and_sane_numbers(tiny: dict[str, Any]) -> None:
             if t is not None:
                 # the first evaluation at or above the target, and none before it
                 assert next(c[0] for c in curve if c[1] >= 0.6) == t, where
+            # each live peer's own model, at the same evaluations: median over lowest
+            peers = row["peers_curve"]
+            assert [c[0] for c in peers] == times, where
+            assert all(0.0 <= c[2] <= c[1] <= 1.0 for c in peers), where
+            own = row["peers_time_to_target_s"]
+            assert own == next((c[0] for c in peers if c[1] >= 0.6), None), where
+            assert row["peers_final_accuracy"] == peers[-1][1], where
+            if t is not None and own is not None and row["stopped_at_s"] < MAX_TIME:
+                # a run stops only once both have held the target for --after-target
+                assert row["stopped_at_s"] >= max(t, own) + 2, where
             assert row["local_steps"] > 0, where
             assert row["peer_spread"] >= 0.0, where
             assert row["wall_s"] > 0, where
@@ -80,14 +93,15 @@ def test_json_has_every_method_and_sane_numbers(tiny: dict[str, Any]) -> None:
             else:
                 assert row["wait_share"] == 0.0, where
         for other in ("gossip", "allreduce"):
-            value = sc[f"speedup_vs_{other}"]
-            bound = sc[f"speedup_vs_{other}_at_least"]
-            mine = sc["methods"]["moshpit"]["time_to_target_s"]
-            theirs = sc["methods"][other]["time_to_target_s"]
-            if mine and theirs is not None:
-                assert value == pytest.approx(theirs / mine) and bound == value
-            else:
-                assert value is None
+            for prefix in ("", "peers_"):
+                value = sc[f"{prefix}speedup_vs_{other}"]
+                bound = sc[f"{prefix}speedup_vs_{other}_at_least"]
+                mine = sc["methods"]["moshpit"][f"{prefix}time_to_target_s"]
+                theirs = sc["methods"][other][f"{prefix}time_to_target_s"]
+                if mine and theirs is not None:
+                    assert value == pytest.approx(theirs / mine) and bound == value
+                else:
+                    assert value is None
     for t in tiny["targets"].values():
         assert t["pass"] == (t["value"] is not None and t["value"] >= t["limit"])
 
@@ -187,8 +201,49 @@ def test_table(bench: ModuleType, tiny: dict[str, Any]) -> None:
         ["--link-spread", "0.5"],
         ["--allreduce-overlap", "1"],
         ["--bandwidth", "0"],
+        ["--jobs", "0"],
     ],
 )
 def test_bad_settings_are_refused(bench: ModuleType, argv: list[str]) -> None:
     with pytest.raises(SystemExit):
         bench.main([*argv, "--quiet"], out=io.StringIO())
+
+
+def test_the_command_line_gives_a_config_back(bench: ModuleType) -> None:
+    """Each run's own process gets the settings as a command line: every field survives it,
+    the floats exactly."""
+    cfg = bench.Config(
+        peers=9,
+        full=True,
+        seed=7,
+        allreduce_overlap=2 / 3,
+        bandwidth=1e6 / 3,
+        grid=(3, 3),
+        gossip_mode="blocking",
+        state_timeout=12.5,
+    )
+    back = bench.config_of(bench.parser().parse_args(bench.config_argv(cfg)))
+    assert back == cfg
+    default = bench.Config()
+    assert bench.config_of(bench.parser().parse_args(bench.config_argv(default))) == default
+
+
+def test_runs_apart_are_their_own(bench: ModuleType, tmp_path: Path) -> None:
+    """Each run in a process of its own: a method's numbers are the same whether it runs
+    alone or beside another (two at once here), and the parent gathers them into one object."""
+    both = tmp_path / "both.json"
+    alone = tmp_path / "alone.json"
+    argv = [*TINY, "--scenario", "homo", "--json", "--quiet"]
+    assert bench.main([*argv, "--methods", "gossip,moshpit", "--jobs", "2", "--out", str(both)],
+                      out=io.StringIO()) == 0  # fmt: skip
+    assert bench.main([*argv, "--methods", "moshpit", "--out", str(alone)], out=io.StringIO()) == 0
+    b, a = json.loads(both.read_text()), json.loads(alone.read_text())
+    assert b["apart"] is a["apart"] is True
+    assert set(b["scenarios"]["homo"]["methods"]) == {"gossip", "moshpit"}
+    mine, theirs = a["scenarios"]["homo"]["methods"]["moshpit"], b["scenarios"]["homo"]["methods"]
+    for key, value in mine.items():
+        if key not in ("wall_s", "cpu_s"):
+            assert theirs["moshpit"][key] == value, key
+    assert mine["local_steps"] > 0 and mine["rounds_ok"] > 0
+    # the children's CPU counts: two runs' worth, more than this process spent
+    assert b["cpu_s"] >= theirs["moshpit"]["cpu_s"] + theirs["gossip"]["cpu_s"]
