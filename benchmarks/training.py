@@ -50,9 +50,9 @@ A local step is a real forward/backward/optimizer step on the CPU (instant in vi
 then its compute is charged as virtual time: ``--step-time`` seconds (1.0), times
 ``--slowdown`` for the slow peers, each step varied by ``--jitter`` (±5%, seeded). So timings do
 not depend on how busy this machine is, and a seed repeats its times: trio's scheduler is
-seeded, and Unix time, whose slots the Moshpit rounds are, is pinned to the virtual clock
-(``moshpit_trio.testing.pin_unix_time``; three runs of seed 0's hetero Moshpit and gossip gave
-the same times). Before it was pinned, the rounds' phase against the training followed the
+seeded, Unix time, whose slots the Moshpit rounds are, is pinned to the virtual clock
+(``moshpit_trio.testing.pin_unix_time``), and each run's process has its hash seed set
+(below). Before Unix time was pinned, the rounds' phase against the training followed the
 wall clock, and Moshpit hetero seed 0 took 30.5, 27.0 and 32.0 s in three runs of the same
 code. The pinned phase is one draw of that spread, not a tuned one. The time to 0.95 is that
 sensitive because the accuracy of the mean model lingers between 0.94 and 0.95 for several
@@ -60,14 +60,19 @@ seconds before it stays above (one test digit is 0.0028 of accuracy), so a small
 order of events moves it by a few seconds: Moshpit homo, seed 0, took 24.5 s and 31.0 s in two
 runs of code that differed only in the order peers became live at t=0.
 
-Each run (a method in a scenario) runs in a fresh process of its own, ``--jobs`` at once (1;
-2 halves the wall time on 2 cores and changes no virtual time), with ``PYTHONHASHSEED``
-fixed. In one process, a run's times followed what ran before it: homo Moshpit seed 0 took
-32.0 s as the first run of a process and 27.0 s as its second and third, with the same code
-and seeds, because the order in which trio wakes tasks follows sets hashed by object address,
-that is, the process's allocation history. Apart, a method's numbers are the same whichever
-others run beside it (a test checks it). ``--in-process`` runs everything in this process
-instead (quicker to start; the smoke test uses it).
+But not everything that orders events is seeded by the benchmark: iterating a set follows
+its elements' hashes, and those of objects are their addresses (so they follow what ran before
+in the process) and those of bytes and strings follow the interpreter's hash seed, random per
+process unless ``PYTHONHASHSEED`` is set. Homo Moshpit seed 0 took 32.0 s as the first run of
+a process and 27.0 s as its second and third, with the same code and seeds; alone in a process
+it took 31.0, 30.0, 27.0 and 33.0 s with the hash seed unset, 0, 1 and 2. So each run (a
+method in a scenario) runs in a fresh process of its own with ``PYTHONHASHSEED`` set to
+``--seed``, ``--jobs`` at once (1; 2 halves the wall time on 2 cores and changes no virtual
+time): a seed is one whole draw, and it repeats, whichever other runs go beside it (a test
+checks it). ``--in-process`` runs everything in this process instead (quicker to start, but
+its times then follow the process's hash seed and history; the smoke test uses it). A spread
+of several seconds between draws of the same settings is what one seed's time to 0.95 means:
+compare methods over several seeds.
 
 Two scenarios (``--scenario both``, the default, runs each):
 
@@ -1277,15 +1282,16 @@ def config_argv(cfg: Config) -> list[str]:
 def _run_apart(
     cfg: Config, runs: list[tuple[Scenario, str]], jobs: int, progress: Any
 ) -> dict[tuple[str, str], dict[str, Any]]:
-    """Each run (a method in a scenario) in a fresh process of its own, ``jobs`` at once.
+    """Each run (a method in a scenario) in a fresh process of its own, ``jobs`` at once,
+    with ``PYTHONHASHSEED`` set to the seed.
 
-    In one process a run's times depend on what ran before it: the same seed's homo Moshpit
-    took 32.0 s as the first run of a process and 27.0 s as its second and third, with the
-    same code and seeds (the order in which trio wakes tasks follows sets hashed by object
-    address, so it follows the process's allocation history). A fresh process per run makes
-    a run's numbers its own, whichever others run beside it. ``PYTHONHASHSEED`` is fixed too,
-    so that no ordering follows the interpreter's per-process hash seed."""
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    A run's times depend on the order of sets: of objects, hashed by address (so on what ran
+    before in the process), and of bytes and strings, hashed with the interpreter's hash seed
+    (random per process unless set). The same seed's homo Moshpit took 32.0 s as the first
+    run of a process and 27.0 s as its second and third; alone in a process, 27.0-33.0 s for
+    hash seeds 0-2 and unset. A fresh process per run, with the hash seed from ``--seed``,
+    makes a seed one whole draw that repeats, whichever other runs go beside it."""
+    env = {**os.environ, "PYTHONHASHSEED": str(cfg.seed)}
     script = str(Path(__file__).resolve())
     results: dict[tuple[str, str], dict[str, Any]] = {}
     pending = list(runs)
@@ -1549,8 +1555,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1,
                    help="runs (a method in a scenario) at once, each in a process")  # fmt: skip
     p.add_argument("--in-process", action="store_true",
-                   help="every run in this process, one after another (quicker to start; a "
-                   "run's times then depend on what ran before it)")  # fmt: skip
+                   help="every run in this process, one after another (quicker to start; "
+                   "times then follow this process's hash seed and history)")  # fmt: skip
     return p
 
 
