@@ -438,3 +438,33 @@ async def test_pace_in_memory_changes_nothing(
     # 0.125-0.13 s either way: 300 kB in and out of each 10 MB/s host, plus matchmaking
     assert all(t < 0.2 for t in took) and abs(took[0] - took[1]) < 0.02
     assert planned == []
+
+
+async def test_a_small_swarm_forms_its_group_in_three_one_way_trips_of_its_store(
+    autojump_clock: Any,
+) -> None:
+    """Four peers, five replicas a key: everyone holds the whole key. A peer's store takes a
+    lookup and a store (two round trips); by then the others' announcements have landed in
+    its own copy, so it decides at once (no wait, no read), and a join takes one round trip:
+    the leader has the group one one-way trip after its store, the others one more. (With the
+    wait and the read, it was 55 and 60 ms.) Every round averages, and the next one too."""
+    net = MemoryNetwork(seed=11, latency=LATENCY)
+    rtt = 2 * LATENCY
+    values = [np.full(64, float(i), dtype=np.float32) for i in range(4)]
+    async with swarm(net, 4) as peers, AsyncExitStack() as stack:
+        averagers = [
+            await stack.enter_async_context(MoshpitAverager(p, "quick", [v], grid=(4,)))
+            for p, v in zip(peers, values, strict=True)
+        ]
+        await trio.sleep(1.0)  # bootstrap traffic over
+        for _ in range(3):
+            reports: list[RoundReport] = []
+            async with trio.open_nursery() as nursery:
+                for a in averagers:
+                    nursery.start_soon(_step_into, a, reports)
+            assert all(r.succeeded and len(r.members) == 4 for r in reports)
+            times = sorted(round(r.seconds["matchmaking"], 6) for r in reports)
+            assert times == [2 * rtt + LATENCY] + [3 * rtt] * 3, times
+            for v in values:
+                np.testing.assert_allclose(v, 1.5, rtol=1e-6)
+            await trio.sleep(0.5)

@@ -114,6 +114,29 @@ async def test_client_mode_uses_the_dht_without_entering_tables(autojump_clock: 
             assert await peers[0].transport.call(client.id, "dht.ping", _ping(""), timeout=5) == b""
 
 
+async def test_held_here_is_what_this_replica_holds_without_asking(autojump_clock: Any) -> None:
+    net = MemoryNetwork(seed=5, latency=LATENCY)
+    async with swarm(net, 3) as peers:
+        key = "mp.avg/held/0.1/3"
+        for p in peers[:2]:
+            await p.dht.store(key, b"here", ttl=5)
+        # three peers, five replicas: everyone holds both entries (no call: it is synchronous)
+        for p in peers:
+            held = p.dht.held_here(key)
+            assert {sk: r.value for sk, r in held.items()} == {
+                q.id.to_bytes(): b"here" for q in peers[:2]
+            }
+        assert peers[0].dht.held_here("mp.avg/held/0.1/4") == {}
+        async with open_peer(
+            ident(99), client_mode=True, network=net.host("nat"), bootstrap=[peers[0].address]
+        ) as client:
+            await client.dht.store(key, b"from nat", ttl=5)
+            assert client.dht.held_here(key) == {}  # nobody stores on a client-mode peer
+            assert len(peers[2].dht.held_here(key)) == 3
+        await trio.sleep(6)
+        assert peers[0].dht.held_here(key) == {}  # expired
+
+
 def _ping(sender: str) -> bytes:
     return msgspec.msgpack.encode([sender])
 

@@ -31,14 +31,22 @@ def _listening(i: int) -> MemberInfo:
 
 
 class ScheduledDHT:
-    """Announcements that land at given trio times; our own store takes ``STORE_TAKES``."""
+    """Announcements that land at given trio times; our own store takes ``STORE_TAKES``.
+    ``replica``: we hold the key too, and the announcements land here when they land
+    elsewhere (``held_here``)."""
 
-    def __init__(self, landings: dict[int, float], store_takes: float = STORE_TAKES) -> None:
+    def __init__(
+        self, landings: dict[int, float], store_takes: float = STORE_TAKES, replica: bool = False
+    ) -> None:
         self.landings = landings
         self.store_takes = store_takes
+        self.replica = replica
         self.reads: list[float] = []
         self.table: list[object] = []
         self.mine: dict[bytes, Any] = {}
+
+    def held_here(self, key: str) -> dict[bytes, Any]:
+        return self._landed() if self.replica else {}
 
     async def store(self, key: str, value: bytes, ttl: float) -> int:
         await trio.sleep(self.store_takes)
@@ -47,8 +55,11 @@ class ScheduledDHT:
         return 5
 
     async def get_records(self, key: str) -> dict[bytes, Any]:
+        self.reads.append(round(trio.current_time(), 9))
+        return self._landed()
+
+    def _landed(self) -> dict[bytes, Any]:
         now = trio.current_time()
-        self.reads.append(round(now, 9))
         landed = {
             _listening(i).peer_id: types.SimpleNamespace(
                 value=msgspec.msgpack.encode(_listening(i)), expiration=100.0 + i
@@ -171,3 +182,37 @@ async def test_a_counted_key_is_first_read_after_the_others_stores(
     )
     assert dht.reads == reads
     assert [t for t, _ in tried] == [reads[-1]] * len(landings)
+
+
+# (when the others' announcements land, balance, expected, the reads' times); we hold the key
+# too, our store takes 1 s, a capacity of 4, a poll interval of 0.2 s
+HELD_HERE = [
+    # a fixed grid's key and every other member stored here by the end of our store: the
+    # group is full in our own copy, no read at all
+    pytest.param({1: 0.5, 2: 0.9, 3: 1.0}, False, None, [], id="full here"),
+    # one not here yet: as before, wait as long as our store took, then read
+    pytest.param({1: 0.5, 2: 0.9, 3: 1.1}, False, None, [1.2], id="one not yet here"),
+    # a key cut into groups (balance), even with a count: every reader must see it alike,
+    # and a read merges several replicas' copies where ours is one; read as before
+    pytest.param({1: 0.5, 2: 0.9, 3: 1.0}, True, 4, [1.2], id="balanced key"),
+]
+
+
+@pytest.mark.parametrize(("landings", "balance", "expected", "reads"), HELD_HERE)
+async def test_a_full_group_in_our_own_copy_ends_the_gathering_at_once(
+    autojump_clock: Any,
+    landings: dict[int, float],
+    balance: bool,
+    expected: int | None,
+    reads: list[float],
+) -> None:
+    """A peer that is one of its key's replicas (in a small swarm, all are) holds the others'
+    announcements as soon as they land: a full group there needs no wait and no read."""
+    dht = ScheduledDHT(landings, store_takes=1.0, replica=True)
+    matchmaker, tried = _client_matchmaker(dht)
+    await matchmaker.form_group(
+        "mp.avg/run/2/0.1", 2, (0, 1), 4, deadline=8.0, balance=balance, expected=expected
+    )
+    assert dht.reads == reads
+    # then it asks the three others to take it (it never leads), at once
+    assert tried == [(reads[-1] if reads else 1.0, len(reads))] * 3

@@ -292,45 +292,25 @@ class Matchmaker:
         # (peers of a run start on the same clock slot, so the ones coming are there within a
         # store's time), or half the time is gone.
         gather_until = trio.current_time() + (deadline - trio.current_time()) / 2
-        if attempt.enough <= attempt.max_capacity and settle_until is None:
-            # A count ends this gathering (a full group, or the plan's), and the others began
-            # on the same clock slot and take about as long to store as we did: a read the
-            # moment our store ends finds the key short of the ones still storing, and the
-            # whole lookup is made again a poll later (at 256 peers two reads in three were).
-            # Waiting as long again, at most a poll, first: 1.2 reads a round instead of 1.8,
-            # a sixth fewer DHT calls, and the gathering ends no later than it did.
-            stored = trio.current_time()
-            await trio.sleep_until(
-                min(stored + min(stored - started, self.poll_interval), gather_until)
+        counted = attempt.enough <= attempt.max_capacity and settle_until is None
+        # We may be one of the key's replicas ourselves (in a swarm of a few peers, everyone
+        # is). The others began on the same clock slot and stored on us while we stored on
+        # them, so by now our own copy may show a full group: then the wait and the read
+        # below would only fetch what we hold (3 of the 6 round trips a 4-peer round's
+        # matchmaking took). Only on a fixed grid's key, which holds one group: a key cut
+        # into several (balance) must be seen alike by every reader, and a read merges what
+        # several replicas hold where our copy is one replica's.
+        here = (
+            self._members_of(dht.held_here(dht_key), started)
+            if counted and not attempt.balance
+            else []
+        )
+        if len(here) >= attempt.enough:
+            announced = here
+        else:
+            announced = await self._gather(
+                attempt, dht_key, started, gather_until, counted, settle_until
             )
-        elif settle_until is not None and attempt.enough > attempt.max_capacity:
-            # A cold key: only two reads alike, the second at the settle or after, end this
-            # gathering, and the crowd is still announcing until then, so a read now would
-            # only be the first of a pair that differs. The pair starts at the settle. (At
-            # 256 peers a cold round made 3.5 reads a peer; this was one of them.)
-            await trio.sleep_until(min(settle_until, gather_until))
-        seen: set[bytes] | None = None
-        while True:
-            announced = await self._announced(dht_key, started)
-            now_seen = {m.peer_id for _, m in announced}
-            if (
-                len(announced) >= attempt.enough
-                or trio.current_time() >= gather_until
-                or (
-                    now_seen == seen
-                    and len(announced) >= 2
-                    and (settle_until is None or trio.current_time() >= settle_until)
-                )
-            ):
-                break
-            seen = now_seen
-            wake = trio.current_time() + self.poll_interval
-            if settle_until is not None and attempt.enough > attempt.max_capacity:
-                # No count ends this gathering (a cold key: nobody knows how many will
-                # come), only two reads alike, the second at the settle or after: a read
-                # before then would be wasted, and a cold start has a thousand readers.
-                wake = max(wake, settle_until)
-            await trio.sleep_until(min(wake, gather_until))
         # Our own place in the order is where our record stands, as everyone else sees it.
         mine = [i for i, (_, m) in enumerate(announced) if m.peer_id == self.me.peer_id]
         place = mine[0] if mine else len(announced)
@@ -407,6 +387,59 @@ class Matchmaker:
                 nursery.cancel_scope.cancel()
         return self._close(attempt)
 
+    async def _gather(
+        self,
+        attempt: _Attempt,
+        dht_key: str,
+        started: float,
+        gather_until: float,
+        counted: bool,
+        settle_until: float | None,
+    ) -> list[tuple[float, MemberInfo]]:
+        """Read the key until a count ends the gathering (``counted``: a full group, or the
+        plan's), or two reads a poll apart agree (not before ``settle_until``), or
+        ``gather_until``; the announcers of the last read."""
+        if counted:
+            # A count ends this gathering (a full group, or the plan's), and the others began
+            # on the same clock slot and take about as long to store as we did: a read the
+            # moment our store ends finds the key short of the ones still storing, and the
+            # whole lookup is made again a poll later (at 256 peers two reads in three were).
+            # Waiting as long again, at most a poll, first: 1.2 reads a round instead of 1.8,
+            # a sixth fewer DHT calls, and the gathering ends no later than it did.
+            stored = trio.current_time()
+            await trio.sleep_until(
+                min(stored + min(stored - started, self.poll_interval), gather_until)
+            )
+        elif settle_until is not None and attempt.enough > attempt.max_capacity:
+            # A cold key: only two reads alike, the second at the settle or after, end this
+            # gathering, and the crowd is still announcing until then, so a read now would
+            # only be the first of a pair that differs. The pair starts at the settle. (At
+            # 256 peers a cold round made 3.5 reads a peer; this was one of them.)
+            await trio.sleep_until(min(settle_until, gather_until))
+        seen: set[bytes] | None = None
+        while True:
+            announced = await self._announced(dht_key, started)
+            now_seen = {m.peer_id for _, m in announced}
+            if (
+                len(announced) >= attempt.enough
+                or trio.current_time() >= gather_until
+                or (
+                    now_seen == seen
+                    and len(announced) >= 2
+                    and (settle_until is None or trio.current_time() >= settle_until)
+                )
+            ):
+                break
+            seen = now_seen
+            wake = trio.current_time() + self.poll_interval
+            if settle_until is not None and attempt.enough > attempt.max_capacity:
+                # No count ends this gathering (a cold key: nobody knows how many will
+                # come), only two reads alike, the second at the settle or after: a read
+                # before then would be wasted, and a cold start has a thousand readers.
+                wake = max(wake, settle_until)
+            await trio.sleep_until(min(wake, gather_until))
+        return announced
+
     async def _expect(self, attempt: _Attempt, member: MemberInfo) -> None:
         """Stop waiting for an expected joiner once it is found gone: unreachable or silent
         (a listening one, probed), or not there within the progress timeout (a client-mode
@@ -431,7 +464,13 @@ class Matchmaker:
         """The live announcements under the key (ours included), in (expiration, PeerID)
         order: the same order for everyone who sees the same records. ``started``: when this
         round's matchmaking began here."""
-        records: dict[bytes, Record] = await self.peer.dht.get_records(dht_key)
+        return self._members_of(await self.peer.dht.get_records(dht_key), started)
+
+    def _members_of(
+        self, records: dict[bytes, Record], started: float
+    ) -> list[tuple[float, MemberInfo]]:
+        """The live announcements among a key's ``records`` (ours included), in (expiration,
+        PeerID) order; see :meth:`_announced`."""
         found: list[tuple[float, MemberInfo]] = []
         for subkey, record in records.items():
             if not record.value:

@@ -363,6 +363,13 @@ class DHTNode:
             near.extend(closest)
         return merge(found)
 
+    def held_here(self, key: str | bytes) -> dict[bytes, Record]:
+        """The live records under ``key`` that this node holds as one of its replicas, by
+        subkey (withdrawals included): what a :meth:`get_records` would merge in from here,
+        without asking anyone. Empty where nothing is held (and always in client mode, where
+        nobody stores here)."""
+        return merge(self.records.get(key_id(_key_bytes(key)), self.now()))
+
     async def find_peer(self, peer_id: PeerID) -> PeerAddress | None:
         """The address of ``peer_id``, if a lookup finds it."""
         known = self.table.get(peer_id)
