@@ -70,16 +70,9 @@ def test_json_has_every_method_and_sane_numbers(tiny: dict[str, Any]) -> None:
             if t is not None:
                 # the first evaluation at or above the target, and none before it
                 assert next(c[0] for c in curve if c[1] >= 0.6) == t, where
-            # each live peer's own model, at the same evaluations: median over lowest
-            peers = row["peers_curve"]
-            assert [c[0] for c in peers] == times, where
-            assert all(0.0 <= c[2] <= c[1] <= 1.0 for c in peers), where
-            own = row["peers_time_to_target_s"]
-            assert own == next((c[0] for c in peers if c[1] >= 0.6), None), where
-            assert row["peers_final_accuracy"] == peers[-1][1], where
-            if t is not None and own is not None and row["stopped_at_s"] < MAX_TIME:
-                # a run stops only once both have held the target for --after-target
-                assert row["stopped_at_s"] >= max(t, own) + 2, where
+            if t is not None and row["stopped_at_s"] < MAX_TIME:
+                # a run stops once it has held the target for --after-target
+                assert row["stopped_at_s"] == t + 2, where
             assert row["local_steps"] > 0, where
             assert row["peer_spread"] >= 0.0, where
             assert row["wall_s"] > 0, where
@@ -93,15 +86,14 @@ def test_json_has_every_method_and_sane_numbers(tiny: dict[str, Any]) -> None:
             else:
                 assert row["wait_share"] == 0.0, where
         for other in ("gossip", "allreduce"):
-            for prefix in ("", "peers_"):
-                value = sc[f"{prefix}speedup_vs_{other}"]
-                bound = sc[f"{prefix}speedup_vs_{other}_at_least"]
-                mine = sc["methods"]["moshpit"][f"{prefix}time_to_target_s"]
-                theirs = sc["methods"][other][f"{prefix}time_to_target_s"]
-                if mine and theirs is not None:
-                    assert value == pytest.approx(theirs / mine) and bound == value
-                else:
-                    assert value is None
+            value = sc[f"speedup_vs_{other}"]
+            bound = sc[f"speedup_vs_{other}_at_least"]
+            mine = sc["methods"]["moshpit"]["time_to_target_s"]
+            theirs = sc["methods"][other]["time_to_target_s"]
+            if mine and theirs is not None:
+                assert value == pytest.approx(theirs / mine) and bound == value
+            else:
+                assert value is None
     for t in tiny["targets"].values():
         assert t["pass"] == (t["value"] is not None and t["value"] >= t["limit"])
 
