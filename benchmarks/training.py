@@ -181,12 +181,13 @@ peer, 41-42% of the time communicating; gossip's 437 MB a peer (seed 1, to 150 s
 All-Reduce at 64 peers (seed 0, ``--max-time 70``) had reached 0.68 at best when it stopped,
 and none of its attempts had averaged every member (18 of the whole swarm, 1024 member-rounds);
 by the benchmark's rule that is only "at least 1.28x" (70 / 54.5 s). Any death aborts an
-attempt, and there was one somewhere every 2.1 s on average against attempts of 3.9 s: about
-one attempt in six should have come through whole, so none of 18 has a chance of about 5% if
-preemption were all. The attempts' failure reasons are not checked yet. It cost 15 CPU-minutes
-for 70 virtual seconds; homo All-Reduce at 64 peers ran over 10 CPU-minutes for 6 virtual
-seconds and was stopped (not profiled; 4032 flows run at once there, and the fair-share model
-recomputes its rates as each starts and ends).
+attempt, and there was one somewhere in the swarm every 2.1 s on average: in a rerun of its
+first 20 virtual seconds, every member's attempt that failed was aborted by a death, 0.6-3.6 s
+into its all-reduce (attempts 0-4); none failed by leaving a member out. Preemption is what
+stops All-Reduce at 64 peers. It cost 15 CPU-minutes for 70 virtual seconds; homo All-Reduce at
+64 peers ran over 10 CPU-minutes for 6 virtual seconds and was stopped (not profiled; 4032
+flows run at once there, and the fair-share model recomputes its rates as each starts and
+ends).
 
 The table before this one (``--in-process``, at the same commit for every method but before
 matchmaking's held-here shortcut, which only Moshpit uses) had Moshpit's hetero at 27.0 and
