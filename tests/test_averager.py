@@ -440,14 +440,15 @@ async def test_pace_in_memory_changes_nothing(
     assert planned == []
 
 
-async def test_a_small_swarm_forms_its_group_in_three_one_way_trips_of_its_store(
+async def test_a_small_swarm_forms_its_group_in_three_round_trips(
     autojump_clock: Any,
 ) -> None:
     """Four peers, five replicas a key: everyone holds the whole key. A peer's store takes a
     lookup and a store (two round trips); by then the others' announcements have landed in
-    its own copy, so it decides at once (no wait, no read), and a join takes one round trip:
-    the leader has the group one one-way trip after its store, the others one more. (With the
-    wait and the read, it was 55 and 60 ms.) Every round averages, and the next one too."""
+    its own copy, so it decides at once (no wait, no read). The leader has the group when the
+    joins arrive, one way after its store; the others when the answers come back, a round
+    trip after theirs. (With the wait and the read: 55 and 60 ms.) Every round averages, and
+    the next one too."""
     net = MemoryNetwork(seed=11, latency=LATENCY)
     rtt = 2 * LATENCY
     values = [np.full(64, float(i), dtype=np.float32) for i in range(4)]
