@@ -127,6 +127,8 @@ async def test_held_here_is_what_this_replica_holds_without_asking(autojump_cloc
                 q.id.to_bytes(): b"here" for q in peers[:2]
             }
         assert peers[0].dht.held_here("mp.avg/held/0.1/4") == {}
+        with pytest.raises(ConfigError, match="a DHT key is str or bytes"):
+            peers[0].dht.held_here(3)  # type: ignore[arg-type]
         async with open_peer(
             ident(99), client_mode=True, network=net.host("nat"), bootstrap=[peers[0].address]
         ) as client:
