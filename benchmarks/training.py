@@ -480,8 +480,9 @@ def round_period_for(cfg: Config, scenario: Scenario) -> float:
     a group's all-reduce needs through the scenario's slowest host, to the nearest second (at
     least 1): each member of a group of g sends 2 (g - 1) / g of the averaged bytes (its
     parts out, then its span's average back), and the slowest host's share bounds the round.
-    The factor 2 leaves the round's deadline (0.9 periods, matchmaking first, half of the rest
-    for the parts) room for a member that is also slow to compute. With the defaults: 4 MB at
+    The factor 2 is where hetero's 4 s came from when 2, 3 and 4 s were tried (the module's
+    docstring): the round's deadline is 0.9 periods, matchmaking first and half of the rest
+    for the parts, and shorter periods left fewer groups whole. With the defaults: 4 MB at
     25 Mbit/s in groups of 4 (hetero) needs 1.92 s: 4 s; at 100 Mbit/s (homo) 0.48 s: 1 s; in
     groups of 8 (64 peers, hetero) 2.24 s: 4 s. A user sets the period for their links the
     same way; one fixed period for both scenarios would be either too rare for fast links or
