@@ -243,7 +243,8 @@ def test_the_command_line_gives_a_config_back(bench: ModuleType) -> None:
 def test_runs_apart_are_their_own(bench: ModuleType, tmp_path: Path) -> None:
     """Each run in a process of its own: a method's numbers are the same whether it runs
     alone or beside another (two at once here), and the parent gathers them into one object.
-    (Runs this small repeat exactly; larger ones do not quite, see the module's docstring.)"""
+    (This tiny run has repeated exactly every time so far, which nothing guarantees: a larger
+    run does not, see the module's docstring.)"""
     both = tmp_path / "both.json"
     alone = tmp_path / "alone.json"
     argv = [*TINY, "--scenario", "homo", "--json", "--quiet"]
