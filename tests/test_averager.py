@@ -14,10 +14,12 @@ import trio
 from moshpit_trio.averaging import allreduce as allreduce_module
 from moshpit_trio.averaging.averager import MoshpitAverager, RoundReport
 from moshpit_trio.averaging.grid import Grid, balanced_initial_keys
+from moshpit_trio.averaging.matchmaking import GroupInfo, Matchmaker
 from moshpit_trio.errors import ConfigError
 from moshpit_trio.identity import Identity
 from moshpit_trio.peer import Peer, open_peer
 from moshpit_trio.testing import MemoryNetwork
+from moshpit_trio.wire.connection import Request
 from moshpit_trio.wire.transport import TransportLimits
 
 LATENCY = 0.005
@@ -469,3 +471,52 @@ async def test_a_small_swarm_forms_its_group_in_three_round_trips(
             for v in values:
                 np.testing.assert_allclose(v, 1.5, rtol=1e-6)
             await trio.sleep(0.5)
+
+
+async def test_a_leader_returns_its_group_once_every_follower_has_its_answer(
+    autojump_clock: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A leader's caller goes on to copy the whole vector (milliseconds of CPU that nothing
+    interrupts) and to start the all-reduce on the connections the answers use: so the leader
+    hands over its group only once every follower's answer is sealed for the wire, or that
+    follower's call ended. Virtual time cannot show the copy; what the leader holds when its
+    group comes back can. Three rounds, a different leader's each time perhaps, and the
+    matchmaking times of the three round trips stay as they were."""
+    joins: list[tuple[Matchmaker, Request]] = []
+    checked: list[int] = []
+    on_join, form_group = Matchmaker._on_join, Matchmaker.form_group
+
+    async def recording_join(self: Matchmaker, request: Request) -> bytes:
+        joins.append((self, request))
+        return await on_join(self, request)
+
+    async def checked_form(self: Matchmaker, *args: Any, **kwargs: Any) -> GroupInfo | None:
+        group = await form_group(self, *args, **kwargs)
+        if group is not None and group.leader == self.me.peer_id:
+            mine = [r for m, r in joins if m is self and r.answered.is_set()]
+            assert len(mine) == len(group.members) - 1 == 3
+            assert all(r.answered.is_set() for m, r in joins if m is self)
+            checked.append(len(mine))
+            joins.clear()
+        return group
+
+    monkeypatch.setattr(Matchmaker, "_on_join", recording_join)
+    monkeypatch.setattr(Matchmaker, "form_group", checked_form)
+    net = MemoryNetwork(seed=11, latency=LATENCY)
+    values = [np.full(64, float(i), dtype=np.float32) for i in range(4)]
+    async with swarm(net, 4) as peers, AsyncExitStack() as stack:
+        averagers = [
+            await stack.enter_async_context(MoshpitAverager(p, "answered", [v], grid=(4,)))
+            for p, v in zip(peers, values, strict=True)
+        ]
+        await trio.sleep(1.0)
+        for _ in range(3):
+            reports: list[RoundReport] = []
+            async with trio.open_nursery() as nursery:
+                for a in averagers:
+                    nursery.start_soon(_step_into, a, reports)
+            assert all(r.succeeded and len(r.members) == 4 for r in reports)
+            times = sorted(round(r.seconds["matchmaking"], 6) for r in reports)
+            assert times == [5 * LATENCY] + [6 * LATENCY] * 3, times
+            await trio.sleep(0.5)
+    assert checked == [3, 3, 3]

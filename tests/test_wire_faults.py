@@ -1106,3 +1106,64 @@ async def test_pacing_is_a_no_op_in_memory(autojump_clock: Any, identities: list
         assert conn.pacing is None
         with pytest.raises(ConfigError, match="pacing rate"):
             conn.pace(-1.0)
+
+
+@pytest.mark.parametrize(
+    ("handler_does", "answered_at", "caller_gets"),
+    [
+        ("answers", 1.0, b"yes"),
+        ("rejects", 1.0, Rejected),
+        ("fails", 1.0, Exception),
+        ("outlasts the caller", 3.0, DeadlineExceeded),
+    ],
+)
+async def test_a_call_is_answered_once_its_answer_is_sealed_or_the_call_ended(
+    autojump_clock: Any,
+    identities: list[Identity],
+    handler_does: str,
+    answered_at: float,
+    caller_gets: Any,
+) -> None:
+    """``Request.answered``: set when the handler's answer is sealed (a response) or queued (an
+    error), or when the call ended without one (the caller gave up at its 3 s deadline): never
+    before, and never left unset for a caller to wait on forever."""
+    net = MemoryNetwork(seed=1, latency=0.01)
+    requests: list[Request] = []
+    arrived = trio.Event()
+
+    async def handler(request: Request) -> bytes:
+        requests.append(request)
+        arrived.set()
+        await trio.sleep(100 if handler_does == "outlasts the caller" else 1.0)
+        if handler_does == "rejects":
+            raise Rejected("not now")
+        if handler_does == "fails":
+            raise ValueError("a bug")
+        return b"yes"
+
+    async with peer(net, "s", identities[0]) as server, peer(net, "c", identities[1]) as client:
+        server.register("h", handler)
+        assert server.address is not None
+        await client.connect(server.address)
+        got: list[Any] = []
+
+        async def call() -> None:
+            assert server.address is not None
+            try:
+                got.append(await client.call(server.address, "h", b"", timeout=3))
+            except Exception as exc:
+                got.append(exc)
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                start = trio.current_time()
+                nursery.start_soon(call)
+                await arrived.wait()
+                assert not requests[0].answered.is_set()
+                await requests[0].answered.wait()
+                assert trio.current_time() - start == pytest.approx(0.01 + answered_at)
+        if isinstance(caller_gets, bytes):
+            assert got == [caller_gets]
+        else:
+            assert len(got) == 1 and isinstance(got[0], caller_gets)
+        assert await client.call(server.address, "echo", b"next", timeout=3) == b"next"

@@ -107,6 +107,13 @@ class Request:
     #: trio time by which the caller stops waiting; the handler is cancelled then
     deadline: float
     connection: Connection
+    #: set once the call is answered as far as this side goes: its response sealed for the
+    #: wire (the writer took it; a small one is in the socket then), its error queued, or the
+    #: call ended without an answer (cancelled, the connection lost). A handler that hands its
+    #: work on (a matchmaking leader's) can wait for it before it takes the CPU for long.
+    answered: trio.Event = dataclasses.field(
+        default_factory=trio.Event, init=False, repr=False, compare=False
+    )
 
 
 class StreamRequest:
@@ -719,6 +726,8 @@ class Connection:
             self._incoming.pop(env.call_id, None)
             if isinstance(request, StreamRequest):
                 self._incoming_streams -= 1
+            else:
+                request.answered.set()
 
     def _on_stream_data(self, env: Envelope) -> None:
         entry = self._incoming.get(env.call_id)
