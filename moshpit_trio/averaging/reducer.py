@@ -80,22 +80,26 @@ def _average_into(
     coefficients = [w / total for w in scaled]
     acc = np.empty(min(_BLOCK, end - start), dtype=np.float64)
     tmp = np.empty_like(acc)
-    # Equal weights (the usual case): add up in float64, then scale once; five passes over a
-    # block instead of eight, and the same float32 result up to a double rounding.
+    # Equal weights (the usual case): add up in float64, then scale once; fewer passes over a
+    # block, and the same float32 result up to a double rounding. Each float32 block is widened
+    # by a plain copy into a float64 one first: numpy's mixed-type add or multiply widens
+    # through small internal buffers instead, a third slower here (5.0 against 3.7 ms for four
+    # senders' 2.5M values), for the very same sums.
     equal = all(w == weights[0] for w in weights)
     for lo in range(start, end, _BLOCK):
         hi = min(lo + _BLOCK, end)
         a, t = acc[: hi - lo], tmp[: hi - lo]
+        a[...] = buffers[0][lo:hi]
         if equal:
-            np.add(buffers[0][lo:hi], buffers[1][lo:hi], out=a, dtype=np.float64)
-            for buffer in buffers[2:]:
-                np.add(a, buffer[lo:hi], out=a)
+            for buffer in buffers[1:]:
+                t[...] = buffer[lo:hi]
+                a += t
             a *= coefficients[0]
         else:
-            # dtype=float64: a Python float times a float32 array is computed in float32.
-            np.multiply(buffers[0][lo:hi], coefficients[0], out=a, dtype=np.float64)
+            a *= coefficients[0]
             for buffer, c in zip(buffers[1:], coefficients[1:], strict=True):
-                np.multiply(buffer[lo:hi], c, out=t, dtype=np.float64)
+                t[...] = buffer[lo:hi]
+                t *= c
                 a += t
         out[lo:hi] = a
 
