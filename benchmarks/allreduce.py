@@ -13,6 +13,12 @@ their vectors ``--rounds`` times (after ``--warmup`` untimed rounds). Arms (``--
 ``hivemind``  (``--with-hivemind``, and only if ``import hivemind`` works; see below) hivemind's
               ``DecentralizedAverager`` with ``target_group_size = min_group_size = N``, its
               other settings as they come; process 0's DHT is the others' initial peer.
+``floor``     (opt-in: ``--arms moshpit,gloo,floor``; not with ``--links``) a yardstick, not a
+              protocol: the same butterfly in plain Python with blocking sockets, one
+              receiving thread per peer, AES-256-GCM over 4 MiB chunks opened straight into
+              place, float64 sums, the averager's copy of the vector; scatter then gather, no
+              matchmaking, framing or checks. What a data plane in Python could cost on this
+              machine: ``ratio_vs_floor`` is the moshpit arm's overhead over it.
 
 Timing. Every round starts at a wall-clock instant the orchestrating process sends to all N
 (``--lead`` seconds ahead, so each has its line read and is asleep until then); each process
@@ -74,7 +80,9 @@ JSON keys: ``peers``, ``floats``, ``rounds``, ``cores``, ``chunk_bytes`` and ``w
 (null: the library's defaults), ``paced`` (moshpit paced its sends), ``moshpit_round_s``,
 ``moshpit_matchmaking_s``, ``moshpit_allreduce_s``, ``gloo_s``, ``ratio_vs_gloo`` (round /
 gloo), ``allreduce_ratio_vs_gloo``, ``hivemind_s`` (null when not run), ``hivemind_note``,
-``speedup_vs_hivemind`` (hivemind / round), ``failures`` (per arm), ``targets``, ``profile``
+``speedup_vs_hivemind`` (hivemind / round), ``floor_s``, ``floor_ratio_vs_gloo`` and
+``ratio_vs_floor`` (round / floor; null without the floor arm), ``failures`` (per arm),
+``targets``, ``profile``
 (with ``--profile``) and ``arms`` with every round's figures. With ``--links``: ``links``
 (the rates in bit/s, ``moshpit_bound_s``, ``moshpit_phased_bound_s`` (see ``lower_bounds``),
 ``gloo_bound_s``) and, per arm, ``moved_mb`` (each
@@ -88,6 +96,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import hashlib
 import json
 import math
 import os
@@ -99,6 +108,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -111,7 +121,7 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 
 HOST = "127.0.0.1"
-ARMS = ("moshpit", "gloo", "hivemind")
+ARMS = ("moshpit", "gloo", "hivemind", "floor")
 _BASE_PERIOD = 997
 _START_TIMEOUT = 60.0  # a child must be up (peer open, process group formed) within this
 _TARGET_RATIO = 2.5
@@ -411,10 +421,169 @@ def _hivemind_child(spec: dict[str, Any], ctl: Control, profiler: _Profiler) -> 
         dht.shutdown()
 
 
+# The floor arm: what this machine allows a Python process at all, without an event loop.
+_FLOOR_CHUNK = 4 * 1024 * 1024  # bytes sealed at a time, as the transport's stream chunk
+_FLOOR_BLOCK = 1 << 17  # values averaged at a time, as the reducer's block
+
+
+def _floor_key(sender: int, receiver: int) -> bytes:
+    """One AES-256 key per direction of each pair (derived, not secret: a yardstick)."""
+    return hashlib.sha256(b"allreduce floor %d>%d" % (sender, receiver)).digest()
+
+
+def _floor_child(spec: dict[str, Any], ctl: Control, profiler: _Profiler) -> None:
+    """The same butterfly with as little as Python can do: blocking sockets, one receiving
+    thread per peer (the GIL is let go in recv_into, AES and numpy), AES-256-GCM over 4 MiB
+    chunks sealed with ``encrypt_into`` and opened with ``decrypt_into`` straight into their
+    final place, float64 sums in the reducer's order, and the averager's copy of the vector
+    first. Scatter, then gather, with no overlap, no matchmaking, no framing, no checks of
+    what arrives beyond the AEAD tag. Not a protocol: what a data plane in Python could cost
+    here, to weigh the moshpit arm's overhead against."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    rank, peers, floats = spec["rank"], spec["peers"], spec["floats"]
+    init = initial_values(rank, floats)
+    expected = expected_mean(peers, floats)
+    tol = tolerance("none", peers)
+    ports: list[int] = spec["ports"]
+    bounds = [floats * i // peers for i in range(peers + 1)]
+    mine = slice(bounds[rank], bounds[rank + 1])
+    others = [j for j in range(peers) if j != rank]
+    listener = socket.create_server((HOST, ports[rank]))
+    conns: dict[int, socket.socket] = {}
+    try:
+        give_up = time.monotonic() + _START_TIMEOUT
+        for j in range(rank):  # dial the lower ranks, accept the higher ones
+            while True:
+                try:
+                    sock = socket.create_connection((HOST, ports[j]), timeout=1.0)
+                    break
+                except OSError:
+                    if time.monotonic() > give_up:
+                        raise
+                    time.sleep(0.05)
+            sock.sendall(rank.to_bytes(4, "big"))
+            conns[j] = sock
+        listener.settimeout(_START_TIMEOUT)
+        while len(conns) < peers - 1:
+            sock, _ = listener.accept()
+            conns[int.from_bytes(_recv_exactly(sock, 4), "big")] = sock
+        for sock in conns.values():
+            sock.settimeout(spec["step_timeout"])
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        seal = {j: AESGCM(_floor_key(rank, j)) for j in others}
+        opener = {j: AESGCM(_floor_key(j, rank)) for j in others}
+        vec = init.copy()
+        parts = {j: np.empty(bounds[rank + 1] - bounds[rank], np.float32) for j in others}
+        sealed = bytearray(_FLOOR_CHUNK + 16)
+        inbox = {j: bytearray(_FLOOR_CHUNK + 16) for j in others}
+        acc = np.empty(_FLOOR_BLOCK, np.float64)
+        tmp = np.empty_like(acc)
+
+        def send(j: int, values: np.ndarray, stage: int, round_: int) -> None:
+            data = memoryview(values).cast("B")
+            for k, at in enumerate(range(0, len(data), _FLOOR_CHUNK)):
+                piece = data[at : at + _FLOOR_CHUNK]
+                out = memoryview(sealed)[: len(piece) + 16]
+                seal[j].encrypt_into(_floor_nonce(round_, stage, k), piece, None, out)
+                conns[j].sendall(out)
+
+        def receive(j: int, into: np.ndarray, stage: int, round_: int) -> None:
+            data = memoryview(into).cast("B")
+            for k, at in enumerate(range(0, len(data), _FLOOR_CHUNK)):
+                piece = data[at : at + _FLOOR_CHUNK]
+                got = memoryview(inbox[j])[: len(piece) + 16]
+                _recv_into_exactly(conns[j], got)
+                opener[j].decrypt_into(_floor_nonce(round_, stage, k), got, None, piece)
+
+        def exchange(
+            stage: int,
+            round_: int,
+            outgoing: dict[int, np.ndarray],
+            incoming: dict[int, np.ndarray],
+        ) -> None:
+            errors: list[BaseException] = []
+
+            def take(j: int) -> None:
+                try:
+                    receive(j, incoming[j], stage, round_)
+                except BaseException as exc:  # reported by the main thread
+                    errors.append(exc)
+
+            readers = [threading.Thread(target=take, args=(j,)) for j in others]
+            for reader in readers:
+                reader.start()
+            try:
+                for j in others:
+                    send(j, outgoing[j], stage, round_)
+            finally:
+                for reader in readers:
+                    reader.join()
+            if errors:
+                raise errors[0]
+
+        ctl.send(op="ready")
+        round_ = 0
+        while True:
+            msg = ctl.recv()
+            if msg["op"] != "go":
+                break
+            late = _wait_until(msg["at"])
+            cpu = time.process_time()
+            with profiler.timed(msg["timed"]):
+                flat = vec.copy()  # the averager's copy of the vector it averages
+                exchange(0, round_, {j: flat[bounds[j] : bounds[j + 1]] for j in others}, parts)
+                senders = [flat[mine] if k == rank else parts[k] for k in range(peers)]
+                average = vec[mine]
+                for lo in range(0, len(average), _FLOOR_BLOCK):
+                    hi = min(lo + _FLOOR_BLOCK, len(average))
+                    a, t = acc[: hi - lo], tmp[: hi - lo]
+                    a[...] = senders[0][lo:hi]
+                    for values in senders[1:]:
+                        t[...] = values[lo:hi]
+                        a += t
+                    a *= 1.0 / peers
+                    average[lo:hi] = a
+                theirs = {j: vec[bounds[j] : bounds[j + 1]] for j in others}
+                exchange(1, round_, dict.fromkeys(others, average), theirs)
+            seconds = time.time() - msg["at"]
+            cpu = time.process_time() - cpu
+            round_ += 1
+            ctl.send(op="timed")
+            ctl.recv_check()
+            result = check(vec, expected, tol)
+            vec[...] = init
+            ctl.send(op="result", seconds=seconds, cpu=cpu, late=late, succeeded=True, **result)
+    finally:
+        for sock in conns.values():
+            sock.close()
+        listener.close()
+
+
+def _floor_nonce(round_: int, stage: int, chunk: int) -> bytes:
+    return round_.to_bytes(6, "big") + bytes([stage]) + chunk.to_bytes(5, "big")
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    _recv_into_exactly(sock, memoryview(buf))
+    return bytes(buf)
+
+
+def _recv_into_exactly(sock: socket.socket, view: memoryview) -> None:
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:])
+        if not n:
+            raise ConnectionError("peer closed the connection mid-message")
+        got += n
+
+
 _CHILDREN: dict[str, Callable[[dict[str, Any], Control, _Profiler], None]] = {
     "moshpit": _moshpit_child,
     "gloo": _gloo_child,
     "hivemind": _hivemind_child,
+    "floor": _floor_child,
 }
 
 
@@ -685,6 +854,8 @@ def run_arm(
     if arm == "gloo":
         base["port"] = _GLOO_PORT if links else _free_port()
         base["store_host"] = links.addresses[0] if links else HOST
+    if arm == "floor":
+        base["ports"] = [_free_port() for _ in range(peers)]
     procs: list[subprocess.Popen[bytes]] = []
     stderr = subprocess.DEVNULL if quiet else None
 
@@ -712,13 +883,13 @@ def run_arm(
         start_by = min(deadline, time.monotonic() + _START_TIMEOUT)
         start(0, [])
         bootstrap: list[str] = []
-        if arm != "gloo":  # gloo's ranks meet at the TCP store instead
+        if arm not in ("gloo", "floor"):  # these ranks meet at known ports instead
             first = _read(procs[0], start_by, f"{arm} start")
             address = first["address"]
             bootstrap = address if isinstance(address, list) else [address]
         for rank in range(1, peers):
             start(rank, bootstrap)
-        for proc in procs[0 if arm == "gloo" else 1 :]:
+        for proc in procs[0 if arm in ("gloo", "floor") else 1 :]:
             _read(proc, start_by, f"{arm} start")
 
         per_round: list[list[dict[str, Any]]] = []
@@ -969,7 +1140,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per arm")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument("--compression", default="none", choices=["none", "fp16", "8bit"])
-    parser.add_argument("--arms", default="moshpit,gloo", help="moshpit, gloo (comma separated)")
+    parser.add_argument(
+        "--arms", default="moshpit,gloo", help="moshpit, gloo, floor (comma separated)"
+    )
     parser.add_argument("--with-hivemind", action="store_true", help="add hivemind if installed")
     parser.add_argument(
         "--hivemind-python",
@@ -1015,8 +1188,10 @@ def main(argv: list[str] | None = None) -> int:
             rates = parse_links(args.links, args.peers)
         except ValueError as exc:
             parser.error(f"--links: {exc}")
-        if args.with_hivemind or "hivemind" in arms:
-            parser.error("--links runs moshpit and gloo only (hivemind listens on 127.0.0.1)")
+        if args.with_hivemind or "hivemind" in arms or "floor" in arms:
+            parser.error(
+                "--links runs moshpit and gloo only (hivemind and floor listen on 127.0.0.1)"
+            )
         why = links_unusable()
         if why is not None:
             print(f"allreduce.py: {why}", file=sys.stderr)
@@ -1095,6 +1270,7 @@ def _report(
         return None if value is None else round(float(value), 4)
 
     round_s, gloo_s, hivemind_s = seconds("moshpit"), seconds("gloo"), seconds("hivemind")
+    floor_s = seconds("floor")
     allreduce_s = seconds("moshpit", "allreduce")
     if "hivemind" in results and "error" in results["hivemind"]:
         hivemind_note = results["hivemind"]["error"]
@@ -1121,6 +1297,9 @@ def _report(
         "hivemind_s": hivemind_s,
         "hivemind_note": hivemind_note,
         "speedup_vs_hivemind": speedup,
+        "floor_s": floor_s,
+        "floor_ratio_vs_gloo": round(floor_s / gloo_s, 3) if floor_s and gloo_s else None,
+        "ratio_vs_floor": round(round_s / floor_s, 3) if round_s and floor_s else None,
         "failures": {arm: res.get("failures") for arm, res in results.items()},
         "targets": {
             "ratio_vs_gloo_max": _TARGET_RATIO,

@@ -145,3 +145,44 @@ def test_links_make_namespaces_and_remove_every_one() -> None:
         broken.open()
     listed = _namespaces()
     assert not any(name in listed for name in (broken.hub, *broken.names))
+
+
+@pytest.mark.slow
+def test_floor_arm_two_processes_average_exactly() -> None:
+    """The floor yardstick averages what the moshpit arm does, to the same bits, and its
+    figures land in the JSON beside the ratio they give."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            *("--arms", "floor", "--peers", "2", "--floats", str(FLOATS)),
+            *("--rounds", "2", "--warmup", "0", "--timeout", "25", "--json", "--quiet"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["failures"] == {"floor": 0}
+    assert out["floor_s"] > 0
+    assert out["ratio_vs_floor"] is None and out["floor_ratio_vs_gloo"] is None  # arms not run
+    base = (np.arange(FLOATS) % 997) / 997
+    mean = ((base + (2 * base + 1)) / 2).astype(np.float32)
+    for row in out["arms"]["floor"]["rounds"]:
+        assert row["checksums_agree"]
+        assert row["max_error"] <= 1e-6
+        assert row["checksum"] == pytest.approx(float(np.sum(mean, dtype=np.float64)), rel=1e-9)
+
+
+def test_floor_arm_is_refused_with_links() -> None:
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--arms", "moshpit,floor", "--links", "1gbit"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "floor listen on 127.0.0.1" in done.stderr
