@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import types
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
@@ -14,7 +15,7 @@ import trio
 from moshpit_trio.averaging import allreduce as allreduce_module
 from moshpit_trio.averaging.averager import MoshpitAverager, RoundReport
 from moshpit_trio.averaging.grid import Grid, balanced_initial_keys
-from moshpit_trio.averaging.matchmaking import GroupInfo, Matchmaker
+from moshpit_trio.averaging.matchmaking import ANSWERS_WAIT, GroupInfo, Matchmaker
 from moshpit_trio.errors import ConfigError
 from moshpit_trio.identity import Identity
 from moshpit_trio.peer import Peer, open_peer
@@ -520,3 +521,42 @@ async def test_a_leader_returns_its_group_once_every_follower_has_its_answer(
             assert times == [5 * LATENCY] + [6 * LATENCY] * 3, times
             await trio.sleep(0.5)
     assert checked == [3, 3, 3]
+
+
+async def test_a_leader_waits_for_an_answer_that_is_not_sealed_only_so_long(
+    autojump_clock: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An answer that stays unsealed (queued behind another run's bulk data, say) holds the
+    leader up for ANSWERS_WAIT and no longer: the leader's matchmaking takes exactly that much
+    more than the three round trips' time, the round averages, and so does the next."""
+    on_join = Matchmaker._on_join
+
+    async def one_never_sealed(self: Matchmaker, request: Request) -> bytes:
+        attempt = self._attempt
+        if attempt is not None and not attempt.joins:
+            # besides the joins it takes, a leader holds an answer that is never sealed
+            attempt.joins.append(types.SimpleNamespace(answered=trio.Event()))  # type: ignore[arg-type]
+        return await on_join(self, request)
+
+    monkeypatch.setattr(Matchmaker, "_on_join", one_never_sealed)
+    net = MemoryNetwork(seed=11, latency=LATENCY)
+    values = [np.full(64, float(i), dtype=np.float32) for i in range(4)]
+    async with swarm(net, 4) as peers, AsyncExitStack() as stack:
+        averagers = [
+            await stack.enter_async_context(MoshpitAverager(p, "unsealed", [v], grid=(4,)))
+            for p, v in zip(peers, values, strict=True)
+        ]
+        await trio.sleep(1.0)
+        for _ in range(2):
+            reports: list[RoundReport] = []
+            async with trio.open_nursery() as nursery:
+                for a in averagers:
+                    nursery.start_soon(_step_into, a, reports)
+            assert all(r.succeeded and len(r.members) == 4 for r in reports)
+            times = sorted(round(r.seconds["matchmaking"], 6) for r in reports)
+            assert times == [6 * LATENCY] * 3 + [round(5 * LATENCY + ANSWERS_WAIT, 6)], times
+            for v in values:
+                np.testing.assert_allclose(v, 1.5, rtol=1e-6)
+            for i, v in enumerate(values):
+                v[...] = float(i)
+            await trio.sleep(0.5)

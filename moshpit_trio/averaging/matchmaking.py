@@ -60,6 +60,7 @@ from ..wire.relay_table import RelayLimits
 from .auto_grid import block_of, capacity_at
 
 __all__ = [
+    "ANSWERS_WAIT",
     "RELAYED_BANDWIDTH",
     "RELAYED_GROUP_MAX",
     "GroupInfo",
@@ -77,6 +78,10 @@ RELAYED_GROUP_MAX = RelayLimits().max_circuits_per_peer
 #: bytes/s a group nobody listens in counts on per member when it judges silence: a relay's
 #: default circuit rate (``RelayLimits.circuit_bytes_per_s``)
 RELAYED_BANDWIDTH = RelayLimits().circuit_bytes_per_s
+#: seconds a leader waits, at most, for its answers to the joins to be sealed before it hands
+#: its group to the all-reduce (they are sealed within a millisecond or so unless queued behind
+#: bulk data)
+ANSWERS_WAIT = 0.05
 
 
 class KeyFull(MoshpitError):
@@ -394,10 +399,13 @@ class Matchmaker:
             # task here can interrupt) and to start the all-reduce, whose parts share the
             # connections the answers go out on. Every follower waits on its answer to start,
             # so let the answers go first: on loopback they reached the followers 5 to 14 ms
-            # after the group was fixed, behind the copy and the first parts. (Bounded by the
-            # deadline around us; a call that ends unanswered counts as answered.)
-            for join in attempt.joins:
-                await join.answered.wait()
+            # after the group was fixed, behind the copy and the first parts. Sealing is local
+            # (no round trip), so this takes a moment; an answer queued behind another run's
+            # bulk data on its connection is not waited for past ANSWERS_WAIT, which would
+            # hold up the whole group for it. (A call that ends unanswered counts as answered.)
+            with trio.move_on_at(min(deadline, trio.current_time() + ANSWERS_WAIT)):
+                for join in attempt.joins:
+                    await join.answered.wait()
         return group
 
     async def _gather(

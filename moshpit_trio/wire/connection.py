@@ -108,7 +108,7 @@ class Request:
     deadline: float
     connection: Connection
     #: set once the call is answered as far as this side goes: its response sealed for the
-    #: wire (the writer took it; a small one is in the socket then), its error queued, or the
+    #: wire (the connection's writer took it and writes it next), its error queued, or the
     #: call ended without an answer (cancelled, the connection lost). A handler that hands its
     #: work on (a matchmaking leader's) can wait for it before it takes the CPU for long.
     answered: trio.Event = dataclasses.field(
