@@ -97,6 +97,7 @@ import argparse
 import contextlib
 import cProfile
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -323,6 +324,35 @@ def _moshpit_child(spec: dict[str, Any], ctl: Control, profiler: _Profiler) -> N
     trio.run(main)
 
 
+def _serve_rounds(
+    ctl: Control,
+    profiler: _Profiler,
+    average: Callable[[], object],
+    values: Callable[[], np.ndarray],
+    reset: Callable[[], object],
+    expected: np.ndarray,
+    tol: float,
+) -> None:
+    """A synchronous child's rounds, until the orchestrator says anything but "go": wait for
+    the shared start, ``average()`` (timed; its CPU counted, all threads), say so, and once
+    told to, check ``values()`` against the mean and ``reset()`` for the next round."""
+    while True:
+        msg = ctl.recv()
+        if msg["op"] != "go":
+            break
+        late = _wait_until(msg["at"])
+        cpu = time.process_time()
+        with profiler.timed(msg["timed"]):
+            average()
+        seconds = time.time() - msg["at"]
+        cpu = time.process_time() - cpu
+        ctl.send(op="timed")
+        ctl.recv_check()
+        result = check(values(), expected, tol)
+        reset()
+        ctl.send(op="result", seconds=seconds, cpu=cpu, late=late, succeeded=True, **result)
+
+
 def _gloo_child(spec: dict[str, Any], ctl: Control, profiler: _Profiler) -> None:
     import datetime
 
@@ -347,22 +377,14 @@ def _gloo_child(spec: dict[str, Any], ctl: Control, profiler: _Profiler) -> None
         tensor = init.clone()
         dist.barrier()
         ctl.send(op="ready")
-        while True:
-            msg = ctl.recv()
-            if msg["op"] != "go":
-                break
-            late = _wait_until(msg["at"])
-            cpu = time.process_time()
-            with profiler.timed(msg["timed"]):
-                dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-                tensor /= peers
-            seconds = time.time() - msg["at"]
-            cpu = time.process_time() - cpu
-            ctl.send(op="timed")
-            ctl.recv_check()
-            result = check(tensor.numpy(), expected, tol)
-            tensor.copy_(init)
-            ctl.send(op="result", seconds=seconds, cpu=cpu, late=late, succeeded=True, **result)
+
+        def average() -> None:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            tensor.div_(peers)  # in place, as `/=` does
+
+        _serve_rounds(
+            ctl, profiler, average, tensor.numpy, lambda: tensor.copy_(init), expected, tol
+        )
     finally:
         dist.destroy_process_group()
 
@@ -523,37 +545,30 @@ def _floor_child(spec: dict[str, Any], ctl: Control, profiler: _Profiler) -> Non
                 raise errors[0]
 
         ctl.send(op="ready")
-        round_ = 0
-        while True:
-            msg = ctl.recv()
-            if msg["op"] != "go":
-                break
-            late = _wait_until(msg["at"])
-            cpu = time.process_time()
-            with profiler.timed(msg["timed"]):
-                flat = vec.copy()  # the averager's copy of the vector it averages
-                exchange(0, round_, {j: flat[bounds[j] : bounds[j + 1]] for j in others}, parts)
-                senders = [flat[mine] if k == rank else parts[k] for k in range(peers)]
-                average = vec[mine]
-                for lo in range(0, len(average), _FLOOR_BLOCK):
-                    hi = min(lo + _FLOOR_BLOCK, len(average))
-                    a, t = acc[: hi - lo], tmp[: hi - lo]
-                    a[...] = senders[0][lo:hi]
-                    for values in senders[1:]:
-                        t[...] = values[lo:hi]
-                        a += t
-                    a *= 1.0 / peers
-                    average[lo:hi] = a
-                theirs = {j: vec[bounds[j] : bounds[j + 1]] for j in others}
-                exchange(1, round_, dict.fromkeys(others, average), theirs)
-            seconds = time.time() - msg["at"]
-            cpu = time.process_time() - cpu
-            round_ += 1
-            ctl.send(op="timed")
-            ctl.recv_check()
-            result = check(vec, expected, tol)
+        rounds = itertools.count()
+
+        def average() -> None:
+            round_ = next(rounds)
+            flat = vec.copy()  # the averager's copy of the vector it averages
+            exchange(0, round_, {j: flat[bounds[j] : bounds[j + 1]] for j in others}, parts)
+            senders = [flat[mine] if k == rank else parts[k] for k in range(peers)]
+            ours = vec[mine]
+            for lo in range(0, len(ours), _FLOOR_BLOCK):
+                hi = min(lo + _FLOOR_BLOCK, len(ours))
+                a, t = acc[: hi - lo], tmp[: hi - lo]
+                a[...] = senders[0][lo:hi]
+                for values in senders[1:]:
+                    t[...] = values[lo:hi]
+                    a += t
+                a *= 1.0 / peers
+                ours[lo:hi] = a
+            theirs = {j: vec[bounds[j] : bounds[j + 1]] for j in others}
+            exchange(1, round_, dict.fromkeys(others, ours), theirs)
+
+        def reset() -> None:
             vec[...] = init
-            ctl.send(op="result", seconds=seconds, cpu=cpu, late=late, succeeded=True, **result)
+
+        _serve_rounds(ctl, profiler, average, lambda: vec, reset, expected, tol)
     finally:
         for sock in conns.values():
             sock.close()
