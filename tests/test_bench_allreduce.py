@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,14 +17,14 @@ SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "allreduce.py"
 FLOATS = 100_000
 
 
-@pytest.mark.slow
-def test_moshpit_arm_two_processes_average_exactly() -> None:
+def _two_processes(arm: str, rounds: int) -> dict[str, Any]:
+    """The benchmark's JSON for one arm, 2 processes of FLOATS values, no warm-up."""
     done = subprocess.run(
         [
             sys.executable,
             str(SCRIPT),
-            *("--arms", "moshpit", "--peers", "2", "--floats", str(FLOATS)),
-            *("--rounds", "1", "--warmup", "0", "--timeout", "25", "--json", "--quiet"),
+            *("--arms", arm, "--peers", "2", "--floats", str(FLOATS)),
+            *("--rounds", str(rounds), "--warmup", "0", "--timeout", "25", "--json", "--quiet"),
         ],
         capture_output=True,
         text=True,
@@ -31,7 +32,20 @@ def test_moshpit_arm_two_processes_average_exactly() -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    out = json.loads(done.stdout)
+    out: dict[str, Any] = json.loads(done.stdout)
+    return out
+
+
+def _two_processes_checksum() -> float:
+    """The checksum of the mean of v_0 = base and v_1 = 2 * base + 1, computed here on its own."""
+    base = (np.arange(FLOATS) % 997) / 997
+    mean = ((base + (2 * base + 1)) / 2).astype(np.float32)
+    return float(np.sum(mean, dtype=np.float64))
+
+
+@pytest.mark.slow
+def test_moshpit_arm_two_processes_average_exactly() -> None:
+    out = _two_processes("moshpit", rounds=1)
     for key in (
         "peers",
         "floats",
@@ -49,14 +63,11 @@ def test_moshpit_arm_two_processes_average_exactly() -> None:
     assert out["hivemind_s"] is None
     assert out["failures"] == {"moshpit": 0}
 
-    # The mean of v_0 = base and v_1 = 2 * base + 1, computed here on its own.
-    base = (np.arange(FLOATS) % 997) / 997
-    mean = ((base + (2 * base + 1)) / 2).astype(np.float32)
     (row,) = out["arms"]["moshpit"]["rounds"]
     assert row["groups"] == [2, 2]
     assert row["checksums_agree"]  # both processes hold exactly the same vector
     assert row["max_error"] <= 1e-6
-    assert row["checksum"] == pytest.approx(float(np.sum(mean, dtype=np.float64)), rel=1e-9)
+    assert row["checksum"] == pytest.approx(_two_processes_checksum(), rel=1e-9)
 
 
 def _bench() -> ModuleType:
@@ -151,29 +162,14 @@ def test_links_make_namespaces_and_remove_every_one() -> None:
 def test_floor_arm_two_processes_average_exactly() -> None:
     """The floor yardstick averages what the moshpit arm does, to the same bits, and its
     figures land in the JSON beside the ratio they give."""
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(SCRIPT),
-            *("--arms", "floor", "--peers", "2", "--floats", str(FLOATS)),
-            *("--rounds", "2", "--warmup", "0", "--timeout", "25", "--json", "--quiet"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    out = json.loads(done.stdout)
+    out = _two_processes("floor", rounds=2)
     assert out["failures"] == {"floor": 0}
     assert out["floor_s"] > 0
     assert out["ratio_vs_floor"] is None and out["floor_ratio_vs_gloo"] is None  # arms not run
-    base = (np.arange(FLOATS) % 997) / 997
-    mean = ((base + (2 * base + 1)) / 2).astype(np.float32)
     for row in out["arms"]["floor"]["rounds"]:
         assert row["checksums_agree"]
         assert row["max_error"] <= 1e-6
-        assert row["checksum"] == pytest.approx(float(np.sum(mean, dtype=np.float64)), rel=1e-9)
+        assert row["checksum"] == pytest.approx(_two_processes_checksum(), rel=1e-9)
 
 
 def test_floor_arm_is_refused_with_links() -> None:
