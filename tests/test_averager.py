@@ -452,26 +452,35 @@ async def test_a_small_swarm_forms_its_group_in_three_round_trips(
     joins arrive, one way after its store; the others when the answers come back, a round
     trip after theirs. (With the wait and the read: 55 and 60 ms.) Every round averages, and
     the next one too."""
-    net = MemoryNetwork(seed=11, latency=LATENCY)
     rtt = 2 * LATENCY
+    for times in await _four_in_lockstep("quick", rounds=3):
+        assert times == [2 * rtt + LATENCY] + [3 * rtt] * 3, times
+
+
+async def _four_in_lockstep(run_id: str, rounds: int) -> list[list[float]]:
+    """Four peers on grid (4,) average 64 values each, ``rounds`` rounds in lockstep half a
+    second apart, after a second of bootstrap traffic. Every round must average the whole
+    group to the exact mean; returned: each round's matchmaking times, sorted."""
+    net = MemoryNetwork(seed=11, latency=LATENCY)
     values = [np.full(64, float(i), dtype=np.float32) for i in range(4)]
+    rounds_times: list[list[float]] = []
     async with swarm(net, 4) as peers, AsyncExitStack() as stack:
         averagers = [
-            await stack.enter_async_context(MoshpitAverager(p, "quick", [v], grid=(4,)))
+            await stack.enter_async_context(MoshpitAverager(p, run_id, [v], grid=(4,)))
             for p, v in zip(peers, values, strict=True)
         ]
         await trio.sleep(1.0)  # bootstrap traffic over
-        for _ in range(3):
+        for _ in range(rounds):
             reports: list[RoundReport] = []
             async with trio.open_nursery() as nursery:
                 for a in averagers:
                     nursery.start_soon(_step_into, a, reports)
             assert all(r.succeeded and len(r.members) == 4 for r in reports)
-            times = sorted(round(r.seconds["matchmaking"], 6) for r in reports)
-            assert times == [2 * rtt + LATENCY] + [3 * rtt] * 3, times
+            rounds_times.append(sorted(round(r.seconds["matchmaking"], 6) for r in reports))
             for v in values:
                 np.testing.assert_allclose(v, 1.5, rtol=1e-6)
             await trio.sleep(0.5)
+    return rounds_times
 
 
 async def test_a_leader_returns_its_group_once_every_follower_has_its_answer(
@@ -503,23 +512,8 @@ async def test_a_leader_returns_its_group_once_every_follower_has_its_answer(
 
     monkeypatch.setattr(Matchmaker, "_on_join", recording_join)
     monkeypatch.setattr(Matchmaker, "form_group", checked_form)
-    net = MemoryNetwork(seed=11, latency=LATENCY)
-    values = [np.full(64, float(i), dtype=np.float32) for i in range(4)]
-    async with swarm(net, 4) as peers, AsyncExitStack() as stack:
-        averagers = [
-            await stack.enter_async_context(MoshpitAverager(p, "answered", [v], grid=(4,)))
-            for p, v in zip(peers, values, strict=True)
-        ]
-        await trio.sleep(1.0)
-        for _ in range(3):
-            reports: list[RoundReport] = []
-            async with trio.open_nursery() as nursery:
-                for a in averagers:
-                    nursery.start_soon(_step_into, a, reports)
-            assert all(r.succeeded and len(r.members) == 4 for r in reports)
-            times = sorted(round(r.seconds["matchmaking"], 6) for r in reports)
-            assert times == [5 * LATENCY] + [6 * LATENCY] * 3, times
-            await trio.sleep(0.5)
+    for times in await _four_in_lockstep("answered", rounds=3):
+        assert times == [5 * LATENCY] + [6 * LATENCY] * 3, times
     assert checked == [3, 3, 3]
 
 
@@ -539,24 +533,5 @@ async def test_a_leader_waits_for_an_answer_that_is_not_sealed_only_so_long(
         return await on_join(self, request)
 
     monkeypatch.setattr(Matchmaker, "_on_join", one_never_sealed)
-    net = MemoryNetwork(seed=11, latency=LATENCY)
-    values = [np.full(64, float(i), dtype=np.float32) for i in range(4)]
-    async with swarm(net, 4) as peers, AsyncExitStack() as stack:
-        averagers = [
-            await stack.enter_async_context(MoshpitAverager(p, "unsealed", [v], grid=(4,)))
-            for p, v in zip(peers, values, strict=True)
-        ]
-        await trio.sleep(1.0)
-        for _ in range(2):
-            reports: list[RoundReport] = []
-            async with trio.open_nursery() as nursery:
-                for a in averagers:
-                    nursery.start_soon(_step_into, a, reports)
-            assert all(r.succeeded and len(r.members) == 4 for r in reports)
-            times = sorted(round(r.seconds["matchmaking"], 6) for r in reports)
-            assert times == [6 * LATENCY] * 3 + [round(5 * LATENCY + ANSWERS_WAIT, 6)], times
-            for v in values:
-                np.testing.assert_allclose(v, 1.5, rtol=1e-6)
-            for i, v in enumerate(values):
-                v[...] = float(i)
-            await trio.sleep(0.5)
+    for times in await _four_in_lockstep("unsealed", rounds=2):
+        assert times == [6 * LATENCY] * 3 + [round(5 * LATENCY + ANSWERS_WAIT, 6)], times
