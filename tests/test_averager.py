@@ -13,6 +13,7 @@ import pytest
 import trio
 
 from moshpit_trio.averaging import allreduce as allreduce_module
+from moshpit_trio.averaging import compression
 from moshpit_trio.averaging.averager import MoshpitAverager, RoundReport
 from moshpit_trio.averaging.grid import Grid, balanced_initial_keys
 from moshpit_trio.averaging.matchmaking import ANSWERS_WAIT, GroupInfo, Matchmaker
@@ -457,12 +458,12 @@ async def test_a_small_swarm_forms_its_group_in_three_round_trips(
         assert times == [2 * rtt + LATENCY] + [3 * rtt] * 3, times
 
 
-async def _four_in_lockstep(run_id: str, rounds: int) -> list[list[float]]:
-    """Four peers on grid (4,) average 64 values each, ``rounds`` rounds in lockstep half a
-    second apart, after a second of bootstrap traffic. Every round must average the whole
-    group to the exact mean; returned: each round's matchmaking times, sorted."""
+async def _four_in_lockstep(run_id: str, rounds: int, floats: int = 64) -> list[list[float]]:
+    """Four peers on grid (4,) average ``floats`` values each, ``rounds`` rounds in lockstep
+    half a second apart, after a second of bootstrap traffic. Every round must average the
+    whole group to the exact mean; returned: each round's matchmaking times, sorted."""
     net = MemoryNetwork(seed=11, latency=LATENCY)
-    values = [np.full(64, float(i), dtype=np.float32) for i in range(4)]
+    values = [np.full(floats, float(i), dtype=np.float32) for i in range(4)]
     rounds_times: list[list[float]] = []
     async with swarm(net, 4) as peers, AsyncExitStack() as stack:
         averagers = [
@@ -535,3 +536,27 @@ async def test_a_leader_waits_for_an_answer_that_is_not_sealed_only_so_long(
     monkeypatch.setattr(Matchmaker, "_on_join", one_never_sealed)
     for times in await _four_in_lockstep("unsealed", rounds=2):
         assert times == [6 * LATENCY] * 3 + [round(5 * LATENCY + ANSWERS_WAIT, 6)], times
+
+
+async def test_parts_arrive_in_chunks_of_whole_values(
+    autojump_clock: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four peers at the default bandwidth (1e8 bytes/s, a third of it per stream) send their
+    4 MB parts in two chunks each, every chunk of whole values: no reducer ever holds part
+    of a value over to the next chunk, which would cost a copy of that whole chunk. (Chunks
+    of a tenth of a second at the stream's share were 3,333,333 bytes, and every second
+    chunk was copied.) Both rounds average exactly."""
+    fed: list[tuple[int, bool]] = []
+    feed = compression.ValueRuns.feed
+
+    def recording_feed(self: compression.ValueRuns, piece: memoryview) -> Any:
+        fed.append((len(piece), bool(self._held)))
+        return feed(self, piece)
+
+    monkeypatch.setattr(compression.ValueRuns, "feed", recording_feed)
+    await _four_in_lockstep("whole", rounds=2, floats=4_000_000)
+    # (pieces fed: parts' chunks, and results' values, one range of a span or two)
+    sizes = [n for n, _ in fed]
+    # two rounds, four reducers, three senders: a chunk of the link's size, and the rest
+    assert sizes.count(3_330_048) == sizes.count(4_000_000 - 3_330_048) == 2 * 4 * 3
+    assert not any(held for _, held in fed)

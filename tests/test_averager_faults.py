@@ -680,10 +680,42 @@ def test_parts_over_slow_links_go_in_chunks_of_a_tenth_of_a_second() -> None:
         )
         return reduce._part_chunk(to)
 
-    assert chunk(0, 2) == int(12.5e6 / 3 * 0.1)  # 416 KiB: the sender's link is the slower
-    assert chunk(2, 0) == int(12.5e6 / 3 * 0.1)  # the reducer's link is the slower
-    assert chunk(1, 2) == int(31.25e6 / 3 * 0.1)
+    def whole(size: float) -> int:  # rounded down to 4096-byte blocks: whole values
+        return int(size) // 4096 * 4096
+
+    assert chunk(0, 2) == whole(12.5e6 / 3 * 0.1) == 413696  # the sender's link is the slower
+    assert chunk(2, 0) == whole(12.5e6 / 3 * 0.1)  # the reducer's link is the slower
+    assert chunk(1, 2) == whole(31.25e6 / 3 * 0.1)
     assert chunk(2, 3) == 64 * 1024  # never below 64 KiB
+
+
+@given(rates=st.lists(st.floats(1e3, 1e11), min_size=2, max_size=8), size=st.integers(0, 1 << 40))
+@settings(max_examples=200, deadline=None)
+def test_part_chunks_hold_whole_values(rates: list[float], size: int) -> None:
+    """A part's chunk (the link's, then capped at the connection's stream_chunk, both rounded
+    down) is a multiple of 4096 bytes, whole values of every codec that encodes them one by
+    one: a chunk ending inside a value makes the reducer join that value's bytes with the whole
+    next chunk, one more copy of nearly every byte (the default 1e8 bytes/s shared by three
+    streams made chunks of 3,333,333 bytes). test_averager has the same over a real round."""
+    from moshpit_trio.averaging.allreduce import AllReduce, _aligned
+    from moshpit_trio.averaging.matchmaking import GroupInfo, MemberInfo
+
+    ids = [Identity.from_seed(bytes([90 + i]) * 32).peer_id for i in range(len(rates))]
+    members = tuple(
+        MemberInfo(p.to_bytes(), f"ws://h{i}:1/x", rates[i], False) for i, p in enumerate(ids)
+    )
+    group = GroupInfo(b"g" * 16, 0, (), members, members[0].peer_id)
+    reduce = AllReduce(
+        group, ids[0], np.zeros(1000, np.float32), 1.0, codec_name="none", max_norm=None
+    )
+    for j in range(1, len(rates)):
+        link = reduce._part_chunk(j)
+        assert link % 4096 == 0 and link >= 64 * 1024
+    # a stream_chunk under one block stays as it is (nothing whole fits)
+    rounded = _aligned(size)
+    assert (
+        rounded == size if size < 4096 else (rounded % 4096 == 0 and size - 4096 < rounded <= size)
+    )
 
 
 def _paced_round(rates: list[float], me: int, n: int = 1000, codec: str = "none") -> Any:
