@@ -6,6 +6,7 @@ import itertools
 import socket
 from typing import Any
 
+import numpy as np
 import pytest
 import trio
 import trio_websocket
@@ -106,14 +107,16 @@ async def _socket_pair(nursery: trio.Nursery) -> tuple[trio.SocketStream, trio.S
     return client, server
 
 
+@pytest.mark.parametrize("raw", [True, False])
 @pytest.mark.parametrize("usable", [True, False])
 async def test_a_websocket_over_frame_sized_reads(
-    monkeypatch: pytest.MonkeyPatch, usable: bool
+    monkeypatch: pytest.MonkeyPatch, usable: bool, raw: bool
 ) -> None:
     """Big messages arrive whole and the reads wait for the whole payload; a small message
     right after one is read at once (the mark is back down), so a peer that sends and then
     waits for an answer is answered. Where the socket option cannot be set, the stream reads
-    as a plain one."""
+    as a plain one. The same through trio's own socket calls, where its socket is not one we
+    can call directly (``raw`` False)."""
     marks: list[int] = []
     real_set_mark = FrameSizedReceiveStream._set_mark
 
@@ -133,6 +136,11 @@ async def test_a_websocket_over_frame_sized_reads(
             wrapped = frame_sized(client_stream)
             assert isinstance(wrapped, FrameSizedReceiveStream)
             assert wrapped.socket is client_stream.socket
+            # on a TCP socket, the calls go to the socket under trio's
+            assert isinstance(wrapped._raw, socket.socket)
+            assert wrapped._raw.fileno() == client_stream.socket.fileno()
+            if not raw:
+                wrapped._raw = None
 
             async def serve() -> None:
                 request = await trio_websocket.wrap_server_stream(nursery, server_stream, **kwargs)
@@ -362,3 +370,81 @@ def test_a_kernel_cap_is_read_from_its_sysctl_file(tmp_path: Any) -> None:
     assert _kernel_cap(str(good)) == 212_992
     assert _kernel_cap(str(bad)) is None
     assert _kernel_cap(str(tmp_path / "missing")) is None
+
+
+def _plain(wrapped: FrameSizedReceiveStream, raw: bool) -> FrameSizedReceiveStream:
+    """``wrapped``, its socket calls made directly (``raw``) or through trio's own."""
+    assert wrapped._raw is not None
+    if not raw:
+        wrapped._raw = None
+    return wrapped
+
+
+@pytest.mark.parametrize("raw", [True, False])
+async def test_writes_after_a_close_or_an_eof_are_refused_alike(raw: bool) -> None:
+    """Direct or through trio, a stream reports its own close and its EOF as trio's streams
+    do (ClosedResourceError), and a write that fits goes out whole."""
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            client_stream, server_stream = await _socket_pair(nursery)
+            wrapped = _plain(FrameSizedReceiveStream(client_stream), raw)
+            payload = np.arange(1000, dtype=np.float32)
+            await wrapped.send_all(memoryview(payload))  # a view of floats: its bytes go out
+            got = b""
+            while len(got) < payload.nbytes:
+                got += await server_stream.receive_some(1 << 16)
+            assert got == payload.tobytes()
+            await wrapped.send_eof()
+            with pytest.raises(trio.ClosedResourceError):
+                await wrapped.send_all(b"after the eof")
+            assert await server_stream.receive_some(10) == b""
+            await wrapped.aclose()
+            with pytest.raises(trio.ClosedResourceError):
+                await wrapped.send_all(b"after the close")
+            with pytest.raises(trio.ClosedResourceError):
+                await wrapped.receive_some(10)
+            await server_stream.aclose()
+
+
+@pytest.mark.parametrize("raw", [True, False])
+async def test_a_reset_connection_is_broken_for_reads_and_writes(raw: bool) -> None:
+    """A peer that resets the connection (RST) breaks it: the next read or write raises
+    BrokenResourceError, direct or through trio."""
+    import struct
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            client_stream, server_stream = await _socket_pair(nursery)
+            reader = _plain(FrameSizedReceiveStream(client_stream), raw)
+            # SO_LINGER with a zero timeout: close() sends a reset
+            server_stream.socket.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+            )
+            await server_stream.aclose()
+            with pytest.raises(trio.BrokenResourceError):
+                await reader.receive_some(10)
+            with pytest.raises(trio.BrokenResourceError):
+                while True:  # the reset may be learned from the first write's answer
+                    await reader.send_all(b"x" * 1000)
+            await reader.aclose()
+
+
+@pytest.mark.parametrize("raw", [True, False])
+async def test_socket_calls_stay_cancellable(raw: bool) -> None:
+    """A cancelled task's write sends nothing, and a read waiting for bytes that never come
+    is ended by its cancel scope, direct or through trio."""
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            client_stream, server_stream = await _socket_pair(nursery)
+            wrapped = _plain(FrameSizedReceiveStream(client_stream), raw)
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await wrapped.send_all(b"never sent")
+            assert scope.cancelled_caught
+            with trio.move_on_after(0.05) as waited:
+                await wrapped.receive_some(10)
+            assert waited.cancelled_caught
+            await wrapped.send_all(b"sent")
+            assert await server_stream.receive_some(100) == b"sent"
+            await wrapped.aclose()
+            await server_stream.aclose()

@@ -25,6 +25,10 @@ comes out of the socket as one ``bytes`` object that nothing downstream copies a
   half the receive buffer: 4 MiB with ``TcpNetwork``'s buffers) and reads no further than the
   payload's end, in one read once the mark is reached.
 
+Every read and write here goes to the socket under trio's directly (``_raw_socket``): trio's
+own socket calls end each success with a trip through the scheduler, which these skip (the
+comment above ``FrameSizedReceiveStream._recv`` says why that is sound, and what it saves).
+
 When the mark falls short (a payload over the kernel's cap, an early wake-up) the payload comes
 in more than one piece and is joined as before: only the speed changes. It never waits for a
 byte the frame does not need, so a peer that sends a frame and then waits for an answer is read
@@ -35,7 +39,9 @@ as soon as the frame is whole. Small frames (calls, pings) are read as they come
 from __future__ import annotations
 
 import contextlib
+import errno
 import socket
+from collections.abc import Iterator
 from typing import Final
 
 import trio
@@ -49,6 +55,9 @@ MAX_WAIT: Final = 16 * 1024 * 1024
 #: Payloads from this size on are read whole; below it a read takes what is there (no system
 #: call to change the mark, no look at the header first).
 MIN_WAIT: Final = 64 * 1024
+
+#: a read's size when nobody says (trio's own default)
+_DEFAULT_READ: Final = 65536
 
 _HTTP_END: Final = b"\r\n\r\n"
 _MAX_HEADER: Final = 14  # 2 + an 8-byte length + a 4-byte masking key
@@ -173,6 +182,25 @@ def _frame_head(data: bytes) -> tuple[int, int] | None:
     return size, code
 
 
+def _raw_socket(stream: trio.SocketStream) -> socket.socket | None:
+    """The standard library socket under ``stream``'s trio socket, or None where trio keeps
+    none we know of (then trio's own calls are used)."""
+    raw = getattr(stream.socket, "_sock", None)
+    return raw if isinstance(raw, socket.socket) else None
+
+
+@contextlib.contextmanager
+def _stream_errors() -> Iterator[None]:
+    """OSErrors as trio's streams report them: a socket closed here is ClosedResourceError,
+    anything else BrokenResourceError."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.EBADF, errno.ENOTSOCK):
+            raise trio.ClosedResourceError("this socket was already closed") from None
+        raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+
+
 class FrameSizedReceiveStream(trio.abc.HalfCloseableStream):
     """A ``trio.SocketStream`` carrying a websocket, whose reads follow its frames: none runs
     past the end of the frame being received, and a payload of :data:`MIN_WAIT` bytes or more
@@ -185,6 +213,7 @@ class FrameSizedReceiveStream(trio.abc.HalfCloseableStream):
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self._stream = stream
+        self._raw = _raw_socket(stream)
         self._cursor = FrameCursor()
         self._mark = 1  # the socket's SO_RCVLOWAT as we last set it (1: the kernel's default)
         self._usable = _SO_RCVLOWAT is not None
@@ -207,9 +236,37 @@ class FrameSizedReceiveStream(trio.abc.HalfCloseableStream):
         self._mark = mark
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        data = await self._stream.receive_some(await self._read_size(max_bytes))
+        size = await self._read_size(max_bytes)
+        data = await self._recv(_DEFAULT_READ if size is None else size)
         self._cursor.feed(data)
         return data
+
+    # _recv and send_all are trio's socket calls less one thing. Each of trio's checks for
+    # cancellation, makes the system call, and after a success yields to the scheduler (a
+    # cancel-shielded checkpoint), so that every call is a schedule point. A websocket
+    # message takes several such calls on each side: at N=8 on loopback some two thousand
+    # trips through trio's run loop per process and round. These still check for
+    # cancellation first and wait in trio (wait_readable / wait_writable) when the socket
+    # is not ready; what is gone is only the yield after a call that did not wait. Nothing
+    # loops on them without yielding elsewhere: trio-websocket hands every message on over
+    # a memory channel (a schedule point), and our writer takes each from its queue.
+
+    async def _recv(self, size: int, flags: int = 0) -> bytes:
+        if size < 1:
+            raise ValueError("a read takes at least one byte")
+        raw = self._raw
+        if raw is None:
+            if flags:
+                return await self._stream.socket.recv(size, flags)
+            return await self._stream.receive_some(size)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        with _stream_errors():
+            while True:
+                try:
+                    return raw.recv(size, flags)
+                except BlockingIOError:
+                    pass
+                await trio.lowlevel.wait_readable(raw)
 
     async def _read_size(self, max_bytes: int | None) -> int | None:
         """How much the next read takes: never past the end of the frame being received (so
@@ -237,8 +294,8 @@ class FrameSizedReceiveStream(trio.abc.HalfCloseableStream):
         is large, else the whole frame. A look at the queued bytes (``MSG_PEEK``, which waits
         as the read would until something is there) tells which."""
         try:
-            head = await self._stream.socket.recv(_MAX_HEADER, socket.MSG_PEEK)
-        except (OSError, trio.ClosedResourceError):
+            head = await self._recv(_MAX_HEADER, socket.MSG_PEEK)
+        except (OSError, trio.ClosedResourceError, trio.BrokenResourceError):
             head = b""
         if not head:
             # End of stream, or an error: the read itself reports it as the plain stream does.
@@ -250,7 +307,23 @@ class FrameSizedReceiveStream(trio.abc.HalfCloseableStream):
         return header if payload >= MIN_WAIT else header + payload
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._stream.send_all(data)
+        raw = self._raw
+        if raw is None:
+            await self._stream.send_all(data)
+            return
+        if self._stream.socket.did_shutdown_SHUT_WR:
+            raise trio.ClosedResourceError("can't send data after sending EOF")
+        await trio.lowlevel.checkpoint_if_cancelled()
+        with _stream_errors(), memoryview(data) as view:
+            flat = view if view.format == "B" and view.ndim == 1 else view.cast("B")
+            if not flat and raw.fileno() == -1:
+                raise trio.ClosedResourceError("this socket was already closed")
+            sent = 0
+            while sent < len(flat):
+                try:
+                    sent += raw.send(flat[sent:])
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(raw)
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._stream.wait_send_all_might_not_block()

@@ -486,13 +486,21 @@ class MessageWriter:
         pieces = [first + bytes(payload)] if len(payload) < INLINE_PAYLOAD else [first, payload]
         import trio
 
-        async with ws._stream_lock:
-            try:
-                for piece in pieces:
-                    await ws._stream.send_all(piece)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                await ws._abort_web_socket()
-                raise ConnectionClosed(ws._close_reason) from None
+        # The lock is nearly always free (our writer is the only one sending envelopes):
+        # taken without ``acquire()``'s yield to the scheduler then.
+        lock = ws._stream_lock
+        try:
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
+            for piece in pieces:
+                await ws._stream.send_all(piece)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            await ws._abort_web_socket()
+            raise ConnectionClosed(ws._close_reason) from None
+        finally:
+            lock.release()
 
 
 def message_writer(ws: Any) -> Any:
