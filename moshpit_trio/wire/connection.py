@@ -192,7 +192,9 @@ class StreamRequest:
             grant, self._consumed = self._consumed, 0
             await self.connection._grant(self, grant)
         else:
-            await trio.lowlevel.checkpoint()
+            # Cancellable here, but no yield to the scheduler: the handler yields as it
+            # waits for the next chunk, and no more than a window's worth is ever queued.
+            await trio.lowlevel.checkpoint_if_cancelled()
 
 
 Handler = Callable[[Request], Awaitable[bytes]]
@@ -580,7 +582,13 @@ class Connection:
 
     async def _acquire_slot(self) -> None:
         self._check_open()
-        await self._queue_slots.acquire()
+        # A free slot is taken without acquire()'s yield to the scheduler (every envelope
+        # sent comes here, and the caller yields anyway while it waits to be sealed).
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            self._queue_slots.acquire_nowait()
+        except trio.WouldBlock:
+            await self._queue_slots.acquire()
         if self._closed or self._closing:
             self._queue_slots.release()
             self._check_open()
@@ -626,7 +634,7 @@ class Connection:
                 if self._on_heard is not None:
                     self._on_heard()
                 _DISPATCH[envelope.kind](self, envelope)
-                await trio.lowlevel.checkpoint()
+                # (no checkpoint of our own: get_message() is one, even with a message queued)
         except ProtocolError as exc:
             self.log.warning("protocol violation; closing", reason=exc.reason, detail=exc.detail)
             self.protocol_error = exc
