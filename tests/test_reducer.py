@@ -3,6 +3,7 @@ independence from the order chunks arrive in."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
@@ -441,3 +442,99 @@ def test_no_short_rest_keeps_a_short_tail_with_the_range_before_it() -> None:
         acc.add(s, 8, ps[s][8:], 1.0)
     rest = acc.take(no_short_rest=True)  # the end: taken whatever it leaves
     assert rest is not None and (rest.start, rest.end) == (4, 10) and acc.finalized
+
+
+# -- chunks kept as they came (keep=True) and senders whose chunks end at different places -----
+
+
+def _cuts(draw: st.DataObject, length: int) -> list[tuple[int, int]]:
+    points = sorted(set(draw.draw(st.lists(st.integers(1, max(1, length - 1)), max_size=8))))
+    edges = [0, *[p for p in points if 0 < p < length], length]
+    return list(itertools.pairwise(edges))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    length=st.integers(1, 400),
+    senders=st.integers(1, 5),
+    equal=st.booleans(),
+    min_length=st.integers(1, 100),
+    seed=st.integers(0, 2**32 - 1),
+    data=st.data(),
+)
+def test_chunks_kept_or_copied_and_cut_anywhere_average_alike(
+    length: int, senders: int, equal: bool, min_length: int, seed: int, data: st.DataObject
+) -> None:
+    """Each sender cuts its part where it likes and hands each chunk over to be kept or has
+    it copied; the chunks arrive in any order, and ranges are taken as they can be. The
+    ranges join, bit for bit, into what one whole chunk per sender gives."""
+    import moshpit_trio.averaging.reducer as reducer
+
+    gen = np.random.default_rng(seed)
+    ps = [gen.standard_normal(length).astype(np.float32) for _ in range(senders)]
+    ws = [1.0] * senders if equal else [float(w) for w in gen.uniform(0.1, 10.0, senders)]
+    messages = [
+        (s, a, b, data.draw(st.booleans())) for s in range(senders) for a, b in _cuts(data, length)
+    ]
+    order = data.draw(st.permutations(messages))
+    whole = SpanAccumulator(length, senders)
+    for s in range(senders):
+        whole.add(s, 0, ps[s], ws[s])
+    expected, _ = whole.finalize()
+    streamed = SpanAccumulator(length, senders)
+    ranges = []
+    # (a block shorter than the span, so that blocks and chunk ends meet in every way)
+    saved, reducer._BLOCK = reducer._BLOCK, 16
+    try:
+        for s, a, b, keep in order:
+            streamed.add(s, a, ps[s][a:b].copy(), ws[s], keep=keep)
+            if (taken := streamed.take(min_length)) is not None:
+                ranges.append(taken)
+    finally:
+        reducer._BLOCK = saved
+    assert ranges and ranges[-1].end == length
+    joined = np.concatenate([r.values for r in ranges if r.values is not None])
+    assert np.array_equal(joined, expected)
+
+
+def test_a_kept_chunk_is_held_as_it_is_and_anything_else_is_copied() -> None:
+    """keep=True holds an aligned float32 chunk itself (no copy: what the all-reduce's
+    received chunks and own part save); a float64, strided or unaligned one, or any chunk
+    without keep, is copied, so that changing it afterwards changes nothing."""
+    acc = SpanAccumulator(8, 5)
+    kept = np.arange(8, dtype=np.float32)
+    acc.add(0, 0, kept, 1.0, keep=True)
+    wide = np.arange(8, dtype=np.float64)
+    acc.add(1, 0, wide, 1.0, keep=True)
+    strided = np.arange(8, dtype=np.float32).repeat(2)[::2]
+    acc.add(2, 0, strided, 1.0, keep=True)
+    raw = np.zeros(8 * 4 + 1, dtype=np.uint8)
+    unaligned = raw[1:].view(np.float32)
+    unaligned[...] = np.arange(8, dtype=np.float32)
+    acc.add(3, 0, unaligned, 1.0, keep=True)
+    plain = np.arange(8, dtype=np.float32)
+    acc.add(4, 0, plain, 1.0)
+    held = [acc._parts[s].values[0] for s in range(5)]  # type: ignore[union-attr]
+    assert held[0] is kept
+    assert not any(
+        np.shares_memory(h, src)
+        for h, src in zip(held[1:], [wide, strided, unaligned, plain], strict=True)
+    )
+    for src in (wide, strided, unaligned, plain):
+        src[...] = -1
+    avg, included = acc.finalize()
+    assert included == [0, 1, 2, 3, 4]
+    assert np.array_equal(avg, np.arange(8, dtype=np.float32))
+
+
+def test_a_kept_chunk_that_fails_a_check_is_not_held() -> None:
+    """A chunk handed over with keep=True is checked like any other: NaN in it excludes the
+    sender, and nothing of it is held."""
+    acc = SpanAccumulator(4, 2)
+    acc.add(0, 0, np.ones(4, dtype=np.float32), 1.0, keep=True)
+    bad = np.array([1.0, np.nan, 1.0, 1.0], dtype=np.float32)
+    with pytest.raises(BadContribution) as error:
+        acc.add(1, 0, bad, 1.0, keep=True)
+    assert error.value.reason == "nonfinite" and acc.excluded == {1: "nonfinite"}
+    avg, included = acc.finalize()
+    assert included == [0] and np.array_equal(avg, np.ones(4, dtype=np.float32))

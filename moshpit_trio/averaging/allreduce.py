@@ -664,9 +664,13 @@ class AllReduce:
     # -- what other members send us ----------------------------------------------------------
 
     def _add(self, sender: int, offset: int, values: np.ndarray, weight: float) -> None:
+        """Hand a run of ``sender``'s part to the accumulator, which keeps it without a copy:
+        received runs are views of buffers nothing else holds (the decrypted envelopes), and
+        our own part is a view of ``flat``, which nothing writes to before the span is
+        averaged."""
         assert self.accumulator is not None
         try:
-            self.accumulator.add(sender, offset, values, weight)
+            self.accumulator.add(sender, offset, values, weight, keep=True)
         finally:
             self._advance()
 

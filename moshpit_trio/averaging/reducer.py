@@ -1,10 +1,10 @@
 """What reducer ``j`` does with span ``j`` of one round: collect, check, average (sans-IO).
 
 Every member of the group sends its part of span ``j`` to reducer ``j`` in chunks (decoded to
-float32 by the caller). :class:`SpanAccumulator` keeps each sender's chunks in a buffer of its
-own, and a chunk only counts once it has arrived whole and passed every check: a sender that
-sends anything wrong is left out from there on, never half a chunk in (MOSHPIT.md §1, "Failures
-inside a group").
+float32 by the caller). :class:`SpanAccumulator` keeps each sender's chunks (as they came, or a
+copy of each), and a chunk only counts once it has arrived whole and passed every check: a
+sender that sends anything wrong is left out from there on, never half a chunk in (MOSHPIT.md
+§1, "Failures inside a group").
 
 Two ways to average. :meth:`SpanAccumulator.finalize` averages the whole span once, over the
 senders whose whole part arrived. :meth:`SpanAccumulator.take` averages it range by range as
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import itertools
 import math
 import operator
 from collections.abc import Sequence
@@ -65,13 +66,17 @@ class SpanRange:
 
 
 def _average_into(
-    out: FloatArray, buffers: list[FloatArray], weights: list[float], start: int, end: int
+    out: FloatArray, parts: list[_Part], weights: list[float], start: int, end: int
 ) -> None:
-    """``out[start:end]`` = the weighted average of ``buffers[start:end]``: summed in float64
-    in sender order and rounded once to float32, so it does not depend on the order in which
-    chunks arrived, and the average of identical parts is exactly that part."""
-    if len(buffers) == 1:
-        out[start:end] = buffers[0][start:end]
+    """``out[start:end]`` = the weighted average of ``parts`` over ``[start, end)`` (each has
+    delivered it): summed in float64 in sender order and rounded once to float32, so it does
+    not depend on the order in which chunks arrived, and the average of identical parts is
+    exactly that part."""
+    if end <= start:
+        return
+    if len(parts) == 1:
+        for a, b, values in parts[0].views(start, end):
+            out[a:b] = values
         return
     # Scale by the largest weight first so that the sum of weights cannot overflow.
     top = max(weights)
@@ -86,22 +91,28 @@ def _average_into(
     # through small internal buffers instead, a third slower here (5.0 against 3.7 ms for four
     # senders' 2.5M values), for the very same sums.
     equal = all(w == weights[0] for w in weights)
-    for lo in range(start, end, _BLOCK):
-        hi = min(lo + _BLOCK, end)
-        a, t = acc[: hi - lo], tmp[: hi - lo]
-        a[...] = buffers[0][lo:hi]
-        if equal:
-            for buffer in buffers[1:]:
-                t[...] = buffer[lo:hi]
-                a += t
-            a *= coefficients[0]
-        else:
-            a *= coefficients[0]
-            for buffer, c in zip(buffers[1:], coefficients[1:], strict=True):
-                t[...] = buffer[lo:hi]
-                t *= c
-                a += t
-        out[lo:hi] = a
+    # The senders' chunks may end at different places: average between every place where
+    # one of them does, so that each sender's values there are one view.
+    cuts = sorted({start, end, *(c for part in parts for c in part.cuts(start, end))})
+    for lo, hi in itertools.pairwise(cuts):
+        views = [part.view(lo, hi) for part in parts]
+        for at in range(lo, hi, _BLOCK):
+            top_ = min(at + _BLOCK, hi)
+            i, j = at - lo, top_ - lo
+            a, t = acc[: j - i], tmp[: j - i]
+            a[...] = views[0][i:j]
+            if equal:
+                for view in views[1:]:
+                    t[...] = view[i:j]
+                    a += t
+                a *= coefficients[0]
+            else:
+                a *= coefficients[0]
+                for view, c in zip(views[1:], coefficients[1:], strict=True):
+                    t[...] = view[i:j]
+                    t *= c
+                    a += t
+            out[at:top_] = a
 
 
 class BadContribution(ProtocolError):
@@ -118,12 +129,12 @@ class BadContribution(ProtocolError):
 
 
 class _Part:
-    """One sender's part of the span while it arrives."""
+    """One sender's part of the span while it arrives: the chunks that passed every check,
+    each as it came (``add(keep=True)``) or a copy, sorted by offset."""
 
-    __slots__ = ("buffer", "delivered", "ends", "starts", "sumsq", "weight")
+    __slots__ = ("delivered", "ends", "offsets", "starts", "sumsq", "values", "weight")
 
     def __init__(self) -> None:
-        self.buffer: FloatArray | None = None
         self.weight: float | None = None
         # Disjoint, sorted, non-adjacent [start, end) runs delivered so far (adjacent runs are
         # merged, so chunks sent in order keep this at one run).
@@ -131,6 +142,37 @@ class _Part:
         self.ends: list[int] = []
         self.delivered = 0
         self.sumsq = 0.0
+        # the chunks: values[k] holds [offsets[k], offsets[k] + len(values[k])), disjoint
+        self.offsets: list[int] = []
+        self.values: list[FloatArray] = []
+
+    def keep(self, offset: int, values: FloatArray) -> None:
+        k = bisect.bisect_right(self.offsets, offset)
+        self.offsets.insert(k, offset)
+        self.values.insert(k, values)
+
+    def cuts(self, start: int, end: int) -> list[int]:
+        """Where chunks begin or end strictly inside ``(start, end)``."""
+        inside = []
+        k = max(0, bisect.bisect_right(self.offsets, start) - 1)
+        for offset, values in zip(self.offsets[k:], self.values[k:], strict=True):
+            if offset >= end:
+                break
+            for cut in (offset, offset + len(values)):
+                if start < cut < end:
+                    inside.append(cut)
+        return inside
+
+    def view(self, start: int, end: int) -> FloatArray:
+        """The values ``[start, end)``, which lie within one chunk (``cuts`` says where)."""
+        k = bisect.bisect_right(self.offsets, start) - 1
+        offset = self.offsets[k]
+        return self.values[k][start - offset : end - offset]
+
+    def views(self, start: int, end: int) -> list[tuple[int, int, FloatArray]]:
+        """``(a, b, values)`` for each chunk's share of ``[start, end)``, in order."""
+        cuts = [start, *self.cuts(start, end), end]
+        return [(a, b, self.view(a, b)) for a, b in itertools.pairwise(cuts)]
 
     def cover(self, start: int, end: int) -> bool:
         """Record ``[start, end)`` as delivered; False (and nothing recorded) on any overlap."""
@@ -163,8 +205,8 @@ class SpanAccumulator:
     ``0 .. senders - 1``, the group's member order); ``max_norm`` optionally bounds the L2 norm of
     each sender's part.
 
-    Memory: one float32 buffer of ``length`` per sender, allocated at its first chunk and freed
-    when it is excluded or the span is finalized; each chunk is copied once, into that buffer.
+    Memory: each sender's chunks, held until it is excluded or the span is finalized; a chunk
+    handed over with ``keep=True`` is held as it is, any other is copied once.
     """
 
     def __init__(self, length: int, senders: int, *, max_norm: float | None = None) -> None:
@@ -203,11 +245,15 @@ class SpanAccumulator:
         part = self._parts[self._index(sender)]
         return part is not None and part.weight is not None and part.delivered == self.length
 
-    def add(self, sender: int, offset: int, values: Any, weight: float) -> None:
+    def add(
+        self, sender: int, offset: int, values: Any, weight: float, *, keep: bool = False
+    ) -> None:
         """One decoded chunk of ``sender``'s part, placed at ``offset`` within the span.
 
         ``values`` is a flat float array (a read-only or unaligned view of received bytes is
-        fine: it is copied once, into the sender's buffer, and checked there). Raises
+        fine: it is copied once and checked there). With ``keep``, the caller hands the array
+        over, never to change it again: an aligned float32 one is then held as it is, with no
+        copy (the all-reduce's received chunks, and its own part). Raises
         :class:`BadContribution` if a check fails, after excluding the sender; chunks from an
         already excluded sender are dropped silently.
         """
@@ -225,12 +271,14 @@ class SpanAccumulator:
         if part is None:
             return
         try:
-            self._add(part, sender, offset, values, weight)
+            self._add(part, sender, offset, values, weight, keep)
         except BadContribution as error:
             self._drop(sender, error.reason)
             raise
 
-    def _add(self, part: _Part, sender: int, offset: int, values: Any, weight: float) -> None:
+    def _add(
+        self, part: _Part, sender: int, offset: int, values: Any, weight: float, keep: bool
+    ) -> None:
         def bad(reason: str, detail: str) -> BadContribution:
             return BadContribution(reason, f"sender {sender}: {detail}", sender=sender)
 
@@ -257,26 +305,36 @@ class SpanAccumulator:
         if end > offset and not part.cover(offset, end):
             raise bad("duplicate", f"chunk [{offset}, {end}) repeats delivered elements")
         part.weight = weight
-        if part.buffer is None:
-            part.buffer = np.empty(self.length, dtype=np.float32)
-        # Copy first, then check the copy: it is aligned (a view of received bytes often is
-        # not, and numpy's reductions run up to several times slower on those) and still in
-        # cache, and it is exactly what will be averaged (a float64 value past float32's range
-        # shows up as Inf here). A failure below excludes the sender: nothing half-checked is
-        # ever used. One pass then gives both checks: the float32 sum of squares of finite
-        # values is finite unless it overflows (|values| ~ 1e19), and is NaN/Inf whenever a
-        # value is; the slow path tells the two apart and gets an exact sum in float64.
-        # einsum, not np.dot: BLAS would wake its worker threads, which then spin on cores the
-        # other peers need.
-        kept = part.buffer[offset:end]
+        if end == offset:
+            return
+        # The values checked below are exactly those that will be averaged: the caller's own
+        # array when it hands it over (keep) and it is aligned float32, else a copy (aligned:
+        # a view of received bytes often is not, and numpy's reductions run up to several
+        # times slower on those; a float64 value past float32's range shows up as Inf there).
+        # A failure below excludes the sender: nothing half-checked is ever used. One pass
+        # then gives both checks: the float32 sum of squares of finite values is finite unless
+        # it overflows (|values| ~ 1e19), and is NaN/Inf whenever a value is; the slow path
+        # tells the two apart and gets an exact sum in float64. einsum, not np.dot: BLAS
+        # would wake its worker threads, which then spin on cores the other peers need.
+        if (
+            keep
+            and values.dtype == np.float32
+            and values.flags.c_contiguous
+            and values.flags.aligned
+        ):
+            kept = values
+        else:
+            kept = np.empty(end - offset, dtype=np.float32)
+            with np.errstate(over="ignore", invalid="ignore"):
+                kept[...] = values
         with np.errstate(over="ignore", invalid="ignore"):
-            kept[...] = values
-            sumsq = float(np.einsum("i,i->", kept, kept)) if kept.shape[0] else 0.0
+            sumsq = float(np.einsum("i,i->", kept, kept))
         if not math.isfinite(sumsq):
             if not np.isfinite(kept).all():
                 raise bad("nonfinite", f"NaN or Inf in chunk [{offset}, {end})")
             wide = kept.astype(np.float64)
             sumsq = float(np.dot(wide, wide))
+        part.keep(offset, kept)
         part.sumsq += sumsq
         # The norm of what arrived so far: it only grows, so a part over the bound is found at
         # the chunk that takes it over, before a range it is in can be averaged (take()).
@@ -304,7 +362,7 @@ class SpanAccumulator:
         """The weighted average of the span over the senders that delivered their whole part and
         passed every check (weights rescaled over them), and those senders, sorted.
 
-        Senders still incomplete are left out (their buffers are dropped; :attr:`excluded` does
+        Senders still incomplete are left out (their chunks are dropped; :attr:`excluded` does
         not list them, the caller knows who timed out). ValueError if nobody qualifies: the
         caller keeps its local values for the span. The accumulator is closed afterwards.
 
@@ -317,24 +375,24 @@ class SpanAccumulator:
             raise ConfigError("finalize() after take(): take the rest instead")
         self._finalized = True
         included = [s for s in range(self.senders) if self.complete(s)]
-        buffers, weights = self._buffers(included)
+        parts, weights = self._counted(included)
         self._parts = [None] * self.senders
         if not included:
             raise ValueError("no sender delivered its whole part of the span")
         result = np.empty(self.length, dtype=np.float32)
-        _average_into(result, buffers, weights, 0, self.length)
+        _average_into(result, parts, weights, 0, self.length)
         return result, included
 
-    def _buffers(self, senders: Sequence[int]) -> tuple[list[FloatArray], list[float]]:
-        """The buffers and weights of ``senders``, each of which has delivered something."""
-        buffers: list[FloatArray] = []
+    def _counted(self, senders: Sequence[int]) -> tuple[list[_Part], list[float]]:
+        """The parts and weights of ``senders``, each of which has delivered something."""
+        parts: list[_Part] = []
         weights: list[float] = []
         for s in senders:
             part = self._parts[s]
-            assert part is not None and part.buffer is not None and part.weight is not None
-            buffers.append(part.buffer)
+            assert part is not None and part.weight is not None
+            parts.append(part)
             weights.append(part.weight)
-        return buffers, weights
+        return parts, weights
 
     @property
     def done(self) -> int:
@@ -368,7 +426,7 @@ class SpanAccumulator:
         a range whole or not at all). A range nobody is counted for any more has no average
         (``values`` None, ``included`` empty): the members keep their own values there. Once
         a range reaches the span's end the span is finalized (:attr:`finalized`); the
-        senders' buffers are dropped.
+        senders' chunks are dropped.
         """
         if self._finalized:
             return None  # finalize() took it all, or take() reached the end
@@ -384,8 +442,8 @@ class SpanAccumulator:
         if included:
             if self._result is None:
                 self._result = np.empty(self.length, dtype=np.float32)
-            buffers, weights = self._buffers(included)
-            _average_into(self._result, buffers, weights, start, end)
+            parts, weights = self._counted(included)
+            _average_into(self._result, parts, weights, start, end)
             values = self._result[start:end]
         if end == self.length:
             self._finalized = True
