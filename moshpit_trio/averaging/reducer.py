@@ -75,8 +75,8 @@ def _average_into(
     if end <= start:
         return
     if len(parts) == 1:
-        for a, b, values in parts[0].views(start, end):
-            out[a:b] = values
+        for lo, hi, values in parts[0].views(start, end):
+            out[lo:hi] = values
         return
     # Scale by the largest weight first so that the sum of weights cannot overflow.
     top = max(weights)
@@ -97,8 +97,8 @@ def _average_into(
     for lo, hi in itertools.pairwise(cuts):
         views = [part.view(lo, hi) for part in parts]
         for at in range(lo, hi, _BLOCK):
-            top_ = min(at + _BLOCK, hi)
-            i, j = at - lo, top_ - lo
+            upto = min(at + _BLOCK, hi)
+            i, j = at - lo, upto - lo
             a, t = acc[: j - i], tmp[: j - i]
             a[...] = views[0][i:j]
             if equal:
@@ -112,7 +112,7 @@ def _average_into(
                     t[...] = view[i:j]
                     t *= c
                     a += t
-            out[at:top_] = a
+            out[at:upto] = a
 
 
 class BadContribution(ProtocolError):
