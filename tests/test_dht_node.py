@@ -139,6 +139,34 @@ async def test_held_here_is_what_this_replica_holds_without_asking(autojump_cloc
         assert peers[0].dht.held_here(key) == {}  # expired
 
 
+async def test_store_landed_wakes_when_another_peers_store_lands(autojump_clock: Any) -> None:
+    """store_landed(): an event set the moment another peer's store lands here, one way
+    after that peer sent it (its lookup came first), and then replaced by a fresh one; our
+    own stores and reads set nothing."""
+    net = MemoryNetwork(seed=6, latency=LATENCY)
+    async with swarm(net, 2) as peers:
+        a, b = peers
+        key = "mp.avg/landed/0.1/2"
+        landed = a.dht.store_landed()
+        await a.dht.store(key, b"mine", ttl=5)  # ours, stored here and on b
+        await a.dht.get(key)
+        assert not landed.is_set() and a.dht.store_landed() is landed
+        woke: list[float] = []
+
+        async def wait() -> None:
+            await landed.wait()
+            woke.append(trio.current_time())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait)
+            start = trio.current_time()
+            await b.dht.store(key, b"theirs", ttl=5)
+        # b's lookup (a round trip), then its store reached a one way later
+        assert woke == [pytest.approx(start + 3 * LATENCY)]
+        assert len(a.dht.held_here(key)) == 2
+        assert a.dht.store_landed() is not landed and not a.dht.store_landed().is_set()
+
+
 def _ping(sender: str) -> bytes:
     return msgspec.msgpack.encode([sender])
 

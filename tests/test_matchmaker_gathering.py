@@ -33,20 +33,47 @@ def _listening(i: int) -> MemberInfo:
 class ScheduledDHT:
     """Announcements that land at given trio times; our own store takes ``STORE_TAKES``.
     ``replica``: we hold the key too, and the announcements land here when they land
-    elsewhere (``held_here``)."""
+    elsewhere (``held_here``; ``store_landed`` wakes then), except those in ``not_here``
+    (stored on other replicas only)."""
 
     def __init__(
-        self, landings: dict[int, float], store_takes: float = STORE_TAKES, replica: bool = False
+        self,
+        landings: dict[int, float],
+        store_takes: float = STORE_TAKES,
+        replica: bool = False,
+        not_here: frozenset[int] = frozenset(),
     ) -> None:
         self.landings = landings
         self.store_takes = store_takes
         self.replica = replica
+        self.not_here = not_here
         self.reads: list[float] = []
         self.table: list[object] = []
         self.mine: dict[bytes, Any] = {}
 
     def held_here(self, key: str) -> dict[bytes, Any]:
-        return self._landed() if self.replica else {}
+        if not self.replica:
+            return {}
+        here = self._landed()
+        for i in self.not_here:
+            here.pop(_listening(i).peer_id, None)
+        return here
+
+    def store_landed(self) -> Any:
+        now = trio.current_time()
+        coming = [
+            at
+            for i, at in self.landings.items()
+            if self.replica and at > now and i not in self.not_here
+        ]
+
+        async def wait() -> None:
+            if coming:
+                await trio.sleep_until(min(coming))
+            else:
+                await trio.sleep_forever()
+
+        return types.SimpleNamespace(wait=wait)
 
     async def store(self, key: str, value: bytes, ttl: float) -> int:
         await trio.sleep(self.store_takes)
@@ -184,35 +211,44 @@ async def test_a_counted_key_is_first_read_after_the_others_stores(
     assert [t for t, _ in tried] == [reads[-1]] * len(landings)
 
 
-# (when the others' announcements land, balance, expected, the reads' times); we hold the key
-# too, our store takes 1 s, a capacity of 4, a poll interval of 0.2 s
+# (when the others' announcements land, those that land on other replicas only, balance,
+# expected, the reads' times, when the gathering ended); we hold the key too, our store takes
+# 1 s, a capacity of 4, a poll interval of 0.2 s
 HELD_HERE = [
     # a fixed grid's key and every other member stored here by the end of our store: the
     # group is full in our own copy, no read at all
-    pytest.param({1: 0.5, 2: 0.9, 3: 1.0}, False, None, [], id="full here"),
-    # one not here yet: as before, wait as long as our store took, then read
-    pytest.param({1: 0.5, 2: 0.9, 3: 1.1}, False, None, [1.2], id="one not yet here"),
+    pytest.param({1: 0.5, 2: 0.9, 3: 1.0}, set(), False, None, [], 1.0, id="full here"),
+    # one not here yet: it lands here during the wait, which ends then, with no read (it
+    # used to wait the whole 1 s our store took, then read)
+    pytest.param({1: 0.5, 2: 0.9, 3: 1.1}, set(), False, None, [], 1.1, id="one lands here"),
+    # one stored only on other replicas: our copy never fills, so wait, then read, as before
+    pytest.param({1: 0.5, 2: 0.9, 3: 1.1}, {3}, False, None, [1.2], 1.2, id="one elsewhere"),
     # a key cut into groups (balance), even with a count: every reader must see it alike,
     # and a read merges several replicas' copies where ours is one; read as before
-    pytest.param({1: 0.5, 2: 0.9, 3: 1.0}, True, 4, [1.2], id="balanced key"),
+    pytest.param({1: 0.5, 2: 0.9, 3: 1.0}, set(), True, 4, [1.2], 1.2, id="balanced key"),
 ]
 
 
-@pytest.mark.parametrize(("landings", "balance", "expected", "reads"), HELD_HERE)
+@pytest.mark.parametrize(
+    ("landings", "not_here", "balance", "expected", "reads", "ended"), HELD_HERE
+)
 async def test_a_full_group_in_our_own_copy_ends_the_gathering_at_once(
     autojump_clock: Any,
     landings: dict[int, float],
+    not_here: set[int],
     balance: bool,
     expected: int | None,
     reads: list[float],
+    ended: float,
 ) -> None:
     """A peer that is one of its key's replicas (in a small swarm, all are) holds the others'
-    announcements as soon as they land: a full group there needs no wait and no read."""
-    dht = ScheduledDHT(landings, store_takes=1.0, replica=True)
+    announcements as soon as they land: a full group there needs no read, and ends the wait
+    for the others' stores the moment it is full."""
+    dht = ScheduledDHT(landings, store_takes=1.0, replica=True, not_here=frozenset(not_here))
     matchmaker, tried = _client_matchmaker(dht)
     await matchmaker.form_group(
         "mp.avg/run/2/0.1", 2, (0, 1), 4, deadline=8.0, balance=balance, expected=expected
     )
     assert dht.reads == reads
     # then it asks the three others to take it (it never leads), at once
-    assert tried == [(reads[-1] if reads else 1.0, len(reads))] * 3
+    assert tried == [(ended, len(reads))] * 3

@@ -233,6 +233,8 @@ class DHTNode:
         # once they are heard from again.
         self._dropped: dict[PeerID, Contact] = {}
         self._nursery: trio.Nursery | None = None
+        # set (and replaced) whenever another peer's store lands here (store_landed)
+        self._landed = trio.Event()
         # Wall-clock time that follows trio's clock: records carry unix expirations, and under a
         # virtual clock in tests they must age with virtual time. One offset per trio run, so
         # that every node of a simulated swarm reads the same clock even when nodes start
@@ -369,6 +371,12 @@ class DHTNode:
         without asking anyone. Empty where nothing is held (and always in client mode, where
         nobody stores here)."""
         return merge(self.records.get(key_id(_key_bytes(key)), self.now()))
+
+    def store_landed(self) -> trio.Event:
+        """An event set when the next store from another peer lands here (whatever its key,
+        whether or not its records were new): whoever waits for its own copy of a key to fill
+        up (``held_here``) looks again then, instead of reading the key a while later."""
+        return self._landed
 
     async def find_peer(self, peer_id: PeerID) -> PeerAddress | None:
         """The address of ``peer_id``, if a lookup finds it."""
@@ -795,6 +803,8 @@ class DHTNode:
             except RecordRejected as exc:
                 self.log.info("refused a record", remote=request.peer.short, reason=exc.reason)
                 results.append(False)
+        self._landed.set()
+        self._landed = trio.Event()
         return _encoder.encode(_Stored(results))
 
     # -- upkeep ------------------------------------------------------------------------------
