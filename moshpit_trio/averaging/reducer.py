@@ -166,8 +166,10 @@ class _Part:
     def view(self, start: int, end: int) -> FloatArray:
         """The values ``[start, end)``, which lie within one chunk (``cuts`` says where)."""
         k = bisect.bisect_right(self.offsets, start) - 1
-        offset = self.offsets[k]
-        return self.values[k][start - offset : end - offset]
+        offset, values = self.offsets[k], self.values[k]
+        if k < 0 or end > offset + len(values):
+            raise AssertionError(f"[{start}, {end}) is not within one delivered chunk")
+        return values[start - offset : end - offset]
 
     def views(self, start: int, end: int) -> list[tuple[int, int, FloatArray]]:
         """``(a, b, values)`` for each chunk's share of ``[start, end)``, in order."""
