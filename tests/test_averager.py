@@ -458,17 +458,20 @@ async def test_a_small_swarm_forms_its_group_in_three_round_trips(
         assert times == [2 * rtt + LATENCY] + [3 * rtt] * 3, times
 
 
-async def _four_in_lockstep(run_id: str, rounds: int, floats: int = 64) -> list[list[float]]:
-    """Four peers on grid (4,) average ``floats`` values each, ``rounds`` rounds in lockstep
-    half a second apart, after a second of bootstrap traffic. Every round must average the
-    whole group to the exact mean; returned: each round's matchmaking times, sorted."""
+async def _four_in_lockstep(
+    run_id: str, rounds: int, floats: int = 64, peers: int = 4
+) -> list[list[float]]:
+    """Four peers (or ``peers``) on one group's grid average ``floats`` values each,
+    ``rounds`` rounds in lockstep half a second apart, after a second of bootstrap traffic.
+    Every round must average the whole group to the exact mean; returned: each round's
+    matchmaking times, sorted."""
     net = MemoryNetwork(seed=11, latency=LATENCY)
-    values = [np.full(floats, float(i), dtype=np.float32) for i in range(4)]
+    values = [np.full(floats, float(i), dtype=np.float32) for i in range(peers)]
     rounds_times: list[list[float]] = []
-    async with swarm(net, 4) as peers, AsyncExitStack() as stack:
+    async with swarm(net, peers) as swarm_peers, AsyncExitStack() as stack:
         averagers = [
-            await stack.enter_async_context(MoshpitAverager(p, run_id, [v], grid=(4,)))
-            for p, v in zip(peers, values, strict=True)
+            await stack.enter_async_context(MoshpitAverager(p, run_id, [v], grid=(peers,)))
+            for p, v in zip(swarm_peers, values, strict=True)
         ]
         await trio.sleep(1.0)  # bootstrap traffic over
         for _ in range(rounds):
@@ -476,12 +479,47 @@ async def _four_in_lockstep(run_id: str, rounds: int, floats: int = 64) -> list[
             async with trio.open_nursery() as nursery:
                 for a in averagers:
                     nursery.start_soon(_step_into, a, reports)
-            assert all(r.succeeded and len(r.members) == 4 for r in reports)
+            assert all(r.succeeded and len(r.members) == peers for r in reports)
             rounds_times.append(sorted(round(r.seconds["matchmaking"], 6) for r in reports))
             for v in values:
-                np.testing.assert_allclose(v, 1.5, rtol=1e-6)
+                np.testing.assert_allclose(v, (peers - 1) / 2, rtol=1e-6)
             await trio.sleep(0.5)
     return rounds_times
+
+
+async def test_a_swarm_that_fits_in_one_group_stores_on_everyone_and_reads_nothing(
+    autojump_clock: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Eight peers on grid (8,): each stores its announcement on all seven others (not the
+    DHT's five replicas), so every peer holds every announcement and decides from its own
+    copy, with no read. The store's lookup asks the seven in three waves (alpha = 3) and the
+    store is one more round trip; the leader has the group when the joins arrive, one way
+    after: 45 ms; the others when the answers come back: 50 ms. (On five replicas, three
+    peers waited as long as their stores took, then read: 85 and 90 ms.)"""
+    from moshpit_trio.dht.node import DHTNode
+
+    reads: list[float] = []
+    get_records = DHTNode.get_records
+
+    async def counted(self: DHTNode, *args: Any, **kwargs: Any) -> Any:
+        reads.append(trio.current_time())
+        return await get_records(self, *args, **kwargs)
+
+    stored: list[int | None] = []
+    store = DHTNode.store
+
+    async def noted(self: DHTNode, *args: Any, **kwargs: Any) -> int:
+        stored.append(kwargs.get("replicas"))
+        held = await store(self, *args, **kwargs)
+        assert held == 8  # here and on all seven others
+        return held
+
+    monkeypatch.setattr(DHTNode, "get_records", counted)
+    monkeypatch.setattr(DHTNode, "store", noted)
+    rtt = 2 * LATENCY
+    for times in await _four_in_lockstep("eight", rounds=3, peers=8):
+        assert times == [4 * rtt + LATENCY] + [5 * rtt] * 7, times
+    assert reads == [] and stored == [7] * 24
 
 
 async def test_a_leader_returns_its_group_once_every_follower_has_its_answer(

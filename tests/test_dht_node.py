@@ -167,6 +167,22 @@ async def test_store_landed_wakes_when_another_peers_store_lands(autojump_clock:
         assert a.dht.store_landed() is not landed and not a.dht.store_landed().is_set()
 
 
+async def test_a_store_on_more_replicas_than_the_default(autojump_clock: Any) -> None:
+    """store(replicas=n) stores on the n closest peers instead of the settings' five: in a
+    swarm of eight, on all seven others. A number of replicas that is not an int from 1 to
+    k is refused with ConfigError, and nothing is stored."""
+    net = MemoryNetwork(seed=7, latency=LATENCY)
+    async with swarm(net, 8) as peers:
+        assert await peers[0].dht.store("mp.avg/wide/0.1/8", b"five", ttl=5) == 6
+        assert sum(bool(p.dht.held_here("mp.avg/wide/0.1/8")) for p in peers) == 6
+        assert await peers[0].dht.store("mp.avg/wide/1.1/8", b"all", ttl=5, replicas=7) == 8
+        assert all(p.dht.held_here("mp.avg/wide/1.1/8") for p in peers)
+        for bad in (0, 21, True, 2.5, "3"):
+            with pytest.raises(ConfigError, match="replicas must be an int from 1 to k=20"):
+                await peers[0].dht.store("mp.avg/wide/2.1/8", b"no", ttl=5, replicas=bad)  # type: ignore[arg-type]
+        assert not any(p.dht.held_here("mp.avg/wide/2.1/8") for p in peers)
+
+
 def _ping(sender: str) -> bytes:
     return msgspec.msgpack.encode([sender])
 

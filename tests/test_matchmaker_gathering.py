@@ -16,6 +16,7 @@ import pytest
 import trio
 
 from moshpit_trio.averaging.matchmaking import Matchmaker, MemberInfo
+from moshpit_trio.dht.node import DHTSettings
 from moshpit_trio.identity import Identity
 
 STORE_TAKES = 1.0
@@ -49,6 +50,7 @@ class ScheduledDHT:
         self.not_here = not_here
         self.reads: list[float] = []
         self.table: list[object] = []
+        self.settings = DHTSettings()
         self.mine: dict[bytes, Any] = {}
 
     def held_here(self, key: str) -> dict[bytes, Any]:
@@ -75,7 +77,8 @@ class ScheduledDHT:
 
         return types.SimpleNamespace(wait=wait)
 
-    async def store(self, key: str, value: bytes, ttl: float) -> int:
+    async def store(self, key: str, value: bytes, ttl: float, replicas: int | None = None) -> int:
+        assert replicas is None  # an empty table: the DHT's own number
         await trio.sleep(self.store_takes)
         member = msgspec.msgpack.decode(value, type=MemberInfo)
         self.mine = {member.peer_id: types.SimpleNamespace(value=value, expiration=ttl)}

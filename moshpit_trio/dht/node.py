@@ -318,16 +318,24 @@ class DHTNode:
         ttl: float,
         *,
         subkey: str | bytes | PeerID | None = None,
+        replicas: int | None = None,
     ) -> int:
         """Store ``value`` under ``key`` (and ``subkey``) for ``ttl`` seconds on the
-        ``replicas`` closest peers; returns how many accepted it (this node included).
+        ``replicas`` closest peers (the settings' unless given, at most ``k``); returns how
+        many accepted it (this node included).
 
         In an owned namespace (``mp.avg/...``) the record is signed by this peer and its subkey
         is this peer's PeerID. An empty ``value`` withdraws an earlier entry.
         """
+        if replicas is not None and (
+            isinstance(replicas, bool)
+            or not isinstance(replicas, int)
+            or not 1 <= replicas <= self.settings.k
+        ):
+            raise ConfigError(f"replicas must be an int from 1 to k={self.settings.k}")
         record = self._make(key, value, ttl, subkey)
         self._own[(record.id, record.subkey)] = record
-        return await self._store_record(record)
+        return await self._store_record(record, replicas)
 
     async def withdraw(
         self, key: str | bytes, *, subkey: str | bytes | PeerID | None = None
@@ -667,22 +675,22 @@ class DHTNode:
         finally:
             self._pinging.discard(stale.peer_id)
 
-    async def _store_record(self, record: Record) -> int:
+    async def _store_record(self, record: Record, replicas: int | None = None) -> int:
         """Store on the ``replicas`` closest peers (and here, unless in client mode); returns
         how many hold it now (a peer holding a newer copy counts: the record is not lost)."""
+        replicas = replicas or self.settings.replicas
         held = 0
         if not self.client_mode:
             with contextlib.suppress(RecordRejected):
                 self.records.put(record, self.now())
                 held += 1
         try:
-            closest = await self._lookup(
-                record.id, want_values=False, found=None, width=self.settings.replica_width
-            )
+            width = min(self.settings.k, max(self.settings.replica_width, replicas + 1))
+            closest = await self._lookup(record.id, want_values=False, found=None, width=width)
         except LookupFailed:
             closest = []
         payload = _Store(self._sender, encode_records([record]))
-        targets = closest[: self.settings.replicas]
+        targets = closest[:replicas]
         wave = _StoreWave(held, len(targets))
 
         async def store_on(contact: Contact) -> None:
