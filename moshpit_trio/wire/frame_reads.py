@@ -41,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import socket
-from collections.abc import Iterator
 from typing import Final
 
 import trio
@@ -189,16 +188,25 @@ def _raw_socket(stream: trio.SocketStream) -> socket.socket | None:
     return raw if isinstance(raw, socket.socket) else None
 
 
-@contextlib.contextmanager
-def _stream_errors() -> Iterator[None]:
-    """OSErrors as trio's streams report them: a socket closed here is ClosedResourceError,
-    anything else BrokenResourceError."""
-    try:
-        yield
-    except OSError as exc:
-        if exc.errno in (errno.EBADF, errno.ENOTSOCK):
-            raise trio.ClosedResourceError("this socket was already closed") from None
-        raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+class _StreamErrors:
+    """``with _STREAM_ERRORS:`` turns OSErrors into what trio's streams report: a socket
+    closed here is ClosedResourceError, anything else BrokenResourceError. (A plain class and
+    one shared instance: it wraps every read and write, where a generator-based context
+    manager would build two objects a call.)"""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, exc: BaseException | None, traceback: object) -> None:
+        if isinstance(exc, OSError):
+            if exc.errno in (errno.EBADF, errno.ENOTSOCK):
+                raise trio.ClosedResourceError("this socket was already closed") from None
+            raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+
+
+_STREAM_ERRORS: Final = _StreamErrors()
 
 
 class FrameSizedReceiveStream(trio.abc.HalfCloseableStream):
@@ -260,7 +268,7 @@ class FrameSizedReceiveStream(trio.abc.HalfCloseableStream):
                 return await self._stream.socket.recv(size, flags)
             return await self._stream.receive_some(size)
         await trio.lowlevel.checkpoint_if_cancelled()
-        with _stream_errors():
+        with _STREAM_ERRORS:
             while True:
                 try:
                     return raw.recv(size, flags)
@@ -314,7 +322,7 @@ class FrameSizedReceiveStream(trio.abc.HalfCloseableStream):
         if self._stream.socket.did_shutdown_SHUT_WR:
             raise trio.ClosedResourceError("can't send data after sending EOF")
         await trio.lowlevel.checkpoint_if_cancelled()
-        with _stream_errors(), memoryview(data) as view:
+        with _STREAM_ERRORS, memoryview(data) as view:
             flat = view if view.format == "B" and view.ndim == 1 else view.cast("B")
             if not flat and raw.fileno() == -1:
                 raise trio.ClosedResourceError("this socket was already closed")
