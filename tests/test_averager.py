@@ -454,14 +454,14 @@ async def test_a_small_swarm_forms_its_group_in_three_round_trips(
     trip after theirs. (With the wait and the read: 55 and 60 ms.) Every round averages, and
     the next one too."""
     rtt = 2 * LATENCY
-    for times in await _four_in_lockstep("quick", rounds=3):
+    for times in await _in_lockstep("quick", rounds=3):
         assert times == [2 * rtt + LATENCY] + [3 * rtt] * 3, times
 
 
-async def _four_in_lockstep(
+async def _in_lockstep(
     run_id: str, rounds: int, floats: int = 64, peers: int = 4
 ) -> list[list[float]]:
-    """Four peers (or ``peers``) on one group's grid average ``floats`` values each,
+    """``peers`` peers on one group's grid (``(peers,)``) average ``floats`` values each,
     ``rounds`` rounds in lockstep half a second apart, after a second of bootstrap traffic.
     Every round must average the whole group to the exact mean; returned: each round's
     matchmaking times, sorted."""
@@ -517,7 +517,7 @@ async def test_a_swarm_that_fits_in_one_group_stores_on_everyone_and_reads_nothi
     monkeypatch.setattr(DHTNode, "get_records", counted)
     monkeypatch.setattr(DHTNode, "store", noted)
     rtt = 2 * LATENCY
-    for times in await _four_in_lockstep("eight", rounds=3, peers=8):
+    for times in await _in_lockstep("eight", rounds=3, peers=8):
         assert times == [4 * rtt + LATENCY] + [5 * rtt] * 7, times
     assert reads == [] and stored == [7] * 24
 
@@ -551,7 +551,7 @@ async def test_a_leader_returns_its_group_once_every_follower_has_its_answer(
 
     monkeypatch.setattr(Matchmaker, "_on_join", recording_join)
     monkeypatch.setattr(Matchmaker, "form_group", checked_form)
-    for times in await _four_in_lockstep("answered", rounds=3):
+    for times in await _in_lockstep("answered", rounds=3):
         assert times == [5 * LATENCY] + [6 * LATENCY] * 3, times
     assert checked == [3, 3, 3]
 
@@ -572,7 +572,7 @@ async def test_a_leader_waits_for_an_answer_that_is_not_sealed_only_so_long(
         return await on_join(self, request)
 
     monkeypatch.setattr(Matchmaker, "_on_join", one_never_sealed)
-    for times in await _four_in_lockstep("unsealed", rounds=2):
+    for times in await _in_lockstep("unsealed", rounds=2):
         assert times == [6 * LATENCY] * 3 + [round(5 * LATENCY + ANSWERS_WAIT, 6)], times
 
 
@@ -592,7 +592,7 @@ async def test_parts_arrive_in_chunks_of_whole_values(
         return feed(self, piece)
 
     monkeypatch.setattr(compression.ValueRuns, "feed", recording_feed)
-    await _four_in_lockstep("whole", rounds=2, floats=4_000_000)
+    await _in_lockstep("whole", rounds=2, floats=4_000_000)
     # (pieces fed: parts' chunks, and results' values, one range of a span or two)
     sizes = [n for n, _ in fed]
     # two rounds, four reducers, three senders: a chunk of the link's size, and the rest
