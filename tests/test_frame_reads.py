@@ -89,6 +89,42 @@ def test_the_cursor_finds_the_end_of_the_http_head_split_across_reads() -> None:
         assert cursor.missing() == 1000 - 0  # 2 + 2 length bytes in: the payload is next
 
 
+@settings(max_examples=100, deadline=None)
+@given(
+    parts=st.lists(
+        st.tuples(st.sampled_from(["whole", "fragmented", "ping", "close"]), st.integers(0, 300)),
+        max_size=6,
+    ),
+    cuts=st.lists(st.integers(0, 5_000), max_size=10),
+)
+def test_the_cursor_counts_data_messages_once_they_are_whole(
+    parts: list[tuple[str, int]], cuts: list[int]
+) -> None:
+    """``messages`` goes up as the last byte of a message's final frame is fed: fragments,
+    pings and close frames do not count; an empty message counts once its header is in."""
+    sender = Connection(ConnectionType.SERVER)
+    wire = bytearray(_HTTP)
+    ends = []  # where each data message is whole
+    for kind, n in parts:
+        if kind == "whole":
+            wire += sender.send(BytesMessage(data=bytes(n)))
+            ends.append(len(wire))
+        elif kind == "fragmented":
+            wire += sender.send(BytesMessage(data=bytes(n), message_finished=False))
+            wire += sender.send(Ping(payload=b"between"))
+            wire += sender.send(BytesMessage(data=bytes(n), message_finished=True))
+            ends.append(len(wire))
+        elif kind == "ping":
+            wire += sender.send(Ping(payload=bytes(min(n, 125))))
+        else:
+            wire += bytes((0x88, 2)) + (1000).to_bytes(2, "big")  # (wsproto sends no more after)
+    points = sorted({c % (len(wire) + 1) for c in cuts} | {0, len(wire)})
+    cursor = FrameCursor()
+    for a, b in itertools.pairwise(points):
+        cursor.feed(wire[a:b])
+        assert cursor.messages == sum(1 for end in ends if end <= b), (a, b)
+
+
 def test_the_cursor_reads_a_64_bit_length() -> None:
     cursor = FrameCursor()
     cursor.feed(_HTTP + bytes([0x82, 127]) + (5 << 30).to_bytes(8, "big") + bytes(7))

@@ -79,13 +79,16 @@ class FrameCursor:
     990
     """
 
-    __slots__ = ("_header", "_in_http", "_payload_left", "_tail")
+    __slots__ = ("_ends_message", "_header", "_in_http", "_payload_left", "_tail", "messages")
 
     def __init__(self) -> None:
         self._in_http = True
         self._tail = b""  # in the HTTP head: its last 3 bytes, to find a split "\r\n\r\n"
         self._header = bytearray()  # the frame header read so far
         self._payload_left = 0
+        self._ends_message = False  # the current frame is the last (FIN) of a data message
+        #: data messages (text or binary) received whole so far; control frames not counted
+        self.messages = 0
 
     @property
     def in_http(self) -> bool:
@@ -111,6 +114,8 @@ class FrameCursor:
                 take = min(self._payload_left, n - i)
                 self._payload_left -= take
                 i += take
+                if not self._payload_left and self._ends_message:
+                    self.messages += 1
                 continue
             size = self._header_size()
             take = min(size - len(header), n - i)
@@ -122,7 +127,11 @@ class FrameCursor:
             if len(header) < size:
                 continue  # its extended length or masking key is still to come
             self._payload_left = self._payload_length()
+            # FIN set, and a data opcode (continuation 0, text 1, binary 2; control ones >= 8)
+            self._ends_message = header[0] & 0x80 != 0 and header[0] & 0x0F < 8
             header.clear()
+            if not self._payload_left and self._ends_message:
+                self.messages += 1
 
     def _header_size(self) -> int:
         """The current header's size as far as it is known (2 until its second byte is in)."""
