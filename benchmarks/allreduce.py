@@ -1024,6 +1024,7 @@ _FILES: list[tuple[str, str, str]] = [
     ("reducer (accumulate, average)", "moshpit_trio/averaging/reducer.py", ""),
     ("flatten / write back", "moshpit_trio/averaging/partition.py", ""),
     ("all-reduce logic (apply results)", "moshpit_trio/averaging/allreduce.py", ""),
+    ("websocket framing", "moshpit_trio/wire/websocket.py", ""),
     ("websocket framing", "moshpit_trio/wire/speedups.py", ""),
     ("websocket framing", "/wsproto/", ""),
     ("websocket framing", "/trio_websocket/", ""),

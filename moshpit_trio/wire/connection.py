@@ -5,7 +5,7 @@ A ``Connection`` owns three kinds of task, all inside the nursery of ``run()``:
 - the *reader*: takes one websocket message at a time, opens it (every check in
   ``envelope.EnvelopeOpener``) and dispatches it by kind (``_DISPATCH`` below). It never waits on
   application code: a reply wakes a waiting caller, a chunk lands in a stream's bounded buffer, a
-  request starts a handler task.
+  request starts a handler task (which runs up to its first wait before the reader reads on).
 - the *writer*: the only task that writes to the websocket. Envelopes are sealed (numbered) by
   the task that sends them and queued without a checkpoint in between, so sequence numbers hit
   the wire in order, and a caller cancelled half-way can never leave a gap or half a frame.
@@ -26,7 +26,6 @@ from typing import Any, Final
 
 import msgspec
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from ..errors import (
     ConfigError,
@@ -39,7 +38,6 @@ from ..errors import (
     UnknownHandler,
 )
 from ..identity import Identity, PeerID
-from . import speedups
 from .envelope import (
     DEFAULT_LIMITS,
     Direction,
@@ -53,6 +51,7 @@ from .envelope import (
 )
 from .handshake import HandshakeResult
 from .streams import Pacer
+from .websocket import TOO_BIG, WebSocket, WebSocketClosed
 
 __all__ = [
     "Connection",
@@ -275,7 +274,7 @@ class Connection:
 
     def __init__(
         self,
-        ws: WebSocketConnection,
+        ws: WebSocket,
         handshake: HandshakeResult,
         identity: Identity,
         *,
@@ -298,8 +297,8 @@ class Connection:
         self.limits = limits
         self.log = log.bind(remote=self.remote_peer_id.short, session=handshake.session[:4].hex())
         self._ws = ws
-        # Writes (head, payload) as one websocket message without joining them (speedups).
-        self._write_message = speedups.message_writer(ws)
+        # Writes (head, payload) as one websocket message without joining them.
+        self._write_message = ws.send_message
         sending, receiving = (
             (Direction.INITIATOR_TO_RESPONDER, Direction.RESPONDER_TO_INITIATOR)
             if initiator
@@ -346,6 +345,10 @@ class Connection:
         self._closed = False
         self._close_reason = ""
         self._nursery: trio.Nursery | None = None
+        # A call the envelope just dispatched accepted: the reader starts its handler.
+        self._starting: (
+            tuple[Envelope, trio.CancelScope, Callable[[Any], Awaitable[bytes]], Any] | None
+        ) = None
         # The transport's access check (rate limits, bans): given the bytes received since the
         # last call, it returns None to run the call or why it is refused ("busy").
         self._admit = admit
@@ -492,7 +495,7 @@ class Connection:
                     await self._write(self._credits.popleft())
                 if item is not None:
                     await self._write(item)
-        except ConnectionClosed:
+        except WebSocketClosed:
             self._shutdown("websocket closed while sending")
         finally:
             self._writer_done.set()
@@ -620,13 +623,11 @@ class Connection:
             while True:
                 try:
                     message = await self._ws.get_message()
-                except ConnectionClosed as exc:
-                    if exc.reason is not None and exc.reason.code == 1009:
-                        self.log.warning("message over the size limit; closed", detail=exc.reason)
-                    self._shutdown(f"websocket closed ({exc.reason})")
+                except WebSocketClosed as exc:
+                    if exc.code == TOO_BIG:
+                        self.log.warning("message over the size limit; closed", detail=str(exc))
+                    self._shutdown(f"websocket closed ({exc})")
                     return
-                if not isinstance(message, bytes):
-                    raise ProtocolError("malformed", "text message on a binary protocol")
                 self.bytes_received += len(message)
                 self.messages_received += 1
                 self.last_active = trio.current_time()
@@ -634,12 +635,22 @@ class Connection:
                 if self._on_heard is not None:
                     self._on_heard()
                 _DISPATCH[envelope.kind](self, envelope)
-                # A schedule point before the next envelope, though get_message() is one too:
-                # whatever this one started (a call's handler) gets to run before the next
-                # is dispatched. Without it, a DHT peer thawed after a freeze, with the calls
-                # it owed queued, was not heard from within a second in 1 to 7 runs of 12
-                # (test_fault_stages: the order was left to trio's scheduler).
-                await trio.lowlevel.checkpoint()
+                starting = self._starting
+                if starting is None:
+                    # A schedule point before the next envelope (get_message() is none when
+                    # the next one is already buffered): what this one woke runs first.
+                    await trio.lowlevel.checkpoint()
+                    continue
+                # A call's handler runs up to its first wait before the next envelope is
+                # dispatched, so that the order of what arrived decides, not trio's
+                # scheduler: a frozen peer, continued, finds a REQUEST and the caller's
+                # CANCEL queued right behind it. Its handler (a DHT lookup: no wait at all)
+                # has queued its answer by then, and the answer goes out, which tells the
+                # caller the peer is back; left to the scheduler it was cancelled unanswered
+                # in about half the runs (test_fault_stages' frozen DHT contact).
+                self._starting = None
+                assert self._nursery is not None
+                await self._nursery.start(self._serve_call, *starting)
         except ProtocolError as exc:
             self.log.warning("protocol violation; closing", reason=exc.reason, detail=exc.detail)
             self.protocol_error = exc
@@ -687,7 +698,7 @@ class Connection:
             self._queue_control(
                 Kind.STREAM_CREDIT, env.call_id, self.limits.stream_window.to_bytes(8, "big")
             )
-            self._nursery.start_soon(self._serve_call, env, scope, stream_handler, request)
+            self._starting = (env, scope, stream_handler, request)
         else:
             handler = self.registry.calls.get(env.name)
             if handler is None:
@@ -696,7 +707,7 @@ class Connection:
             scope = trio.CancelScope(deadline=deadline)
             self._incoming[env.call_id] = (scope, None)
             call = Request(self.remote_peer_id, env.name, env.payload, deadline, self)
-            self._nursery.start_soon(self._serve_call, env, scope, handler, call)
+            self._starting = (env, scope, handler, call)
 
     def _queue_unknown(self, env: Envelope) -> None:
         self.log.info("call to an unknown handler", name=env.name)
@@ -712,7 +723,9 @@ class Connection:
         scope: trio.CancelScope,
         handler: Callable[[Any], Awaitable[bytes]],
         request: Request | StreamRequest,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        task_status.started()
         try:
             with scope:
                 try:

@@ -69,6 +69,7 @@ from .liveness import Liveness
 from .relay import RelayEndpoint, RelayPipe, RelayService
 from .relay_table import RelayLimits
 from .streams import StreamNetwork, TcpNetwork, pacer_for
+from .websocket import HandshakeStream, WebSocket
 
 __all__ = ["PING", "SUBPROTOCOL", "Transport", "TransportLimits", "open_transport"]
 
@@ -836,10 +837,13 @@ class Transport:
 
     async def _initiate(
         self, ws_nursery: trio.Nursery, stream: trio.abc.Stream, address: PeerAddress
-    ) -> tuple[WebSocketConnection, HandshakeResult]:
+    ) -> tuple[WebSocket, HandshakeResult]:
+        # trio-websocket runs the upgrade and the handshake, reading no further than the
+        # responder's one message; the envelopes are ours (wire/websocket.py says why).
+        handshake_stream = HandshakeStream(stream, messages=1)
         ws = await wrap_client_stream(
             ws_nursery,
-            stream,  # type: ignore[arg-type]  # any trio Stream works
+            handshake_stream,  # type: ignore[arg-type]  # any trio Stream works
             address.hostport,
             f"/{address.peer_id}",
             subprotocols=[SUBPROTOCOL],
@@ -852,7 +856,7 @@ class Transport:
         finish = initiator.receive_response(await _binary(ws))
         await ws.send_message(finish)
         assert initiator.result is not None
-        return ws, initiator.result
+        return self._websocket(handshake_stream, client=True), initiator.result
 
     # -- accepting ---------------------------------------------------------------------------
 
@@ -937,8 +941,10 @@ class Transport:
 
     async def _respond(
         self, ws_nursery: trio.Nursery, stream: trio.abc.Stream
-    ) -> tuple[WebSocketConnection, HandshakeResult] | None:
-        request = await wrap_server_stream(ws_nursery, stream, **self._ws_options())
+    ) -> tuple[WebSocket, HandshakeResult] | None:
+        # As in _initiate: trio-websocket reads the upgrade, the HELLO and the FINISH, no more.
+        handshake_stream = HandshakeStream(stream, messages=2)
+        request = await wrap_server_stream(ws_nursery, handshake_stream, **self._ws_options())
         if request.path != f"/{self.peer_id}":
             await request.reject(404, body=f"no peer {request.path[1:80]} here".encode())
             return None
@@ -962,11 +968,12 @@ class Transport:
             await ws.send_message(exc.reply)
             raise
         await ws.send_message(reply)
-        return ws, responder.receive_finish(await _binary(ws))
+        result = responder.receive_finish(await _binary(ws))
+        return self._websocket(handshake_stream, client=False), result
 
     async def _serve_accepted(
         self,
-        ws: WebSocketConnection,
+        ws: WebSocket,
         result: HandshakeResult,
         *,
         pipe: RelayPipe | None = None,
@@ -1002,7 +1009,7 @@ class Transport:
 
     def _new_connection(
         self,
-        ws: WebSocketConnection,
+        ws: WebSocket,
         result: HandshakeResult,
         *,
         initiator: bool,
@@ -1020,6 +1027,13 @@ class Transport:
             on_heard=self._heard_from(result.remote_peer_id),
             on_closed=self._connection_closed,
             pacer=None if stream is None else pacer_for(stream),
+        )
+
+    def _websocket(self, handshake_stream: HandshakeStream, *, client: bool) -> WebSocket:
+        return WebSocket(
+            handshake_stream.detach(),
+            client=client,
+            max_message=self.limits.connection.envelope.max_message,
         )
 
     def _ws_options(self) -> dict[str, Any]:
