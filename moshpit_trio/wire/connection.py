@@ -986,14 +986,16 @@ class SendStream:
         self._conn._waiters.pop(self._call_id, None)
 
     async def _guarded(self, op: Awaitable[None]) -> None:
-        try:
-            with trio.fail_at(self.deadline):
-                await op
-        except trio.TooSlowError:
-            raise DeadlineExceeded(
-                f"stream {self.name!r} to {self._conn.remote_peer_id.short} "
-                f"did not finish within {self._timeout:g} s"
-            ) from None
+        with trio.CancelScope(deadline=self.deadline) as scope:
+            await op
+        if scope.cancelled_caught:
+            raise self._too_slow()
+
+    def _too_slow(self) -> DeadlineExceeded:
+        return DeadlineExceeded(
+            f"stream {self.name!r} to {self._conn.remote_peer_id.short} "
+            f"did not finish within {self._timeout:g} s"
+        )
 
     def _raise_if_done(self) -> None:
         waiter = self._waiter
@@ -1039,18 +1041,23 @@ class SendStream:
         else:
             pieces = [view[start:end] for start, end in bounds]
         queued: list[_Outgoing] = []
-        try:
-            for piece in pieces:
-                await self._guarded(self._send_chunk(piece, queued, keep))
-            # The writer seals in order: once the last chunk is sealed, all of them are, and
-            # `data` has been read.
-            if queued:
-                await self._guarded(queued[-1].wait_sealed())
-        except BaseException:
-            if not keep:
-                for item in queued:
-                    item.drop()
-            raise
+        # One scope for all the chunks (a deadline scope per chunk cost more than the chunk's
+        # own bookkeeping): the stream's deadline bounds the whole send.
+        with trio.CancelScope(deadline=self.deadline) as scope:
+            try:
+                for piece in pieces:
+                    await self._send_chunk(piece, queued, keep)
+                # The writer seals in order: once the last chunk is sealed, all of them are,
+                # and `data` has been read.
+                if queued:
+                    await queued[-1].wait_sealed()
+            except BaseException:
+                if not keep:
+                    for item in queued:
+                        item.drop()
+                raise
+        if scope.cancelled_caught:
+            raise self._too_slow()
         for item in queued:
             if item.error is not None:
                 raise item.error
@@ -1103,8 +1110,14 @@ class SendStream:
         self._raise_if_done()
         assert waiter is not None
         self._finished = True
-        await self._guarded(self._conn._send(Kind.STREAM_END, self._call_id))
-        await self._guarded(waiter.done.wait())
+
+        async def end_and_wait() -> None:
+            # Queued, not waited on until sealed: it has nothing to read, and a connection
+            # that ends before writing it finishes the waiter (ConnectionLost).
+            await self._conn._queue(Kind.STREAM_END, self._call_id, b"", keep=True)
+            await waiter.done.wait()
+
+        await self._guarded(end_and_wait())
         if waiter.error is not None:
             raise waiter.error
         assert waiter.envelope is not None

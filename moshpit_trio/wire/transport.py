@@ -622,6 +622,9 @@ class Transport:
         refused = self.access.refusal(peer, trio.current_time())
         if refused is not None:
             raise HandshakeFailed(f"not connecting to {peer.short}: {refused}")
+        conn = self.connection_to(peer, open_only=True)
+        if conn is not None and conn.via is None:
+            return conn  # the common case, without the dialing loop's timeout scope
         limit = min(timeout, self.limits.handshake_timeout) if timeout else None
         limit = limit or self.limits.handshake_timeout
         until = trio.current_time() + limit
