@@ -328,6 +328,12 @@ class Connection:
         # remote's stream go on, and must not wait behind megabytes of our own chunks queued
         # for a link that the remote's data does not even use (its direction is the other).
         self._credits: deque[_Outgoing] = deque()
+        # Envelopes queued (or taken by the writer) and not sealed yet, credits included: while
+        # there are any, nothing may be sealed before the writer has come to them (_enqueue).
+        self._unsealed = 0
+        # Envelopes sealed as they were queued (at most one waits here: _enqueue), written
+        # before anything else.
+        self._sealed: deque[_Outgoing] = deque()
         self._writer_done = trio.Event()
         self._finished = trio.Event()
         self._closed_event = trio.Event()
@@ -469,6 +475,7 @@ class Connection:
             waiter.finish(None, lost)
         # Envelopes the writer will never come to: whoever waits for one to be sealed is told.
         self._credits.clear()
+        self._sealed.clear()
         while True:
             try:
                 item = self._outbox.receive_nowait()
@@ -491,8 +498,15 @@ class Connection:
     async def _writer(self) -> None:
         try:
             async for item in self._outbox:
-                while self._credits:
-                    await self._write(self._credits.popleft())
+                # Envelopes sealed as they were queued go first: each was sealed before any
+                # credit or envelope still waiting to be sealed was queued (_enqueue), and
+                # sequence numbers must reach the wire in order. Then the credits, then the
+                # envelope taken (nothing is sealed ahead of it while it waits: _unsealed).
+                while self._sealed or self._credits:
+                    if self._sealed:
+                        await self._write(self._sealed.popleft())
+                    else:
+                        await self._write(self._credits.popleft())
                 if item is not None:
                     await self._write(item)
         except WebSocketClosed:
@@ -501,22 +515,17 @@ class Connection:
             self._writer_done.set()
 
     async def _write(self, item: _Outgoing) -> None:
-        """Seal ``item`` (its payload is read here, once) and write it."""
-        if item.dropped:
-            if item.counted:
-                self._queue_slots.release()
-            return
-        try:
-            deadline_ms = _ms_left(item.deadline) if item.deadline is not None else 0
-            head, body = self._sealer.seal_parts(
-                item.kind, item.call_id, item.payload, deadline_ms=deadline_ms, name=item.name
-            )
-        except MoshpitError as exc:  # a payload or name over the limits: the caller's error
-            item.sealed(exc)
-            if item.counted:
-                self._queue_slots.release()
-            return
-        item.sealed(None)
+        """Write ``item``, sealing it first (its payload is read then, once) unless it was
+        sealed as it was queued."""
+        if item.parts is None:
+            self._unsealed -= 1
+            if item.dropped or not self._seal(item):
+                if item.counted:
+                    self._queue_slots.release()
+                return
+        assert item.parts is not None
+        head, body = item.parts
+        item.parts = None
         try:
             await self._write_message(head, body)
         finally:
@@ -525,6 +534,37 @@ class Connection:
         self.bytes_sent += len(head) + len(body)
         self.messages_sent += 1
         self.last_active = trio.current_time()
+
+    def _seal(self, item: _Outgoing) -> bool:
+        """Seal ``item`` (numbering it: the next sequence number) into ``item.parts``; False,
+        with the caller's error on ``item``, when it cannot be (over the limits)."""
+        try:
+            deadline_ms = _ms_left(item.deadline) if item.deadline is not None else 0
+            item.parts = self._sealer.seal_parts(
+                item.kind, item.call_id, item.payload, deadline_ms=deadline_ms, name=item.name
+            )
+        except MoshpitError as exc:  # a payload or name over the limits: the caller's error
+            item.sealed(exc)
+            return False
+        item.sealed(None)
+        return True
+
+    def _enqueue(self, item: _Outgoing) -> None:
+        """Hand ``item`` (holding a queue slot) to the writer. When nothing is queued ahead of
+        it, it is sealed here and now, in the sending task: numbered in the order of writing
+        all the same (the writer writes it before anything queued later), and its sender need
+        not wait for the writer to come to it (a trip through trio's scheduler per envelope).
+        Only then: an envelope sealed is a copy of its payload that goes out whatever its
+        sender does, so a stream's chunks queued behind others stay views of its memory,
+        dropped if it gives up."""
+        if self._unsealed or self._sealed:
+            self._unsealed += 1
+            self._outbox_send.send_nowait(item)
+        elif self._seal(item):
+            self._sealed.append(item)
+            self._outbox_send.send_nowait(None)  # wakes a writer waiting for work
+        else:
+            self._queue_slots.release()  # over the limits: the caller's error, nothing to write
 
     async def _send(
         self,
@@ -553,7 +593,7 @@ class Connection:
         its sender gives up before then (the payload cannot change)."""
         await self._acquire_slot()
         item = _Outgoing(kind, call_id, payload, counted=True, keep=keep)
-        self._outbox_send.send_nowait(item)
+        self._enqueue(item)
         return item
 
     async def _start_call(
@@ -575,7 +615,7 @@ class Connection:
             deadline=deadline,
             name=name,
         )
-        self._outbox_send.send_nowait(item)
+        self._enqueue(item)
         try:
             await item.wait_sealed()
         except BaseException:
@@ -604,6 +644,7 @@ class Connection:
         if self._closed or self._closing:
             return
         item = _Outgoing(kind, call_id, payload, counted=False, keep=True)
+        self._unsealed += 1
         if kind is Kind.STREAM_CREDIT:
             self._credits.append(item)
             self._outbox_send.send_nowait(None)  # wakes a writer waiting for work
@@ -869,7 +910,8 @@ class Connection:
 
 
 class _Outgoing:
-    """An envelope waiting for the writer, not yet sealed."""
+    """An envelope on its way to the writer: sealed as it was queued (``parts``), or to be
+    sealed by the writer when it comes to it."""
 
     __slots__ = (
         "call_id",
@@ -880,6 +922,7 @@ class _Outgoing:
         "keep",
         "kind",
         "name",
+        "parts",
         "payload",
         "sealed_event",
     )
@@ -905,6 +948,8 @@ class _Outgoing:
         self.dropped = False
         self.error: MoshpitError | None = None
         self.sealed_event: trio.Event | None = None
+        #: (head, body) once sealed, until written
+        self.parts: tuple[bytes, bytes | memoryview] | None = None
 
     def drop(self) -> None:
         """Not to be written after all (its sender gave up), if it is not sealed yet."""
@@ -924,6 +969,12 @@ class _Outgoing:
         before that, it is dropped unless ``keep``: a view of someone's memory may change from
         now on, while what cannot change still goes out (an answer a frozen peer owed, say:
         once it runs again, it is heard from; the last frames of a relayed pipe)."""
+        if self.sealed_event is _SEALED:
+            # Sealed as it was queued: nothing to wait for, and nothing to cancel (it goes
+            # out; the caller's next wait is a schedule point).
+            if self.error is not None:
+                raise self.error
+            return
         if self.sealed_event is None:
             self.sealed_event = trio.Event()
         try:
