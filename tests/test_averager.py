@@ -444,18 +444,18 @@ async def test_pace_in_memory_changes_nothing(
     assert planned == []
 
 
-async def test_a_small_swarm_forms_its_group_in_three_round_trips(
+async def test_a_small_swarm_forms_its_group_in_two_round_trips(
     autojump_clock: Any,
 ) -> None:
-    """Four peers, five replicas a key: everyone holds the whole key. A peer's store takes a
-    lookup and a store (two round trips); by then the others' announcements have landed in
-    its own copy, so it decides at once (no wait, no read). The leader has the group when the
-    joins arrive, one way after its store; the others when the answers come back, a round
-    trip after theirs. (With the wait and the read: 55 and 60 ms.) Every round averages, and
-    the next one too."""
+    """Four peers on one group's grid: each stores its announcement on the three others it
+    knows, with no lookup first (one round trip); by then the others' announcements have
+    landed in its own copy, so it decides at once (no wait, no read). The leader has the
+    group when the joins arrive, one way after its store; the others when the answers come
+    back, a round trip after theirs. (With a lookup before the store: 25 and 30 ms; with the
+    wait and the read too: 55 and 60.) Every round averages, and the next one too."""
     rtt = 2 * LATENCY
     for times in await _in_lockstep("quick", rounds=3):
-        assert times == [2 * rtt + LATENCY] + [3 * rtt] * 3, times
+        assert times == [rtt + LATENCY] + [2 * rtt] * 3, times
 
 
 async def _in_lockstep(
@@ -491,11 +491,12 @@ async def test_a_swarm_that_fits_in_one_group_stores_on_everyone_and_reads_nothi
     autojump_clock: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Eight peers on grid (8,): each stores its announcement on all seven others (not the
-    DHT's five replicas), so every peer holds every announcement and decides from its own
-    copy, with no read. The store's lookup asks the seven in three waves (alpha = 3) and the
-    store is one more round trip; the leader has the group when the joins arrive, one way
-    after: 45 ms; the others when the answers come back: 50 ms. (On five replicas, three
-    peers waited as long as their stores took, then read: 85 and 90 ms.)"""
+    DHT's five replicas), with no lookup first, so every peer holds every announcement and
+    decides from its own copy, with no read. The store is one round trip; the leader has the
+    group when the joins arrive, one way after: 15 ms; the others when the answers come back:
+    20 ms. (With the store's lookup first, which asked the seven in three waves: 45 and 50 ms;
+    on five replicas, three peers also waited as long as their stores took, then read: 85
+    and 90 ms.)"""
     from moshpit_trio.dht.node import DHTNode
 
     reads: list[float] = []
@@ -505,11 +506,11 @@ async def test_a_swarm_that_fits_in_one_group_stores_on_everyone_and_reads_nothi
         reads.append(trio.current_time())
         return await get_records(self, *args, **kwargs)
 
-    stored: list[int | None] = []
+    stored: list[tuple[int | None, bool]] = []
     store = DHTNode.store
 
     async def noted(self: DHTNode, *args: Any, **kwargs: Any) -> int:
-        stored.append(kwargs.get("replicas"))
+        stored.append((kwargs.get("replicas"), kwargs.get("lookup", True)))
         held = await store(self, *args, **kwargs)
         assert held == 8  # here and on all seven others
         return held
@@ -518,8 +519,8 @@ async def test_a_swarm_that_fits_in_one_group_stores_on_everyone_and_reads_nothi
     monkeypatch.setattr(DHTNode, "store", noted)
     rtt = 2 * LATENCY
     for times in await _in_lockstep("eight", rounds=3, peers=8):
-        assert times == [4 * rtt + LATENCY] + [5 * rtt] * 7, times
-    assert reads == [] and stored == [7] * 24
+        assert times == [rtt + LATENCY] + [2 * rtt] * 7, times
+    assert reads == [] and stored == [(7, False)] * 24
 
 
 async def test_a_leader_returns_its_group_once_every_follower_has_its_answer(
@@ -530,7 +531,7 @@ async def test_a_leader_returns_its_group_once_every_follower_has_its_answer(
     hands over its group only once every follower's answer is sealed for the wire, or that
     follower's call ended. Virtual time cannot show the copy; what the leader holds when its
     group comes back can. Three rounds, a different leader's each time perhaps, and the
-    matchmaking times of the three round trips stay as they were."""
+    matchmaking times of the two round trips stay as they were."""
     joins: list[tuple[Matchmaker, Request]] = []
     checked: list[int] = []
     on_join, form_group = Matchmaker._on_join, Matchmaker.form_group
@@ -552,7 +553,7 @@ async def test_a_leader_returns_its_group_once_every_follower_has_its_answer(
     monkeypatch.setattr(Matchmaker, "_on_join", recording_join)
     monkeypatch.setattr(Matchmaker, "form_group", checked_form)
     for times in await _in_lockstep("answered", rounds=3):
-        assert times == [5 * LATENCY] + [6 * LATENCY] * 3, times
+        assert times == [3 * LATENCY] + [4 * LATENCY] * 3, times
     assert checked == [3, 3, 3]
 
 
@@ -561,7 +562,7 @@ async def test_a_leader_waits_for_an_answer_that_is_not_sealed_only_so_long(
 ) -> None:
     """An answer that stays unsealed (queued behind another run's bulk data, say) holds the
     leader up for ANSWERS_WAIT and no longer: the leader's matchmaking takes exactly that much
-    more than the three round trips' time, the round averages, and so does the next."""
+    more than the two round trips' time, the round averages, and so does the next."""
     on_join = Matchmaker._on_join
 
     async def one_never_sealed(self: Matchmaker, request: Request) -> bytes:
@@ -573,7 +574,7 @@ async def test_a_leader_waits_for_an_answer_that_is_not_sealed_only_so_long(
 
     monkeypatch.setattr(Matchmaker, "_on_join", one_never_sealed)
     for times in await _in_lockstep("unsealed", rounds=2):
-        assert times == [6 * LATENCY] * 3 + [round(5 * LATENCY + ANSWERS_WAIT, 6)], times
+        assert times == [4 * LATENCY] * 3 + [round(3 * LATENCY + ANSWERS_WAIT, 6)], times
 
 
 async def test_parts_arrive_in_chunks_of_whole_values(

@@ -183,6 +183,70 @@ async def test_a_store_on_more_replicas_than_the_default(autojump_clock: Any) ->
         assert not any(p.dht.held_here("mp.avg/wide/2.1/8") for p in peers)
 
 
+async def test_a_store_with_no_lookup_is_one_round_trip_to_the_tables_peers(
+    autojump_clock: Any,
+) -> None:
+    """store(lookup=False) asks nobody who is closest: it stores on the closest peers of the
+    node's own table at once, one round trip in all, on all seven others of a swarm of eight
+    when asked for seven. A peer found unresponsive is left out. ``lookup`` that is not a bool
+    is refused with ConfigError, and nothing is stored."""
+    net = MemoryNetwork(seed=7, latency=LATENCY)
+    async with swarm(net, 8) as peers:
+        await trio.sleep(1.0)  # the bootstrap's lookups are over: every table holds the swarm
+        node = peers[0].dht
+        assert len(node.table) == 7
+        calls: list[str] = []
+        call = node.transport.call
+
+        async def counted(target: Any, name: str, *args: Any, **kwargs: Any) -> bytes:
+            calls.append(name)
+            return await call(target, name, *args, **kwargs)
+
+        node.transport.call = counted  # type: ignore[method-assign]
+        start = trio.current_time()
+        key = "mp.avg/quick/0.1/8"
+        assert await node.store(key, b"v", ttl=5, replicas=7, lookup=False) == 8
+        assert trio.current_time() - start == pytest.approx(2 * LATENCY)
+        assert calls == ["dht.store"] * 7
+        assert all(p.dht.held_here(key) for p in peers)
+
+        calls.clear()
+        node.transport.mark_unresponsive(peers[5].id, "a test says so")
+        assert await node.store("mp.avg/quick/1.1/8", b"v", ttl=5, replicas=7, lookup=False) == 7
+        assert calls == ["dht.store"] * 6
+        assert not peers[5].dht.held_here("mp.avg/quick/1.1/8")
+        for bad in (None, 1, "no"):
+            with pytest.raises(ConfigError, match="lookup is True or False"):
+                await node.store("mp.avg/quick/2.1/8", b"no", ttl=5, lookup=bad)  # type: ignore[arg-type]
+        assert not any(p.dht.held_here("mp.avg/quick/2.1/8") for p in peers)
+
+
+async def test_a_replica_silent_through_a_store_is_found_unresponsive(autojump_clock: Any) -> None:
+    """A frozen replica asked by a store with no lookup first: the store waits for it as long
+    as a lookup would (two slow_afters), then returns with the others' copies; the frozen peer
+    is marked unresponsive and left out of the table, so the read that follows neither asks
+    nor waits for it. Continued, it is heard from again and comes back."""
+    net = MemoryNetwork(seed=7, latency=LATENCY)
+    async with swarm(net, 5) as peers:
+        await trio.sleep(1.0)
+        node = peers[0].dht
+        slow_after = node.settings.slow_after
+        net.freeze("h3")
+        start = trio.current_time()
+        assert await node.store("mp.avg/frozen/0.1/5", b"v", ttl=9, replicas=4, lookup=False) == 4
+        assert trio.current_time() - start == pytest.approx(2 * slow_after)
+        assert node.transport.unresponsive(peers[3].id)
+        assert node.table.get(peers[3].id) is None
+        start = trio.current_time()
+        got = await node.get("mp.avg/frozen/0.1/5")
+        assert got is not None and trio.current_time() - start <= 4 * LATENCY
+        net.thaw("h3")
+        await trio.sleep(1.0)  # the store it owed an answer arrives: it is heard from
+        assert not node.transport.unresponsive(peers[3].id)
+        await node.store("mp.avg/frozen/1.1/5", b"v", ttl=9, replicas=4, lookup=False)
+        assert node.table.get(peers[3].id) is not None
+
+
 def _ping(sender: str) -> bytes:
     return msgspec.msgpack.encode([sender])
 

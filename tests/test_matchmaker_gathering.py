@@ -77,8 +77,10 @@ class ScheduledDHT:
 
         return types.SimpleNamespace(wait=wait)
 
-    async def store(self, key: str, value: bytes, ttl: float, replicas: int | None = None) -> int:
-        assert replicas is None  # an empty table: the DHT's own number
+    async def store(
+        self, key: str, value: bytes, ttl: float, replicas: int | None = None, lookup: bool = True
+    ) -> int:
+        assert replicas is None and lookup  # an empty table: the DHT's own number, looked up
         await trio.sleep(self.store_takes)
         member = msgspec.msgpack.decode(value, type=MemberInfo)
         self.mine = {member.peer_id: types.SimpleNamespace(value=value, expiration=ttl)}

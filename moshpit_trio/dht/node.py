@@ -319,10 +319,16 @@ class DHTNode:
         *,
         subkey: str | bytes | PeerID | None = None,
         replicas: int | None = None,
+        lookup: bool = True,
     ) -> int:
         """Store ``value`` under ``key`` (and ``subkey``) for ``ttl`` seconds on the
         ``replicas`` closest peers (the settings' unless given, at most ``k``); returns how
         many accepted it (this node included).
+
+        ``lookup=False`` stores on the closest peers of this node's own routing table, with no
+        lookup first (one round trip instead of a few): for a swarm small enough that the
+        table holds all of it, as matchmaking's one-group swarms are. A peer the table does
+        not know then has no copy; a reader finds the record on the others all the same.
 
         In an owned namespace (``mp.avg/...``) the record is signed by this peer and its subkey
         is this peer's PeerID. An empty ``value`` withdraws an earlier entry.
@@ -333,9 +339,11 @@ class DHTNode:
             or not 1 <= replicas <= self.settings.k
         ):
             raise ConfigError(f"replicas must be an int from 1 to k={self.settings.k}")
+        if not isinstance(lookup, bool):
+            raise ConfigError(f"lookup is True or False, not {lookup!r}")
         record = self._make(key, value, ttl, subkey)
         self._own[(record.id, record.subkey)] = record
-        return await self._store_record(record, replicas)
+        return await self._store_record(record, replicas, lookup=lookup)
 
     async def withdraw(
         self, key: str | bytes, *, subkey: str | bytes | PeerID | None = None
@@ -402,6 +410,13 @@ class DHTNode:
 
     # -- lookups -----------------------------------------------------------------------------
 
+    def _skip(self) -> _Skip:
+        """Peers not to ask now: those backing off after a failure, and those found
+        unresponsive (checked at each use)."""
+        now = trio.current_time()
+        backed_off = {p for p, (until, _) in self._backoff.items() if until > now}
+        return _Skip(backed_off, self.transport.liveness)
+
     async def _lookup(
         self,
         target: bytes,
@@ -413,12 +428,10 @@ class DHTNode:
         """An iterative lookup that ends once the ``width`` closest peers it knows of (default
         k) have answered."""
         s = self.settings
-        now = trio.current_time()
         self._restore_dropped()
         # Neither asked nor counted among the closest: peers backing off after a failure, and
         # peers found unresponsive (also those found so while this lookup runs).
-        backed_off = {p for p, (until, _) in self._backoff.items() if until > now}
-        skip = _Skip(backed_off, self.transport.liveness)
+        skip = self._skip()
         seeds = self.table.closest(target, s.k, exclude=skip)
         lookup = Lookup(self.id, target, seeds, k=width or s.k, alpha=s.alpha, skip=skip)
         depth = {c.peer_id: 1 for c in seeds}
@@ -675,27 +688,35 @@ class DHTNode:
         finally:
             self._pinging.discard(stale.peer_id)
 
-    async def _store_record(self, record: Record, replicas: int | None = None) -> int:
+    async def _store_record(
+        self, record: Record, replicas: int | None = None, *, lookup: bool = True
+    ) -> int:
         """Store on the ``replicas`` closest peers (and here, unless in client mode); returns
-        how many hold it now (a peer holding a newer copy counts: the record is not lost)."""
+        how many hold it now (a peer holding a newer copy counts: the record is not lost).
+        ``lookup=False``: the closest ones in the routing table (see ``store``)."""
         replicas = replicas or self.settings.replicas
         held = 0
         if not self.client_mode:
             with contextlib.suppress(RecordRejected):
                 self.records.put(record, self.now())
                 held += 1
-        try:
-            width = min(self.settings.k, max(self.settings.replica_width, replicas + 1))
-            closest = await self._lookup(record.id, want_values=False, found=None, width=width)
-        except LookupFailed:
-            closest = []
+        if not lookup:
+            # (peers backing off or found unresponsive are left out, as a lookup leaves them)
+            self._restore_dropped()
+            closest = self.table.closest(record.id, replicas, exclude=self._skip())
+        else:
+            try:
+                width = min(self.settings.k, max(self.settings.replica_width, replicas + 1))
+                closest = await self._lookup(record.id, want_values=False, found=None, width=width)
+            except LookupFailed:
+                closest = []
         payload = _Store(self._sender, encode_records([record]))
         targets = closest[:replicas]
         wave = _StoreWave(held, len(targets))
 
         async def store_on(contact: Contact) -> None:
             try:
-                raw = await self._call(contact, "dht.store", payload)
+                raw = await self._store_on(contact, payload)
                 answer = self._decode_answer(_Stored, raw, contact)
                 if answer.stored and answer.stored[0]:
                     wave.held += 1
@@ -717,12 +738,34 @@ class DHTNode:
             for contact in targets:
                 nursery.start_soon(store_on, contact)
             if targets:
-                with trio.move_on_after(self.settings.slow_after):
+                # With no lookup first, the store is where a frozen replica is first asked: it
+                # is waited for as long as a lookup would wait (two slow_afters), so that it is
+                # found silent before the caller goes on to read the key (a read would wait for
+                # it all over again).
+                slow = self.settings.slow_after * (1 if lookup else 2)
+                with trio.move_on_after(slow):
                     await wave.done.wait()
                 # Nobody else holds it yet: wait for the first that does (or for them all).
                 with trio.move_on_after(self.settings.rpc_timeout):
                     await wave.settled.wait()
         return wave.held
+
+    async def _store_on(self, contact: Contact, payload: _Store) -> bytes:
+        """One replica's store. Silent for two slow_afters (not a word back), it is taken for
+        unresponsive and dropped, as a lookup takes a peer it waits for that long: the next
+        reads neither ask nor wait for it. (A store with no lookup first, on the routing
+        table's peers, is where a frozen peer is first asked.) Heard from meanwhile, it is
+        alive but slow, and is asked again with the whole rpc_timeout."""
+        asked = trio.current_time()
+        with trio.move_on_after(2 * self.settings.slow_after):
+            return await self._call(contact, "dht.store", payload)
+        if not self.transport.liveness.heard_since(contact.peer_id, asked):
+            self.transport.mark_unresponsive(
+                contact.peer_id, f"silent for {trio.current_time() - asked:.3g} s during a store"
+            )
+            self._drop_silent(contact)
+            raise Unreachable(f"{contact.peer_id.short} did not answer a store")
+        return await self._call(contact, "dht.store", payload)
 
     def _make(
         self, key: str | bytes, value: bytes, ttl: float, subkey: str | bytes | PeerID | None
