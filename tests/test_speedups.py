@@ -5,10 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Iterator
-from types import SimpleNamespace
-from typing import Any
 
-import numpy as np
 import pytest
 import trio
 import trio.testing
@@ -335,196 +332,6 @@ def test_frame_buffer_snapshots_mutable_input() -> None:
     assert buf.consume_exactly(4) == b"abcd"
 
 
-# ---- message writer --------------------------------------------------------------------------
-
-
-class _Recorder(trio.abc.SendStream):
-    """Keeps every object send_all was given."""
-
-    def __init__(self) -> None:
-        self.writes: list[Any] = []
-        self.broken = False
-
-    async def send_all(self, data: Any) -> None:
-        if self.broken:
-            raise trio.BrokenResourceError
-        self.writes.append(data)
-        await trio.lowlevel.checkpoint()
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await trio.lowlevel.checkpoint()
-
-    async def aclose(self) -> None:
-        await trio.lowlevel.checkpoint()
-
-
-class _FakeSocket:
-    """Just the parts of trio_websocket.WebSocketConnection that MessageWriter touches."""
-
-    def __init__(self, client: bool) -> None:
-        self._wsproto = SimpleNamespace(
-            connection=Connection(ConnectionType.CLIENT if client else ConnectionType.SERVER)
-        )
-        self._stream = _Recorder()
-        self._stream_lock = trio.StrictFIFOLock()
-        self._close_reason: Any = None
-        self.aborted = False
-
-    async def _abort_web_socket(self) -> None:
-        self.aborted = True
-        self._close_reason = trio_websocket.CloseReason(1006, None)
-        await trio.lowlevel.checkpoint()
-
-
-@pytest.mark.parametrize("client", [True, False])
-@pytest.mark.parametrize(
-    ("h", "n"),
-    [
-        (0, 0),
-        (3, 0),
-        (10, 100),
-        (200, 65_535 - 200),
-        (300, speedups.INLINE_PAYLOAD - 1),
-        (300, speedups.INLINE_PAYLOAD),
-        (257, 70_001),
-        (301, (4 << 20) + 3),
-    ],
-)
-async def test_message_writer_writes_what_wsproto_writes(
-    monkeypatch: pytest.MonkeyPatch, client: bool, h: int, n: int
-) -> None:
-    """The frame wsproto writes when its client draws the all-zero key (ENVELOPE_MASK)."""
-    head, payload = os.urandom(h), os.urandom(n)
-    monkeypatch.setattr(os, "urandom", lambda k: speedups.ENVELOPE_MASK[:k])
-    ws = _FakeSocket(client)
-    await speedups.MessageWriter(ws).send(head, payload)
-    want = ws._wsproto.connection.send(BytesMessage(data=head + payload))
-    writes = ws._stream.writes
-    assert b"".join(bytes(w) for w in writes) == want
-    # one write for a small payload; otherwise the head's write, then the payload's
-    assert len(writes) == (1 if n < speedups.INLINE_PAYLOAD else 2)
-    if len(writes) == 2:
-        assert writes[1] is payload  # the payload goes out as it was given, from either side
-
-
-@pytest.mark.parametrize("client", [True, False])
-@pytest.mark.parametrize(("h", "n"), [(14, 100), (13, 70_001), (15, (4 << 20) + 16)])
-async def test_message_writer_never_touches_the_payload(client: bool, h: int, n: int) -> None:
-    """No masking pass on either side: a large payload is written from the caller's memory,
-    which is left as it was; a client's frame says it is masked, with the zero key."""
-    head, original = os.urandom(h), os.urandom(n)
-    owned = np.frombuffer(bytearray(original), dtype=np.uint8)
-    ws = _FakeSocket(client)
-    await speedups.MessageWriter(ws).send(head, owned.data)
-    writes = ws._stream.writes
-    if n >= speedups.INLINE_PAYLOAD:
-        assert np.shares_memory(np.frombuffer(writes[1], dtype=np.uint8), owned)
-    assert owned.tobytes() == original
-    frame = b"".join(bytes(w) for w in writes)
-    assert bool(frame[1] & 0x80) == client
-    if client:
-        header = 2 + {126: 2, 127: 8}.get(frame[1] & 0x7F, 0)
-        assert frame[header : header + 4] == speedups.ENVELOPE_MASK
-
-
-@pytest.mark.parametrize("speedups_on", [True, False])
-@pytest.mark.parametrize("n", [0, 100, 511, 512, 70_001, (1 << 20) + 3])
-async def test_zero_key_frames_decode_with_or_without_the_speedups(
-    speedups_on: bool, n: int
-) -> None:
-    """What a client's MessageWriter writes is read back by a server's wsproto, patched or
-    stock (a peer without the speedups, or another implementation, unmasks it as any frame)."""
-    head, payload = os.urandom(9), os.urandom(n)
-    ws = _FakeSocket(client=True)
-    await speedups.MessageWriter(ws).send(head, payload)
-    wire = b"".join(bytes(w) for w in ws._stream.writes)
-    was = speedups.installed()
-    speedups.install() if speedups_on else speedups.uninstall()
-    try:
-        receiver = Connection(ConnectionType.SERVER)
-        for a in range(0, len(wire), 65_536):  # in reads, as from a socket
-            receiver.receive_data(wire[a : a + 65_536])
-        events = list(receiver.events())
-    finally:
-        speedups.install() if was else speedups.uninstall()
-    assert len(events) == 1 and isinstance(events[0], BytesMessage)
-    assert events[0].data == head + payload and events[0].message_finished
-
-
-def test_frame_buffer_hands_zero_key_payloads_over_as_unmasked(patched: None) -> None:
-    """A frame masked with ENVELOPE_MASK costs what an unmasked one does: a payload that
-    arrived in one read is that read's own bytes, one in several reads is joined once, and the
-    masker lets it through as it is."""
-    data = os.urandom(3001)
-    header = b"\x82\xfe" + len(data).to_bytes(2, "big") + speedups.ENVELOPE_MASK
-    for reads in ([data], [data[:5], data[5:1234], data[1234:]]):
-        buf = speedups.FrameBuffer(header)
-        for piece in reads:
-            buf.feed(piece)
-        buf.consume_exactly(2), buf.consume_exactly(2)
-        assert buf.consume_exactly(4) == speedups.ENVELOPE_MASK
-        buf.commit()
-        payload = buf.consume_at_most(len(data))
-        assert type(payload) is bytes and payload == data
-        if len(reads) == 1:
-            assert payload is data
-        assert speedups.FastXorMasker(speedups.ENVELOPE_MASK).process(payload) is payload
-
-
-async def test_message_writer_refuses_a_closed_socket_and_aborts_a_broken_one() -> None:
-    ws = _FakeSocket(client=False)
-    ws._close_reason = trio_websocket.CloseReason(1000, "bye")
-    with pytest.raises(trio_websocket.ConnectionClosed):
-        await speedups.MessageWriter(ws).send(b"h", b"p")
-    ws = _FakeSocket(client=True)
-    ws._stream.broken = True
-    with pytest.raises(trio_websocket.ConnectionClosed):
-        await speedups.MessageWriter(ws).send(b"h", bytes(100_000))
-    assert ws.aborted
-
-
-@pytest.mark.parametrize("enabled", [True, False])
-async def test_message_writer_over_trio_websocket_both_ways(enabled: bool) -> None:
-    was = speedups.installed()
-    speedups.install() if enabled else speedups.uninstall()
-    try:
-        sizes = [(0, 0), (5, 200), (300, 70_001), (311, (1 << 20) + 5)]
-        messages = [(os.urandom(h), os.urandom(n)) for h, n in sizes]
-        client_stream, server_stream = trio.testing.memory_stream_pair()
-        kwargs: dict[str, Any] = {"max_message_size": 2 << 20}
-        pinged = trio.Event()
-        with trio.fail_after(30):
-            async with trio.open_nursery() as nursery:
-
-                async def serve() -> None:
-                    request = await trio_websocket.wrap_server_stream(
-                        nursery, server_stream, **kwargs
-                    )
-                    ws = await request.accept()
-                    write = speedups.message_writer(ws)
-                    assert isinstance(getattr(write, "__self__", None), speedups.MessageWriter) == (
-                        enabled
-                    )
-                    for head, payload in messages:
-                        assert await ws.get_message() == head + payload  # masked, client's
-                        await write(head, payload)  # unmasked, server's
-                    await ws.ping(b"still in step")  # frames never interleave with control ones
-                    pinged.set()
-
-                nursery.start_soon(serve)
-                ws = await trio_websocket.wrap_client_stream(
-                    nursery, client_stream, "host", "/", **kwargs
-                )
-                write = speedups.message_writer(ws)
-                for head, payload in messages:
-                    await write(head, payload)
-                    assert await ws.get_message() == head + payload
-                await pinged.wait()
-                await ws.aclose()
-    finally:
-        speedups.install() if was else speedups.uninstall()
-
-
 # ---- install / uninstall ---------------------------------------------------------------------
 
 
@@ -549,14 +356,13 @@ def test_install_respects_opt_out(unpatched: None, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("MOSHPIT_NO_SPEEDUPS", "1")
     report = speedups.install()
     assert not (report.masker or report.frames or report.buffer or report.malloc)
-    assert not report.writer
     assert fp.XorMaskerSimple is ORIGINAL_MASKER
 
 
 def test_install_skips_unknown_wsproto(unpatched: None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(speedups, "_wsproto_version", lambda: ("9.0", (9, 0)))
     report = speedups.install(malloc=False)
-    assert not (report.masker or report.frames or report.buffer or report.writer)
+    assert not (report.masker or report.frames or report.buffer)
     assert fp.Buffer is ORIGINAL_BUFFER
 
 

@@ -1,5 +1,10 @@
 """Make trio-websocket + wsproto move multi-megabyte messages at memory speed.
 
+(A peer's envelopes no longer pass through either: after the handshake, ``wire/websocket.py``
+reads and writes the frames itself. What remains here is for what still does: the handshake's
+messages, the bare-websocket arms of ``benchmarks/wire_throughput.py``, and anyone else's
+wsproto in the process; plus the malloc tuning, which every large buffer benefits from.)
+
 Out of the box a 4 MiB binary message through wsproto costs 10-30 ms of CPU when a websocket
 client sends it (masked) and 2-10 ms the other way, before the socket is even touched;
 ``benchmarks/wire_throughput.py`` measures whole connections between two processes. Where the
@@ -59,12 +64,10 @@ __all__ = [
     "WHOLE_FRAME_LIMIT",
     "FastXorMasker",
     "FrameBuffer",
-    "MessageWriter",
     "SpeedupReport",
     "install",
     "installed",
     "masked_copy",
-    "message_writer",
     "tune_malloc",
     "uninstall",
     "xor_mask",
@@ -111,13 +114,14 @@ _HEADER64: Final = struct.Struct("!BBQ")
 #: that check allows anyway.
 WHOLE_FRAME_LIMIT: Final = 4 * 1024 * 1024 + 64 * 1024
 
-#: The masking key :class:`MessageWriter` gives a client's envelope frames: all zeros, so masking
+#: The masking key ``websocket.WebSocket`` gives a client's envelope frames: all zeros, so masking
 #: them is no pass at all, on either side. RFC 6455 masks client frames so that a script in a
 #: browser cannot choose the bytes that cross a proxy (its section 10.3); an envelope's body is
 #: AES-GCM ciphertext under a session key, which nobody can choose, and a peer is not a browser
 #: running others' scripts (a malicious peer could pick any key anyway: the server cannot tell).
 #: The handshake's frames, sent before there is a key, keep wsproto's random keys. A receiver
-#: reads whatever key a frame carries; this one unmasks for free (see :class:`FrameBuffer`).
+#: reads whatever key a frame carries; this one unmasks for free (``websocket.WebSocket``
+#: skips the pass for it).
 ENVELOPE_MASK: Final = bytes(4)
 
 # Below this many bytes numpy's per-call overhead costs more than Python's big-int XOR.
@@ -429,94 +433,9 @@ def _serialize_frame(
 
 
 #: Below this many payload bytes a message goes out as one write (head and payload joined):
-#: a copy that small costs less than a second system call and trio checkpoint.
+#: a copy that small costs less than a second system call and trio checkpoint
+#: (``websocket.WebSocket.send_message``).
 INLINE_PAYLOAD: Final = 64 * 1024
-
-# trio-websocket versions whose WebSocketConnection internals MessageWriter uses (0.12: _stream,
-# _stream_lock, _wsproto, _close_reason, _abort_web_socket, each used as in its _send()).
-_TRIO_WEBSOCKET_TESTED: Final = ((0, 12),)
-
-
-class MessageWriter:
-    """Sends one binary websocket message given in two pieces, ``head`` and ``payload``,
-    without joining them: the multi-megabyte payload goes from the caller's buffer to the
-    socket untouched, where trio-websocket's ``send_message`` needs the message as one
-    ``bytes`` and then copies it into a frame (and, on a client, masks it: one more pass).
-
-    It is for envelopes only (sent after the handshake, their bodies encrypted): a client's
-    frames carry the all-zero masking key :data:`ENVELOPE_MASK` (see there why), so they need no
-    XOR either. The frame is otherwise the one wsproto would write (FIN, binary opcode, same
-    length encoding), written under trio-websocket's own send lock, so it never interleaves
-    with the pongs and close frames trio-websocket sends.
-    Use :func:`message_writer` to get one: it falls back to ``send_message`` where these
-    internals are not the ones this was written against.
-    """
-
-    __slots__ = ("_ws",)
-
-    def __init__(self, ws: Any) -> None:
-        self._ws = ws
-
-    async def send(self, head: bytes, payload: bytes | memoryview) -> None:
-        """Send ``head + payload`` as one message; ``payload`` is read, never changed, and the
-        caller leaves it alone until this returns."""
-        from trio_websocket import ConnectionClosed
-        from wsproto.connection import ConnectionState
-
-        ws = self._ws
-        if ws._close_reason is not None:
-            raise ConnectionClosed(ws._close_reason)
-        conn = ws._wsproto.connection
-        if conn is None or conn.state is not ConnectionState.OPEN or conn._proto.extensions:
-            # Not a plain open connection: let trio-websocket decide what happens.
-            await ws.send_message(head + bytes(payload))
-            return
-        client: bool = conn._proto.client
-        n = len(head) + len(payload)
-        mask_bit = 0x80 if client else 0
-        if n <= 125:
-            frame = bytes((0x82, mask_bit | n))
-        elif n <= 0xFFFF:
-            frame = _HEADER16.pack(0x82, mask_bit | 126, n)
-        else:
-            frame = _HEADER64.pack(0x82, mask_bit | 127, n)
-        # A client's frame carries ENVELOPE_MASK (all zeros; why that is sound is said there),
-        # so head and payload go out as they are, from either side.
-        first = frame + ENVELOPE_MASK + head if client else frame + head
-        pieces = [first + bytes(payload)] if len(payload) < INLINE_PAYLOAD else [first, payload]
-        import trio
-
-        # The lock is nearly always free (our writer is the only one sending envelopes):
-        # taken without ``acquire()``'s yield to the scheduler then.
-        lock = ws._stream_lock
-        try:
-            lock.acquire_nowait()
-        except trio.WouldBlock:
-            await lock.acquire()
-        try:
-            for piece in pieces:
-                await ws._stream.send_all(piece)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            await ws._abort_web_socket()
-            raise ConnectionClosed(ws._close_reason) from None
-        finally:
-            lock.release()
-
-
-def message_writer(ws: Any) -> Any:
-    """``async send(head, payload)`` for a trio-websocket connection: :class:`MessageWriter`'s
-    when :func:`install` enabled it and the connection's internals are the tested ones, else
-    one that joins the two and calls ``ws.send_message`` (one more copy, same bytes)."""
-    if _state.get("writer") and all(
-        hasattr(ws, name)
-        for name in ("_stream", "_stream_lock", "_wsproto", "_close_reason", "_abort_web_socket")
-    ):
-        return MessageWriter(ws).send
-
-    async def send(head: bytes, payload: bytes | memoryview) -> None:
-        await ws.send_message(head + bytes(payload))
-
-    return send
 
 
 @dataclass(frozen=True)
@@ -528,8 +447,6 @@ class SpeedupReport:
     buffer: bool
     malloc: bool
     wsproto_version: str
-    #: :class:`MessageWriter` in use (see :func:`message_writer`)
-    writer: bool = False
 
 
 # name -> original attribute value, for every patch currently applied.
@@ -582,33 +499,19 @@ def tune_malloc(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM
     return ok_mmap and ok_trim
 
 
-def _trio_websocket_version() -> tuple[int, ...]:
-    import trio_websocket
-
-    parts: list[int] = []
-    for piece in str(getattr(trio_websocket, "__version__", "0")).split("."):
-        if not piece.isdigit():
-            break
-        parts.append(int(piece))
-    return tuple(parts)
-
-
 def install(
     *,
     masker: bool = True,
     frames: bool = True,
     buffer: bool = True,
     malloc: bool = True,
-    writer: bool = True,
 ) -> SpeedupReport:
     """Apply the speedups (idempotent; safe to call from every entry point).
 
     ``masker``: wsproto's ``XorMaskerSimple`` becomes :class:`FastXorMasker`. ``frames``:
     ``FrameProtocol._serialize_frame`` becomes the single-copy :func:`_serialize_frame`. Both
     only on wsproto versions whose ``frame_protocol`` this was written against; on others they
-    are skipped and the report says so. ``malloc``: :func:`tune_malloc`. ``writer``: connections
-    send through :class:`MessageWriter` (:func:`message_writer`), only on the trio-websocket
-    versions it was written against.
+    are skipped and the report says so. ``malloc``: :func:`tune_malloc`.
     Set ``MOSHPIT_NO_SPEEDUPS=1`` in the environment to make this a no-op (to compare, or to rule
     it out when debugging).
     """
@@ -625,15 +528,12 @@ def install(
                 setattr(owner, attribute, replacement)
     if malloc and not _state.get("malloc"):
         _state["malloc"] = tune_malloc()
-    if writer and version[:2] in _WSPROTO_TESTED:
-        _state["writer"] = _trio_websocket_version()[:2] in _TRIO_WEBSOCKET_TESTED
     return SpeedupReport(
         masker="masker" in _applied,
         frames="frames" in _applied,
         buffer="buffer" in _applied,
         malloc=bool(_state.get("malloc")),
         wsproto_version=version_text,
-        writer=bool(_state.get("writer")),
     )
 
 
@@ -646,9 +546,7 @@ def installed() -> bool:
 
 
 def uninstall() -> None:
-    """Put wsproto's originals back and stop :class:`MessageWriter` (for benchmarks and tests;
-    malloc settings stay)."""
-    _state["writer"] = False
+    """Put wsproto's originals back (for benchmarks and tests; malloc settings stay)."""
     patches = _patches()
     for name in list(_applied):
         owner, attribute, _ = patches[name]
