@@ -8,6 +8,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 import trio
 import trio.testing
@@ -19,6 +20,7 @@ from wsproto.connection import Connection
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 
 from moshpit_trio.errors import ProtocolError
+from moshpit_trio.wire.frame_reads import MIN_WAIT, FrameSizedReceiveStream, frame_sized
 from moshpit_trio.wire.websocket import (
     HandshakeStream,
     WebSocket,
@@ -440,3 +442,99 @@ async def test_a_remote_that_sends_before_it_is_answered_is_never_handed_over(
         with pytest.raises(ProtocolError, match="before it was answered"):
             server_hs.detach()
         nursery.cancel_scope.cancel()
+
+
+# -- over a TCP socket: reads past frame boundaries, large payloads into their own buffer -------
+
+
+async def _tcp_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    client = await trio.open_tcp_stream("127.0.0.1", port)
+    server = await listeners[0].accept()
+    await listeners[0].aclose()
+    return client, server
+
+
+@pytest.mark.parametrize("raw", [True, False])
+@pytest.mark.parametrize("client", [False, True])
+@pytest.mark.parametrize("usable", [True, False])
+async def test_over_a_socket_large_payloads_are_read_into_a_buffer_of_their_own(
+    monkeypatch: pytest.MonkeyPatch, client: bool, usable: bool, raw: bool
+) -> None:
+    """On a TCP socket the reader takes every small frame queued in one read, and reads a
+    payload of MIN_WAIT bytes or more into a buffer of its own, the bytes read with the
+    frames before it copied in first, the rest waited for in the kernel (the mark set to
+    what is missing, then back to 1 for the small frames after it). What the remote's
+    wsproto sends (random masking keys from a client, a small message right behind a large
+    one) comes out whole; where the mark cannot be set, the same, read as it comes; and the
+    same through trio's own socket calls (``raw`` False: a socket we cannot call directly)."""
+    marks: list[int] = []
+    real_set_mark = FrameSizedReceiveStream._set_mark
+
+    def set_mark(self: FrameSizedReceiveStream, mark: int) -> None:
+        if not usable:
+            self._usable = False
+            return
+        marks.append(mark)
+        real_set_mark(self, mark)
+
+    monkeypatch.setattr(FrameSizedReceiveStream, "_set_mark", set_mark)
+    sizes = [10, 3 << 20, 5, 200_000, 70_000, 0, (4 << 20) - 100, 7]
+    proto = _remote(client)
+    wire = b"".join(
+        proto.send(BytesMessage(data=bytes([i % 251]) * n)) for i, n in enumerate(sizes)
+    )
+    with trio.fail_after(20):
+        ours, theirs = await _tcp_pair()
+        async with ours, theirs:
+            stream = frame_sized(ours)
+            assert isinstance(stream, FrameSizedReceiveStream)
+            stream._cursor.feed(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")  # (as if upgraded)
+            if not raw:
+                stream._raw = None
+            ws = WebSocket(stream, client=client, max_message=8 << 20)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(theirs.send_all, wire)
+                for i, n in enumerate(sizes):
+                    message = await ws.get_message()
+                    assert bytes(message) == bytes([i % 251]) * n, (i, n)
+                    # large ones in a buffer of their own, not in the bytes a read returned
+                    own = isinstance(getattr(message, "obj", None), np.ndarray)
+                    assert own == (n >= MIN_WAIT), (i, n)
+    if usable:
+        assert marks and marks[-1] == 1 and max(marks) > MIN_WAIT
+
+
+async def test_over_a_socket_a_cancelled_large_read_keeps_what_it_has() -> None:
+    """Cancelled while a large payload is half in: the next read finishes that payload from
+    where it was, then reads the message after it."""
+    payload = bytes(range(256)) * 4000  # 1,024,000 bytes
+    frame = frame_header(0x2, len(payload), masked=False) + payload
+    with trio.fail_after(20):
+        ours, theirs = await _tcp_pair()
+        async with ours, theirs:
+            ws = WebSocket(frame_sized(ours), client=True, max_message=8 << 20)
+            ws._stream._cursor.feed(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")  # type: ignore[attr-defined]
+            await theirs.send_all(frame[:60_000])  # (what a socket's buffer takes unread)
+            with trio.move_on_after(0.2) as scope:
+                await ws.get_message()
+            assert scope.cancelled_caught and ws._large is not None
+            assert ws._large.filled > 0
+            async with trio.open_nursery() as nursery:
+                rest = frame[60_000:] + frame_header(0x2, 4, masked=False) + b"next"
+                nursery.start_soon(theirs.send_all, rest)
+                assert bytes(await ws.get_message()) == payload
+                assert bytes(await ws.get_message()) == b"next"
+
+
+async def test_over_a_socket_a_stream_cut_inside_a_large_payload_is_1006() -> None:
+    with trio.fail_after(20):
+        ours, theirs = await _tcp_pair()
+        async with ours:
+            ws = WebSocket(frame_sized(ours), client=True, max_message=8 << 20)
+            await theirs.send_all(frame_header(0x2, 500_000, masked=False) + bytes(100_000))
+            await theirs.aclose()
+            with pytest.raises(WebSocketClosed) as closed:
+                await ws.get_message()
+            assert closed.value.code == 1006 and "ended without a close frame" in str(closed.value)

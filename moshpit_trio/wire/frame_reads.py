@@ -29,6 +29,12 @@ Every read and write here goes to the socket under trio's directly (``_raw_socke
 own socket calls end each success with a trip through the scheduler, which these skip (the
 comment above ``FrameSizedReceiveStream._recv`` says why that is sound, and what it saves).
 
+That is how trio-websocket reads the upgrade and the handshake. After it, the connection's
+own websocket (``websocket.WebSocket``) follows the frames itself and reads through
+:meth:`FrameSizedReceiveStream.receive_raw` (every small frame queued, in one read) and
+:meth:`FrameSizedReceiveStream.receive_into` (a large payload into its own buffer, waited for
+with the same mark).
+
 When the mark falls short (a payload over the kernel's cap, an early wake-up) the payload comes
 in more than one piece and is joined as before: only the speed changes. It never waits for a
 byte the frame does not need, so a peer that sends a frame and then waits for an answer is read
@@ -322,6 +328,45 @@ class FrameSizedReceiveStream(trio.abc.HalfCloseableStream):
             return len(head)  # a header not all here yet: the part that is
         header, payload = known
         return header if payload >= MIN_WAIT else header + payload
+
+    # -- for a reader that follows the frames itself ------------------------------------------
+
+    # websocket.WebSocket parses the frames after the handshake and knows what it needs: these
+    # two read for it, past frame boundaries, without the cursor (which they leave behind:
+    # receive_some must not be used once they are).
+
+    async def receive_raw(self, max_bytes: int) -> bytes:
+        """Up to ``max_bytes`` of what is queued, waiting until something is (b"" at end of
+        stream)."""
+        self._set_mark(1)
+        return await self._recv(max_bytes)
+
+    async def receive_into(self, view: memoryview) -> int:
+        """Read into ``view``, having waited in the kernel for all of it when it is
+        :data:`MIN_WAIT` bytes or more (up to :data:`MAX_WAIT`, and the kernel's own cap);
+        how many bytes came (0 at end of stream)."""
+        want = len(view)
+        if want < 1:
+            raise ValueError("a read takes at least one byte")
+        if want >= MIN_WAIT and self._usable:
+            self._set_mark(min(want, MAX_WAIT))
+            if self._usable:
+                await trio.lowlevel.wait_readable(self._stream.socket)
+        else:
+            self._set_mark(1)
+        raw = self._raw
+        if raw is None:
+            data = await self._stream.receive_some(want)
+            view[: len(data)] = data
+            return len(data)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        with _STREAM_ERRORS:
+            while True:
+                try:
+                    return raw.recv_into(view, want)
+                except BlockingIOError:
+                    pass
+                await trio.lowlevel.wait_readable(raw)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         raw = self._raw

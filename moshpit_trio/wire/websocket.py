@@ -8,8 +8,12 @@ Why not keep trio-websocket for the envelopes too: it reads in a task of its own
 wsproto's event generator and passes every message to its user over a memory channel. That is
 two more trips through trio's scheduler and a few hundred Python calls per message, for some
 150 envelopes per process per all-reduce round at eight peers on loopback: more interpreter
-time than the envelopes' own checks. Here a message costs one read of its frame (two for a
-large one: ``frame_reads`` takes the header alone, then the payload whole) and a header parse.
+time than the envelopes' own checks. Here a message costs a header parse and its share of a
+read: on a TCP socket one read takes every small frame queued (up to 64 KiB), and a payload
+of ``frame_reads.MIN_WAIT`` bytes or more is read into a buffer of its own (its first bytes,
+read with the frames before it, copied in), the rest waited for in the kernel
+(``SO_RCVLOWAT``) and taken in one read as a rule. Other streams (in memory, a relay's pipe)
+are read as they come.
 
 The wire does not change: RFC 6455 frames as before, a client's masked (with the all-zero key,
 see ``speedups.ENVELOPE_MASK``), whatever key the remote uses unmasked, pings answered,
@@ -26,10 +30,10 @@ Two pieces:
   handed over untouched (:meth:`HandshakeStream.detach`).
 * :class:`WebSocket` reads and writes messages on that stream.
 
-Every read keeps what it got if it is cancelled (only the stream's reads wait, and nothing is
-taken out of the buffer before the whole frame is in), so a reader cancelled half-way through
-a frame leaves the websocket as it was: :meth:`WebSocket.aclose` reads on from there to the
-remote's close frame.
+Every read keeps what it got if it is cancelled (only the stream's reads wait, nothing is
+taken out of the buffer before the whole frame is in, and a large payload's own buffer keeps
+how far it is filled), so a reader cancelled half-way through a frame leaves the websocket as
+it was: :meth:`WebSocket.aclose` reads on from there to the remote's close frame.
 """
 
 from __future__ import annotations
@@ -38,10 +42,11 @@ import struct
 from collections import deque
 from typing import Final
 
+import numpy as np
 import trio
 
 from ..errors import ProtocolError
-from .frame_reads import FrameCursor
+from .frame_reads import MIN_WAIT, FrameCursor, FrameSizedReceiveStream
 from .speedups import ENVELOPE_MASK, INLINE_PAYLOAD, xor_mask
 
 __all__ = ["HandshakeStream", "WebSocket", "WebSocketClosed"]
@@ -65,6 +70,8 @@ _LENGTH64: Final = struct.Struct("!Q")
 _HEAD16: Final = struct.Struct("!BBH")
 _HEAD64: Final = struct.Struct("!BBQ")
 _MAX_CONTROL: Final = 125
+#: what one read takes at most between large payloads (all the small frames queued, as a rule)
+_READ: Final = 64 * 1024
 # Codes a close frame may carry (RFC 6455 7.4.1-7.4.2; 1004-1006 and 1015 are never sent).
 _SENDABLE: Final = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013})
 
@@ -131,6 +138,11 @@ class WebSocket:
         self._stream = stream
         self._client = client
         self._max_message = max_message
+        # A TCP socket: read past frame boundaries (all the small frames queued, in one read),
+        # and a large payload straight into a buffer of its own, waited for in the kernel.
+        self._direct = stream if isinstance(stream, FrameSizedReceiveStream) else None
+        # A large payload being read into its own buffer (kept if the read is cancelled).
+        self._large: _LargePayload | None = None
         # Received bytes not yet taken: pieces as the stream returned them, so that a payload
         # read alone (frame_reads does that for large ones) is handed on without a copy.
         self._pieces: deque[bytes | bytearray | memoryview] = deque()
@@ -198,7 +210,10 @@ class WebSocket:
 
     async def _frame(self) -> tuple[bool, int, bytes | bytearray | memoryview]:
         """The next frame: ``(fin, opcode, payload)``, unmasked. Only ``_fill`` waits, and no
-        byte is taken before the whole frame is in, so a cancelled call loses nothing."""
+        byte is taken before the whole frame is in, so a cancelled call loses nothing (a large
+        payload read into its own buffer keeps what it has in ``_large``)."""
+        if self._large is not None:
+            return await self._finish_large()
         await self._fill(2)
         first, second = self._peek(2)
         if first & 0x70:
@@ -234,8 +249,16 @@ class WebSocket:
         ):
             # Refused while it arrives: its payload is never read, let alone held.
             await self._refuse_too_big(length)
-        await self._fill(size + length)
         key = bytes(head[size - 4 : size]) if masked else ENVELOPE_MASK
+        if self._direct is not None and length >= MIN_WAIT:
+            self._take(size)
+            view = np.empty(length, dtype=np.uint8).data  # (no zero-filling pass)
+            have = min(self._buffered, length)
+            if have:  # the payload's first bytes, read with the frames before it
+                view[:have] = self._take(have)
+            self._large = _LargePayload(fin, opcode, key, view, have)
+            return await self._finish_large()
+        await self._fill(size + length)
         self._take(size)
         payload = self._take(length)
         if key != ENVELOPE_MASK:
@@ -250,18 +273,42 @@ class WebSocket:
         await self._send_close(TOO_BIG, "message too big")
         raise WebSocketClosed(TOO_BIG, reason)
 
+    async def _finish_large(self) -> tuple[bool, int, memoryview]:
+        large = self._large
+        assert large is not None and self._direct is not None
+        view = large.view
+        while large.filled < len(view):
+            try:
+                got = await self._direct.receive_into(view[large.filled :])
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise self._broke(f"the stream broke: {exc}") from None
+            if not got:
+                raise self._broke("the stream ended without a close frame")
+            large.filled += got
+        self._large = None
+        if large.key != ENVELOPE_MASK:
+            xor_mask(view, large.key)
+        return large.fin, large.opcode, view
+
+    def _broke(self, reason: str) -> WebSocketClosed:
+        self.closed = WebSocketClosed(ABNORMAL, reason)
+        return WebSocketClosed(ABNORMAL, reason)
+
     async def _fill(self, size: int) -> None:
         """Until ``size`` bytes are buffered; what a read returns is kept even if the next one
         is cancelled."""
+        direct = self._direct
         while self._buffered < size:
+            data: bytes | bytearray
             try:
-                data = await self._stream.receive_some()
+                if direct is not None:
+                    data = await direct.receive_raw(max(_READ, size - self._buffered))
+                else:
+                    data = await self._stream.receive_some()
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                self.closed = WebSocketClosed(ABNORMAL, f"the stream broke: {exc}")
-                raise WebSocketClosed(ABNORMAL, self.closed.reason) from None
+                raise self._broke(f"the stream broke: {exc}") from None
             if not data:
-                self.closed = WebSocketClosed(ABNORMAL, "the stream ended without a close frame")
-                raise WebSocketClosed(ABNORMAL, self.closed.reason)
+                raise self._broke("the stream ended without a close frame")
             self._pieces.append(data)
             self._buffered += len(data)
 
@@ -379,6 +426,19 @@ class WebSocket:
         finally:
             self._stream_closed = True
             await trio.aclose_forcefully(self._stream)
+
+
+class _LargePayload:
+    """A large payload being read into its own buffer: the frame's fields and how far it is."""
+
+    __slots__ = ("filled", "fin", "key", "opcode", "view")
+
+    def __init__(self, fin: bool, opcode: int, key: bytes, view: memoryview, filled: int) -> None:
+        self.fin = fin
+        self.opcode = opcode
+        self.key = key
+        self.view = view
+        self.filled = filled
 
 
 class HandshakeStream(trio.abc.HalfCloseableStream):
