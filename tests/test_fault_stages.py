@@ -158,12 +158,13 @@ def reducing(s: Swarm, v: int) -> bool:
 
 
 def sending_results(s: Swarm, v: int) -> bool:
-    """It reduced its span, and its result has not reached everyone yet."""
+    """It reduced its span, and its result has not reached everyone whole yet (the first
+    ranges go out as they are averaged, so some may be there already)."""
     r = _round(s, v)
     if r is None or r.reduced is None:
         return False
     others = [_round(s, i) for i in range(N) if i != v]
-    return any(o is not None and r.index not in o.results for o in others)
+    return any(o is not None and not o._result_complete(r.index) for o in others)
 
 
 Victim = Callable[[Swarm], int | None]

@@ -25,6 +25,7 @@ from moshpit_trio.errors import (
     HandshakeFailed,
     PeerBusy,
     Rejected,
+    UnknownHandler,
 )
 from moshpit_trio.identity import Identity, PeerID
 from moshpit_trio.testing import MemoryNetwork
@@ -1215,4 +1216,46 @@ async def test_envelopes_sealed_by_their_senders_and_by_the_writer_keep_their_or
                     nursery.start_soon(caller, side, i)
                     nursery.start_soon(streamer, side, i)
     assert got == {"acall": 30, "bcall": 30, "astream": 6, "bstream": 6}
+    assert [e for e in logs if e["event"] == "protocol violation; closing"] == []
+
+
+async def test_a_later_stream_sends_before_its_grant_and_saves_a_round_trip(
+    autojump_clock: Any, identities: list[Identity], logs: list[dict[str, Any]]
+) -> None:
+    """The first stream on a connection waits a round trip for its grant, which shows the
+    receiver's window; every later stream on it sends that much at once, before its own grant
+    comes (which then only confirms it): the same stream takes one round trip less. Sent to a
+    handler that does not exist, the early chunks are ignored there, the sender is told
+    UnknownHandler, and the connection goes on."""
+    latency = 0.01
+    net = MemoryNetwork(seed=1, latency=latency)
+    window = SMALL.connection.stream_window
+
+    async def sink(request: StreamRequest) -> bytes:
+        n = 0
+        async for chunk in request:
+            n += len(chunk)
+        return str(n).encode()
+
+    async with peer(net, "a", identities[0]) as a, peer(net, "b", identities[1]) as b:
+        b.register_stream("sink", sink)
+        assert b.address is not None
+        conn = await a.connect(b.address)
+        assert conn.stream_window is None
+        took = []
+        for _ in range(3):
+            start = trio.current_time()
+            async with a.open_stream(b.address, "sink", timeout=10) as stream:
+                await stream.send(bytes(window))  # a whole window: no grant needed after it
+                assert await stream.finish() == str(window).encode()
+            took.append(round(trio.current_time() - start, 9))
+        assert conn.stream_window == window
+        # open, grant, data + end, answer: two round trips; then open + data + end, answer: one
+        assert took == [4 * latency, 2 * latency, 2 * latency], took
+        with pytest.raises(UnknownHandler):
+            async with a.open_stream(b.address, "nobody", timeout=10) as stream:
+                await stream.send(bytes(window))
+                await stream.finish()
+        assert await a.call(b.address, "echo", b"still", timeout=5) == b"still"
+        assert a.connection_to(b.peer_id) is conn
     assert [e for e in logs if e["event"] == "protocol violation; closing"] == []

@@ -251,7 +251,16 @@ def _error_from_wire(payload: memoryview, peer: PeerID, name: str) -> MoshpitErr
 class _Waiter:
     """Where the reader puts the answer to one of our calls or streams."""
 
-    __slots__ = ("credit", "credit_changed", "done", "envelope", "error", "name")
+    __slots__ = (
+        "credit",
+        "credit_changed",
+        "done",
+        "envelope",
+        "error",
+        "granted",
+        "name",
+        "presumed",
+    )
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -261,6 +270,11 @@ class _Waiter:
         # streams only: bytes the receiver lets us send, and a wake-up for senders
         self.credit = 0
         self.credit_changed = trio.Event()
+        # the window counted before the receiver's first grant (its window on this
+        # connection, as an earlier stream's first grant showed it), and whether that first
+        # grant has come
+        self.presumed = 0
+        self.granted = False
 
     def finish(self, envelope: Envelope | None, error: BaseException | None) -> None:
         if not self.done.is_set():
@@ -378,6 +392,10 @@ class Connection:
         self.protocol_error: ProtocolError | None = None
         #: the relay this connection's bytes pass through (wire/relay.py); None when direct
         self.via: PeerID | None = None
+        #: the window the remote grants first on each of our streams, once one has shown it
+        #: (None before): a later stream sends that much before its own grant arrives, not a
+        #: round trip later
+        self.stream_window: int | None = None
 
     def pace(self, rate: float | None) -> bool:
         """Cap the rate at which this connection sends, in bytes/s (the kernel spaces the
@@ -738,7 +756,8 @@ class Connection:
             scope = trio.CancelScope(deadline=deadline)
             self._incoming[env.call_id] = (scope, request)
             self._incoming_streams += 1
-            # The first grant opens the window; it also tells the sender the stream is accepted.
+            # The first grant opens the window (or confirms the one the sender presumed from an
+            # earlier stream: the same on every stream, SPEC); it also says the stream is accepted.
             request._granted = self.limits.stream_window
             self._queue_control(
                 Kind.STREAM_CREDIT, env.call_id, self.limits.stream_window.to_bytes(8, "big")
@@ -849,6 +868,13 @@ class Connection:
         grant = int.from_bytes(env.payload, "big")
         if grant == 0 or waiter.credit + grant > 1 << 40:
             raise ProtocolError("credit", f"implausible grant of {grant} bytes")
+        if not waiter.granted:
+            # A stream's first grant is the receiver's window, the same on every stream of a
+            # connection (SPEC): learned here, and already counted when it was presumed.
+            waiter.granted = True
+            if self.stream_window is None:
+                self.stream_window = grant
+            grant -= waiter.presumed
         waiter.credit += grant
         waiter.credit_changed.set()
 
@@ -1029,6 +1055,11 @@ class SendStream:
             self._call_id, self._waiter = await self._conn._start_call(
                 Kind.STREAM_OPEN, self.name, self._header, self.deadline
             )
+            window = self._conn.stream_window
+            if window is not None:
+                # The receiver's window, shown by an earlier stream's first grant: ours to use
+                # now; its first grant on this stream confirms it (_on_credit).
+                self._waiter.presumed = self._waiter.credit = window
 
         await self._guarded(start())
         return self
