@@ -134,13 +134,31 @@ def test_the_cursor_reads_a_64_bit_length() -> None:
 # ---- the stream over real sockets ---------------------------------------------------------
 
 
-async def _socket_pair(nursery: trio.Nursery) -> tuple[trio.SocketStream, trio.SocketStream]:
+async def tcp_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    """Two ends of a TCP connection on 127.0.0.1."""
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listeners[0].socket.getsockname()[1]
     client = await trio.open_tcp_stream("127.0.0.1", port)
     server = await listeners[0].accept()
     await listeners[0].aclose()
     return client, server
+
+
+def record_marks(monkeypatch: pytest.MonkeyPatch, usable: bool) -> list[int]:
+    """The SO_RCVLOWAT marks FrameSizedReceiveStreams set from now on, in order; with
+    ``usable`` False, a platform where the option cannot be set (none is, none recorded)."""
+    marks: list[int] = []
+    real_set_mark = FrameSizedReceiveStream._set_mark
+
+    def set_mark(self: FrameSizedReceiveStream, mark: int) -> None:
+        if not usable:
+            self._usable = False
+            return
+        marks.append(mark)
+        real_set_mark(self, mark)
+
+    monkeypatch.setattr(FrameSizedReceiveStream, "_set_mark", set_mark)
+    return marks
 
 
 @pytest.mark.parametrize("raw", [True, False])
@@ -153,22 +171,12 @@ async def test_a_websocket_over_frame_sized_reads(
     waits for an answer is answered. Where the socket option cannot be set, the stream reads
     as a plain one. The same through trio's own socket calls, where its socket is not one we
     can call directly (``raw`` False)."""
-    marks: list[int] = []
-    real_set_mark = FrameSizedReceiveStream._set_mark
-
-    def set_mark(self: FrameSizedReceiveStream, mark: int) -> None:
-        if not usable:
-            self._usable = False
-            return
-        marks.append(mark)
-        real_set_mark(self, mark)
-
-    monkeypatch.setattr(FrameSizedReceiveStream, "_set_mark", set_mark)
+    marks = record_marks(monkeypatch, usable)
     sizes = [3 << 20, 10, 200_000, 5, (4 << 20) - 100, 0]
     kwargs: dict[str, Any] = {"max_message_size": 8 << 20}
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
-            client_stream, server_stream = await _socket_pair(nursery)
+            client_stream, server_stream = await tcp_pair()
             wrapped = frame_sized(client_stream)
             assert isinstance(wrapped, FrameSizedReceiveStream)
             assert wrapped.socket is client_stream.socket
@@ -228,7 +236,7 @@ async def test_reads_follow_the_frames_and_a_queued_large_payload_is_one_read() 
     offset = len(_HTTP)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            client_stream, server_stream = await _socket_pair(nursery)
+            client_stream, server_stream = await tcp_pair()
             for stream in (client_stream, server_stream):
                 _tune(stream.socket)
             wrapped = FrameSizedReceiveStream(server_stream)
@@ -295,20 +303,19 @@ async def test_a_socket_that_refuses_the_option_reads_as_a_plain_stream(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            client_stream, server_stream = await _socket_pair(nursery)
-            wrapped = FrameSizedReceiveStream(client_stream)
+        client_stream, server_stream = await tcp_pair()
+        wrapped = FrameSizedReceiveStream(client_stream)
 
-            def refuse(*args: Any) -> None:
-                raise OSError("not here")
+        def refuse(*args: Any) -> None:
+            raise OSError("not here")
 
-            monkeypatch.setattr(client_stream.socket, "setsockopt", refuse)
-            wrapped._cursor.feed(_HTTP + bytes([0x82, 127]) + (1 << 20).to_bytes(8, "big"))
-            await server_stream.send_all(b"x" * 100)
-            assert await wrapped.receive_some(1000) == b"x" * 100  # no wait for the rest
-            assert not wrapped._usable
-            await wrapped.aclose()
-            await server_stream.aclose()
+        monkeypatch.setattr(client_stream.socket, "setsockopt", refuse)
+        wrapped._cursor.feed(_HTTP + bytes([0x82, 127]) + (1 << 20).to_bytes(8, "big"))
+        await server_stream.send_all(b"x" * 100)
+        assert await wrapped.receive_some(1000) == b"x" * 100  # no wait for the rest
+        assert not wrapped._usable
+        await wrapped.aclose()
+        await server_stream.aclose()
 
 
 async def test_only_tcp_sockets_are_wrapped() -> None:
@@ -340,30 +347,28 @@ async def test_tcp_network_streams_keep_a_megabyte_unsent_in_the_kernel() -> Non
 
 async def test_a_closed_stream_reports_closed_as_the_plain_stream_does() -> None:
     with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            client_stream, server_stream = await _socket_pair(nursery)
-            wrapped = FrameSizedReceiveStream(client_stream)
-            wrapped._cursor.feed(_HTTP + bytes([0x82, 127]) + (1 << 20).to_bytes(8, "big"))
-            await wrapped.aclose()
-            with pytest.raises(trio.ClosedResourceError):
-                await wrapped.receive_some(1000)
-            await server_stream.aclose()
+        client_stream, server_stream = await tcp_pair()
+        wrapped = FrameSizedReceiveStream(client_stream)
+        wrapped._cursor.feed(_HTTP + bytes([0x82, 127]) + (1 << 20).to_bytes(8, "big"))
+        await wrapped.aclose()
+        with pytest.raises(trio.ClosedResourceError):
+            await wrapped.receive_some(1000)
+        await server_stream.aclose()
 
 
 async def test_a_peer_that_closes_mid_frame_ends_the_read() -> None:
     """End of stream wakes a read that waits for the rest of a frame."""
     with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            client_stream, server_stream = await _socket_pair(nursery)
-            wrapped = FrameSizedReceiveStream(client_stream)
-            wrapped._cursor.feed(_HTTP + bytes([0x82, 127]) + (1 << 20).to_bytes(8, "big"))
-            await server_stream.send_all(b"y" * 10)
-            await server_stream.aclose()
-            got = b""
-            while chunk := await wrapped.receive_some(1000):
-                got += chunk
-            assert got == b"y" * 10
-            await wrapped.aclose()
+        client_stream, server_stream = await tcp_pair()
+        wrapped = FrameSizedReceiveStream(client_stream)
+        wrapped._cursor.feed(_HTTP + bytes([0x82, 127]) + (1 << 20).to_bytes(8, "big"))
+        await server_stream.send_all(b"y" * 10)
+        await server_stream.aclose()
+        got = b""
+        while chunk := await wrapped.receive_some(1000):
+            got += chunk
+        assert got == b"y" * 10
+        await wrapped.aclose()
 
 
 class _RecordingSocket:
@@ -421,25 +426,24 @@ async def test_writes_after_a_close_or_an_eof_are_refused_alike(raw: bool) -> No
     """Direct or through trio, a stream reports its own close and its EOF as trio's streams
     do (ClosedResourceError), and a write that fits goes out whole."""
     with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            client_stream, server_stream = await _socket_pair(nursery)
-            wrapped = _plain(FrameSizedReceiveStream(client_stream), raw)
-            payload = np.arange(1000, dtype=np.float32)
-            await wrapped.send_all(memoryview(payload))  # a view of floats: its bytes go out
-            got = b""
-            while len(got) < payload.nbytes:
-                got += await server_stream.receive_some(1 << 16)
-            assert got == payload.tobytes()
-            await wrapped.send_eof()
-            with pytest.raises(trio.ClosedResourceError):
-                await wrapped.send_all(b"after the eof")
-            assert await server_stream.receive_some(10) == b""
-            await wrapped.aclose()
-            with pytest.raises(trio.ClosedResourceError):
-                await wrapped.send_all(b"after the close")
-            with pytest.raises(trio.ClosedResourceError):
-                await wrapped.receive_some(10)
-            await server_stream.aclose()
+        client_stream, server_stream = await tcp_pair()
+        wrapped = _plain(FrameSizedReceiveStream(client_stream), raw)
+        payload = np.arange(1000, dtype=np.float32)
+        await wrapped.send_all(memoryview(payload))  # a view of floats: its bytes go out
+        got = b""
+        while len(got) < payload.nbytes:
+            got += await server_stream.receive_some(1 << 16)
+        assert got == payload.tobytes()
+        await wrapped.send_eof()
+        with pytest.raises(trio.ClosedResourceError):
+            await wrapped.send_all(b"after the eof")
+        assert await server_stream.receive_some(10) == b""
+        await wrapped.aclose()
+        with pytest.raises(trio.ClosedResourceError):
+            await wrapped.send_all(b"after the close")
+        with pytest.raises(trio.ClosedResourceError):
+            await wrapped.receive_some(10)
+        await server_stream.aclose()
 
 
 @pytest.mark.parametrize("raw", [True, False])
@@ -449,20 +453,19 @@ async def test_a_reset_connection_is_broken_for_reads_and_writes(raw: bool) -> N
     import struct
 
     with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            client_stream, server_stream = await _socket_pair(nursery)
-            reader = _plain(FrameSizedReceiveStream(client_stream), raw)
-            # SO_LINGER with a zero timeout: close() sends a reset
-            server_stream.socket.setsockopt(
-                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
-            )
-            await server_stream.aclose()
-            with pytest.raises(trio.BrokenResourceError):
-                await reader.receive_some(10)
-            with pytest.raises(trio.BrokenResourceError):
-                while True:  # the reset may be learned from the first write's answer
-                    await reader.send_all(b"x" * 1000)
-            await reader.aclose()
+        client_stream, server_stream = await tcp_pair()
+        reader = _plain(FrameSizedReceiveStream(client_stream), raw)
+        # SO_LINGER with a zero timeout: close() sends a reset
+        server_stream.socket.setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+        )
+        await server_stream.aclose()
+        with pytest.raises(trio.BrokenResourceError):
+            await reader.receive_some(10)
+        with pytest.raises(trio.BrokenResourceError):
+            while True:  # the reset may be learned from the first write's answer
+                await reader.send_all(b"x" * 1000)
+        await reader.aclose()
 
 
 @pytest.mark.parametrize("raw", [True, False])
@@ -470,17 +473,16 @@ async def test_socket_calls_stay_cancellable(raw: bool) -> None:
     """A cancelled task's write sends nothing, and a read waiting for bytes that never come
     is ended by its cancel scope, direct or through trio."""
     with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            client_stream, server_stream = await _socket_pair(nursery)
-            wrapped = _plain(FrameSizedReceiveStream(client_stream), raw)
-            with trio.CancelScope() as scope:
-                scope.cancel()
-                await wrapped.send_all(b"never sent")
-            assert scope.cancelled_caught
-            with trio.move_on_after(0.05) as waited:
-                await wrapped.receive_some(10)
-            assert waited.cancelled_caught
-            await wrapped.send_all(b"sent")
-            assert await server_stream.receive_some(100) == b"sent"
-            await wrapped.aclose()
-            await server_stream.aclose()
+        client_stream, server_stream = await tcp_pair()
+        wrapped = _plain(FrameSizedReceiveStream(client_stream), raw)
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await wrapped.send_all(b"never sent")
+        assert scope.cancelled_caught
+        with trio.move_on_after(0.05) as waited:
+            await wrapped.receive_some(10)
+        assert waited.cancelled_caught
+        await wrapped.send_all(b"sent")
+        assert await server_stream.receive_some(100) == b"sent"
+        await wrapped.aclose()
+        await server_stream.aclose()

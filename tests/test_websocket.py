@@ -30,6 +30,8 @@ from moshpit_trio.wire.websocket import (
     parse_close,
 )
 
+from .test_frame_reads import record_marks, tcp_pair
+
 MAX = 1 << 20
 
 
@@ -447,15 +449,6 @@ async def test_a_remote_that_sends_before_it_is_answered_is_never_handed_over(
 # -- over a TCP socket: reads past frame boundaries, large payloads into their own buffer -------
 
 
-async def _tcp_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port = listeners[0].socket.getsockname()[1]
-    client = await trio.open_tcp_stream("127.0.0.1", port)
-    server = await listeners[0].accept()
-    await listeners[0].aclose()
-    return client, server
-
-
 @pytest.mark.parametrize("raw", [True, False])
 @pytest.mark.parametrize("client", [False, True])
 @pytest.mark.parametrize("usable", [True, False])
@@ -469,24 +462,14 @@ async def test_over_a_socket_large_payloads_are_read_into_a_buffer_of_their_own(
     wsproto sends (random masking keys from a client, a small message right behind a large
     one) comes out whole; where the mark cannot be set, the same, read as it comes; and the
     same through trio's own socket calls (``raw`` False: a socket we cannot call directly)."""
-    marks: list[int] = []
-    real_set_mark = FrameSizedReceiveStream._set_mark
-
-    def set_mark(self: FrameSizedReceiveStream, mark: int) -> None:
-        if not usable:
-            self._usable = False
-            return
-        marks.append(mark)
-        real_set_mark(self, mark)
-
-    monkeypatch.setattr(FrameSizedReceiveStream, "_set_mark", set_mark)
+    marks = record_marks(monkeypatch, usable)
     sizes = [10, 3 << 20, 5, 200_000, 70_000, 0, (4 << 20) - 100, 7]
     proto = _remote(client)
     wire = b"".join(
         proto.send(BytesMessage(data=bytes([i % 251]) * n)) for i, n in enumerate(sizes)
     )
     with trio.fail_after(20):
-        ours, theirs = await _tcp_pair()
+        ours, theirs = await tcp_pair()
         async with ours, theirs:
             stream = frame_sized(ours)
             assert isinstance(stream, FrameSizedReceiveStream)
@@ -512,7 +495,7 @@ async def test_over_a_socket_a_cancelled_large_read_keeps_what_it_has() -> None:
     payload = bytes(range(256)) * 4000  # 1,024,000 bytes
     frame = frame_header(0x2, len(payload), masked=False) + payload
     with trio.fail_after(20):
-        ours, theirs = await _tcp_pair()
+        ours, theirs = await tcp_pair()
         async with ours, theirs:
             ws = WebSocket(frame_sized(ours), client=True, max_message=8 << 20)
             ws._stream._cursor.feed(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")  # type: ignore[attr-defined]
@@ -530,7 +513,7 @@ async def test_over_a_socket_a_cancelled_large_read_keeps_what_it_has() -> None:
 
 async def test_over_a_socket_a_stream_cut_inside_a_large_payload_is_1006() -> None:
     with trio.fail_after(20):
-        ours, theirs = await _tcp_pair()
+        ours, theirs = await tcp_pair()
         async with ours:
             ws = WebSocket(frame_sized(ours), client=True, max_message=8 << 20)
             await theirs.send_all(frame_header(0x2, 500_000, masked=False) + bytes(100_000))

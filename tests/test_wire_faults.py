@@ -1170,6 +1170,14 @@ async def test_a_call_is_answered_once_its_answer_is_sealed_or_the_call_ended(
         assert await client.call(server.address, "echo", b"next", timeout=3) == b"next"
 
 
+async def counting_sink(request: StreamRequest) -> bytes:
+    """A stream handler that answers with how many bytes it took."""
+    n = 0
+    async for chunk in request:
+        n += len(chunk)
+    return str(n).encode()
+
+
 @pytest.mark.parametrize("seed", range(6))
 async def test_envelopes_sealed_by_their_senders_and_by_the_writer_keep_their_order(
     autojump_clock: Any, identities: list[Identity], logs: list[dict[str, Any]], seed: int
@@ -1182,15 +1190,9 @@ async def test_envelopes_sealed_by_their_senders_and_by_the_writer_keep_their_or
     net = MemoryNetwork(seed=seed, latency=0.003, bandwidth=2e6)
     got: dict[str, int] = {}
 
-    async def sink(request: StreamRequest) -> bytes:
-        n = 0
-        async for chunk in request:
-            n += len(chunk)
-        return str(n).encode()
-
     async with peer(net, "a", identities[0]) as a, peer(net, "b", identities[1]) as b:
         for t in (a, b):
-            t.register_stream("sink", sink)
+            t.register_stream("sink", counting_sink)
         assert a.address is not None and b.address is not None
         await a.connect(b.address)
         targets = {"a": (a, b.address), "b": (b, a.address)}
@@ -1231,14 +1233,8 @@ async def test_a_later_stream_sends_before_its_grant_and_saves_a_round_trip(
     net = MemoryNetwork(seed=1, latency=latency)
     window = SMALL.connection.stream_window
 
-    async def sink(request: StreamRequest) -> bytes:
-        n = 0
-        async for chunk in request:
-            n += len(chunk)
-        return str(n).encode()
-
     async with peer(net, "a", identities[0]) as a, peer(net, "b", identities[1]) as b:
-        b.register_stream("sink", sink)
+        b.register_stream("sink", counting_sink)
         assert b.address is not None
         conn = await a.connect(b.address)
         assert conn.stream_window is None

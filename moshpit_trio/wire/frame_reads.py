@@ -47,7 +47,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import socket
-from typing import Final
+from collections.abc import Callable
+from typing import Final, TypeVar
 
 import trio
 
@@ -67,6 +68,7 @@ _DEFAULT_READ: Final = 65536
 _HTTP_END: Final = b"\r\n\r\n"
 _MAX_HEADER: Final = 14  # 2 + an 8-byte length + a 4-byte masking key
 _SO_RCVLOWAT: Final = getattr(socket, "SO_RCVLOWAT", None)
+_T = TypeVar("_T")
 
 
 class FrameCursor:
@@ -224,6 +226,19 @@ class _StreamErrors:
 _STREAM_ERRORS: Final = _StreamErrors()
 
 
+async def _when_readable(raw: socket.socket, read: Callable[[], _T]) -> _T:
+    """``read()`` on ``raw``, waiting in trio while the socket has nothing (cancellation is
+    checked first; errors are mapped as trio maps them)."""
+    await trio.lowlevel.checkpoint_if_cancelled()
+    with _STREAM_ERRORS:
+        while True:
+            try:
+                return read()
+            except BlockingIOError:
+                pass
+            await trio.lowlevel.wait_readable(raw)
+
+
 class FrameSizedReceiveStream(trio.abc.HalfCloseableStream):
     """A ``trio.SocketStream`` carrying a websocket, whose reads follow its frames: none runs
     past the end of the frame being received, and a payload of :data:`MIN_WAIT` bytes or more
@@ -282,14 +297,7 @@ class FrameSizedReceiveStream(trio.abc.HalfCloseableStream):
             if flags:
                 return await self._stream.socket.recv(size, flags)
             return await self._stream.receive_some(size)
-        await trio.lowlevel.checkpoint_if_cancelled()
-        with _STREAM_ERRORS:
-            while True:
-                try:
-                    return raw.recv(size, flags)
-                except BlockingIOError:
-                    pass
-                await trio.lowlevel.wait_readable(raw)
+        return await _when_readable(raw, lambda: raw.recv(size, flags))
 
     async def _read_size(self, max_bytes: int | None) -> int | None:
         """How much the next read takes: never past the end of the frame being received (so
@@ -359,14 +367,7 @@ class FrameSizedReceiveStream(trio.abc.HalfCloseableStream):
             data = await self._stream.receive_some(want)
             view[: len(data)] = data
             return len(data)
-        await trio.lowlevel.checkpoint_if_cancelled()
-        with _STREAM_ERRORS:
-            while True:
-                try:
-                    return raw.recv_into(view, want)
-                except BlockingIOError:
-                    pass
-                await trio.lowlevel.wait_readable(raw)
+        return await _when_readable(raw, lambda: raw.recv_into(view, want))
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         raw = self._raw
