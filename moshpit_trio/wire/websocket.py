@@ -144,7 +144,8 @@ class WebSocket:
         # A large payload being read into its own buffer (kept if the read is cancelled).
         self._large: _LargePayload | None = None
         # Received bytes not yet taken: pieces as the stream returned them, so that a payload
-        # read alone (frame_reads does that for large ones) is handed on without a copy.
+        # that came in one read is handed on without a copy (on a TCP socket a large one has
+        # a buffer of its own instead: _large).
         self._pieces: deque[bytes | bytearray | memoryview] = deque()
         self._buffered = 0
         # A fragmented message being received: its payloads so far, their size, its opcode.
@@ -369,8 +370,8 @@ class WebSocket:
             await self._write((first, payload))
 
     async def _send_close(self, code: int, reason: str) -> bool:
-        """Send our close frame unless one went out (or cannot: a write broke off inside a
-        frame, or the stream broke); whether it went out now."""
+        """Send our close frame unless one went out (or cannot: the stream broke under a
+        write); whether it went out now."""
         if self._sent_close or self._send_broken:
             return False
         self._sent_close = True
@@ -385,7 +386,7 @@ class WebSocket:
 
     async def _write(self, pieces: tuple[bytes | memoryview, ...]) -> None:
         if self._send_broken:
-            raise WebSocketClosed(ABNORMAL, "an earlier write broke off inside a frame")
+            raise WebSocketClosed(ABNORMAL, "the stream broke under an earlier write")
         # The lock is nearly always free (the connection's writer is the only one sending
         # envelopes): taken without acquire()'s yield to the scheduler then.
         lock = self._send_lock
