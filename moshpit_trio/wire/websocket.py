@@ -462,10 +462,6 @@ class HandshakeStream(trio.abc.HalfCloseableStream):
         self._cursor = FrameCursor()
         self._messages = messages
 
-    @property
-    def stream(self) -> trio.abc.Stream:
-        return self._stream
-
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         cursor = self._cursor
         if cursor.messages >= self._messages and cursor.at_boundary:
